@@ -1,0 +1,211 @@
+"""Typed configs: one dataclass serves Python, CLI and YAML (the TRL pattern).
+
+Every stage has a ``@dataclass`` config whose field docstrings (``metadata={"help": ...}``) document
+every knob. This module loads such a dataclass from a YAML file or a dict *strictly*: unknown keys
+and wrong types are :class:`~itlens.errors.InputError` naming the file and the dotted key. CLI
+overrides use the same path: ``--set tune.lora.r=16``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from itlens.errors import InputError
+
+T = TypeVar("T")
+
+_MISSING = object()
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, *, file: str | None, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert (dicts to dataclasses, ints to floats)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, file=file, key=key)
+            except InputError as e:  # try the next member of the union
+                errors.append(e.message)
+        raise InputError(f"expected {_type_name(tp)}, got {value!r}", file=file, key=key)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise InputError(f"expected one of {list(allowed)}, got {value!r}", file=file, key=key)
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise InputError(f"expected a mapping for {tp.__name__}, got {type(value).__name__}",
+                             file=file, key=key)
+        return from_dict(tp, value, file=file, prefix=key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"expected a list, got {type(value).__name__} {value!r}", file=file, key=key)
+        args = get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, file=file, key=f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"expected a mapping, got {type(value).__name__}", file=file, key=key)
+        args = get_args(tp)
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, file=file, key=f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise InputError(f"expected true or false, got {value!r}", file=file, key=key)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise InputError(f"expected an integer, got {value!r}", file=file, key=key)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise InputError(f"expected a number, got {value!r}", file=file, key=key)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise InputError(f"expected a string, got {value!r}", file=file, key=key)
+    return value
+
+
+def from_dict(cls: type[T], data: dict, *, file: str | Path | None = None, prefix: str = "") -> T:
+    """Build ``cls`` from ``data``; unknown keys and wrong types raise :class:`InputError`."""
+    file = str(file) if file is not None else None
+    if not isinstance(data, dict):
+        raise InputError(f"expected a mapping, got {type(data).__name__}", file=file, key=prefix or None)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            raise InputError(f"unknown key (allowed: {', '.join(sorted(fields))})", file=file, key=key)
+        kwargs[k] = _coerce(v, hints[k], file=file, key=key)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            key = f"{prefix}.{name}" if prefix else name
+            raise InputError("required key is missing", file=file, key=key)
+    try:
+        obj = cls(**kwargs)
+    except InputError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise InputError(str(e), file=file, key=prefix or None) from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except InputError as e:
+            if e.file is None:
+                e.file = file
+                e.args = (e.format(),)
+            raise
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=3`` -> (["a", "b"], 3); the value is parsed as YAML (so ``true``, ``1e-3``, ``[1,2]`` work)."""
+    if "=" not in text:
+        raise InputError(f"override {text!r}: expected KEY=VALUE", key="--set")
+    k, v = text.split("=", 1)
+    return k.strip().split("."), yaml.safe_load(v) if v.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for ov in overrides or []:
+        path, value = parse_override(ov)
+        cur = data
+        for p in path[:-1]:
+            cur = cur.setdefault(p, {})
+            if not isinstance(cur, dict):
+                raise InputError(f"override {ov!r}: {p} is not a mapping", key="--set")
+        cur[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", file=path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(f"malformed YAML: {problem}", file=path, line=line) from None
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text", file=path) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError("expected a YAML mapping at the top level", file=path)
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> T:
+    """Load ``cls`` from YAML ``path`` (optional) with ``--set`` overrides applied."""
+    data = dict(base or {})
+    if path is not None:
+        data.update(read_yaml(path))
+    data = apply_overrides(data, overrides)
+    return from_dict(cls, data, file=path)
+
+
+def to_dict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def config_hash(*parts: Any) -> str:
+    """A short content hash of configs and other JSON-able values (stage cache keys)."""
+    blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> help text, for docs and ``--help``."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

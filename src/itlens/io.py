@@ -1,0 +1,214 @@
+"""Atomic writes and validated JSONL reading (CONTRACT record formats).
+
+Every artifact is written to a temporary file in the same folder and renamed into place, so a killed
+run never leaves a half-written file that a rerun would mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from itlens.errors import InputError
+
+
+# ---------------------------------------------------------------------------------------- writing
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def dumps_json(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, fixed float formatting) so equal results are equal bytes."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False,
+                      default=_json_default) + "\n"
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.integer):
+            return int(o)
+        if isinstance(o, np.floating):
+            return float(o)
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, np.bool_):
+            return bool(o)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, dumps_json(obj))
+
+
+def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    lines = [json.dumps(r, ensure_ascii=False, sort_keys=False, default=_json_default) for r in rows]
+    return atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it into place when the block succeeds.
+
+    An existing directory at ``path`` is replaced only after the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------- reading
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line; malformed lines are InputErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", file=path)
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError("line is not UTF-8", file=path, line=lineno) from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", file=path, line=lineno) from None
+            if not isinstance(obj, dict):
+                raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=path, line=lineno)
+            yield lineno, obj
+
+
+def _require_str(obj: dict, field: str, path: Path, lineno: int, *, allow_empty: bool = False) -> str:
+    if field not in obj:
+        raise InputError("missing required field", file=path, line=lineno, field=field)
+    v = obj[field]
+    if not isinstance(v, str):
+        raise InputError(f"expected a string, got {json.dumps(v)[:40]}", file=path, line=lineno, field=field)
+    if not allow_empty and not v.strip():
+        raise InputError("must not be empty", file=path, line=lineno, field=field)
+    return v
+
+
+def read_records(path: str | Path, kind: str = "any", *, allow_empty_file: bool = False) -> list[dict]:
+    """Read and validate a CONTRACT JSONL file.
+
+    ``kind``: ``"instruction"`` (instruction data: instruction/input/response or messages),
+    ``"prompt"`` (evaluation prompts: instruction), ``"response"`` (id, instruction, response, model),
+    or ``"any"`` (only an ``id`` is required). Ids must be unique within a file.
+    """
+    path = Path(path)
+    rows: list[dict] = []
+    seen: dict[str, int] = {}
+    for lineno, obj in iter_jsonl(path):
+        rid = obj.get("id")
+        if rid is None:
+            raise InputError("missing required field", file=path, line=lineno, field="id")
+        if not isinstance(rid, str) or not rid:
+            raise InputError(f"expected a non-empty string id, got {json.dumps(rid)}", file=path, line=lineno,
+                             field="id")
+        if rid in seen:
+            raise InputError(f"duplicate id {rid!r} (first on line {seen[rid]})", file=path, line=lineno,
+                             field="id")
+        seen[rid] = lineno
+        if kind == "instruction":
+            _validate_instruction(obj, path, lineno)
+        elif kind == "prompt":
+            _require_str(obj, "instruction", path, lineno)
+        elif kind == "response":
+            _require_str(obj, "instruction", path, lineno)
+            _require_str(obj, "response", path, lineno, allow_empty=True)
+            _require_str(obj, "model", path, lineno)
+        elif kind != "any":
+            raise ValueError(f"unknown record kind {kind!r}")
+        rows.append(obj)
+    if not rows and not allow_empty_file:
+        raise InputError("dataset is empty (no records)", file=path)
+    return rows
+
+
+def _validate_instruction(obj: dict, path: Path, lineno: int) -> None:
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise InputError("expected a non-empty list of messages", file=path, line=lineno, field="messages")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise InputError("expected {role: system|user|assistant, content: str}", file=path,
+                                 line=lineno, field=f"messages[{i}]")
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            raise InputError("the last message must be a non-empty assistant response", file=path,
+                             line=lineno, field="messages")
+        return
+    _require_str(obj, "instruction", path, lineno)
+    if "input" in obj and not isinstance(obj["input"], str):
+        raise InputError("expected a string", file=path, line=lineno, field="input")
+    _require_str(obj, "response", path, lineno)
+
+
+def user_text(rec: dict) -> str:
+    """The user turn of an instruction or prompt record (instruction, plus input when present)."""
+    if "messages" in rec:
+        users = [m["content"] for m in rec["messages"] if m["role"] == "user"]
+        return users[-1] if users else ""
+    inp = rec.get("input") or ""
+    return f"{rec['instruction']}\n\n{inp}" if inp.strip() else rec["instruction"]
+
+
+def response_text(rec: dict) -> str:
+    if "messages" in rec:
+        return rec["messages"][-1]["content"]
+    return rec["response"]
+
+
+def to_messages(rec: dict, *, with_response: bool = True) -> list[dict]:
+    """CONTRACT record -> chat messages (system + user [+ assistant])."""
+    if "messages" in rec:
+        msgs = [dict(m) for m in rec["messages"]]
+        return msgs if with_response else msgs[:-1]
+    msgs = [{"role": "user", "content": user_text(rec)}]
+    if with_response:
+        msgs.append({"role": "assistant", "content": rec["response"]})
+    return msgs

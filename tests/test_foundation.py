@@ -1,0 +1,105 @@
+"""Config loading, errors, atomic IO and the CLI's exit codes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytest
+
+from itlens.config import config_hash, from_dict, load_config, to_dict
+from itlens.errors import InputError
+from itlens.io import atomic_dir, atomic_write_json, read_records
+
+
+@dataclasses.dataclass
+class Inner:
+    r: int = 8
+    alpha: float = 16.0
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str = "x"
+    method: Literal["lora", "full"] = "lora"
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    sizes: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    note: Optional[str] = None
+
+
+def test_config_roundtrip_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: y\ninner:\n  r: 4\n  alpha: 1e-3\n")
+    cfg = load_config(Outer, p, ["inner.r=16", "method=full"])
+    assert cfg.inner.r == 16 and cfg.inner.alpha == pytest.approx(1e-3) and cfg.method == "full"
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+    assert config_hash(cfg) == config_hash(from_dict(Outer, to_dict(cfg)))
+    assert config_hash(cfg) != config_hash(Outer())
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("nme: y\n", "key 'nme': unknown key"),
+    ("inner:\n  rr: 3\n", "key 'inner.rr': unknown key"),
+    ("inner:\n  r: three\n", "key 'inner.r': expected an integer"),
+    ("method: qlora\n", "key 'method': expected one of"),
+    ("sizes: 3\n", "key 'sizes': expected a list"),
+    ("name: [unclosed\n", "malformed YAML"),
+    ("- a\n- b\n", "expected a YAML mapping"),
+])
+def test_config_errors_name_file_and_key(tmp_path, text, needle):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(InputError) as ei:
+        load_config(Outer, p)
+    assert str(p) in str(ei.value) and needle in str(ei.value)
+
+
+def test_read_records_validation(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"id": "a", "instruction": "q", "response": "r"}\n{"id": "a", "instruction": "q", "response": "r"}\n')
+    with pytest.raises(InputError, match=r"d.jsonl:2: field 'id': duplicate id"):
+        read_records(p, "instruction")
+    p.write_text('{"id": "a", "instruction": "q"}\n')
+    with pytest.raises(InputError, match=r"d.jsonl:1: field 'response': missing"):
+        read_records(p, "instruction")
+    p.write_text('{"id": "a", "instruction": "q", "response": "r"}\n{oops\n')
+    with pytest.raises(InputError, match=r"d.jsonl:2: malformed JSON"):
+        read_records(p, "instruction")
+    p.write_text("\n")
+    with pytest.raises(InputError, match="empty"):
+        read_records(p, "instruction")
+    p.write_text('{"id": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    assert read_records(p, "instruction")[0]["id"] == "m"
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "stage"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as d:
+            atomic_write_json(d / "x.json", {"a": 1})
+            raise RuntimeError("killed")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_dir(target) as d:
+        atomic_write_json(d / "x.json", {"a": 1})
+    assert json.loads((target / "x.json").read_text()) == {"a": 1}
+
+
+def test_cli_exit_codes():
+    exe = [sys.executable, "-m", "itlens.cli"]
+    r = subprocess.run(exe + ["--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "itlens" in r.stdout
+    r = subprocess.run(exe + ["no-such-command"], capture_output=True, text=True)
+    assert r.returncode == 2
+
+
+def test_tokenizer_roundtrip_and_template(tiny_tokenizer):
+    text = "happy to help! the city of north river was born in 1970."
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer.decode(ids) == text
+    rendered = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenize=False)
+    assert rendered == "<|user|>hi<|end|><|assistant|>yo<|end|>"
