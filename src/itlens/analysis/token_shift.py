@@ -1,0 +1,733 @@
+"""Token distribution shift (TDS): where does a tuned model's answer rank under its base model?
+
+The study (Ghosh et al. 2024, Figures 1, 4, 12; after Lin et al.'s AlignTDS) walks along a tuned
+model's response and, at every position, compares the base and tuned next-token distributions given
+the same prefix. This engine does it with ONE teacher-forced forward pass per model per batch: each
+context (chat template for the tuned model; chat template or the in-context frame for the base) is
+followed by the same response token ids, and every response position is scored at once.
+
+Two definitions (``mode``):
+
+- ``exact``: the emitted token's rank over the full vocabulary (1 + number of tokens with a strictly
+  greater base logit), its full-softmax probabilities, and KL(p_tuned || p_base) over the vocabulary.
+- ``paper``: AlignTDS's own definitions: top-30 lists per side renormalised, tokens matched by their
+  decoded strings, KL(base || tuned) over the intersection, the base rank of the tuned model's top-1
+  inside the base top-10 (classes) or top-50 list (Figure 1's mean rank; absent = 50).
+
+Full-vocabulary logits are never materialised for a whole batch: the backbone's last hidden states
+are gathered at response positions and pushed through the LM head in chunks of positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import numpy as np
+
+from itlens.errors import InputError
+
+CLASSES = ("unshifted", "marginal", "shifted")
+POSITION_BINS = 10
+STOPWORDS_FILE = Path(__file__).with_name("stopwords_en.txt")
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass
+class ShiftConfig:
+    """How token distribution shift is measured (``itlens shift``; the ``shift`` stage of a study)."""
+
+    mode: Literal["exact", "paper"] = field(default="exact", metadata={
+        "help": "exact: full-vocabulary rank/probabilities/KL(tuned||base) of the emitted token; "
+                "paper: AlignTDS's top-k string-matched definitions (top-30 renormalised, KL(base||tuned) "
+                "over the intersection, rank of the tuned top-1 in the base top-10)."})
+    base_context: Literal["frame", "template"] = field(default="frame", metadata={
+        "help": "What the base model reads before the response: 'frame' (the in-context '# Query / # Answer' "
+                "frame that makes a base model answer, as AlignTDS did) or 'template' (the tuned model's chat "
+                "template, the same sequence as the tuned model)."})
+    frame: str | None = field(default=None, metadata={
+        "help": "Frame prompt file for base_context=frame (a path or a name in prompts/); default "
+                "prompts/base_frame.txt. Use the synthetic world's frame.txt for world models."})
+    batch_size: int = field(default=8, metadata={"help": "Responses per forward pass."})
+    max_length: int = field(default=0, metadata={
+        "help": "Longest sequence (context + response) scored; 0 = the models' max_position_embeddings. "
+                "Longer responses are truncated (counted in summary.json)."})
+    chunk_mb: float = field(default=256.0, metadata={
+        "help": "Memory budget (MiB) for the full-vocabulary tensors of one chunk of positions."})
+    device: str = field(default="auto", metadata={"help": "'cpu', 'cuda', or 'auto' (cuda when available)."})
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(default="float32", metadata={
+        "help": "Weights dtype when loading models from paths (metrics are always computed in float32)."})
+    paper_top_k: int = field(default=30, metadata={"help": "paper mode: tokens saved per position and side "
+                                                           "(AlignTDS --top_k)."})
+    paper_class_k: int = field(default=10, metadata={"help": "paper mode: list length for the class rank "
+                                                             "(AlignTDS generate_html top_k=10)."})
+    paper_rank_k: int = field(default=50, metadata={"help": "paper mode: list length for KL, base probability "
+                                                            "and Figure 1's mean rank; absent tokens rank this."})
+    view_top_k: int = field(default=10, metadata={"help": "Top-k tokens per side kept for the HTML token view "
+                                                          "(0 = none)."})
+    index_max: int = field(default=32, metadata={"help": "Shares by token index are reported for indices "
+                                                         "0..index_max-1."})
+    top_tokens: int = field(default=125, metadata={"help": "Most frequent shifted/marginal tokens kept in the "
+                                                           "summary (Figure 12 shows 125)."})
+    stopwords: bool = field(default=False, metadata={"help": "Drop English stop words from the most-frequent "
+                                                             "token lists (AlignTDS's optional NLTK filter)."})
+
+    def validate(self) -> None:
+        if self.chunk_mb <= 0:
+            raise InputError(f"must be > 0, got {self.chunk_mb}", key="chunk_mb")
+        for name in ("batch_size", "paper_top_k", "paper_class_k", "paper_rank_k", "index_max"):
+            if getattr(self, name) < 1:
+                raise InputError(f"must be >= 1, got {getattr(self, name)}", key=name)
+        for name in ("max_length", "view_top_k", "top_tokens"):
+            if getattr(self, name) < 0:
+                raise InputError(f"must be >= 0, got {getattr(self, name)}", key=name)
+
+
+@dataclass
+class ShiftResult:
+    """Per-token rows (``tokens``, the CONTRACT columns and more) and the aggregates (``summary``)."""
+
+    tokens: Any  # pandas.DataFrame
+    summary: dict
+    records: dict = field(default_factory=dict, repr=False)
+    """Response records by id (for the token view)."""
+    tokenizer: Any = field(default=None, repr=False)
+
+
+# -------------------------------------------------------------------------------------- models
+class _Scorer:
+    """One side of the comparison: backbone hidden states, then the LM head on chosen positions.
+
+    For a PeftModel the base side is the same object with its adapter disabled (no second copy).
+    """
+
+    def __init__(self, model, *, adapter_off: bool = False):
+        self.model = model
+        self.adapter_off = adapter_off
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.backbone = causal_lm.base_model
+        self.head = causal_lm.get_output_embeddings()
+        self.softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        self.full_forward = self.backbone is causal_lm or self.head is None  # no separable head
+        self.device = next(model.parameters()).device
+        self._checked = False
+
+    def _ctx(self):
+        return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
+
+    def hidden(self, ids, mask):
+        """Last hidden states [B, T, H] (or full logits [B, T, V] when the head is not separable)."""
+        import torch
+
+        with torch.no_grad(), self._ctx():
+            if not self._checked:
+                self._check_head(ids[:1, : min(ids.shape[1], 8)])
+            if self.full_forward:
+                return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            return self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def logits(self, h):
+        import torch
+
+        if self.full_forward:
+            return h.float()
+        with torch.no_grad(), self._ctx():
+            z = self.head(h).float()
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def _check_head(self, ids) -> None:
+        """Backbone + head must reproduce the model's own logits (else use plain forward passes)."""
+        import torch
+
+        self._checked = True
+        if self.full_forward:
+            return
+        ref = self.model(input_ids=ids, use_cache=False).logits.float()
+        got = self.head(self.backbone(input_ids=ids, use_cache=False).last_hidden_state).float()
+        if self.softcap:
+            got = torch.tanh(got / self.softcap) * self.softcap
+        if not torch.allclose(ref, got, rtol=1e-3, atol=1e-3 * (1 + ref.abs().max().item())):
+            self.full_forward = True
+
+
+def _load_models(base, tuned, cfg: ShiftConfig, tokenizer):
+    """Resolve ``base``/``tuned`` (loaded models or paths) to two scorers and one shared tokenizer."""
+    from itlens.models import attach_adapter, is_adapter_dir, load_tokenizer, resolve_model, torch_dtype
+
+    device = _device(cfg.device)
+    names = {"base": _model_name(base), "tuned": _model_name(tuned)}
+
+    def load(path):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=torch_dtype(cfg.dtype))
+
+    tok_base = tok_tuned = None
+    if isinstance(base, (str, Path)):
+        tok_base = load_tokenizer(base)
+        base = load(base).to(device).eval()
+    if isinstance(tuned, (str, Path)):
+        tok_tuned = load_tokenizer(tuned) if _has_tokenizer(tuned) else tok_base
+        if is_adapter_dir(resolve_model(tuned)):
+            if base is None:
+                from itlens.models import load_model
+
+                loaded = load_model(tuned, dtype=cfg.dtype, device=str(device))
+                tuned, tok_tuned = loaded.model, tok_tuned or loaded.tokenizer
+            else:
+                tuned = attach_adapter(base, resolve_model(tuned))
+        else:
+            tuned = load(tuned).to(device).eval()
+    if tuned is None:
+        raise InputError("a tuned model is required", key="tuned")
+    peft_tuned = hasattr(tuned, "disable_adapter") and hasattr(tuned, "get_base_model")
+    if base is None or (peft_tuned and base is tuned.get_base_model()):
+        if not peft_tuned:
+            raise InputError("a base model is required unless the tuned model is a LoRA adapter", key="base")
+        base_scorer = _Scorer(tuned, adapter_off=True)
+        names["base"] = names["base"] or f"{names['tuned']} (adapter disabled)"
+    else:
+        base_scorer = _Scorer(base)
+    tuned_scorer = _Scorer(tuned)
+
+    tokenizer = tokenizer or tok_tuned or tok_base
+    if tokenizer is None:
+        src = getattr(tuned, "name_or_path", None) or getattr(getattr(tuned, "config", None), "name_or_path", None)
+        if not src:
+            raise InputError("pass tokenizer= when the models are given as objects", key="tokenizer")
+        tokenizer = load_tokenizer(src)
+    if tok_base is not None and tok_base is not tokenizer and tok_base.get_vocab() != tokenizer.get_vocab():
+        raise InputError("base and tuned models do not share a tokenizer (vocabularies differ); token shift "
+                         "compares distributions token by token, so both must use the same one", key="tuned")
+    vb = base_scorer.head.weight.shape[0] if base_scorer.head is not None else None
+    vt = tuned_scorer.head.weight.shape[0] if tuned_scorer.head is not None else None
+    if vb is not None and vt is not None and vb != vt:
+        raise InputError(f"base and tuned models have different vocabulary sizes ({vb} vs {vt}); they must "
+                         "share a tokenizer", key="tuned")
+    return base_scorer, tuned_scorer, tokenizer, names
+
+
+def _has_tokenizer(path) -> bool:
+    from itlens.models import resolve_model
+
+    p = Path(resolve_model(path))
+    return (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()
+
+
+def _model_name(m) -> str | None:
+    if m is None:
+        return None
+    if isinstance(m, (str, Path)):
+        return str(m)
+    return getattr(m, "name_or_path", None) or type(m).__name__
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _max_length(*scorers: _Scorer) -> int:
+    lengths = [getattr(s.model.config, "max_position_embeddings", None) for s in scorers]
+    lengths = [n for n in lengths if isinstance(n, int) and n > 0]
+    return min(lengths) if lengths else 2048
+
+
+# ------------------------------------------------------------------------------------ encoding
+@dataclass
+class _Encoded:
+    index: int
+    id: str
+    tuned_ids: list[int]
+    tuned_start: int
+    base_ids: list[int]
+    base_start: int
+    response_ids: list[int]
+    offsets: list[int]  # start character of each response token in the response text
+    sentence: list[int]  # sentence index of each response token
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def sentence_starts(text: str) -> list[int]:
+    """Start characters of the sentences of ``text`` (split after . ! ? + whitespace, and at newlines)."""
+    starts = [0]
+    for m in _SENTENCE_END.finditer(text):
+        if m.end() < len(text):
+            starts.append(m.end())
+    return starts
+
+
+def _add_special(tokenizer, text: str) -> bool:
+    """Let the tokenizer add BOS unless the rendered text already starts with it (chat templates often do)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and text.startswith(bos))
+
+
+def _encode(tokenizer, rec: dict, index: int, cfg: ShiftConfig, frame_text: str | None) -> _Encoded:
+    """Tokenize the tuned context and the response together; give the base its own context + same ids."""
+    from itlens.io import response_text
+    from itlens.templates import chat_prompt, frame_prompt
+
+    prompt = chat_prompt(tokenizer, rec)
+    response = response_text(rec)
+    enc = tokenizer(prompt + response, add_special_tokens=_add_special(tokenizer, prompt),
+                    return_offsets_mapping=True)
+    ids, spans = enc["input_ids"], enc["offset_mapping"]
+    # The first token that ends inside the response starts it (a token straddling the boundary is
+    # predicted from the prompt alone, so it belongs to the response rows).
+    start = next((i for i, (s, e) in enumerate(spans) if e > len(prompt) and e > s), len(ids))
+    start = max(start, 1)  # the first response token needs at least one token of context
+    end = len(ids)
+    while end > start and spans[end - 1][1] <= spans[end - 1][0]:  # an appended eos is not the response's
+        end -= 1
+    ids = ids[:end]
+    response_ids = ids[start:]
+    offsets = [max(0, spans[i][0] - len(prompt)) for i in range(start, end)]
+    if cfg.base_context == "template":
+        base_ids, base_start = list(ids), start
+    else:
+        base_prompt = frame_prompt(frame_text, rec)
+        base_prefix = tokenizer(base_prompt, add_special_tokens=_add_special(tokenizer, base_prompt))["input_ids"]
+        base_ids, base_start = list(base_prefix) + list(response_ids), len(base_prefix)
+    starts = sentence_starts(response)
+    sentence = (np.searchsorted(np.asarray(starts), np.asarray(offsets, dtype=np.int64), side="right") - 1).tolist()
+    return _Encoded(index, rec["id"], list(ids), start, base_ids, base_start, list(response_ids), offsets,
+                    [max(0, s) for s in sentence])
+
+
+def _truncate(e: _Encoded, max_length: int) -> str:
+    """Drop response tokens that do not fit; returns 'ok', 'truncated' or 'skipped'."""
+    keep = min(len(e.response_ids), max_length - e.tuned_start, max_length - e.base_start)
+    if keep >= len(e.response_ids):
+        return "ok"
+    keep = max(keep, 0)
+    e.response_ids, e.offsets, e.sentence = e.response_ids[:keep], e.offsets[:keep], e.sentence[:keep]
+    e.tuned_ids = e.tuned_ids[: e.tuned_start + keep]
+    e.base_ids = e.base_ids[: e.base_start + keep]
+    return "truncated" if keep > 0 else "skipped"
+
+
+# ---------------------------------------------------------------------------------- the metrics
+def exact_metrics(z_base, z_tuned, target, view_k: int = 0) -> dict:
+    """Full-vocabulary metrics for a chunk of positions (logits [n, V] float32, emitted ids [n]).
+
+    rank_base: 1 + #tokens with a strictly greater base logit than the emitted one. kl: KL(p_tuned||p_base);
+    kl_base_tuned: the reverse. rank0_top1: 0-based base rank of the tuned model's top-1 (Figure 1);
+    p_base_top1: its base probability.
+    """
+    import torch
+
+    lpb = torch.log_softmax(z_base, dim=-1)
+    lpt = torch.log_softmax(z_tuned, dim=-1)
+    t = target[:, None]
+    zb_t = z_base.gather(1, t)
+    top1_tuned = z_tuned.argmax(dim=-1)
+    zb_top1 = z_base.gather(1, top1_tuned[:, None])
+    pt, pb = lpt.exp(), lpb.exp()
+    kl = torch.where(pt > 0, pt * (lpt - lpb), torch.zeros_like(pt)).sum(-1)
+    kl_rev = torch.where(pb > 0, pb * (lpb - lpt), torch.zeros_like(pb)).sum(-1)
+    out = {
+        "rank_base": (z_base > zb_t).sum(-1) + 1,
+        "p_base": lpb.gather(1, t)[:, 0].exp(),
+        "p_tuned": lpt.gather(1, t)[:, 0].exp(),
+        "kl": kl.clamp_min(0),
+        "kl_base_tuned": kl_rev.clamp_min(0),
+        "top1_base": z_base.argmax(dim=-1),
+        "top1_tuned": top1_tuned,
+        "rank0_top1": (z_base > zb_top1).sum(-1),
+        "p_base_top1": lpb.gather(1, top1_tuned[:, None])[:, 0].exp(),
+    }
+    if view_k:
+        k = min(view_k, z_base.shape[-1])
+        ib, it = z_base.topk(k, dim=-1).indices, z_tuned.topk(k, dim=-1).indices
+        out.update(view_base_ids=ib, view_base_p=pb.gather(1, ib), view_tuned_ids=it, view_tuned_p=pt.gather(1, it))
+    return out
+
+
+def paper_metrics(base_logits, base_sid, tuned_logits, tuned_sid, *, class_k: int = 10, rank_k: int = 50) -> dict:
+    """AlignTDS's per-position metrics from saved top-k lists (``compute_similarity`` semantics).
+
+    Inputs are [n, K] tensors in descending logit order: the saved logits and a string id per entry
+    (tokens are matched by decoded string; a repeated string counts at its first occurrence).
+    Probabilities are re-softmaxed over the K saved logits. Returns:
+    ``kl`` = sum over strings in both lists (first ``rank_k`` entries) of p_b * log(p_b / p_t);
+    ``tr_class`` = 0-based index of the tuned top-1 string in the base's first ``class_k`` entries, or
+    ``class_k``; ``tr`` = the same within ``rank_k`` (Figure 1's base rank); ``tp`` = the base probability
+    of the tuned top-1 within ``rank_k`` entries, or 0; ``p_tuned_top1``.
+    """
+    import torch
+
+    n, k = base_sid.shape
+    pb = torch.softmax(base_logits.float(), dim=-1)
+    pt = torch.softmax(tuned_logits.float(), dim=-1)
+    idx = torch.arange(k, device=base_sid.device)
+    in_list = idx < min(rank_k, k)  # entries compared (AlignTDS: token_list[:top_k])
+    earlier = idx[None, :] < idx[:, None]  # [K, K]: j before i
+
+    def first_occurrence(sid):
+        same = sid[:, :, None] == sid[:, None, :]
+        return ~(same & earlier[None]).any(-1) & in_list[None]
+
+    first_b, first_t = first_occurrence(base_sid), first_occurrence(tuned_sid)
+    match = (base_sid[:, :, None] == tuned_sid[:, None, :]) & first_t[:, None, :]
+    w2 = (match.float() * pt[:, None, :]).sum(-1)
+    both = match.any(-1) & first_b & (pb > 0) & (w2 > 0)
+    kl = torch.where(both, pb * (torch.log(pb) - torch.log(w2.clamp_min(1e-45))), torch.zeros_like(pb)).sum(-1)
+    hit = base_sid == tuned_sid[:, :1]
+    first_hit = torch.where(hit, idx[None, :].expand(n, k), torch.full_like(hit, k, dtype=torch.long)).min(-1).values
+    tr_class = torch.where(first_hit < min(class_k, k), first_hit, torch.full_like(first_hit, class_k))
+    found = first_hit < min(rank_k, k)
+    tr = torch.where(found, first_hit, torch.full_like(first_hit, rank_k))
+    tp = torch.where(found, pb.gather(1, first_hit.clamp_max(k - 1)[:, None])[:, 0], torch.zeros_like(kl))
+    return {"kl": kl, "tr_class": tr_class, "tr": tr, "tp": tp, "p_tuned_top1": pt[:, 0]}
+
+
+def shift_class(rank_base) -> np.ndarray:
+    """unshifted (rank 1), marginal (2-3), shifted (> 3), from 1-based ranks."""
+    r = np.asarray(rank_base)
+    return np.where(r <= 1, "unshifted", np.where(r <= 3, "marginal", "shifted"))
+
+
+class _TokenStrings:
+    """Decoded string of each token id, cached; string ids for AlignTDS's string matching."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.text: dict[int, str] = {}
+        self.sid: dict[str, int] = {}
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        out = []
+        for i in ids:
+            i = int(i)
+            s = self.text.get(i)
+            if s is None:
+                s = self.text[i] = self.tokenizer.decode([i])
+            out.append(s)
+        return out
+
+    def string_ids(self, ids) -> Any:
+        import torch
+
+        flat = ids.reshape(-1).tolist()
+        sids = [self.sid.setdefault(s, len(self.sid)) for s in self.decode(flat)]
+        return torch.tensor(sids, dtype=torch.long).reshape(ids.shape)
+
+
+# ---------------------------------------------------------------------------------- the engine
+def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, tokenizer=None,
+                  **overrides) -> ShiftResult:
+    """Token distribution shift of ``responses`` between ``base`` and ``tuned``.
+
+    ``base``/``tuned``: loaded causal LMs or paths (HF dir, hub id in the local cache; ``tuned`` may
+    be a LoRA adapter dir or a PeftModel, whose base distribution then comes from the same model
+    with the adapter disabled; ``base`` may then be None). ``responses``: CONTRACT response records
+    (a list of dicts or a JSONL path). Keyword overrides set :class:`ShiftConfig` fields
+    (``mode=``, ``base_context=``, ``frame=``, ``batch_size=``, ...).
+    """
+    import pandas as pd
+    import torch
+
+    cfg = dataclasses.replace(config or ShiftConfig(), **overrides)
+    cfg.validate()
+    records = _read_responses(responses)
+    base_s, tuned_s, tok, names = _load_models(base, tuned, cfg, tokenizer)
+    from itlens.templates import ensure_chat_template, load_frame
+
+    ensure_chat_template(tok)
+    frame_text = load_frame(cfg.frame) if cfg.base_context == "frame" else None
+    max_length = cfg.max_length or _max_length(base_s, tuned_s)
+    strings = _TokenStrings(tok)
+
+    encoded, status = [], {"ok": 0, "truncated": 0, "skipped": 0}
+    for i, rec in enumerate(records):
+        e = _encode(tok, rec, i, cfg, frame_text)
+        status[_truncate(e, max_length)] += 1
+        encoded.append(e)
+    if status["truncated"] or status["skipped"]:
+        warnings.warn(f"{status['truncated'] + status['skipped']} of {len(records)} responses did not fit in "
+                      f"{max_length} tokens and were truncated ({status['skipped']} left with no tokens)",
+                      stacklevel=2)
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    vocab = (tuned_s.head.weight.shape[0] if tuned_s.head is not None else len(tok))
+    chunk = max(1, int(cfg.chunk_mb * 2**20) // (vocab * 4 * 8))  # ~8 float32 [n, V] tensors live at once
+    cols: dict[str, list] = {}
+    order = sorted((e for e in encoded if e.response_ids), key=lambda e: (len(e.tuned_ids), e.index))
+    for b in range(0, len(order), cfg.batch_size):
+        batch = order[b: b + cfg.batch_size]
+        h_tuned = _gather_hidden(tuned_s, [(e.tuned_ids, e.tuned_start) for e in batch], pad)
+        h_base = _gather_hidden(base_s, [(e.base_ids, e.base_start) for e in batch], pad)
+        target = torch.tensor([t for e in batch for t in e.response_ids], device=h_tuned.device)
+        for c in range(0, len(target), chunk):
+            zt = tuned_s.logits(h_tuned[c: c + chunk].to(tuned_s.device))
+            zb = base_s.logits(h_base[c: c + chunk].to(base_s.device)).to(zt.device)
+            out = exact_metrics(zb, zt, target[c: c + chunk], cfg.view_top_k)
+            if cfg.mode == "paper":
+                k = min(cfg.paper_top_k, zb.shape[-1])
+                vb, ib = zb.topk(k, dim=-1)
+                vt, it = zt.topk(k, dim=-1)
+                pm = paper_metrics(vb.cpu(), strings.string_ids(ib.cpu()), vt.cpu(), strings.string_ids(it.cpu()),
+                                   class_k=cfg.paper_class_k, rank_k=cfg.paper_rank_k)
+                out.update({f"paper_{k_}": v for k_, v in pm.items()})
+            for k_, v in out.items():
+                cols.setdefault(k_, []).append(v.detach().cpu())
+        for e in batch:
+            n = len(e.response_ids)
+            cols.setdefault("_index", []).append(torch.full((n,), e.index))
+            cols.setdefault("pos", []).append(torch.arange(n))
+            cols.setdefault("n_tokens", []).append(torch.full((n,), n))
+            cols.setdefault("sentence", []).append(torch.tensor(e.sentence, dtype=torch.long))
+            cols.setdefault("token_id", []).append(torch.tensor(e.response_ids, dtype=torch.long))
+
+    data = {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in cols.items()}
+    tokens = _build_frame(data, encoded, strings, cfg)
+    summary = summarize(tokens, cfg, stopwords=load_stopwords() if cfg.stopwords else None)
+    summary.update({
+        "mode": cfg.mode, "base_context": cfg.base_context,
+        "frame": (str(cfg.frame) if cfg.frame else "base_frame.txt") if cfg.base_context == "frame" else None,
+        "models": names, "n_responses": len(records), "n_truncated": status["truncated"],
+        "n_skipped": status["skipped"], "n_empty": sum(1 for e in encoded if not e.response_ids) - status["skipped"],
+        "max_length": max_length,
+        "head": {"base": "full_forward" if base_s.full_forward else "chunked",
+                 "tuned": "full_forward" if tuned_s.full_forward else "chunked"},
+    })
+    return ShiftResult(tokens=tokens, summary=summary, records={r["id"]: r for r in records}, tokenizer=tok)
+
+
+def _gather_hidden(scorer: _Scorer, seqs: list[tuple[list[int], int]], pad: int):
+    """Right-pad, run one forward pass, and keep the states that predict each response token."""
+    import torch
+
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, (s, _) in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    h = scorer.hidden(ids.to(scorer.device), mask.to(scorer.device))
+    rows = torch.cat([torch.full((len(s) - start,), r) for r, (s, start) in enumerate(seqs)])
+    cols = torch.cat([torch.arange(start - 1, len(s) - 1) for s, start in seqs])
+    return h[rows.to(h.device), cols.to(h.device)]
+
+
+def _build_frame(data: dict, encoded: list[_Encoded], strings: _TokenStrings, cfg: ShiftConfig):
+    import pandas as pd
+
+    if not len(data.get("pos", [])):  # no response tokens at all: an empty table with every column
+        data = {k: np.zeros(0, dtype=np.int64) for k in ("_index", "pos", "n_tokens", "sentence", "token_id",
+                                                          "rank_base", "top1_base", "top1_tuned", "rank0_top1",
+                                                          "paper_tr_class", "paper_tr")}
+        data.update({k: np.zeros(0) for k in ("p_base", "p_tuned", "kl", "kl_base_tuned", "p_base_top1",
+                                              "paper_tp", "paper_p_tuned_top1", "paper_kl")})
+    ids = [e.id for e in encoded]
+    df = pd.DataFrame({
+        "id": [ids[i] for i in data["_index"]],
+        "pos": data["pos"].astype(np.int64),
+        "token_id": data["token_id"].astype(np.int64),
+        "token": strings.decode(data["token_id"]),
+    })
+    exact = {
+        "rank_base": data["rank_base"].astype(np.int64), "p_base": data["p_base"].astype(np.float64),
+        "p_tuned": data["p_tuned"].astype(np.float64), "kl": data["kl"].astype(np.float64),
+    }
+    if cfg.mode == "paper":
+        df["rank_base"] = data["paper_tr_class"].astype(np.int64) + 1
+        df["p_base"] = data["paper_tp"].astype(np.float64)
+        df["p_tuned"] = data["paper_p_tuned_top1"].astype(np.float64)
+        df["kl"] = data["paper_kl"].astype(np.float64)
+    else:
+        for k, v in exact.items():
+            df[k] = v
+    df["shift_class"] = shift_class(df["rank_base"].to_numpy())
+    df["n_tokens"] = data["n_tokens"].astype(np.int64)
+    df["rel_pos"] = df["pos"] / df["n_tokens"].clip(lower=1)
+    df["sentence"] = data["sentence"].astype(np.int64)
+    df["sent_pos"] = df.groupby(["id", "sentence"]).cumcount().astype(np.int64)
+    df["sent_len"] = df.groupby(["id", "sentence"])["pos"].transform("size").astype(np.int64)
+    df["top1_base"] = data["top1_base"].astype(np.int64)
+    df["top1_tuned"] = data["top1_tuned"].astype(np.int64)
+    if cfg.mode == "paper":
+        df["rank0_paper"] = data["paper_tr"].astype(np.int64)
+        df["p_base_top1"] = data["paper_tp"].astype(np.float64)
+        for k, v in exact.items():
+            df[f"exact_{k}"] = v
+        df["exact_shift_class"] = shift_class(exact["rank_base"])
+    else:
+        df["rank0_paper"] = data["rank0_top1"].astype(np.int64)
+        df["p_base_top1"] = data["p_base_top1"].astype(np.float64)
+        df["kl_base_tuned"] = data["kl_base_tuned"].astype(np.float64)
+    if cfg.view_top_k and "view_base_ids" in data:
+        for side in ("base", "tuned"):
+            df[f"top_{side}_ids"] = list(data[f"view_{side}_ids"].astype(np.int64))
+            df[f"top_{side}_p"] = list(data[f"view_{side}_p"].astype(np.float64))
+    order = np.lexsort((df["pos"].to_numpy(), np.asarray(data["_index"])))
+    return df.iloc[order].reset_index(drop=True)
+
+
+def _read_responses(responses) -> list[dict]:
+    from itlens.io import read_records
+
+    if isinstance(responses, (str, Path)):
+        return read_records(responses, "response", allow_empty_file=True)
+    records, seen = [], set()
+    for i, r in enumerate(responses):
+        for f in ("id", "instruction", "response"):
+            if not isinstance(r.get(f) if isinstance(r, dict) else None, str):
+                raise InputError(f"response record {i}: expected a string", field=f)
+        if r["id"] in seen:
+            raise InputError(f"response record {i}: duplicate id {r['id']!r}", field="id")
+        seen.add(r["id"])
+        records.append(r)
+    return records
+
+
+# --------------------------------------------------------------------------------- aggregation
+def load_stopwords(path: str | Path | None = None) -> set[str]:
+    """A small English stop-word list (one word a line, '#' comments), lower-cased."""
+    lines = Path(path or STOPWORDS_FILE).read_text(encoding="utf-8").splitlines()
+    return {w.strip().lower() for w in lines if w.strip() and not w.startswith("#")}
+
+
+def _shares(classes) -> dict:
+    n = len(classes)
+    return {c: (float(np.sum(classes == c)) / n if n else None) for c in CLASSES}
+
+
+def _mean(x) -> float | None:
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.mean()) if x.size else None
+
+
+def sentence_split_kl(tokens, first_frac: float = 0.05) -> dict:
+    """Figure 4: per sentence, mean KL over its first max(1, ceil(0.05 n)) tokens and over the rest,
+    averaged over all sentences; Diff% = (first - rest) / rest * 100. Sentences with one token have
+    no rest and count only in ``first``."""
+    if not len(tokens):
+        return {"first": None, "rest": None, "diff_pct": None, "n_sentences": 0}
+    n_first = np.maximum(1, np.ceil(first_frac * tokens["sent_len"].to_numpy())).astype(np.int64)
+    is_first = tokens["sent_pos"].to_numpy() < n_first
+    key = tokens["id"].astype(str) + "\x00" + tokens["sentence"].astype(str)
+    df = tokens.assign(_key=key, _first=is_first)
+    first = df[df["_first"]].groupby("_key")["kl"].mean()
+    rest = df[~df["_first"]].groupby("_key")["kl"].mean()
+    f, r = _mean(first), _mean(rest)
+    diff = (f - r) / r * 100 if f is not None and r not in (None, 0.0) else None
+    return {"first": f, "rest": r, "diff_pct": diff, "n_sentences": int(len(first))}
+
+
+def token_counts(tokens, classes: Iterable[str], *, stopwords: set[str] | None = None, top: int | None = None):
+    """Most frequent emitted tokens (stripped strings) among positions of the given classes."""
+    sel = tokens[tokens["shift_class"].isin(list(classes))]["token"].str.strip()
+    sel = sel[sel != ""]
+    if stopwords:
+        sel = sel[~sel.str.lower().isin(stopwords)]
+    counts = sel.value_counts()
+    rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [[t, int(c)] for t, c in (rows[:top] if top else rows)]
+
+
+def token_shift_rates(tokens, *, min_count: int = 1):
+    """Per token string: occurrences, shifted count and the shift rate (AlignTDS ``shift_ratio``)."""
+    import pandas as pd
+
+    t = tokens.assign(_tok=tokens["token"].str.strip(), _shifted=tokens["shift_class"] == "shifted")
+    g = t.groupby("_tok")["_shifted"].agg(["size", "sum"]).reset_index()
+    g.columns = ["token", "count", "shifted"]
+    g["rate"] = g["shifted"] / g["count"]
+    g = g[(g["count"] >= min_count) & (g["token"] != "")]
+    return pd.DataFrame(g.sort_values(["rate", "count", "token"], ascending=[False, False, True])
+                        .reset_index(drop=True))
+
+
+def _group_stats(tokens, key) -> list[dict]:
+    rows = []
+    for k, g in tokens.groupby(key, sort=True):
+        cls = g["shift_class"].to_numpy()
+        rows.append({"bin": int(k), "n": int(len(g)), **_shares(cls), "kl": _mean(g["kl"]),
+                     "p_base": _mean(g["p_base"])})
+    return rows
+
+
+def summarize(tokens, cfg: ShiftConfig | None = None, *, stopwords: set[str] | None = None) -> dict:
+    """Every aggregate of a token table: class shares, means, position curves, Figure 4 and 12 data."""
+    cfg = cfg or ShiftConfig()
+    cls = tokens["shift_class"].to_numpy()
+    rel_bin = np.minimum(POSITION_BINS - 1, (POSITION_BINS * tokens["pos"] // tokens["n_tokens"].clip(lower=1)))
+    by_index = tokens[tokens["pos"] < cfg.index_max]
+    s = {
+        "n_tokens": int(len(tokens)),
+        "shares": _shares(cls),
+        "mean_kl": _mean(tokens["kl"]),
+        "mean_p_base": _mean(tokens["p_base"]),
+        "mean_p_tuned": _mean(tokens["p_tuned"]),
+        "mean_rank_base": _mean(tokens["rank_base"]),
+        "median_rank_base": float(np.median(tokens["rank_base"])) if len(tokens) else None,
+        # Figure 1 averages, with the paper's definitions (tuned top-1; rank 0-based).
+        "figure1": {"kl": _mean(tokens["kl"]), "base_prob": _mean(tokens["p_base_top1"]),
+                    "base_rank": _mean(tokens["rank0_paper"])},
+        "emitted_is_tuned_top1": _mean(tokens["token_id"] == tokens["top1_tuned"]),
+        "by_rel_pos": _group_stats(tokens.assign(_bin=rel_bin), "_bin"),
+        "by_index": _group_stats(by_index, "pos"),
+        "sentence_kl": sentence_split_kl(tokens),
+        "top_shifted": token_counts(tokens, ["shifted"], stopwords=stopwords, top=cfg.top_tokens),
+        "top_marginal": token_counts(tokens, ["marginal"], stopwords=stopwords, top=cfg.top_tokens),
+        "top_shifted_marginal": token_counts(tokens, ["shifted", "marginal"], stopwords=stopwords,
+                                             top=cfg.top_tokens),
+        "stopwords_filtered": bool(stopwords),
+        "shift_rates": token_shift_rates(tokens, min_count=3).head(cfg.top_tokens).to_dict("records"),
+    }
+    if "exact_shift_class" in tokens:
+        s["exact"] = {"shares": _shares(tokens["exact_shift_class"].to_numpy()),
+                      "mean_kl": _mean(tokens["exact_kl"]), "mean_rank_base": _mean(tokens["exact_rank_base"])}
+    return s
+
+
+# ------------------------------------------------------------------------------------- writing
+def write_shift(result: ShiftResult, out_dir: str | Path) -> Path:
+    """Write ``tokens.parquet`` and ``summary.json`` (each atomically; the summary last)."""
+    from itlens.io import atomic_write_bytes, atomic_write_json
+
+    out_dir = Path(out_dir)
+    buf = io.BytesIO()
+    result.tokens.to_parquet(buf, index=False)
+    atomic_write_bytes(out_dir / "tokens.parquet", buf.getvalue())
+    atomic_write_json(out_dir / "summary.json", _json_safe(result.summary))
+    return out_dir
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    return obj
+
+
+def read_shift(out_dir: str | Path) -> ShiftResult:
+    """Load a written result back (tokens table and summary)."""
+    import json
+
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    return ShiftResult(tokens=pd.read_parquet(out_dir / "tokens.parquet"),
+                       summary=json.loads((out_dir / "summary.json").read_text(encoding="utf-8")))

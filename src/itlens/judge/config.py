@@ -1,0 +1,85 @@
+"""The judge's one config: endpoint, model, decoding, retries, cache and aggregation (Python, CLI, YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from itlens.errors import InputError
+
+PAPER_JUDGE_MODEL = "gpt-4-1106-preview"
+
+
+@dataclass
+class JudgeConfig:
+    """How responses are judged. The API key is never part of it: only the name of the variable."""
+
+    backend: Literal["openai", "local"] = field(default="openai", metadata={
+        "help": "'openai': any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp, ...); "
+                "'local': an HF causal LM loaded in this process (offline)."})
+    model: str = field(default=PAPER_JUDGE_MODEL, metadata={
+        "help": "Judge model: the endpoint's model name (openai) or an HF model dir / hub id (local). "
+                "The paper used gpt-4-1106-preview."})
+    base_url: str = field(default="https://api.openai.com/v1", metadata={
+        "help": "Base URL of the OpenAI-compatible endpoint (openai backend), e.g. http://127.0.0.1:8000/v1."})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "Name of the environment variable holding the API key ('' for endpoints without a key). "
+                "The key itself is never read from a file or written anywhere."})
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (the paper: 0)."})
+    max_tokens: int = field(default=1024, metadata={"help": "Max tokens of each judge reply (just-eval: 1024)."})
+    params: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Extra chat-completion parameters sent as-is (e.g. {seed: 0, top_p: 1}); part of the cache key."})
+    timeout_s: float = field(default=120.0, metadata={"help": "Timeout of one HTTP request, seconds."})
+    max_attempts: int = field(default=6, metadata={
+        "help": "Attempts per request (first try included) on 429, 5xx, timeouts and connection errors."})
+    backoff_initial_s: float = field(default=1.0, metadata={
+        "help": "First retry delay; doubles on each further attempt (exponential backoff)."})
+    backoff_max_s: float = field(default=60.0, metadata={"help": "Upper bound of one backoff delay, seconds."})
+    max_retry_after_s: float = field(default=120.0, metadata={
+        "help": "Upper bound on a server's Retry-After (429) that is honoured, seconds."})
+    concurrency: int = field(default=4, metadata={"help": "Requests in flight at once (openai backend)."})
+    cache: bool = field(default=True, metadata={
+        "help": "Cache every answer on disk by (messages, model, endpoint, parameters), so a rerun costs nothing."})
+    cache_dir: str = field(default="~/.cache/itlens/judge", metadata={
+        "help": "Folder of the answer cache (kept outside run folders, so killed runs reuse it)."})
+    reask: bool = field(default=True, metadata={
+        "help": "Ask once more, quoting the problem, when a reply does not validate; then count a parse failure."})
+    prompt_file: str = field(default="judge_multi_aspect.txt", metadata={
+        "help": "Multi-aspect prompt (prompts/ or a path); placeholders {instruction} and {response}."})
+    pairwise_prompt_file: str = field(default="judge_pairwise.txt", metadata={
+        "help": "Pairwise prompt; placeholders {instruction}, {response_a}, {response_b}."})
+    reask_prompt_file: str = field(default="judge_reask.txt", metadata={
+        "help": "Follow-up message sent after an unusable reply; placeholder {problem}."})
+    rewrite_prompt_file: str = field(default="rewrite_simplify.txt", metadata={
+        "help": "Rewriter prompt (LIMA-Simple style simplification); placeholders {instruction}, {response}."})
+    task_types_field: str = field(default="task_types", metadata={
+        "help": "Record field with just-eval task tags (a list or a string); items count toward each tag."})
+    bootstrap_samples: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95% CIs."})
+    confidence: float = field(default=0.95, metadata={"help": "Confidence level of the bootstrap intervals."})
+    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap (results are deterministic for a seed)."})
+    paper_reference: list[str] = field(default_factory=list, metadata={
+        "help": "Paper rows to overlay on the radar charts, as 'Model | Train set | Test set' "
+                "(e.g. 'LLaMa-2 7B LFT | Alpaca 52K | just-eval-instruct 1k'); see itlens.judge.paper_rows()."})
+    figures: bool = field(default=True, metadata={"help": "Write radar charts next to summary.json."})
+
+    def validate(self) -> None:
+        positive = {"max_tokens": self.max_tokens, "max_attempts": self.max_attempts,
+                    "concurrency": self.concurrency, "bootstrap_samples": self.bootstrap_samples}
+        for key, value in positive.items():
+            if value < 1:
+                raise InputError(f"expected an integer >= 1, got {value}", key=key)
+        for key in ("timeout_s", "backoff_initial_s", "backoff_max_s", "max_retry_after_s", "temperature"):
+            if getattr(self, key) < 0:
+                raise InputError(f"expected a number >= 0, got {getattr(self, key)}", key=key)
+        if not 0 < self.confidence < 1:
+            raise InputError(f"expected a number in (0, 1), got {self.confidence}", key="confidence")
+        if not self.model.strip():
+            raise InputError("must not be empty", key="model")
+        from itlens.judge.paper import paper_reference
+
+        for label in self.paper_reference:
+            paper_reference(label)  # unknown rows fail now, before any request is paid for
+        for key in ("model", "api_key", "authorization"):
+            if key in {k.lower() for k in self.params}:
+                raise InputError(f"params may not set {key!r} (use the config field or the env var)",
+                                 key=f"params.{key}")

@@ -1,0 +1,144 @@
+"""Data variants of an instruction set: nested size subsets, score filters, simplified responses.
+
+Each transform is a pure function on records plus a writer that saves the new dataset together with
+``<name>.provenance.json`` (source file and its sha256, transform, parameters, output sha256), so every
+tuned model can be traced back to the exact data it saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+from itlens.errors import InputError
+from itlens.io import atomic_write_json, atomic_write_jsonl, iter_jsonl, read_records, response_text
+
+Rewriter = Callable[[str, str], str]
+"""``rewrite(instruction, response) -> simplified response`` (e.g. :class:`itlens.judge.Rewriter`)."""
+
+
+def _rank_key(seed: int, rid: str) -> str:
+    return hashlib.sha256(f"{seed}:{rid}".encode()).hexdigest()
+
+
+def subset(records: list[dict], n: int, *, seed: int = 0) -> list[dict]:
+    """The ``n`` records ranked first by a seeded hash of their id, in their original order.
+
+    The ranking does not depend on ``n``, so with one seed the 1k subset lies inside the 10k one.
+    """
+    if n <= 0:
+        raise InputError(f"subset size must be positive, got {n}", key="n")
+    if n > len(records):
+        raise InputError(f"subset size {n} is larger than the dataset ({len(records)} records)", key="n")
+    chosen = set(sorted(range(len(records)), key=lambda i: _rank_key(seed, records[i]["id"]))[:n])
+    return [r for i, r in enumerate(records) if i in chosen]
+
+
+def read_scores(path: str | Path, field: str = "score") -> dict[str, float]:
+    """``{id: score}`` from a JSONL of ``{"id", "score"}`` rows (the judge's output)."""
+    scores: dict[str, float] = {}
+    for lineno, obj in iter_jsonl(path):
+        rid, value = obj.get("id"), obj.get(field)
+        if not isinstance(rid, str) or not rid:
+            raise InputError("expected a non-empty string id", file=path, line=lineno, field="id")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"expected a number, got {value!r}", file=path, line=lineno, field=field)
+        scores[rid] = float(value)
+    return scores
+
+
+def filter_by_score(records: list[dict], scores: dict[str, float], threshold: float) -> list[dict]:
+    """Keep records whose score is at least ``threshold`` (AlpaGasus); every record must be scored."""
+    missing = [r["id"] for r in records if r["id"] not in scores]
+    if missing:
+        raise InputError(f"{len(missing)} records have no score (first: {missing[0]!r})", field="id")
+    return [r for r in records if scores[r["id"]] >= threshold]
+
+
+def simplify(records: list[dict], rewriter: Rewriter | None = None) -> list[dict]:
+    """Concise responses (the paper's LIMA-Simple): ``response_simple`` when a record carries it
+    (exact, as in the synthetic world), else ``rewriter(instruction, response)``.
+
+    The original response is kept as ``response_original``.
+    """
+    out = []
+    for r in records:
+        simple = r.get("response_simple")
+        if not isinstance(simple, str) or not simple.strip():
+            if rewriter is None:
+                raise InputError("record has no response_simple and no rewriter was given (pass an LLM "
+                                 f"rewriter for real data), record {r['id']!r}", field="response_simple")
+            simple = rewriter(r.get("instruction", ""), response_text(r))
+            if not isinstance(simple, str) or not simple.strip():
+                raise InputError(f"the rewriter returned an empty response for record {r['id']!r}")
+        new = {k: v for k, v in r.items() if k != "messages"}
+        if "messages" in r:
+            msgs = [dict(m) for m in r["messages"]]
+            msgs[-1]["content"] = simple
+            new["messages"] = msgs
+        else:
+            new["response"] = simple
+        new["response_original"] = response_text(r)
+        out.append(new)
+    return out
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def provenance_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.name.removesuffix('.jsonl')}.provenance.json")
+
+
+def write_variant(records: list[dict], out: str | Path, *, source: str | Path, transform: str,
+                  params: dict) -> Path:
+    """Write the dataset and its provenance (both atomically; provenance last, so it vouches for the data)."""
+    if not records:
+        raise InputError(f"{transform} left no records", file=source)
+    out = atomic_write_jsonl(out, records)
+    atomic_write_json(provenance_path(out), {
+        "source": str(source), "source_sha256": sha256_file(source), "transform": transform,
+        "parameters": params, "records": len(records), "output": out.name, "output_sha256": sha256_file(out)})
+    return out
+
+
+def subset_file(src: str | Path, out: str | Path, n: int, seed: int = 0) -> Path:
+    return write_variant(subset(read_records(src, "instruction"), n, seed=seed), out, source=src,
+                         transform="subset", params={"n": n, "seed": seed})
+
+
+def filter_file(src: str | Path, out: str | Path, scores: str | Path, threshold: float,
+                field: str = "score") -> Path:
+    records = read_records(src, "instruction")
+    try:
+        kept = filter_by_score(records, read_scores(scores, field), threshold)
+    except InputError as e:
+        if e.file is None:
+            e.file = str(scores)
+            e.args = (e.format(),)
+        raise
+    return write_variant(kept, out, source=src, transform="filter",
+                         params={"scores": str(scores), "scores_sha256": sha256_file(scores), "field": field,
+                                 "threshold": threshold, "kept": len(kept), "of": len(records)})
+
+
+def simplify_file(src: str | Path, out: str | Path, rewriter: Rewriter | None = None,
+                  rewriter_name: str | None = None) -> Path:
+    records = read_records(src, "instruction")
+    try:
+        simple = simplify(records, rewriter)
+    except InputError as e:
+        if e.file is None:
+            e.file = str(src)
+            e.args = (e.format(),)
+        raise
+    exact = sum(isinstance(r.get("response_simple"), str) and bool(r["response_simple"].strip()) for r in records)
+    return write_variant(simple, out, source=src, transform="simplify",
+                         params={"exact": exact, "rewritten": len(records) - exact, "rewriter": rewriter_name})

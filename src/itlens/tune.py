@@ -1,0 +1,479 @@
+"""Instruction tuning: LoRA (LFT), full fine-tuning (SFT) and NEFTune, on TRL's ``SFTTrainer``.
+
+This is the only module that touches TRL, so its API churn stays here. The data go in as
+conversational prompt-completion pairs: TRL renders the prompt with the tokenizer's chat template
+(exactly :func:`itlens.templates.chat_prompt`) and the completion as the assistant turn, including the
+template's end-of-turn token, and puts the loss on the completion tokens only.
+
+Defaults follow the paper (3 epochs, lr 5e-5, effective batch 32, LoRA rank 8). What the paper does
+not state is taken from LLaMA-Factory (LoRA alpha 16, dropout 0, all linear layers) and the Alpaca
+recipe (cosine schedule, 3 % warm-up, no weight decay); ``docs/tuning.md`` lists every assumption.
+
+A run writes checkpoints to a work folder beside the output (``.NAME.work``) and moves the finished
+model into place only at the end, so a killed run leaves no half-written model and resumes from its
+last checkpoint when started again with the same config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+from itlens.config import config_hash, to_dict, to_yaml
+from itlens.errors import InputError
+from itlens.io import atomic_dir, atomic_write_json, read_records, response_text, to_messages
+
+METHODS = ("lora", "full", "neftune")
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    r: int = dataclasses.field(default=8, metadata={"help": "LoRA rank (paper: 8)."})
+    alpha: int = dataclasses.field(default=16, metadata={
+        "help": "LoRA alpha; scaling is alpha/r. Unstated in the paper: LLaMA-Factory's default 2*r."})
+    dropout: float = dataclasses.field(default=0.0, metadata={
+        "help": "Dropout on the LoRA input. Unstated in the paper: LLaMA-Factory's default 0."})
+    target_modules: str | list[str] = dataclasses.field(default="all-linear", metadata={
+        "help": "Modules to adapt: 'all-linear' (LLaMA-Factory's 'all'; every linear layer but the output "
+                "head) or a list of module names such as [q_proj, v_proj]."})
+    use_rslora: bool = dataclasses.field(default=False, metadata={"help": "Scale by alpha/sqrt(r) (rsLoRA)."})
+
+
+@dataclasses.dataclass
+class EqualFitSettings:
+    enabled: bool = dataclasses.field(default=False, metadata={
+        "help": "Train until the IT data is fit to `target` (checked at each epoch end), at most `max_epochs`, "
+                "instead of a fixed number of epochs; so methods can be compared at matched memorisation."})
+    metric: Literal["token_accuracy", "loss"] = dataclasses.field(default="token_accuracy", metadata={
+        "help": "Fit measure, averaged over the epoch's logged steps: teacher-forced token accuracy on the "
+                "response tokens (reached when >= target) or the training loss (reached when <= target)."})
+    target: float = dataclasses.field(default=0.95, metadata={"help": "Fit level that ends training."})
+    max_epochs: float = dataclasses.field(default=30.0, metadata={
+        "help": "Cap on epochs; the learning-rate schedule spans the cap (use lr_scheduler=constant to make "
+                "the stopping epoch independent of it)."})
+
+
+@dataclasses.dataclass
+class TuneConfig:
+    """Everything that decides a tuned model; saved as ``tune_config.yaml`` beside it."""
+
+    base: str = dataclasses.field(default="", metadata={
+        "help": "Base model: a local HF model dir or a hub id already in the local HF cache."})
+    data: str = dataclasses.field(default="", metadata={
+        "help": "Instruction data: CONTRACT JSONL, a JSON list of such records, or a HF dataset id "
+                "available offline (rows with instruction/input/response or messages)."})
+    data_split: str = dataclasses.field(default="train", metadata={"help": "Split, for a HF dataset id."})
+    output_dir: str = dataclasses.field(default="", metadata={"help": "Where the tuned model goes (--out)."})
+    method: Literal["lora", "full", "neftune"] = dataclasses.field(default="lora", metadata={
+        "help": "lora (LFT: PEFT LoRA), full (SFT: all parameters), neftune (full + NEFTune noise)."})
+    epochs: float = dataclasses.field(default=3.0, metadata={"help": "Training epochs (paper: 3)."})
+    learning_rate: float = dataclasses.field(default=5e-5, metadata={
+        "help": "Peak learning rate (paper: 5e-5 for every method; on a tiny base LoRA needs ~10x the full "
+                "fine-tuning rate, so the world configs set calibrated values)."})
+    effective_batch_size: int = dataclasses.field(default=32, metadata={
+        "help": "Examples per optimizer step over all processes (paper: 32); reached with gradient "
+                "accumulation over per_device_batch_size."})
+    per_device_batch_size: int = dataclasses.field(default=8, metadata={
+        "help": "Examples per forward pass on one process (what fits in memory)."})
+    max_length: int = dataclasses.field(default=512, metadata={
+        "help": "Max tokens of prompt + response; longer examples are truncated (counted, with a warning)."})
+    lr_scheduler: str = dataclasses.field(default="cosine", metadata={
+        "help": "transformers scheduler name (cosine, linear, constant, ...). Unstated in the paper: Alpaca's."})
+    warmup: float = dataclasses.field(default=0.03, metadata={
+        "help": "Warm-up: a fraction of the steps if < 1, else a number of steps (Alpaca: 0.03)."})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = dataclasses.field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    max_steps: int = dataclasses.field(default=-1, metadata={
+        "help": "Stop after this many optimizer steps (-1: run the epochs). For smoke tests and benchmarks."})
+    seed: int = dataclasses.field(default=42, metadata={"help": "Seed for init, data order and noise."})
+    bf16: bool = dataclasses.field(default=False, metadata={
+        "help": "bf16 autocast (faster on CPUs with avx512_bf16 and on GPUs); fp32 otherwise."})
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings, metadata={"help": "LoRA settings."})
+    merge_adapter: bool = dataclasses.field(default=False, metadata={
+        "help": "LoRA: also save the adapter merged into the base (the output dir then holds the merged "
+                "model; the adapter stays under adapter/). Recorded in train_summary.json."})
+    neftune_alpha: float = dataclasses.field(default=5.0, metadata={
+        "help": "NEFTune noise alpha (method neftune; the NEFTune paper's default 5). Training only."})
+    equal_fit: EqualFitSettings = dataclasses.field(default_factory=EqualFitSettings, metadata={
+        "help": "Train to a matched fit of the IT data instead of a fixed epoch count."})
+    save_steps: int = dataclasses.field(default=0, metadata={
+        "help": "Checkpoint every N optimizer steps for resuming (0: at every epoch end)."})
+    resume: bool = dataclasses.field(default=True, metadata={
+        "help": "Resume from the last checkpoint of an interrupted run with the same config."})
+    keep_checkpoints: bool = dataclasses.field(default=False, metadata={
+        "help": "Keep the work folder with checkpoints after a successful run."})
+    num_threads: int = dataclasses.field(default=0, metadata={"help": "torch CPU threads (0: leave as is)."})
+    progress: bool = dataclasses.field(default=True, metadata={"help": "Show a progress bar (loss, tokens/s)."})
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r} (expected one of {list(METHODS)})", key="method")
+        for name in ("epochs", "learning_rate", "effective_batch_size", "per_device_batch_size", "max_length"):
+            if getattr(self, name) <= 0:
+                raise InputError("must be positive", key=name)
+        if self.lora.r <= 0:
+            raise InputError("must be positive", key="lora.r")
+
+
+# ------------------------------------------------------------------------------------------- data
+def load_instruction_records(source: str, split: str = "train") -> list[dict]:
+    """CONTRACT instruction records from a JSONL/JSON file or an offline HF dataset id, validated."""
+    from itlens.io import _validate_instruction
+
+    path = Path(source)
+    if path.suffix == ".jsonl" or (path.exists() and path.suffix != ".json"):
+        return read_records(path, "instruction")
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise InputError("file not found", file=path)
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise InputError(f"malformed JSON: {e.msg}", file=path, line=e.lineno) from None
+        if not isinstance(rows, list):
+            raise InputError("expected a JSON list of records", file=path)
+    else:
+        rows = _load_hf_rows(source, split)
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InputError("expected an object", file=source, line=i + 1)
+        row = dict(row)
+        row.setdefault("id", f"{path.stem if path.suffix else source}:{i}")
+        _validate_instruction(row, Path(source), i + 1)
+        out.append(row)
+    if not out:
+        raise InputError("dataset is empty (no records)", file=source)
+    return out
+
+
+def _load_hf_rows(dataset_id: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split=split)
+    except Exception as e:  # noqa: BLE001 - offline: anything here means "not available"
+        raise InputError(f"not a local file, and not a HF dataset available offline ({type(e).__name__})",
+                         file=dataset_id) from None
+    return [dict(r) for r in ds]
+
+
+def to_prompt_completion(records: list[dict]) -> list[dict]:
+    """Records -> TRL conversational prompt-completion rows (loss on the assistant turn only)."""
+    return [{"prompt": to_messages(r, with_response=False),
+             "completion": [{"role": "assistant", "content": response_text(r)}]} for r in records]
+
+
+def count_overlong(tokenizer, rows: list[dict], max_length: int) -> tuple[int, int]:
+    """(truncated, dropped): examples longer than max_length, and those whose prompt alone fills it."""
+    truncated = dropped = 0
+    for row in rows:
+        n_full = len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True,
+                                                   return_dict=True)["input_ids"])
+        if n_full > max_length:
+            truncated += 1
+            n_prompt = len(tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True,
+                                                         return_dict=True)["input_ids"])
+            dropped += n_prompt >= max_length
+    return truncated, dropped
+
+
+# -------------------------------------------------------------------------------------- callbacks
+def _callbacks_module():
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        """Appends one JSON line per logged step to ``train_log.jsonl`` and drives the progress bar."""
+
+        def __init__(self, path: Path, progress: bool):
+            self.path, self.progress, self.bar = path, progress, None
+            self.t0 = time.perf_counter()
+            self.tokens0 = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if not state.is_world_process_zero:
+                return
+            if self.path.exists():  # resuming: drop steps after the restored checkpoint
+                keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
+                        if ln.strip() and json.loads(ln)["step"] <= state.global_step]
+                self.path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+            if self.progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="tune", unit="step",
+                                file=sys.stderr, dynamic_ncols=True)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            elapsed = time.perf_counter() - self.t0
+            tokens = logs.get("num_tokens")
+            if self.tokens0 is None and tokens is not None:
+                self.tokens0 = (tokens, elapsed)
+            rec = {"step": state.global_step, "epoch": round(float(state.epoch or 0), 4),
+                   "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
+                   "grad_norm": logs.get("grad_norm"), "num_tokens": tokens,
+                   "token_accuracy": logs.get("mean_token_accuracy"), "elapsed_s": round(elapsed, 3)}
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+                post = {"loss": f"{logs['loss']:.4f}"}
+                if tokens is not None and elapsed > self.tokens0[1]:
+                    post["tok/s"] = f"{(tokens - self.tokens0[0]) / (elapsed - self.tokens0[1]):.0f}"
+                self.bar.set_postfix(post)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+
+    class EqualFit(TrainerCallback):
+        """Stops training at the first epoch end where the epoch's mean fit measure reaches the target."""
+
+        def __init__(self, settings: EqualFitSettings):
+            self.s, self.values, self.reached_epoch, self.last = settings, [], None, None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            key = "mean_token_accuracy" if self.s.metric == "token_accuracy" else "loss"
+            if logs and key in logs:
+                self.values.append(float(logs[key]))
+
+        def on_epoch_end(self, args, state, control, **kw):
+            if not self.values:
+                return
+            self.last = sum(self.values) / len(self.values)
+            self.values = []
+            ok = self.last >= self.s.target if self.s.metric == "token_accuracy" else self.last <= self.s.target
+            if ok:
+                self.reached_epoch = round(float(state.epoch), 4)
+                control.should_training_stop = True
+
+    return StepLog, EqualFit
+
+
+# ------------------------------------------------------------------------------------------ train
+def _grad_accumulation(cfg: TuneConfig, world_size: int) -> int:
+    return max(1, math.ceil(cfg.effective_batch_size / (cfg.per_device_batch_size * world_size)))
+
+
+def sft_config(cfg: TuneConfig, work_dir: Path, *, world_size: int = 1):
+    """The TRL ``SFTConfig`` for ``cfg`` (also used by the benchmark's plain-TRL baseline)."""
+    import torch
+    from trl import SFTConfig
+
+    epochs = cfg.equal_fit.max_epochs if cfg.equal_fit.enabled else cfg.epochs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing -> activation_checkpointing
+        return SFTConfig(
+            output_dir=str(work_dir), num_train_epochs=epochs, max_steps=cfg.max_steps,
+            learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup,
+            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+            per_device_train_batch_size=cfg.per_device_batch_size,
+            gradient_accumulation_steps=_grad_accumulation(cfg, world_size),
+            max_length=cfg.max_length, completion_only_loss=True, packing=False,
+            neftune_noise_alpha=cfg.neftune_alpha if cfg.method == "neftune" else None,
+            seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
+            gradient_checkpointing=False, logging_steps=1, report_to="none", disable_tqdm=True,
+            save_strategy="steps" if cfg.save_steps > 0 else "epoch", save_steps=max(cfg.save_steps, 1),
+            save_total_limit=1, dataloader_num_workers=0,
+        )
+
+
+def lora_config(cfg: TuneConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.use_rslora,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.work"
+
+
+def build_trainer(cfg: TuneConfig, work_dir: Path, *, records: list[dict] | None = None,
+                  callbacks: list | None = None):
+    """An ``SFTTrainer`` for ``cfg`` plus facts about the data: (trainer, tokenizer, info)."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, PrinterCallback, set_seed
+    from trl import SFTTrainer
+
+    from itlens.models import is_adapter_dir, load_tokenizer, model_fingerprint, resolve_model
+
+    base = resolve_model(cfg.base)
+    if is_adapter_dir(base):
+        raise InputError("the base must be a full model, not a LoRA adapter (merge it first)", file=base)
+    records = records if records is not None else load_instruction_records(cfg.data, cfg.data_split)
+    tokenizer = load_tokenizer(base)  # gets the project's chat template when the base has none
+    rows = to_prompt_completion(records)
+    truncated, dropped = count_overlong(tokenizer, rows, cfg.max_length)
+    if dropped == len(rows):
+        raise InputError(f"every prompt is at least max_length={cfg.max_length} tokens long; nothing to train on",
+                         file=cfg.data, key="max_length")
+    if truncated:
+        warnings.warn(f"{truncated} of {len(rows)} examples are longer than max_length={cfg.max_length} tokens "
+                      f"and are truncated ({dropped} of them lose their whole response and are dropped)",
+                      stacklevel=2)
+
+    set_seed(cfg.seed)  # LoRA init happens inside SFTTrainer, before Trainer seeds
+    with _quiet_progress():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    fingerprint = model_fingerprint(model)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = sft_config(cfg, work_dir, world_size=world_size)
+    StepLog, EqualFit = _callbacks_module()
+    step_log = StepLog(work_dir / "train_log.jsonl", cfg.progress)
+    equal_fit = EqualFit(cfg.equal_fit) if cfg.equal_fit.enabled else None
+    cbs = [step_log] + ([equal_fit] if equal_fit else []) + list(callbacks or [])
+    with warnings.catch_warnings(), _quiet_progress():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tokenizer, callbacks=cbs,
+                             peft_config=lora_config(cfg) if cfg.method == "lora" else None)
+    trainer.remove_callback(PrinterCallback)  # StepLog reports instead of raw dicts on stdout
+    info = {"base": base, "base_fingerprint": fingerprint, "examples": len(rows), "truncated": truncated,
+            "dropped": dropped, "world_size": world_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "equal_fit": equal_fit}
+    return trainer, tokenizer, info
+
+
+def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list | None = None) -> Path:
+    """Tune ``cfg.base`` on ``cfg.data`` with ``cfg.method``; returns the output dir.
+
+    The output dir is a loadable model dir: a PEFT adapter (LoRA) or a full model (full, neftune, or
+    LoRA with ``merge_adapter``), with the tokenizer and its chat template, ``tune_config.yaml``,
+    ``train_log.jsonl``, ``train_summary.json`` and ``itlens_model.json`` (base fingerprint).
+    """
+    import torch
+
+    from itlens.models import TUNE_META
+    from itlens.tokenizer import end_of_turn_ids
+
+    cfg.validate()
+    if not cfg.base:
+        raise InputError("a base model is required (--base)", key="base")
+    if not cfg.data:
+        raise InputError("instruction data are required (--data)", key="data")
+    out = Path(out_dir or cfg.output_dir or "")
+    if not str(out_dir or cfg.output_dir):
+        raise InputError("an output dir is required (--out)", key="output_dir")
+    cfg = dataclasses.replace(cfg, output_dir=str(out))
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+    work = work_dir_for(out)
+    key = config_hash({k: v for k, v in to_dict(cfg).items()
+                       if k not in ("output_dir", "progress", "resume", "keep_checkpoints", "num_threads")})
+    stamp = work / "config_hash"
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main and work.exists() and (not cfg.resume or not stamp.is_file() or stamp.read_text() != key):
+        shutil.rmtree(work)  # a different or unresumable run: start over
+    _wait_for_all()
+    work.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        stamp.write_text(key)
+
+    trainer, tokenizer, info = build_trainer(cfg, work, callbacks=callbacks)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(work)) if cfg.resume else None
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    wall = time.perf_counter() - t0
+    if not trainer.is_world_process_zero():
+        return out
+
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    tokens = trainer._total_train_tokens if hasattr(trainer, "_total_train_tokens") else None
+    runtime = result.metrics.get("train_runtime", wall)
+    fit = info["equal_fit"]
+    summary = {
+        "method": cfg.method, "base": info["base"], "examples": info["examples"],
+        "truncated": info["truncated"], "dropped": info["dropped"], "world_size": info["world_size"],
+        "gradient_accumulation_steps": info["gradient_accumulation_steps"],
+        "steps": trainer.state.global_step, "epochs": round(float(trainer.state.epoch or 0), 4),
+        "resumed_from_step": int(last.rsplit("-", 1)[1]) if last else None,
+        "train_runtime_s": round(runtime, 3), "tokens": tokens,
+        "tokens_per_s": round(tokens / runtime, 1) if tokens and runtime else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "final_token_accuracy": history[-1].get("mean_token_accuracy") if history else None,
+        "mean_train_loss": result.metrics.get("train_loss"),
+        "merged": bool(cfg.method == "lora" and cfg.merge_adapter),
+        "neftune_alpha": cfg.neftune_alpha if cfg.method == "neftune" else None,
+        "equal_fit": None if fit is None else {"metric": cfg.equal_fit.metric, "target": cfg.equal_fit.target,
+                                               "reached": fit.reached_epoch is not None,
+                                               "epochs": fit.reached_epoch, "last_epoch_value": fit.last},
+    }
+    model = trainer.model
+    eot = end_of_turn_ids(tokenizer)
+    with atomic_dir(out) as tmp, _quiet_progress():
+        if cfg.method == "lora":
+            model.save_pretrained(tmp / "adapter" if cfg.merge_adapter else tmp)
+            if cfg.merge_adapter:
+                tokenizer.save_pretrained(tmp / "adapter")
+                model = model.merge_and_unload()
+        if cfg.method != "lora" or cfg.merge_adapter:
+            model.generation_config.eos_token_id = eot  # plain HF generate stops at the end of turn
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "tune_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        log = work / "train_log.jsonl"
+        if log.exists():
+            shutil.copyfile(log, tmp / "train_log.jsonl")
+        else:
+            (tmp / "train_log.jsonl").touch()
+        atomic_write_json(tmp / "train_summary.json", summary)
+        meta = {"base": info["base"], "base_fingerprint": info["base_fingerprint"], "method": cfg.method,
+                "merged": summary["merged"], "config_hash": key}
+        atomic_write_json(tmp / TUNE_META, meta)
+        if cfg.merge_adapter and cfg.method == "lora":
+            atomic_write_json(tmp / "adapter" / TUNE_META, meta)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """Silence the datasets/transformers progress bars of data preparation and loading (ours remains)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+        hf_logging.enable_progress_bar()
+
+
+def _wait_for_all() -> None:
+    """Barrier across processes under ``accelerate launch`` (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def load_tune_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                     **fields: Any) -> TuneConfig:
+    """A TuneConfig from YAML + ``--set`` overrides + explicit fields (CLI flags win)."""
+    from itlens.config import load_config
+
+    base = {k: v for k, v in fields.items() if v is not None}
+    cfg = load_config(TuneConfig, path, overrides)
+    return dataclasses.replace(cfg, **base) if base else cfg

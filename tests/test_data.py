@@ -1,0 +1,158 @@
+"""Dataset-format loaders on small fixture files written for this project (no rows from the real sets)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from itlens.data import FORMATS, convert, load_records
+from itlens.errors import InputError
+from itlens.io import read_records
+
+FIX = Path(__file__).parent / "fixtures" / "datasets"
+
+
+def test_alpaca_json_array_maps_input_and_stable_ids():
+    recs = load_records("alpaca", FIX / "alpaca.json")
+    assert [r["id"] for r in recs] == ["alpaca:0", "alpaca:1", "alpaca:2"]
+    assert "input" not in recs[0]  # empty input is dropped
+    assert recs[1] == {"id": "alpaca:1", "instruction": "Add the two numbers.", "input": "7 and 5",
+                       "response": "7 + 5 = 12."}
+
+
+def test_dolly_context_becomes_input_and_category_is_carried():
+    recs = load_records("dolly", FIX / "dolly.jsonl")
+    assert recs[1]["id"] == "dolly:1" and recs[1]["input"].startswith("The meeting moved")
+    assert [r["category"] for r in recs] == ["open_qa", "summarization", "brainstorming"]
+
+
+def test_lima_single_turn_and_multi_turn():
+    recs = load_records("lima", FIX / "lima.jsonl")
+    assert recs[0]["instruction"] == "How do I keep basil fresh?" and recs[0]["source"] == "wikihow"
+    multi = recs[2]
+    assert [m["role"] for m in multi["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert multi["messages"][-1]["content"] == "No: 9 = 3 x 3."
+
+
+def test_lima_test_prompts():
+    recs = load_records("lima-test", FIX / "lima_test.jsonl")
+    assert recs == [{"id": "lima-test:0", "instruction": "Explain why the sea is salty.", "source": "stackexchange"},
+                    {"id": "lima-test:1", "instruction": "Plan a one-day trip to a nearby forest.",
+                     "source": "wikihow"}]
+
+
+def test_tulu_uses_own_ids_and_keeps_system_and_multi_turn_as_messages():
+    recs = load_records("tulu", FIX / "tulu.jsonl")
+    assert [r["id"] for r in recs] == ["tulu:flan_v2_0", "tulu:oasst1_7", "tulu:sharegpt_3"]
+    assert recs[0]["instruction"] == "Translate to French: good morning" and recs[0]["source"] == "flan_v2"
+    assert recs[1]["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert len(recs[2]["messages"]) == 4
+
+
+def test_evol_both_releases():
+    plain = load_records("evol", FIX / "evol_70k.json")
+    assert plain[0]["response"] == "Curious, graceful, independent." and plain[1]["id"] == "evol:1"
+    v2 = load_records("evol", FIX / "evol_v2.json")
+    assert v2[0] == {"id": "evol:0", "instruction": "Sort these numbers: 3, 1, 2.", "response": "1, 2, 3."}
+    assert [m["content"] for m in v2[1]["messages"]] == ["Name a metal.", "Iron.", "Another?", "Copper."]
+
+
+def test_medinstruct_alpagasus_and_medinstruct_test():
+    med = load_records("medinstruct", FIX / "medinstruct.json")
+    assert med[1]["input"] == "The patient presented with pyrexia." and med[1]["id"] == "medinstruct:1"
+    gas = load_records("alpagasus", FIX / "alpagasus.json")
+    assert gas[1] == {"id": "alpagasus:1", "instruction": "Classify the animal.", "input": "salmon",
+                      "response": "Fish."}
+    test = load_records("medinstruct-test", FIX / "medinstruct_test.jsonl")
+    assert test[0]["id"] == "medinstruct-test:0" and test[0]["reference"].startswith("Cool it")
+    assert "reference" not in test[1] and test[1]["difficulty"] == "2"
+
+
+def test_just_eval_first_n_by_default_and_task_types_carried():
+    recs = load_records("just-eval", FIX / "just_eval.jsonl", limit=4)
+    assert [r["id"] for r in recs] == ["just-eval:0", "just-eval:1", "just-eval:2", "just-eval:3"]
+    assert recs[1]["task_types"] == ["math", "reasoning"] and recs[1]["topics"] == ["arithmetic"]
+    assert recs[2]["task_types"] == ["coding", "info-seek"]  # the comma-separated `task` spelling
+    assert FORMATS["just-eval"].default_limit == 800
+    assert len(load_records("just-eval", FIX / "just_eval.jsonl")) == 5  # fewer rows than the default 800
+
+
+@pytest.mark.parametrize("fmt,name,where,field", [
+    ("alpaca", "alpaca_bad.json", "[1]", "output"),
+    ("dolly", "dolly_bad.jsonl", ":2", "response"),
+    ("lima", "lima_bad.jsonl", ":2", "conversations"),
+    ("tulu", "tulu_bad.jsonl", ":3", "messages[1]"),
+    ("just-eval", "just_eval_bad.jsonl", ":2", "task_types"),
+])
+def test_malformed_rows_name_file_row_and_field(fmt, name, where, field):
+    with pytest.raises(InputError) as err:
+        load_records(fmt, FIX / name)
+    msg = str(err.value)
+    assert name in msg and where in msg and f"field '{field}'" in msg
+
+
+def test_broken_json_line_and_unknown_format():
+    with pytest.raises(InputError, match=r"broken.jsonl:2: malformed JSON"):
+        load_records("alpaca", FIX / "broken.jsonl")
+    with pytest.raises(InputError, match="unknown dataset format"):
+        load_records("sharegpt", FIX / "alpaca.json")
+
+
+def test_parquet_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (FIX / "dolly.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "dolly.parquet")
+    assert load_records("dolly", tmp_path / "dolly.parquet") == load_records("dolly", FIX / "dolly.jsonl")
+
+
+def test_hub_id_offline_is_a_clear_input_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(InputError, match="cannot load hub dataset 'tatsu-lab/alpaca'"):
+        load_records("alpaca")  # the default hub id
+    with pytest.raises(InputError, match="no default hub id"):
+        load_records("alpagasus")
+
+
+def test_sample_is_seeded_and_nested():
+    small = load_records("tulu", FIX / "tulu.jsonl", sample=1, seed=5)
+    large = load_records("tulu", FIX / "tulu.jsonl", sample=2, seed=5)
+    assert len(small) == 1 and small[0] in large
+    with pytest.raises(InputError, match="larger than the dataset"):
+        load_records("tulu", FIX / "tulu.jsonl", sample=9)
+
+
+def test_convert_writes_valid_contract_records(tmp_path):
+    out = tmp_path / "lima.jsonl"
+    assert convert("lima", FIX / "lima.jsonl", out) == 3
+    assert [r["id"] for r in read_records(out, "instruction")] == ["lima:0", "lima:1", "lima:2"]
+    out2 = tmp_path / "je.jsonl"
+    convert("just-eval", FIX / "just_eval.jsonl", out2, limit=2)
+    assert len(read_records(out2, "prompt")) == 2
+
+
+def test_cli_data_convert(tmp_path):
+    from itlens.cli import main
+
+    out = tmp_path / "out.jsonl"
+    main(["data", "convert", "--format", "dolly", "--in", str(FIX / "dolly.jsonl"), "--out", str(out),
+          "--sample", "2", "--seed", "1"])
+    rows = read_records(out, "instruction")
+    assert len(rows) == 2 and all(r["id"].startswith("dolly:") for r in rows)
+
+
+def test_cli_data_convert_bad_row_exits_2_without_output(tmp_path, capsys):
+    from itlens.cli import main
+
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "convert", "--format", "dolly", "--in", str(FIX / "dolly_bad.jsonl"), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dolly_bad.jsonl:2" in err[0] and "field 'response'" in err[0]
+    assert not out.exists()

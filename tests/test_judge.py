@@ -1,0 +1,296 @@
+"""The judge against a real HTTP server on 127.0.0.1 that misbehaves, and a real tiny local model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from judge_server import ASPECTS, JudgeServer, Reply, ScriptedJudge, scores_json
+
+from itlens.config import from_dict, load_config
+from itlens.errors import InputError
+from itlens.judge import (ChatClient, JudgeConfig, JudgeParseError, RewriteError, Rewriter,
+                          length_controlled_win_rate, pairwise_compare, paper_reference, parse_multi_aspect,
+                          score_responses)
+
+SECRET = "sk-test-DO-NOT-LEAK-7f3a9c"
+
+
+@pytest.fixture()
+def api_key(monkeypatch):
+    monkeypatch.setenv("ITLENS_TEST_JUDGE_KEY", SECRET)
+    return SECRET
+
+
+def make_cfg(server: JudgeServer, tmp_path: Path, **kw) -> JudgeConfig:
+    base = dict(base_url=server.base_url, model="judge-test", api_key_env="ITLENS_TEST_JUDGE_KEY",
+                timeout_s=0.5, max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05,
+                max_retry_after_s=1.0, concurrency=4, cache_dir=str(tmp_path / "cache"),
+                bootstrap_samples=200, figures=False)
+    base.update(kw)
+    return from_dict(JudgeConfig, base)
+
+
+def resp(i: str, text: str, model: str = "m1", tags=None, instruction: str | None = None) -> dict:
+    rec = {"id": i, "instruction": instruction or f"question {i}?", "response": text, "model": model}
+    if tags is not None:
+        rec["task_types"] = tags
+    return rec
+
+
+def assert_no_secret(folder: Path, caplog_text: str = "") -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f
+    assert SECRET not in caplog_text
+
+
+# ------------------------------------------------------------------------------------- parsing
+def test_parse_multi_aspect_validates_and_never_imputes():
+    ok = parse_multi_aspect("```json\n" + scores_json(depth="2", clarity=5) + "\n```")
+    assert ok["scores"] == {"helpfulness": 4, "clarity": 5, "factuality": 4, "depth": 2, "engagement": 4}
+    bad = [scores_json(depth=6), scores_json(depth=0), scores_json(depth="N/A"), scores_json(depth=3.5),
+           scores_json(depth="high"), scores_json(depth=None), scores_json()[:-40], "Score: 5/5",
+           json.dumps({a: {"score": 4} for a in ASPECTS[:4]}), "[1, 2, 3]"]
+    for text in bad:
+        with pytest.raises(JudgeParseError):
+            parse_multi_aspect(text)
+
+
+# --------------------------------------------------------------------- misbehaving endpoint
+def test_score_responses_every_item_scored_or_counted_failure(tmp_path, api_key, caplog):
+    caplog.set_level(logging.DEBUG)
+    bad = scores_json()[:50]
+    scripts = {
+        "429": [Reply(status=429, headers={"Retry-After": "0.3"}), Reply(scores_json(depth=2))],
+        "500once": [Reply(status=500), Reply(scores_json(depth=3))],
+        "500ever": [Reply(status=500)],
+        "hangonce": [Reply(hang_s=3), Reply(scores_json(depth=5))],
+        "hangever": [Reply(hang_s=3)],
+        "nonjson_then_ok": [Reply("I think it is rather good."), Reply(scores_json(clarity=2))],
+        "truncated": [Reply(bad, finish_reason="length")],
+        "range": [Reply(scores_json(helpfulness=7))],
+        "notnum": [Reply(scores_json(factuality="excellent"))],
+        "na": [Reply(scores_json(depth="N/A"))],
+        "badbody": [Reply(raw_body=b"<html>oops</html>"), Reply(raw_body=b'{"id": 1}')],
+    }
+    rows = [resp(f"q{i}", f"plain answer {i} <<score:{i % 5 + 1}>>", tags=["info-seek"]) for i in range(5)]
+    rows += [resp(name, f"answer <<{name}>>", tags=["math"]) for name in scripts]
+    with JudgeServer(ScriptedJudge(scripts), api_key=SECRET) as srv:
+        cfg = make_cfg(srv, tmp_path)
+        t0 = time.monotonic()
+        result = score_responses(rows, cfg)
+        elapsed = time.monotonic() - t0
+        out = result.write(tmp_path / "run")
+        assert all(r["authorization"] == f"Bearer {SECRET}" for r in srv.requests)
+        # Retry-After honoured: the retry came no sooner than the server asked.
+        t429 = [r["time"] for r in srv.requests_with("429")]
+        assert len(t429) == 2 and t429[1] - t429[0] >= 0.29
+        # Bounded attempts: a server that always fails is asked exactly max_attempts times.
+        assert len(srv.requests_with("500ever")) == cfg.max_attempts
+        assert len(srv.requests_with("hangever")) == cfg.max_attempts
+        assert len(srv.requests_with("badbody")) == cfg.max_attempts
+        # Re-asked once, then counted.
+        assert len(srv.requests_with("truncated")) == 2
+        assert len(srv.requests_with("nonjson_then_ok")) == 2
+    assert elapsed < 20
+
+    items = {it["id"]: it for it in result.items}
+    expected = {"429": "ok", "500once": "ok", "500ever": "api_failure", "hangonce": "ok", "hangever": "api_failure",
+                "nonjson_then_ok": "ok", "truncated": "parse_failure", "range": "parse_failure",
+                "notnum": "parse_failure", "na": "parse_failure", "badbody": "api_failure"}
+    for name, status in expected.items():
+        assert items[name]["status"] == status, (name, items[name])
+        if status != "ok":
+            assert items[name]["scores"] is None and items[name]["mean"] is None and items[name]["error"]
+    assert items["429"]["scores"]["depth"] == 2 and items["hangonce"]["scores"]["depth"] == 5
+    assert items["nonjson_then_ok"]["scores"]["clarity"] == 2 and items["nonjson_then_ok"]["asked"] == 2
+    assert "cut off" in items["truncated"]["error"]
+    for i in range(5):
+        assert items[f"q{i}"]["scores"] == {a: i % 5 + 1 for a in ASPECTS}
+
+    s = result.summary
+    assert s["n_items"] == len(rows) and s["failures"] == {"parse": 4, "api": 3} and s["n_scored"] == 9
+    m1 = s["models"]["m1"]
+    scored = [it for it in result.items if it["status"] == "ok"]
+    for a in ASPECTS:  # means over scored items only: nothing imputed for failures
+        assert m1["aspects"][a]["estimate"] == pytest.approx(np.mean([it["scores"][a] for it in scored]))
+        assert m1["aspects"][a]["n"] == 9
+        assert m1["aspects"][a]["low"] <= m1["aspects"][a]["estimate"] <= m1["aspects"][a]["high"]
+    assert m1["task_types"]["info-seek"]["estimate"] == pytest.approx(3.0)
+    assert m1["task_type_failures"]["math"] == {"parse": 4, "api": 3}
+    assert sorted(p.name for p in out.iterdir()) == ["config.resolved.yaml", "judge.jsonl", "summary.json"]
+    assert len((out / "judge.jsonl").read_text().splitlines()) == len(rows)
+    assert_no_secret(tmp_path, caplog.text)
+
+
+def test_rerun_is_served_from_cache(tmp_path, api_key):
+    rows = [resp(f"q{i}", f"answer {i} <<score:{i % 5 + 1}>>") for i in range(4)]
+    rows.append(resp("bad", "answer <<bad>>"))
+    with JudgeServer(ScriptedJudge({"bad": [Reply("not json")]})) as srv:
+        cfg = make_cfg(srv, tmp_path)
+        first = score_responses(rows, cfg)
+        n = len(srv.requests)
+        second = score_responses(rows, cfg)
+        assert len(srv.requests) == n == 4 + 2  # nothing new asked; the bad item was asked twice
+    assert second.summary == first.summary
+    assert all(it["cached"] for it in second.items)
+    assert [it["scores"] for it in second.items] == [it["scores"] for it in first.items]
+    cache_files = list((tmp_path / "cache").rglob("*.json"))
+    assert len(cache_files) == n
+    assert_no_secret(tmp_path)
+
+
+def test_key_problems_are_input_errors_without_the_key(tmp_path, monkeypatch):
+    with JudgeServer(api_key="the-right-one") as srv:
+        cfg = make_cfg(srv, tmp_path)
+        monkeypatch.delenv("ITLENS_TEST_JUDGE_KEY", raising=False)
+        with pytest.raises(InputError, match="ITLENS_TEST_JUDGE_KEY is not set"):
+            score_responses([resp("a", "x")], cfg)
+        monkeypatch.setenv("ITLENS_TEST_JUDGE_KEY", SECRET)
+        with pytest.raises(InputError, match="HTTP 401") as err:
+            score_responses([resp("a", "x")], cfg)
+        assert SECRET not in str(err.value) and SECRET not in repr(ChatClient(cfg))
+
+
+def test_config_is_strict(tmp_path):
+    with pytest.raises(InputError, match="unknown key"):
+        from_dict(JudgeConfig, {"modle": "x"})
+    with pytest.raises(InputError, match="max_attempts"):
+        from_dict(JudgeConfig, {"max_attempts": 0})
+    with pytest.raises(InputError, match="paper_reference"):
+        from_dict(JudgeConfig, {"paper_reference": ["LLaMa-2 7B LFT | Alpaca 53K | just-eval-instruct 1k"]})
+    yml = tmp_path / "j.yaml"
+    yml.write_text("backend: local\nmodel: /some/dir\n")
+    cfg = load_config(JudgeConfig, yml, ["temperature=0.5", "params={seed: 1}"])
+    assert (cfg.backend, cfg.temperature, cfg.params) == ("local", 0.5, {"seed": 1})
+
+
+# --------------------------------------------------------------------------------- aggregation
+def test_task_type_means_follow_the_paper(tmp_path, api_key):
+    rows = [resp("a", "<<score:5>>", tags=["coding", "math"]), resp("b", "<<score:3>>", tags=["coding"]),
+            resp("c", "<<score:1>>", tags="Math"), resp("d", "<<score:2>>", model="m2", tags=["writing"])]
+    with JudgeServer() as srv:
+        s = score_responses(rows, make_cfg(srv, tmp_path)).summary
+    m1 = s["models"]["m1"]
+    assert m1["task_types"]["coding"]["estimate"] == pytest.approx(4.0)
+    assert m1["task_types"]["math"]["estimate"] == pytest.approx(3.0)  # an item counts toward each tag
+    assert m1["overall"]["estimate"] == pytest.approx(3.0)
+    assert s["models"]["m2"]["aspects"]["depth"]["estimate"] == 2.0
+    assert set(s["models"]) == {"m1", "m2"}
+
+
+# ------------------------------------------------------------------------------------ pairwise
+def test_pairwise_both_orders_ties_and_failures(tmp_path, api_key):
+    a = [resp(f"p{i}", "a long and detailed answer " * (2 if i % 3 else 1), model="A") for i in range(6)]
+    b = [resp(f"p{i}", "a medium answer here " * (1 if i % 3 else 2) + "!", model="B") for i in range(6)]
+    a.append(resp("pos", "short <<pos>>", model="A"))
+    b.append(resp("pos", "a much longer answer", model="B"))
+    a.append(resp("broken", "x <<broken>>", model="A"))
+    b.append(resp("broken", "y", model="B"))
+    a.append(resp("only_in_a", "z", model="A"))
+    scripts = {"pos": [Reply(json.dumps({"winner": "A"}))], "broken": [Reply('{"winner": "C"}')]}
+    with JudgeServer(ScriptedJudge(scripts)) as srv:
+        res = pairwise_compare(a, b, make_cfg(srv, tmp_path))
+        prompts = [r["body"]["messages"][0]["content"] for r in srv.requests_with("pos")]
+        assert len(prompts) == 2 and prompts[0].index("<<pos>>") < prompts[0].index("much longer") \
+            and prompts[1].index("much longer") < prompts[1].index("<<pos>>")  # both orders
+    items = {it["id"]: it for it in res.items}
+    assert "only_in_a" not in items and len(items) == 8
+    assert items["pos"]["winner"] == "tie" and items["pos"]["a_first"] == "a" and items["pos"]["b_first"] == "b"
+    assert items["broken"]["status"] == "parse_failure" and items["broken"]["winner"] is None
+    s = res.summary
+    # A is longer on 4 of the 6 regular pairs and the judge picks the longer answer.
+    assert (s["wins_a"], s["wins_b"], s["ties"], s["failures"]["parse"]) == (4, 2, 1, 1)
+    assert s["win_rate_a"]["estimate"] == pytest.approx((4 + 0.5) / 7)
+    assert s["order_consistency"] == pytest.approx(6 / 7) and s["longer_wins"] == 1.0
+    assert s["lc_win_rate_a"]["estimate"] is not None
+    out = res.write(tmp_path / "pw")
+    assert (out / "pairwise.jsonl").is_file() and json.loads((out / "summary.json").read_text())["n_pairs"] == 8
+
+
+def test_length_controlled_win_rate_removes_a_pure_length_effect():
+    rng = np.random.default_rng(0)
+    len_b = rng.integers(200, 400, size=300).astype(float)
+    len_a = len_b + rng.normal(120, 150, size=300)  # A is usually longer, but no better
+    delta = len_a - len_b
+    pref = 1 / (1 + np.exp(-3 * np.tanh(delta / delta.std())))  # the judge only likes length
+    assert pref.mean() > 0.65
+    assert length_controlled_win_rate(pref, len_a, len_b) == pytest.approx(0.5, abs=0.01)
+    # And a real quality edge survives length control.
+    pref2 = 1 / (1 + np.exp(-(1.0 + 3 * np.tanh(delta / delta.std()))))
+    assert length_controlled_win_rate(pref2, len_a, len_b) == pytest.approx(1 / (1 + np.exp(-1.0)), abs=0.01)
+
+
+# ------------------------------------------------------------------------------------ rewriter
+def test_rewriter_over_http(tmp_path, api_key):
+    with JudgeServer(ScriptedJudge({"fail": [Reply(status=500)]})) as srv:
+        rw = Rewriter(make_cfg(srv, tmp_path))
+        out = rw("Name a primary colour.", "Red is one. There are also others, with a long history.")
+        assert out == "Red is one."
+        body = srv.requests[-1]["body"]["messages"][0]["content"]
+        assert "Name a primary colour." in body and "long history" in body
+        assert rw.rewrite_many([("q1", "First. Second."), ("q2", "Alpha. Beta.")]) == ["First.", "Alpha."]
+        with pytest.raises(RewriteError, match="HTTP 500"):
+            rw.rewrite("q", "text <<fail>>")
+
+
+# -------------------------------------------------------------------------------- local backend
+def test_local_backend_counts_garbage_as_parse_failures(tmp_path, tiny_model_dir):
+    rows = [resp("a", "the city is north.", tags=["info-seek"]), resp("b", "happy to help.", tags=["writing"])]
+    cfg = from_dict(JudgeConfig, {"backend": "local", "model": str(tiny_model_dir), "max_tokens": 12,
+                                  "cache_dir": str(tmp_path / "cache"), "bootstrap_samples": 50, "figures": False})
+    result = score_responses(rows, cfg)
+    assert [it["status"] for it in result.items] == ["parse_failure", "parse_failure"]
+    assert all(it["asked"] == 2 and it["scores"] is None and it["raw"] for it in result.items)
+    assert result.summary["n_scored"] == 0 and result.summary["failures"]["parse"] == 2
+    assert result.summary["models"]["m1"]["aspects"]["depth"]["estimate"] is None
+    again = score_responses(rows, cfg)  # served from the cache, same answers
+    assert all(it["cached"] for it in again.items) and again.summary == result.summary
+
+
+# ------------------------------------------------------------------------------ figures and CLI
+def test_paper_reference_lookup():
+    ref = paper_reference("llama-2 7b lft | Alpaca 52K | just-eval-instruct 1k")
+    assert ref["aspects"]["helpfulness"] == 3.36 and ref["task_types"]["writing"] == 3.3
+    assert paper_reference("LLaMa-2 7B LFT | chatgpt 9k | just-eval-instruct 1k")["task_types"]["writing"] is None
+
+
+def test_cli_judge_and_pairwise(tmp_path, api_key, capsys):
+    from itlens.cli import main
+
+    rows = [resp(f"q{i}", f"answer {i} <<score:{i % 5 + 1}>>", tags=[t]) for i, t in
+            enumerate(["coding", "math", "writing", "coding", "info-seek", "math"])]
+    rows_b = [dict(r, response=r["response"] + " and more words", model="m2") for r in rows]
+    fa, fb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    fa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fb.write_text("".join(json.dumps(r) + "\n" for r in rows_b))
+    with JudgeServer() as srv:
+        cfg_file = tmp_path / "judge.yaml"
+        cfg_file.write_text(f"base_url: {srv.base_url}\napi_key_env: ITLENS_TEST_JUDGE_KEY\n"
+                            f"cache_dir: {tmp_path / 'cache'}\nbootstrap_samples: 100\n")
+        sets = ["--set", "paper_reference=['LLaMa-2 7B LFT | Alpaca 52K | just-eval-instruct 1k']"]
+        main(["judge", str(cfg_file), "--responses", str(fa), "--out", str(tmp_path / "j"), *sets])
+        main(["judge", str(cfg_file), "--pairwise", str(fa), str(fb), "--out", str(tmp_path / "p")])
+    summary = json.loads((tmp_path / "j" / "summary.json").read_text())
+    assert summary["n_scored"] == 6 and summary["judge"]["paper_judge"] is True
+    assert (tmp_path / "j" / "radar_aspects.png").stat().st_size > 1000
+    assert (tmp_path / "j" / "radar_task_types.png").stat().st_size > 1000
+    pw = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert pw["wins_b"] == 6 and pw["win_rate_a"]["estimate"] == 0.0
+    assert "judged 6" in capsys.readouterr().out
+
+    fa.write_text('{"id": "x", "instruction": "q", "model": "m"}\n')
+    with pytest.raises(SystemExit) as ex:
+        main(["judge", str(cfg_file), "--responses", str(fa), "--out", str(tmp_path / "bad")])
+    assert ex.value.code == 2 and not (tmp_path / "bad").exists()
+    err = capsys.readouterr().err
+    assert "a.jsonl:1" in err and "response" in err
+    with pytest.raises(SystemExit) as ex:
+        main(["judge", "--out", str(tmp_path / "bad")])
+    assert ex.value.code == 2
+    assert_no_secret(tmp_path)

@@ -1,0 +1,69 @@
+"""Resampling statistics: intervals cover what they should, tests reject what they should."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from itlens.analysis.stats import (bootstrap_ci, match_rate_permutation_test, paired_bootstrap,
+                                   paired_permutation_test, permutation_test_two_sample, wilson_interval)
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    x = rng.normal(5.0, 1.0, size=200)
+    a = bootstrap_ci(x, n_resamples=500, seed=3)
+    b = bootstrap_ci(x, n_resamples=500, seed=3)
+    assert a == b
+    assert a["low"] < a["estimate"] < a["high"]
+    assert a["low"] > 4.6 and a["high"] < 5.4  # about mean +- 2 * 1/sqrt(200)
+    assert a["n"] == 200
+
+
+def test_bootstrap_ci_degenerate_inputs():
+    assert bootstrap_ci([])["estimate"] is None
+    assert bootstrap_ci([1.0]) == {"estimate": 1.0, "low": 1.0, "high": 1.0, "n": 1}
+    assert bootstrap_ci([1, 1, 1])["low"] == 1.0
+
+
+def test_paired_bootstrap_detects_a_consistent_drop_and_not_noise():
+    rng = np.random.default_rng(1)
+    base = (rng.random(300) < 0.8).astype(float)
+    tuned = base.copy()
+    flip = rng.choice(300, size=60, replace=False)
+    tuned[flip] = 0.0  # the tuned model forgets some answers: accuracy drops
+    res = paired_bootstrap(base, tuned, n_resamples=1000, seed=0)
+    assert res["estimate"] == pytest.approx(tuned.mean() - base.mean())
+    assert res["high"] < 0 and res["p_value"] < 0.01
+    same = paired_bootstrap(base, base)
+    assert same["estimate"] == 0 and same["p_value"] == 1.0
+    with pytest.raises(ValueError):
+        paired_bootstrap([1, 0], [1])
+
+
+def test_permutation_tests():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(1.0, 1.0, 80), rng.normal(0.0, 1.0, 80)
+    assert permutation_test_two_sample(x, y, n_resamples=999)["p_value"] < 0.01
+    z = rng.normal(0.0, 1.0, 80)
+    assert permutation_test_two_sample(z, y, n_resamples=999)["p_value"] > 0.05
+    assert paired_permutation_test(y, y + 0.5 + rng.normal(0, 0.1, 80), n_resamples=999)["p_value"] < 0.01
+
+
+def test_match_rate_permutation_test_finds_designed_copying():
+    rng = np.random.default_rng(3)
+    vocab = [f"v{i}" for i in range(10)]
+    refs = list(rng.choice(vocab, size=120))
+    copied = [r if i % 2 == 0 else str(rng.choice(vocab)) for i, r in enumerate(refs)]  # half copy their ref
+    res = match_rate_permutation_test(copied, refs, strata=[i % 3 for i in range(120)], n_resamples=999)
+    assert res["observed"] > 0.5 and res["null_mean"] < 0.2 and res["p_value"] < 0.01
+    random_vals = list(rng.choice(vocab, size=120))
+    res0 = match_rate_permutation_test(random_vals, refs, n_resamples=999)
+    assert res0["p_value"] > 0.05
+    assert res0["null_low"] <= res0["null_mean"] <= res0["null_high"]
+
+
+def test_wilson_interval():
+    w = wilson_interval(0, 10)
+    assert w["estimate"] == 0 and w["low"] == 0 and 0.2 < w["high"] < 0.35
+    assert wilson_interval(5, 0)["estimate"] is None
