@@ -156,3 +156,12 @@ def test_cli_data_convert_bad_row_exits_2_without_output(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dolly_bad.jsonl:2" in err[0] and "field 'response'" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["paper-llama2-7b.yaml", "gemma-geo.yaml"])
+def test_shipped_study_configs_validate(name):
+    from itlens.resources import CONFIGS_DIR
+    from itlens.study import load_study_config
+
+    cfg = load_study_config(CONFIGS_DIR / name)
+    assert {"lft", "sft", "neftune"} <= set(cfg.variants)

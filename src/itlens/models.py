@@ -7,6 +7,7 @@ dtype is chosen in one place (fp32 on CPU by default, so teacher-forced argmax m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,6 +32,24 @@ class LoadedModel:
     """What response records call this model (``model`` field)."""
     path: str
     adapter: str | None = None
+
+
+@contextlib.contextmanager
+def quiet_progress():
+    """Silence the datasets/transformers progress bars of loading, saving and data preparation."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    was_on = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on[0]:
+            datasets.enable_progress_bars()
+        if was_on[1]:
+            hf_logging.enable_progress_bar()
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -107,7 +126,8 @@ def load_model(name_or_path: str | Path, *, adapter: str | Path | None = None, d
     path = resolve_model(name_or_path)
     if adapter is None and is_adapter_dir(path):
         adapter, path = path, _adapter_base(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    with quiet_progress():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     tok_src = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() else path
     tokenizer = load_tokenizer(tok_src)
     if adapter is not None:

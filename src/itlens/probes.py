@@ -22,39 +22,43 @@ from itlens.world import DESCRIBE, World
 
 
 def teacher_forced_hits(model, tokenizer, items: Iterable[tuple[str, str]], *, batch_size: int = 32) -> list[bool]:
-    """For each (prompt, target): does the greedy argmax reproduce every token of ``target``?
+    """For each (prompt, target) text pair: does greedy decoding after ``BOS + prompt`` produce ``target``?
 
     ``target`` must start at a pre-token boundary (e.g. with a space), so that tokenising prompt and
     target separately gives the same ids as tokenising their concatenation.
     """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pairs = [(bos + tokenizer(p, add_special_tokens=False)["input_ids"], tokenizer(t, add_special_tokens=False)["input_ids"])
+             for p, t in items]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return argmax_matches(model, pairs, pad_id=pad, batch_size=batch_size)
+
+
+def argmax_matches(model, pairs: list[tuple[list[int], list[int]]], *, pad_id: int = 0,
+                   batch_size: int = 32) -> list[bool]:
+    """For each (prompt ids, target ids): is the argmax at every target position the target token?
+
+    One batched forward pass per ``batch_size`` pairs (right padding, so positions stay 0..n-1).
+    """
     import torch
 
-    items = list(items)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seqs = []
-    for prompt, target in items:
-        p_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        t_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-        seqs.append((p_ids, t_ids))
     hits: list[bool] = []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
-            for start in range(0, len(seqs), batch_size):
-                chunk = seqs[start:start + batch_size]
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start:start + batch_size]
                 width = max(len(p) + len(t) for p, t in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, (p, t) in enumerate(chunk):  # right padding: positions stay 0..n-1
+                for i, (p, t) in enumerate(chunk):
                     ids[i, : len(p) + len(t)] = torch.tensor(p + t)
                     mask[i, : len(p) + len(t)] = 1
                 pred = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
                 for i, (p, t) in enumerate(chunk):
-                    got = pred[i, len(p) - 1: len(p) + len(t) - 1].tolist()
-                    hits.append(got == t)
+                    hits.append(pred[i, len(p) - 1: len(p) + len(t) - 1].tolist() == list(t))
     finally:
         model.train(was_training)
     return hits

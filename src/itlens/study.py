@@ -349,7 +349,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                     from itlens.judge import score_responses
 
                     rows = read_records(responses[(seed, mname)], "response")
-                    score_responses(rows, jcfg, out_dir=work)
+                    score_responses(rows, jcfg).write(work)
 
                 stages.append(Stage(sname, {"v": V, "judge": to_dict(jcfg)}, run_judge,
                                     deps=[f"gen-s{seed}-{mname}"], label=f"judge {mname} (seed {seed})"))

@@ -16,7 +16,6 @@ last checkpoint when started again with the same config.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +30,7 @@ from typing import Any, Literal
 from itlens.config import config_hash, to_dict, to_yaml
 from itlens.errors import InputError
 from itlens.io import atomic_dir, atomic_write_json, read_records, response_text, to_messages
+from itlens.models import quiet_progress as _quiet_progress
 
 METHODS = ("lora", "full", "neftune")
 
@@ -284,7 +284,7 @@ def sft_config(cfg: TuneConfig, work_dir: Path, *, world_size: int = 1):
             seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
             gradient_checkpointing=False, logging_steps=1, report_to="none", disable_tqdm=True,
             save_strategy="steps" if cfg.save_steps > 0 else "epoch", save_steps=max(cfg.save_steps, 1),
-            save_total_limit=1, dataloader_num_workers=0,
+            save_total_limit=1, dataloader_num_workers=0, ddp_find_unused_parameters=False,
         )
 
 
@@ -356,7 +356,7 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
     """
     import torch
 
-    from itlens.models import TUNE_META
+    from itlens.models import TUNE_META, load_model
     from itlens.tokenizer import end_of_turn_ids
 
     cfg.validate()
@@ -388,8 +388,17 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
 
     last = get_last_checkpoint(str(work)) if cfg.resume else None
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' own v6 renames, not ours to fix
+        result = trainer.train(resume_from_checkpoint=last)
     wall = time.perf_counter() - t0
+    eot = end_of_turn_ids(tokenizer)
+    if cfg.method != "lora":
+        trainer.model.generation_config.eos_token_id = eot  # plain HF generate stops at the end of turn
+        trainer.model.generation_config.pad_token_id = tokenizer.pad_token_id
+    final = work / "final"
+    with _quiet_progress():
+        trainer.save_model(str(final))  # on every process: gathers FSDP / ZeRO-3 shards, writes on the main one
     if not trainer.is_world_process_zero():
         return out
 
@@ -414,18 +423,17 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
                                                "reached": fit.reached_epoch is not None,
                                                "epochs": fit.reached_epoch, "last_epoch_value": fit.last},
     }
-    model = trainer.model
-    eot = end_of_turn_ids(tokenizer)
     with atomic_dir(out) as tmp, _quiet_progress():
-        if cfg.method == "lora":
-            model.save_pretrained(tmp / "adapter" if cfg.merge_adapter else tmp)
-            if cfg.merge_adapter:
-                tokenizer.save_pretrained(tmp / "adapter")
-                model = model.merge_and_unload()
-        if cfg.method != "lora" or cfg.merge_adapter:
-            model.generation_config.eos_token_id = eot  # plain HF generate stops at the end of turn
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
-            model.save_pretrained(tmp)
+        if cfg.method == "lora" and cfg.merge_adapter:
+            shutil.copytree(final, tmp / "adapter", ignore=shutil.ignore_patterns("training_args.bin"))
+            tokenizer.save_pretrained(tmp / "adapter")
+            merged = load_model(final, merge=True).model  # a fresh fp32 base + adapter, merged on CPU
+            merged.generation_config.eos_token_id = eot
+            merged.generation_config.pad_token_id = tokenizer.pad_token_id
+            merged.save_pretrained(tmp)
+        else:
+            shutil.copytree(final, tmp, dirs_exist_ok=True)
+            (tmp / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "tune_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         log = work / "train_log.jsonl"
@@ -442,23 +450,6 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
     if not cfg.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-@contextlib.contextmanager
-def _quiet_progress():
-    """Silence the datasets/transformers progress bars of data preparation and loading (ours remains)."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    was_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            datasets.enable_progress_bars()
-        hf_logging.enable_progress_bar()
 
 
 def _wait_for_all() -> None:

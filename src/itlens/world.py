@@ -158,7 +158,13 @@ def load_section(cls: type, path: str | Path | None, section: str, overrides: li
         raise InputError(f"expected a mapping, got {type(body).__name__}", file=path, key=section)
     rel = [o[len(section) + 1:] if o.startswith(section + ".") else o for o in overrides or []]
     body = apply_overrides(body, rel)
-    return from_dict(cls, body, file=path, prefix=section if sectioned else "")
+    try:
+        return from_dict(cls, body, file=path, prefix=section if sectioned else "")
+    except InputError as e:  # keys from validate() are relative to the section
+        if sectioned and e.key and not e.key.startswith(section + "."):
+            e.key = f"{section}.{e.key}"
+            e.args = (e.format(),)
+        raise
 
 
 # ------------------------------------------------------------------------------------------ templates
@@ -267,7 +273,7 @@ class World:
         self.people: list[dict] = data["people"]
         self.style: dict[str, str] = data["style"]
         self.templates: dict[str, Any] = data["templates"]
-        self.employer_city: dict[str, str] = data["employer_city"]
+        self.employer_city: dict[str, str] = data.get("employer_city", {})
         self._by_id = {p["id"]: p for p in self.people}
         self._value_re = {a: re.compile(r"\b(" + "|".join(re.escape(v) for v in sorted(vs, key=len, reverse=True))
                                         + r")\b", re.IGNORECASE) for a, vs in self.vocab.items()}

@@ -3,11 +3,9 @@
 The borrowing analysis asks, for each hallucinated phrase, "which IT instances contain exactly this
 string?" (the paper's string search). Scanning 326k instances per phrase is too slow, so the texts
 are concatenated as UTF-8 bytes (a NUL byte between documents) and every byte position is filed
-under the trigram that starts there. A query of length L >= 3 is covered by the trigrams at offsets
-0, 3, 6, ... and L-3; a start position matches iff every one of those trigrams occurs at its offset,
-which is exactly "the query occurs here" (every byte is checked, no verification pass needed).
-Candidate starts come from the rarest trigram and are filtered by binary search in the others'
-sorted position lists. Shorter queries are ranges of trigram codes. Because UTF-8 is
+under the trigram that starts there. Candidate start positions come from the query's rarest
+trigram; each is then checked byte by byte against the query in the joined buffer (vectorised
+gathers), so a match is exactly "the query occurs here". Queries of 1-2 bytes are contiguous ranges of trigram codes. Because UTF-8 is
 self-synchronising, byte matches are character matches. Results equal :func:`scan` exactly.
 """
 
@@ -26,11 +24,11 @@ def _normalise(text: str, ignore_case: bool) -> str:
 
 
 def scan(texts: Sequence[str], query: str, *, ignore_case: bool = False) -> list[int]:
-    """Brute-force reference: indices of ``texts`` that contain ``query``."""
+    """Brute-force reference: indices of ``texts`` that contain ``query`` (NUL in a text reads as a space)."""
     q = _normalise(query, ignore_case)
     if "\x00" in q:
         return []
-    return [i for i, t in enumerate(texts) if q in _normalise(t, ignore_case)]
+    return [i for i, t in enumerate(texts) if q in _normalise(t, ignore_case).replace("\x00", " ")]
 
 
 class TextIndex:
@@ -56,10 +54,18 @@ class TextIndex:
         buf = np.frombuffer(joined, dtype=np.uint8)
         n = len(buf) - 2
         codes = (buf[:n].astype(np.int32) << 16) | (buf[1:n + 1].astype(np.int32) << 8) | buf[2:n + 2]
-        pos_dtype = np.int32 if n < 2**31 else np.int64
-        positions = np.argsort(codes, kind="stable").astype(pos_dtype, copy=False)
         counts = np.bincount(codes, minlength=_NCODES)
-        del codes
+        if n < 2**31:  # sort (code << 32 | position): unique keys, so the fast SIMD sort is exact
+            key = codes.astype(np.int64)
+            del codes
+            key <<= 32
+            key |= np.arange(n, dtype=np.int64)
+            key.sort()
+            positions = key.astype(np.int32)  # the low 32 bits: the position
+            del key
+        else:
+            positions = np.argsort(codes, kind="stable")
+            del codes
         offsets = np.zeros(_NCODES + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         return cls(buf, doc_starts, offsets, positions, ignore_case)
@@ -85,25 +91,20 @@ class TextIndex:
             lo = q[0] << 16 | (q[1] << 8 if len(q) == 2 else 0)
             hi = lo + (1 << 8 if len(q) == 2 else 1 << 16)
             return np.sort(self._code_range(lo, hi)).astype(np.int64)
-        ks = list(range(0, len(q) - 2, 3))
-        if ks[-1] != len(q) - 3:
-            ks.append(len(q) - 3)
-        lists = []
-        for k in ks:
-            code = q[k] << 16 | q[k + 1] << 8 | q[k + 2]
-            lists.append((k, self._code_range(code, code + 1)))
-        lists.sort(key=lambda kl: len(kl[1]))
-        k0, first = lists[0]
-        cand = first.astype(np.int64) - k0
+        # Candidates from the rarest trigram of the query, then a vectorised byte-by-byte check.
+        qa = np.frombuffer(q, dtype=np.uint8)
+        codes = (qa[:-2].astype(np.int64) << 16) | (qa[1:-1].astype(np.int64) << 8) | qa[2:]
+        sizes = self._offsets[codes + 1] - self._offsets[codes]
+        k0 = int(np.argmin(sizes))
+        if sizes[k0] == 0:
+            return np.zeros(0, dtype=np.int64)
+        cand = self._code_range(int(codes[k0]), int(codes[k0]) + 1).astype(np.int64) - k0
         cand = cand[cand >= 0]
-        for k, plist in lists[1:]:
-            if len(cand) == 0:
-                break
-            target = cand + k
-            idx = np.searchsorted(plist, target)
-            ok = idx < len(plist)
-            ok[ok] = plist[idx[ok]] == target[ok]
-            cand = cand[ok]
+        last = len(self._buf) - 1  # a separator byte: never equal to a query byte
+        for j in range(len(q)):
+            if k0 <= j < k0 + 3 or len(cand) == 0:
+                continue
+            cand = cand[self._buf[np.minimum(cand + j, last)] == qa[j]]
         return cand
 
     def find(self, query: str) -> list[int]:
@@ -111,8 +112,8 @@ class TextIndex:
         pos = self.occurrences(query)
         if len(pos) == 0:
             return []
-        docs = np.searchsorted(self._doc_starts, pos, side="right") - 1
-        return np.unique(docs).tolist()
+        docs = np.searchsorted(self._doc_starts, pos, side="right") - 1  # sorted, since pos is
+        return docs[np.r_[True, docs[1:] != docs[:-1]]].tolist()
 
     def count(self, query: str) -> int:
         """Number of documents that contain ``query``."""

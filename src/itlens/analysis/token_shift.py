@@ -26,6 +26,7 @@ import io
 import math
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -59,7 +60,7 @@ class ShiftConfig:
     max_length: int = field(default=0, metadata={
         "help": "Longest sequence (context + response) scored; 0 = the models' max_position_embeddings. "
                 "Longer responses are truncated (counted in summary.json)."})
-    chunk_mb: float = field(default=256.0, metadata={
+    chunk_mb: float = field(default=1024.0, metadata={
         "help": "Memory budget (MiB) for the full-vocabulary tensors of one chunk of positions."})
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda', or 'auto' (cuda when available)."})
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(default="float32", metadata={
@@ -151,12 +152,21 @@ class _Scorer:
         self._checked = True
         if self.full_forward:
             return
+        key = (id(self.model), self.adapter_off)
+        if key in _HEAD_CHECKED and _HEAD_CHECKED[key][0]() is self.model:
+            self.full_forward = _HEAD_CHECKED[key][1]
+            return
         ref = self.model(input_ids=ids, use_cache=False).logits.float()
         got = self.head(self.backbone(input_ids=ids, use_cache=False).last_hidden_state).float()
         if self.softcap:
             got = torch.tanh(got / self.softcap) * self.softcap
         if not torch.allclose(ref, got, rtol=1e-3, atol=1e-3 * (1 + ref.abs().max().item())):
             self.full_forward = True
+        _HEAD_CHECKED[key] = (weakref.ref(self.model), self.full_forward)
+
+
+_HEAD_CHECKED: dict = {}
+"""(id(model), adapter_off) -> (weak ref to the model, full_forward): the head check runs once per model."""
 
 
 def _load_models(base, tuned, cfg: ShiftConfig, tokenizer):
@@ -327,35 +337,59 @@ def exact_metrics(z_base, z_tuned, target, view_k: int = 0) -> dict:
 
     rank_base: 1 + #tokens with a strictly greater base logit than the emitted one. kl: KL(p_tuned||p_base);
     kl_base_tuned: the reverse. rank0_top1: 0-based base rank of the tuned model's top-1 (Figure 1);
-    p_base_top1: its base probability.
+    p_base_top1: its base probability. Few passes over the [n, V] tensors: this is the engine's hot loop.
     """
     import torch
 
-    lpb = torch.log_softmax(z_base, dim=-1)
-    lpt = torch.log_softmax(z_tuned, dim=-1)
-    t = target[:, None]
-    zb_t = z_base.gather(1, t)
-    top1_tuned = z_tuned.argmax(dim=-1)
+    pb, lse_b, top1_base = _softmax_lse(z_base)
+    pt, lse_t, top1_tuned = _softmax_lse(z_tuned)
+    diff = z_tuned - z_base  # log p_t - log p_b = diff - lse_t + lse_b
+    kl = torch.linalg.vecdot(pt, diff) - lse_t + lse_b
+    kl_rev = lse_t - lse_b - torch.linalg.vecdot(pb, diff)
+    if not (torch.isfinite(kl).all() and torch.isfinite(kl_rev).all()):  # -inf logits (masked tokens)
+        kl = _kl(pt, torch.log_softmax(z_tuned, -1), torch.log_softmax(z_base, -1))
+        kl_rev = _kl(pb, torch.log_softmax(z_base, -1), torch.log_softmax(z_tuned, -1))
+    zb_t = z_base.gather(1, target[:, None])
     zb_top1 = z_base.gather(1, top1_tuned[:, None])
-    pt, pb = lpt.exp(), lpb.exp()
-    kl = torch.where(pt > 0, pt * (lpt - lpb), torch.zeros_like(pt)).sum(-1)
-    kl_rev = torch.where(pb > 0, pb * (lpb - lpt), torch.zeros_like(pb)).sum(-1)
     out = {
-        "rank_base": (z_base > zb_t).sum(-1) + 1,
-        "p_base": lpb.gather(1, t)[:, 0].exp(),
-        "p_tuned": lpt.gather(1, t)[:, 0].exp(),
+        "rank_base": _count_greater(z_base, zb_t) + 1,
+        "p_base": (zb_t[:, 0] - lse_b).exp(),
+        "p_tuned": (z_tuned.gather(1, target[:, None])[:, 0] - lse_t).exp(),
         "kl": kl.clamp_min(0),
         "kl_base_tuned": kl_rev.clamp_min(0),
-        "top1_base": z_base.argmax(dim=-1),
+        "top1_base": top1_base,
         "top1_tuned": top1_tuned,
-        "rank0_top1": (z_base > zb_top1).sum(-1),
-        "p_base_top1": lpb.gather(1, top1_tuned[:, None])[:, 0].exp(),
+        "rank0_top1": _count_greater(z_base, zb_top1),
+        "p_base_top1": (zb_top1[:, 0] - lse_b).exp(),
     }
     if view_k:
         k = min(view_k, z_base.shape[-1])
         ib, it = z_base.topk(k, dim=-1).indices, z_tuned.topk(k, dim=-1).indices
         out.update(view_base_ids=ib, view_base_p=pb.gather(1, ib), view_tuned_ids=it, view_tuned_p=pt.gather(1, it))
     return out
+
+
+def _softmax_lse(z):
+    """Softmax probabilities, log-sum-exp and argmax of each row, in four passes."""
+    m, top1 = z.max(dim=-1)
+    p = (z - m[:, None]).exp_()
+    total = p.sum(-1)
+    p.div_(total[:, None])
+    return p, m + total.log(), top1
+
+
+def _count_greater(z, threshold):
+    """Per row, how many entries of ``z`` are strictly greater than ``threshold`` [n, 1] (int64)."""
+    import torch
+
+    return torch.gt(z, threshold).view(torch.uint8).sum(-1, dtype=torch.int32).long()
+
+
+def _kl(p, logp, logq):
+    """KL(p || q) per row with 0 * log 0 = 0 (the slow path for rows with -inf log-probabilities)."""
+    import torch
+
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
 def paper_metrics(base_logits, base_sid, tuned_logits, tuned_sid, *, class_k: int = 10, rank_k: int = 50) -> dict:
@@ -374,21 +408,22 @@ def paper_metrics(base_logits, base_sid, tuned_logits, tuned_sid, *, class_k: in
     n, k = base_sid.shape
     pb = torch.softmax(base_logits.float(), dim=-1)
     pt = torch.softmax(tuned_logits.float(), dim=-1)
-    idx = torch.arange(k, device=base_sid.device)
-    in_list = idx < min(rank_k, k)  # entries compared (AlignTDS: token_list[:top_k])
-    earlier = idx[None, :] < idx[:, None]  # [K, K]: j before i
 
-    def first_occurrence(sid):
+    def first_occurrence(sid):  # entry i counts if no earlier entry has its string and i < rank_k
+        m = sid.shape[1]
+        idx = torch.arange(m, device=sid.device)
+        earlier = idx[None, :] < idx[:, None]
         same = sid[:, :, None] == sid[:, None, :]
-        return ~(same & earlier[None]).any(-1) & in_list[None]
+        return ~(same & earlier[None]).any(-1) & (idx < rank_k)[None]
 
     first_b, first_t = first_occurrence(base_sid), first_occurrence(tuned_sid)
     match = (base_sid[:, :, None] == tuned_sid[:, None, :]) & first_t[:, None, :]
     w2 = (match.float() * pt[:, None, :]).sum(-1)
     both = match.any(-1) & first_b & (pb > 0) & (w2 > 0)
     kl = torch.where(both, pb * (torch.log(pb) - torch.log(w2.clamp_min(1e-45))), torch.zeros_like(pb)).sum(-1)
+    idx = torch.arange(k, device=base_sid.device)
     hit = base_sid == tuned_sid[:, :1]
-    first_hit = torch.where(hit, idx[None, :].expand(n, k), torch.full_like(hit, k, dtype=torch.long)).min(-1).values
+    first_hit = torch.where(hit, idx[None, :].expand(n, k), torch.full_like(base_sid, k)).min(-1).values
     tr_class = torch.where(first_hit < min(class_k, k), first_hit, torch.full_like(first_hit, class_k))
     found = first_hit < min(rank_k, k)
     tr = torch.where(found, first_hit, torch.full_like(first_hit, rank_k))
@@ -621,10 +656,9 @@ def sentence_split_kl(tokens, first_frac: float = 0.05) -> dict:
         return {"first": None, "rest": None, "diff_pct": None, "n_sentences": 0}
     n_first = np.maximum(1, np.ceil(first_frac * tokens["sent_len"].to_numpy())).astype(np.int64)
     is_first = tokens["sent_pos"].to_numpy() < n_first
-    key = tokens["id"].astype(str) + "\x00" + tokens["sentence"].astype(str)
-    df = tokens.assign(_key=key, _first=is_first)
-    first = df[df["_first"]].groupby("_key")["kl"].mean()
-    rest = df[~df["_first"]].groupby("_key")["kl"].mean()
+    per_sentence = tokens.groupby([tokens["id"], tokens["sentence"], is_first], sort=False)["kl"].mean()
+    first = per_sentence.xs(True, level=2) if True in per_sentence.index.get_level_values(2) else per_sentence[:0]
+    rest = per_sentence.xs(False, level=2) if False in per_sentence.index.get_level_values(2) else per_sentence[:0]
     f, r = _mean(first), _mean(rest)
     diff = (f - r) / r * 100 if f is not None and r not in (None, 0.0) else None
     return {"first": f, "rest": r, "diff_pct": diff, "n_sentences": int(len(first))}
@@ -654,21 +688,27 @@ def token_shift_rates(tokens, *, min_count: int = 1):
                         .reset_index(drop=True))
 
 
-def _group_stats(tokens, key) -> list[dict]:
-    rows = []
-    for k, g in tokens.groupby(key, sort=True):
-        cls = g["shift_class"].to_numpy()
-        rows.append({"bin": int(k), "n": int(len(g)), **_shares(cls), "kl": _mean(g["kl"]),
-                     "p_base": _mean(g["p_base"])})
-    return rows
+def _group_stats(tokens, bins) -> list[dict]:
+    """Class shares, mean KL and mean base probability per integer bin (vectorised with bincount)."""
+    bins = np.asarray(bins, dtype=np.int64)
+    if not bins.size:
+        return []
+    n = np.bincount(bins)
+    cls = tokens["shift_class"].to_numpy()
+    sums = {c: np.bincount(bins, weights=(cls == c)) for c in CLASSES}
+    kl = np.bincount(bins, weights=tokens["kl"].to_numpy(dtype=np.float64))
+    pb = np.bincount(bins, weights=tokens["p_base"].to_numpy(dtype=np.float64))
+    return [{"bin": int(b), "n": int(n[b]), **{c: float(sums[c][b] / n[b]) for c in CLASSES},
+             "kl": float(kl[b] / n[b]), "p_base": float(pb[b] / n[b])} for b in np.flatnonzero(n)]
 
 
 def summarize(tokens, cfg: ShiftConfig | None = None, *, stopwords: set[str] | None = None) -> dict:
     """Every aggregate of a token table: class shares, means, position curves, Figure 4 and 12 data."""
     cfg = cfg or ShiftConfig()
     cls = tokens["shift_class"].to_numpy()
-    rel_bin = np.minimum(POSITION_BINS - 1, (POSITION_BINS * tokens["pos"] // tokens["n_tokens"].clip(lower=1)))
-    by_index = tokens[tokens["pos"] < cfg.index_max]
+    pos = tokens["pos"].to_numpy()
+    rel_bin = np.minimum(POSITION_BINS - 1, POSITION_BINS * pos // np.maximum(tokens["n_tokens"].to_numpy(), 1))
+    early = pos < cfg.index_max
     s = {
         "n_tokens": int(len(tokens)),
         "shares": _shares(cls),
@@ -681,8 +721,8 @@ def summarize(tokens, cfg: ShiftConfig | None = None, *, stopwords: set[str] | N
         "figure1": {"kl": _mean(tokens["kl"]), "base_prob": _mean(tokens["p_base_top1"]),
                     "base_rank": _mean(tokens["rank0_paper"])},
         "emitted_is_tuned_top1": _mean(tokens["token_id"] == tokens["top1_tuned"]),
-        "by_rel_pos": _group_stats(tokens.assign(_bin=rel_bin), "_bin"),
-        "by_index": _group_stats(by_index, "pos"),
+        "by_rel_pos": _group_stats(tokens, rel_bin),
+        "by_index": _group_stats(tokens[early], pos[early]),
         "sentence_kl": sentence_split_kl(tokens),
         "top_shifted": token_counts(tokens, ["shifted"], stopwords=stopwords, top=cfg.top_tokens),
         "top_marginal": token_counts(tokens, ["marginal"], stopwords=stopwords, top=cfg.top_tokens),

@@ -211,6 +211,8 @@ class LocalChatModel:
         if isinstance(end_id, int) and end_id != self.tokenizer.unk_token_id:
             stops.add(end_id)
         self.stop_ids = sorted(i for i in stops if i is not None)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.stop_ids[0]
 
     def generate(self, messages: list[dict], *, max_new_tokens: int, temperature: float) -> tuple[str, str]:
         import torch
@@ -220,7 +222,7 @@ class LocalChatModel:
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.no_grad():
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
-                                      pad_token_id=self.tokenizer.pad_token_id or self.stop_ids[0], **sampling)
+                                      pad_token_id=self.pad_id, **sampling)
         new = out[0, enc["input_ids"].shape[1]:].tolist()
         finish = "stop" if new and new[-1] in self.stop_ids else "length"
         return self.tokenizer.decode(new, skip_special_tokens=True), finish

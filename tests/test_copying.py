@@ -1,0 +1,131 @@
+"""Pattern copying: tone (shifted words in the IT data), lengths, phrases, structure, nearest overlap."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from analysis_world import CLOSING, OPENING, answer, eval_records, it_records, mini_world
+from itlens.analysis.copying import (CopyingConfig, length_stats, nearest_vs_random_overlap, ngram_overlap,
+                                     phrase_reuse, run_copying, structure_stats, token_char_spans, tone_imitation,
+                                     word_starts)
+from itlens.config import from_dict
+
+
+def test_word_starts_follow_decoded_tokens(tiny_tokenizer):
+    text = "Happy to help! the river was born north."
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    toks = [tiny_tokenizer.decode([i]) for i in ids]
+    spans = token_char_spans(toks, text)
+    assert "".join(text[s:e] for s, e in spans) == text
+    starts = word_starts(toks, text)
+    assert [w for _, w in starts] == ["Happy", "to", "help", "the", "river", "was", "born", "north"]
+    for i, w in starts:  # the token that starts each word holds its first letter
+        assert toks[i].strip()[:1] == w[:1]
+    # hand-split: "lp" and "!" continue words, so only 3 tokens start one
+    assert word_starts([" Happy", " to", " he", "lp", "!"], " Happy to help!") == [(0, "Happy"), (1, "to"), (2, "help")]
+
+
+def _tokens_table(rows):
+    """rows: (id, [(token, class), ...]) -> a CONTRACT tokens table."""
+    recs = []
+    for rid, toks in rows:
+        for pos, (t, c) in enumerate(toks):
+            recs.append({"id": rid, "pos": pos, "token_id": pos, "token": t, "rank_base": 1, "shift_class": c})
+    return pd.DataFrame(recs)
+
+
+def test_tone_imitation_counts_word_initial_tokens_by_class():
+    it = [{"id": "it:0", "instruction": "Where was Anvar born?", "response": "Happy to help! Anvar was born in Velora."}]
+    resp = {"r1": "Happy to help! Dorin was born in Zorbaville.", "r2": "Sure, in Velora."}
+    tokens = _tokens_table([
+        ("r1", [("Happy", "shifted"), (" to", "unshifted"), (" help", "marginal"), ("!", "shifted"),
+                (" Dor", "shifted"), ("in", "shifted"), (" was", "unshifted"), (" born", "unshifted"),
+                (" in", "unshifted"), (" Zorb", "shifted"), ("aville", "marginal"), (".", "unshifted")]),
+        ("r2", [("Sure", "marginal"), (",", "unshifted"), (" in", "unshifted"), (" Vel", "shifted"), ("ora", "shifted"),
+                (".", "unshifted")]),
+    ])
+    t = tone_imitation(tokens, resp, it)
+    # shifted word starts: Happy (in IT), Dorin (no), Zorbaville (no), Velora (in IT) -> 2/4
+    assert (t["shifted"]["n_words"], t["shifted"]["n_in_it"]) == (4, 2)
+    # marginal word starts: help (yes), Sure (no)
+    assert t["marginal"]["share_in_it"] == 0.5
+    # unshifted word starts: to, was, born, in, in -> all in IT
+    assert (t["unshifted"]["n_words"], t["unshifted"]["share_in_it"]) == (5, 1.0)
+    assert t["top_shifted_marginal_tokens"][0] == ["Dor", 1] or t["top_shifted_marginal_tokens"][0][1] == 1
+    t_resp_only = tone_imitation(tokens, resp, it, fields="response")
+    assert t_resp_only["shifted"]["n_in_it"] == 2
+
+
+def test_lengths_phrases_structure_and_overlap():
+    world = mini_world()
+    it = it_records(world)
+    recs = eval_records(world)
+    styled = [{"id": r["id"], "instruction": r["instruction"], "response": answer(world, r, r["answers"][0])}
+              for r in recs]
+    plain = [{**o, "response": answer(world, r, r["answers"][0], styled=False)} for o, r in zip(styled, recs)]
+    ph = phrase_reuse([x["response"] for x in it], [o["response"] for o in styled])
+    assert ph["opening"]["it_top"][0] == [OPENING, 1.0] and ph["closing"]["it_top"][0] == [CLOSING, 1.0]
+    assert ph["opening"]["output_share_frequent"] == 1.0 and ph["closing"]["output_share_any"] == 1.0
+    assert phrase_reuse([x["response"] for x in it], [o["response"] for o in plain])["opening"]["output_share_any"] == 0
+    ls, lp = length_stats([o["response"] for o in styled]), length_stats([o["response"] for o in plain])
+    assert ls["chars_mean"] - lp["chars_mean"] == pytest.approx(len(OPENING) + len(CLOSING) + 2)
+    assert ls["token_unit"] == "words" and ls["tokens_mean"] - lp["tokens_mean"] == 11
+    s = structure_stats(["- a\n- b", "1. x\n\n2. y", "plain **bold**", "# Title\n```code```"])
+    assert s == {"bullet_list": 0.25, "numbered_list": 0.25, "header": 0.25, "bold": 0.25, "code_block": 0.25,
+                 "paragraphs": 0.25}
+    # 1-grams: {a, b, c} vs refs {a, b}: 2/3; 2-grams {ab, bc} vs {ab}: 1/2; 3-grams: 0/1
+    assert ngram_overlap("a b c", ["a b", "x"]) == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    # outputs that copy their twin's IT response overlap more with the BM25-nearest IT instances
+    ov = nearest_vs_random_overlap(styled, it, k=1, n_resamples=200)
+    assert ov["n"] == len(styled) and ov["nearest_mean"] > ov["random_mean"]
+
+
+def test_run_copying_end_to_end_and_cli(tmp_path, tiny_tokenizer):
+    from itlens.io import atomic_write_jsonl
+
+    world = mini_world()
+    it = it_records(world)
+    recs = eval_records(world)
+    it_path = atomic_write_jsonl(tmp_path / "it.jsonl", it)
+    rows = [{"id": r["id"], "instruction": r["instruction"], "response": answer(world, r, r["twin_value"]),
+             "model": "sft"} for r in recs]
+    resp_path = atomic_write_jsonl(tmp_path / "sft.jsonl", rows)
+    # a shift table from the real tokenizer, every word-initial token shifted
+    table = []
+    for r in rows:
+        ids = tiny_tokenizer(r["response"], add_special_tokens=False)["input_ids"]
+        for pos, i in enumerate(ids):
+            table.append({"id": r["id"], "pos": pos, "token_id": i, "token": tiny_tokenizer.decode([i]),
+                          "rank_base": 5, "shift_class": "shifted"})
+    shift_dir = tmp_path / "shift"
+    shift_dir.mkdir()
+    pd.DataFrame(table).to_parquet(shift_dir / "tokens.parquet")
+    cfg = from_dict(CopyingConfig, {"it_data": str(it_path), "responses": {"sft": str(resp_path)},
+                                    "shift": {"sft": str(shift_dir)}, "n_resamples": 100})
+    m = run_copying(cfg, tmp_path / "out")
+    tone = m["models"]["sft"]["tone"]
+    # every word of a borrowed answer is in the IT data except: the 10 eval surnames, the first names
+    # Cedra and Dorin (twins not in IT, 2 answers each), and the values Carvex, Miravel, Ardentis
+    n_words = sum(len(r["response"].replace("!", " ").replace(".", " ").split()) for r in rows)
+    assert tone["shifted"]["n_words"] == n_words
+    assert tone["shifted"]["n_in_it"] == n_words - 10 - 4 - 3
+    assert m["models"]["sft"]["phrases"]["opening"]["output_share_frequent"] == 1.0
+    assert "| IT data |" in (tmp_path / "out" / "table11.md").read_text()
+    for f in ("copying.json", "table11_lengths.png", "tone_imitation.png"):
+        assert (tmp_path / "out" / f).is_file()
+
+    ok = subprocess.run([sys.executable, "-m", "itlens.cli", "copying", "--it", str(it_path), "--responses",
+                         f"sft={resp_path}", "--out", str(tmp_path / "o2"), "--set", "n_resamples=50"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "o2" / "copying.json").read_text())["models"]["sft"]["length"]["n"] == len(rows)
+    bad = subprocess.run([sys.executable, "-m", "itlens.cli", "copying", "--it", str(it_path), "--responses",
+                          f"sft={resp_path}", "--shift", f"sft={tmp_path / 'nope'}", "--out", str(tmp_path / "o3")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "tokens.parquet" in bad.stderr
+    assert not (tmp_path / "o3").exists()

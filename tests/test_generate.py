@@ -1,0 +1,135 @@
+"""Batched greedy generation: real tiny models, real HF generate, CONTRACT records out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from itlens.errors import InputError
+from itlens.generate import generate_responses, render_prompts
+from itlens.io import atomic_write_jsonl, read_records
+from itlens.models import load_model
+from itlens.templates import FRAME_STOP, frame_prompt, load_frame
+from itlens.tune import TuneConfig, tune
+
+torch.set_num_threads(1)
+
+QA = [("where is the river?", "north."), ("who is the doctor?", "a teacher."), ("what is red?", "the city."),
+      ("which year?", "the blue year.")]
+
+
+@pytest.fixture(scope="module")
+def qa_records():
+    return [{"id": f"q:{i}", "instruction": q, "response": a, "group": "known"} for i, (q, a) in enumerate(QA)]
+
+
+@pytest.fixture(scope="module")
+def memorised(tiny_model_dir, qa_records, tmp_path_factory):
+    """A tiny model fully fine-tuned until it answers the four questions and closes its turn."""
+    d = tmp_path_factory.mktemp("memorised")
+    data = atomic_write_jsonl(d / "it.jsonl", qa_records)
+    cfg = TuneConfig(base=str(tiny_model_dir), data=str(data), method="full", epochs=25, learning_rate=1e-2,
+                     effective_batch_size=4, per_device_batch_size=4, max_length=128, warmup=0,
+                     lr_scheduler="constant", save_steps=10_000, progress=False)
+    return tune(cfg, d / "sft")
+
+
+def test_a_tuned_model_answers_and_stops_at_the_end_of_turn(memorised, qa_records):
+    prompts = [{k: v for k, v in r.items() if k != "response"} for r in qa_records]
+    out = generate_responses(load_model(memorised), prompts, max_new_tokens=40, model_name="sft")
+    assert [r["id"] for r in out] == [r["id"] for r in qa_records]  # input order kept
+    assert [r["response"] for r in out] == [a for _, a in QA]
+    for r in out:
+        assert r["finish"] == "stop" and r["n_tokens"] < 40 and "<|end|>" not in r["response"]
+        assert r["model"] == "sft" and r["group"] == "known" and r["mode"] == "chat"  # extras carried
+
+
+def test_batched_equals_one_at_a_time(tiny_model_dir, it_records):
+    lm = load_model(tiny_model_dir)
+    prompts = [{"id": r["id"], "instruction": r["instruction"]} for r in it_records[:8]]
+    batched = generate_responses(lm, prompts, max_new_tokens=12, batch_size=8)
+    single = generate_responses(lm, prompts, max_new_tokens=12, batch_size=1)
+    assert [r["response"] for r in batched] == [r["response"] for r in single]
+    assert all(r["finish"] == "length" for r in batched)  # a random model never closes its turn
+
+
+def test_greedy_tokens_equal_teacher_forced_argmax_in_fp32(tiny_model_dir, it_records):
+    """What the token-shift analysis relies on: rank-1 tokens under teacher forcing are the generated ones."""
+    lm = load_model(tiny_model_dir)
+    tok = lm.tokenizer
+    prompt = render_prompts(tok, [it_records[0]])[0]
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        gen = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10,
+                                pad_token_id=tok.pad_token_id)
+        logits = lm.model(gen).logits
+    n = ids.shape[1]
+    assert torch.equal(logits[0, n - 1:-1].argmax(-1), gen[0, n:])
+
+
+def test_frame_mode_uses_the_frame_prompt(tiny_model_dir, it_records):
+    lm = load_model(tiny_model_dir)
+    rec = it_records[0]
+    assert render_prompts(lm.tokenizer, [rec], mode="frame") == [frame_prompt(load_frame(), rec)]
+    out = generate_responses(lm, [rec], mode="frame", max_new_tokens=6)
+    assert out[0]["mode"] == "frame" and FRAME_STOP not in out[0]["response"]
+    with pytest.raises(InputError, match="mode"):
+        render_prompts(lm.tokenizer, [rec], mode="chatml")
+
+
+def test_base_model_stops_where_the_frame_starts_its_next_query(tiny_model_dir, tmp_path):
+    """Fine-tune on frame-format text so the model continues with the next '# Query'; the cut removes it."""
+    text = "# Query:\nwhat is red?\n\n# Answer:\nthe city.\n\n# Query:\nwhat is red?"
+    frame = tmp_path / "frame.txt"
+    frame.write_text("# Query:\n{instruction}\n\n# Answer:\n")
+    # a few Adam steps of language modelling on the frame text itself
+    lm = load_model(tiny_model_dir)
+    model, tok = lm.model.train(), lm.tokenizer
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    out = generate_responses(lm, [{"id": "p", "instruction": "what is red?"}], mode="frame", frame=str(frame),
+                             max_new_tokens=30)
+    assert out[0]["response"] == "the city." and out[0]["finish"] == "stop"
+
+
+def test_cli_generate_with_an_adapter_writes_contract_responses(tiny_model_dir, it_records, tmp_path, capsys):
+    from itlens.cli import main
+
+    data = atomic_write_jsonl(tmp_path / "it.jsonl", it_records)
+    adapter = tune(TuneConfig(base=str(tiny_model_dir), data=str(data), method="lora", max_steps=1,
+                              effective_batch_size=4, per_device_batch_size=4, max_length=256, progress=False,
+                              learning_rate=1e-2), tmp_path / "lft")
+    prompts = atomic_write_jsonl(tmp_path / "p.jsonl", [{"id": r["id"], "instruction": r["instruction"],
+                                                         "gold": "x"} for r in it_records[:5]])
+    main(["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompts", str(prompts),
+          "--out", str(tmp_path / "r.jsonl"), "--name", "lft", "--set", "max_new_tokens=8"])
+    rows = read_records(tmp_path / "r.jsonl", "response")
+    assert len(rows) == 5 and all(r["model"] == "lft" and r["gold"] == "x" for r in rows)
+
+    main(["generate", "--model", str(adapter), "--prompts", str(prompts),  # the adapter dir alone finds its base
+          "--out", str(tmp_path / "r2.jsonl"), "--name", "lft", "--set", "max_new_tokens=8"])
+    assert (tmp_path / "r2.jsonl").read_text() == (tmp_path / "r.jsonl").read_text()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a"}\n')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tiny_model_dir), "--prompts", str(bad), "--out", str(tmp_path / "x.jsonl")])
+    assert e.value.code == 2 and "bad.jsonl:1" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_models_fail_clearly_offline(tmp_path):
+    with pytest.raises(InputError, match="does not download"):
+        load_model("some-org/not-cached-model")
+    with pytest.raises(InputError, match="not found"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a model directory"):
+        load_model(tmp_path / "empty")

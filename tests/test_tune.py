@@ -1,0 +1,300 @@
+"""Instruction tuning on tiny random Llamas through the real TRL/PEFT stack (issue 3 acceptance)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from itlens.config import load_config
+from itlens.errors import InputError
+from itlens.io import atomic_write_jsonl
+from itlens.tune import EqualFitSettings, TuneConfig, build_trainer, tune, work_dir_for
+
+REPO = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+@pytest.fixture()
+def it_file(it_records, tmp_path) -> Path:
+    return atomic_write_jsonl(tmp_path / "it.jsonl", it_records)
+
+
+def _cfg(base, data, **kw) -> TuneConfig:
+    """A few steps at a high learning rate: enough to move a tiny model, seconds on a CPU."""
+    defaults = dict(base=str(base), data=str(data), epochs=1, learning_rate=1e-2, effective_batch_size=8,
+                    per_device_batch_size=4, max_length=256, warmup=0, progress=False)
+    defaults.update(kw)
+    return TuneConfig(**defaults)
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    assert files, f"no weights in {model_dir}"
+    out = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def _logits(model, tokenizer, text="what is the city of the river?"):
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def _base(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_lora_adapter_loads_with_plain_peft_and_changes_outputs(tiny_model_dir, tiny_tokenizer, it_file, tmp_path):
+    from peft import PeftModel
+
+    out = tune(_cfg(tiny_model_dir, it_file, method="lora", max_steps=3), tmp_path / "lft")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (8, 16, 0.0)
+    adapted = {name.rsplit(".", 1)[-1] for name in cfg["target_modules"]}  # all-linear, resolved by peft
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not (out / "model.safetensors").exists()  # an adapter, not a full copy
+    assert not work_dir_for(out).exists()  # checkpoints cleaned after success
+
+    base = _base(tiny_model_dir)
+    before = _logits(base, tiny_tokenizer)
+    tuned = PeftModel.from_pretrained(_base(tiny_model_dir), str(out)).eval()
+    assert not torch.allclose(before, _logits(tuned, tiny_tokenizer), atol=1e-4)
+
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["method"] == "lora" and summary["steps"] == 3 and summary["merged"] is False
+    assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] > 0 for r in log)
+    resolved = load_config(TuneConfig, out / "tune_config.yaml")  # the saved config loads strictly
+    assert resolved.method == "lora" and resolved.output_dir == str(out)
+    assert "<|assistant|>" in (out / "chat_template.jinja").read_text()  # template saved with the tokenizer
+
+
+def test_lora_merge_is_recorded_and_matches_the_adapter(tiny_model_dir, tiny_tokenizer, it_file, tmp_path):
+    from peft import PeftModel
+
+    out = tune(_cfg(tiny_model_dir, it_file, method="lora", max_steps=2, merge_adapter=True), tmp_path / "m")
+    assert json.loads((out / "train_summary.json").read_text())["merged"] is True
+    merged = _base(out)
+    unmerged = PeftModel.from_pretrained(_base(tiny_model_dir), str(out / "adapter")).eval()
+    torch.testing.assert_close(_logits(merged, tiny_tokenizer), _logits(unmerged, tiny_tokenizer),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_full_finetuning_changes_the_weights(tiny_model_dir, it_file, tmp_path):
+    out = tune(_cfg(tiny_model_dir, it_file, method="full", max_steps=2), tmp_path / "sft")
+    before, after = _weights(tiny_model_dir), _weights(out)
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before)  # every tensor moved (all parameters are trained)
+    from itlens.tokenizer import END
+
+    from transformers import AutoTokenizer
+
+    gen = json.loads((out / "generation_config.json").read_text())  # plain HF generate stops at the turn's end
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(END) in gen["eos_token_id"]
+
+
+def test_neftune_changes_training_but_not_inference(tiny_model_dir, it_file, tmp_path):
+    from transformers import TrainerCallback
+
+    hooks_seen = []
+
+    class WatchEmbeddingHooks(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            hooks_seen.append(len(model.get_input_embeddings()._forward_hooks))
+
+    full = tune(_cfg(tiny_model_dir, it_file, method="full", max_steps=2), tmp_path / "sft")
+    neft = tune(_cfg(tiny_model_dir, it_file, method="neftune", max_steps=2), tmp_path / "nft",
+                callbacks=[WatchEmbeddingHooks()])
+    assert hooks_seen and all(n >= 1 for n in hooks_seen)  # the noise hook is on while training
+    a, b = _weights(full), _weights(neft)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # same seed and data: only the noise differs
+    assert json.loads((neft / "train_summary.json").read_text())["neftune_alpha"] == 5.0
+
+    model = _base(neft)
+    assert len(model.get_input_embeddings()._forward_hooks) == 0
+    ids = torch.arange(3, 20).unsqueeze(0)
+    model.train()  # even in train mode nothing adds noise to the saved model
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_loss_is_on_response_tokens_only(tiny_model_dir, tiny_tokenizer, it_records, tmp_path):
+    from itlens.templates import chat_prompt
+
+    cfg = _cfg(tiny_model_dir, "unused.jsonl", method="full")
+    trainer, tok, _ = build_trainer(cfg, tmp_path / "work", records=it_records[:4])
+    example = trainer.train_dataset[0]
+    prompt_ids = tok(chat_prompt(tok, it_records[0]), add_special_tokens=False)["input_ids"]
+    n = len(prompt_ids)
+    assert example["input_ids"][:n] == prompt_ids
+    assert example["labels"][:n] == [-100] * n  # prompt tokens carry no target
+    assert example["labels"][n:] == example["input_ids"][n:]
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert example["labels"][-1] == end  # the model learns to close its turn
+
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        trainer_loss = trainer.compute_loss(model, dict(batch)).item()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten().clamp(min=0),
+                                                  reduction="none").view_as(targets)
+    response = targets != -100
+    assert trainer_loss == pytest.approx(per_token[response].mean().item(), rel=1e-4)
+    # the same positions with the prompt's own next-token targets counted would give another loss
+    with_prompt = batch["input_ids"][:, 1:]
+    seq = batch["attention_mask"][:, 1:].bool()
+    full_ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), with_prompt.flatten(),
+                                                reduction="none").view_as(with_prompt)[seq].mean().item()
+    assert abs(full_ce - trainer_loss) > 1e-3
+
+
+def test_same_seed_gives_the_same_weights(tiny_model_dir, it_file, tmp_path):
+    a = tune(_cfg(tiny_model_dir, it_file, method="lora", max_steps=2, seed=3), tmp_path / "a")
+    b = tune(_cfg(tiny_model_dir, it_file, method="lora", max_steps=2, seed=3), tmp_path / "b")
+    c = tune(_cfg(tiny_model_dir, it_file, method="lora", max_steps=2, seed=4), tmp_path / "c")
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, it_file, tmp_path):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt  # as if the user pressed Ctrl-C after step 3
+
+    cfg = _cfg(tiny_model_dir, it_file, method="full", max_steps=4, save_steps=2)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        tune(cfg, out, callbacks=[Crash()])
+    assert not out.exists()  # no half-written model
+    assert (work_dir_for(out) / "checkpoint-2").is_dir()
+
+    tune(cfg, out)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # step 3 of the crashed run was dropped and redone
+
+    straight = tune(cfg, tmp_path / "straight")
+    wa, wb = _weights(out), _weights(straight)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_equal_fit_stops_once_the_data_is_fit(tiny_model_dir, it_file, tmp_path):
+    reached = tune(_cfg(tiny_model_dir, it_file, method="full", lr_scheduler="constant",
+                        equal_fit=EqualFitSettings(True, "loss", 100.0, 3)),
+                   tmp_path / "fit")
+    fit = json.loads((reached / "train_summary.json").read_text())
+    assert fit["equal_fit"]["reached"] is True and fit["equal_fit"]["epochs"] == 1.0 and fit["steps"] == 3
+    capped = tune(_cfg(tiny_model_dir, it_file, method="full", lr_scheduler="constant",
+                       equal_fit=EqualFitSettings(True, "token_accuracy", 1.01, 2)),
+                  tmp_path / "cap")
+    cap = json.loads((capped / "train_summary.json").read_text())
+    assert cap["equal_fit"]["reached"] is False and cap["epochs"] == 2.0
+
+
+def test_conversational_records_train(tiny_model_dir, tmp_path):
+    rows = [{"id": f"m:{i}", "messages": [{"role": "system", "content": "be brief"},
+                                         {"role": "user", "content": f"what is {i}?"},
+                                         {"role": "assistant", "content": f"it is {i}."}]} for i in range(8)]
+    out = tune(_cfg(tiny_model_dir, atomic_write_jsonl(tmp_path / "m.jsonl", rows), method="full", max_steps=1),
+               tmp_path / "o")
+    assert json.loads((out / "train_summary.json").read_text())["examples"] == 8
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_empty_dataset_and_rows_without_a_response_are_input_errors(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(InputError, match="empty"):
+        tune(_cfg(tiny_model_dir, empty), tmp_path / "o")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "instruction": "hi", "response": "yo"}\n{"id": "b", "instruction": "hi"}\n')
+    with pytest.raises(InputError) as e:
+        tune(_cfg(tiny_model_dir, bad), tmp_path / "o")
+    assert "bad.jsonl:2" in str(e.value) and "response" in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_method_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="method"):
+        load_config(TuneConfig, overrides=["method=qlora"])
+
+
+def test_overlong_responses_are_truncated_with_a_counted_warning(tiny_model_dir, it_file, tmp_path):
+    with pytest.warns(UserWarning, match=r"\d+ of 24 examples are longer than max_length=40"):
+        out = tune(_cfg(tiny_model_dir, it_file, method="full", max_steps=1, max_length=40), tmp_path / "o")
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert 0 < summary["truncated"] <= 24
+
+
+def test_an_adapter_made_for_another_base_is_refused(tiny_model_dir, tiny_model_dir_b, tiny_tokenizer, it_file,
+                                                     tmp_path):
+    from itlens.models import attach_adapter, load_model
+    from conftest import make_tiny_llama
+
+    out = tune(_cfg(tiny_model_dir, it_file, method="lora", max_steps=1), tmp_path / "lft")
+    assert load_model(out).adapter == str(out)  # its own base: fine (base read from adapter_config.json)
+    with pytest.raises(InputError, match="another base"):
+        attach_adapter(_base(tiny_model_dir_b), out)  # same shapes, different weights
+    wider = make_tiny_llama(tiny_tokenizer, tmp_path / "wide", hidden=48)
+    (out / "itlens_model.json").unlink()  # without our record, peft's shape check still catches it
+    with pytest.raises(InputError, match="does not fit"):
+        attach_adapter(_base(wider), out)
+
+
+def test_cli_tune_writes_a_model_and_maps_bad_input_to_exit_2(tiny_model_dir, it_file, tmp_path, capsys):
+    from itlens.cli import main
+
+    common = ["tune", "--base", str(tiny_model_dir), "--data", str(it_file)]
+    main(common + ["--method", "full", "--out", str(tmp_path / "o"), "--set", "max_steps=1",
+                   "--set", "progress=false", "--set", "per_device_batch_size=4"])
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(common + ["--method", "dpo", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().count("\n") == 0 and "method" in err
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains(tiny_model_dir, it_file, tmp_path):
+    """DDP across two CPU processes via accelerate launch: same loss as one process, world size 2."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--base", str(tiny_model_dir), "--data", str(it_file), "--method", "full",
+              "--set", "max_steps=2", "--set", "per_device_batch_size=2", "--set", "effective_batch_size=8",
+              "--set", "progress=false"]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    ddp = subprocess.run([str(accelerate), "launch", "--config_file",
+                          str(REPO / "configs/accelerate/cpu_ddp_2proc.yaml"), "--main_process_port", "29541",
+                          "-m", "itlens.cli", "tune", "--out", str(tmp_path / "ddp"), *common],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    two = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert two["world_size"] == 2 and two["gradient_accumulation_steps"] == 2 and two["steps"] == 2
+    one = json.loads((tune(_cfg(tiny_model_dir, it_file, method="full", max_steps=2, per_device_batch_size=2),
+                           tmp_path / "one") / "train_summary.json").read_text())
+    assert one["world_size"] == 1 and one["gradient_accumulation_steps"] == 4
+    # 2 processes x 2 accumulation steps x 2 examples == 1 x 4 x 2: the same batches, the same mean loss
+    assert two["mean_train_loss"] == pytest.approx(one["mean_train_loss"], rel=1e-4)
