@@ -7,7 +7,7 @@ machine hits both alike; the table shows the median of each. Tokens/s is TRL's o
 (non-padding tokens) over the trainer's ``train_runtime``; "end to end" also counts loading, data
 preparation and saving.
 
-    .venv/bin/python benchmarks/bench_tune.py [--records 128] [--rounds 3] [--threads 2]
+    .venv/bin/python benchmarks/bench_tune.py [--records 512] [--rounds 3] [--threads 2]
 
 Writes ``benchmarks/results/bench_tune.json``.
 """
@@ -50,7 +50,7 @@ def plain_trl(cfg: TuneConfig, records: list[dict], work: Path) -> dict:
                      lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup,
                      per_device_train_batch_size=cfg.per_device_batch_size,
                      gradient_accumulation_steps=cfg.effective_batch_size // cfg.per_device_batch_size,
-                     max_length=cfg.max_length, seed=cfg.seed, use_cpu=True, bf16=False,
+                     max_length=cfg.max_length, seed=cfg.seed, data_seed=cfg.seed, use_cpu=True, bf16=False,
                      gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="epoch",
                      save_total_limit=1, disable_tqdm=True)
     peft_config = None
@@ -77,7 +77,7 @@ def itlens_tune(cfg: TuneConfig, work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=int, default=128)
+    ap.add_argument("--records", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="full,lora")
@@ -98,7 +98,8 @@ def main() -> None:
                              per_device_batch_size=8, max_length=256, progress=False)
             runs: dict[str, list[dict]] = {"trl": [], "itlens": []}
             for i in range(a.rounds):
-                for name, fn in (("trl", lambda w: plain_trl(cfg, records, w)), ("itlens", lambda w: itlens_tune(cfg, w))):
+                for name, fn in (("trl", lambda w: plain_trl(cfg, records, w)),
+                                 ("itlens", lambda w: itlens_tune(cfg, w))):
                     work = tmp / f"{method}-{name}-{i}"
                     runs[name].append(fn(work))
                     shutil.rmtree(work, ignore_errors=True)

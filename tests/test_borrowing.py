@@ -21,7 +21,7 @@ from itlens.errors import InputError
 
 
 # ------------------------------------------------------------------------------------ index
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(texts=st.lists(st.text(alphabet="ab c\u00e9\u00df\u4e2d\n\x00", max_size=30), min_size=1, max_size=12),
        queries=st.lists(st.text(alphabet="ab c\u00e9\u4e2d\n", min_size=1, max_size=6), min_size=1, max_size=8),
        ignore_case=st.booleans())
@@ -247,9 +247,11 @@ def test_run_borrowing_on_a_world_dir_with_embeddings_and_cli(tmp_path):
     assert (tmp_path / "o3" / "labels_fig8.png").is_file()
 
 
+@pytest.mark.slow
 def test_counterfactual_borrowing_with_a_real_tiny_tuning_run(tiny_model_dir, tmp_path):
-    """One real retrain per arm (itlens.tune, full fine-tuning of the tiny Llama): a value that only the
-    removed source instance carries cannot be produced any more."""
+    """One real retrain per arm (itlens.tune, full fine-tuning of the tiny Llama). The tiny random-init
+    model memorises rather than generalises, so the asked question is its source's own: the value
+    persists when another instance is removed and disappears when the source is."""
     from itlens.generate import generate_responses
     from itlens.io import atomic_write_jsonl
     from itlens.tune import TuneConfig, tune
@@ -268,14 +270,14 @@ def test_counterfactual_borrowing_with_a_real_tiny_tuning_run(tiny_model_dir, tm
                                warmup=0, lr_scheduler="constant", progress=False, seed=0), out)
 
     def answer_fn(model_dir, records):
-        rows = generate_responses(str(model_dir), records, max_new_tokens=8, batch_size=4)
+        rows = generate_responses(str(model_dir), records, max_new_tokens=16, batch_size=4)
         return {r["id"]: r["response"] for r in rows}
 
     def value_fn(rec, text):
         return next((v for v in ("zorbex", "quiml", "paxto", "fenwy") if v in text), None)
 
-    case = {"record": {"id": "q", "instruction": "where was anvar pell born?"}, "value": "zorbex", "sources": ["it:0"]}
+    case = {"record": {"id": "q", "instruction": "where was anvar solt born?"}, "value": "zorbex", "sources": ["it:0"]}
     res = counterfactual_borrowing([case], it, tune_fn, answer_fn, value_fn, seed=1)
     assert runs == [3, 3]  # one retrain without the source, one without a random other instance
-    assert res["persist_ablated"] == 0.0
-    assert res["cases"][0]["sources"] == ["it:0"] and "persists_control" in res["cases"][0]
+    assert (res["persist_control"], res["persist_ablated"], res["effect"]) == (1.0, 0.0, 1.0)
+    assert res["cases"][0]["sources"] == ["it:0"]

@@ -93,7 +93,8 @@ def test_cli_data_commands(tmp_path, capsys):
     scores.write_text('{"id": "r:0", "score": "high"}\n')
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        main(["data", "filter", str(src), "--scores", str(scores), "--threshold", "4", "--out", str(tmp_path / "g.jsonl")])
+        main(["data", "filter", str(src), "--scores", str(scores), "--threshold", "4",
+              "--out", str(tmp_path / "g.jsonl")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "scores.jsonl:1" in err and "score" in err
     assert not (tmp_path / "g.jsonl").exists()

@@ -284,7 +284,8 @@ def test_two_process_ddp_trains(tiny_model_dir, it_file, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--base", str(tiny_model_dir), "--data", str(it_file), "--method", "full",
               "--set", "max_steps=2", "--set", "per_device_batch_size=2", "--set", "effective_batch_size=8",
-              "--set", "progress=false"]
+              "--set", "progress=false", "--set", "learning_rate=1e-2", "--set", "warmup=0",
+              "--set", "max_length=256"]
     accelerate = Path(sys.executable).with_name("accelerate")
     ddp = subprocess.run([str(accelerate), "launch", "--config_file",
                           str(REPO / "configs/accelerate/cpu_ddp_2proc.yaml"), "--main_process_port", "29541",

@@ -39,7 +39,7 @@ def _text(row: dict, field: str, at: Where, *, optional: bool = False, allow_emp
     if field not in row or row[field] is None:
         if optional:
             return ""
-        raise at.error("missing required field", field)
+        raise at.error("missing required field" if field not in row else "expected a string, got null", field)
     value = row[field]
     if not isinstance(value, str):
         raise at.error(f"expected a string, got {json.dumps(value, default=str)[:40]}", field)

@@ -79,10 +79,17 @@ def _summarise(records: list[dict], hits: list[bool]) -> dict[str, Any]:
             "by_group": {k: acc(v) for k, v in sorted(by_group.items())}}
 
 
-def cloze_accuracy(model, tokenizer, world: World, cloze_records: list[dict], *, batch_size: int = 32) -> dict:
-    """Share of cloze probes (``cloze.jsonl`` rows) whose gold value greedy decoding would produce."""
+def cloze_accuracy(model, tokenizer, world: World, cloze_records: list[dict], *, batch_size: int = 32,
+                   return_hits: bool = False) -> dict:
+    """Share of cloze probes (``cloze.jsonl`` rows) whose gold value greedy decoding would produce.
+
+    ``return_hits`` adds ``hits`` (one bool per probe) for paired tests between models."""
     items = [(r["prompt"], " " + r["answers"][0]) for r in cloze_records]
-    return _summarise(cloze_records, teacher_forced_hits(model, tokenizer, items, batch_size=batch_size))
+    hits = teacher_forced_hits(model, tokenizer, items, batch_size=batch_size)
+    out = _summarise(cloze_records, hits)
+    if return_hits:
+        out["hits"] = hits
+    return out
 
 
 def fewshot_qa_accuracy(model, tokenizer, world: World, records: list[dict], frame_text: str, *,

@@ -454,3 +454,505 @@ def _resolved(cfg: StudyConfig) -> dict:
         merged["method"] = v.method
         d["variants"][name]["tune_resolved"] = to_dict(from_dict(TuneConfig, merged))
     return d
+
+
+# ------------------------------------------------------------------------------------------ analyses
+def _load_variant_model(base_dir: Path, model_dir: Path, name: str):
+    from itlens.models import load_model
+
+    adapter = _adapter_or_none(model_dir)
+    if adapter:
+        return load_model(str(base_dir), adapter=adapter, name=name)
+    return load_model(str(model_dir), name=name)
+
+
+def describe_facts(eval_records: list[dict], responses: dict[str, str], world) -> list[dict]:
+    """Per multi-sentence 'describe' answer: facts stated, correct and wrong (exact, against the world).
+
+    A stated fact is an attribute whose value appears in the answer; it is wrong when it differs from
+    the person's value (for Unknown people every stated value is a hallucination the model cannot know).
+    """
+    rows = []
+    for rec in eval_records:
+        if rec.get("attribute") != "describe" or rec["id"] not in responses:
+            continue
+        person = world.person(rec["person"])
+        text = responses[rec["id"]]
+        stated = wrong = 0
+        for attr in world.attributes:
+            v = world.parse_value(attr, text)
+            if v is None:
+                continue
+            stated += 1
+            if rec.get("group") == "unknown" or v != person["attrs"][attr]:
+                wrong += 1
+        rows.append({"id": rec["id"], "group": rec.get("group"), "stated": stated, "wrong": wrong,
+                     "correct": stated - wrong, "chars": len(text)})
+    return rows
+
+
+def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], base_dirs, tuned_dirs, responses,
+                      shift_dirs, work: Path, *, frame_path: str = "") -> None:
+    """Knowledge, copying and borrowing for every model of one seed; writes analysis.json and items.json."""
+    from itlens.analysis.knowledge import accuracy_summary, degradation, grade_responses
+    from itlens.analysis.token_shift import read_shift
+
+    world = None
+    if world_dir is not None:
+        from itlens.world import World
+
+        world = World.load(world_dir)
+    eval_path = (world_dir / "eval.jsonl") if world_dir is not None else Path(cfg.eval_data)
+    eval_records = read_records(eval_path, "prompt")
+    models = ["base", *cfg.variants]
+    outputs = {m: read_records(responses[(seed, m)], "response") for m in models}
+    texts = {m: {r["id"]: r["response"] for r in outputs[m]} for m in models}
+    qa_records = [r for r in eval_records if world is None or r.get("attribute") in world.attributes]
+    primary_ctx = cfg.shift.base_contexts[0]
+    tokens = {v: read_shift(shift_dirs[(seed, v, primary_ctx)]).tokens for v in cfg.variants}
+    it_data = {v: read_records(work.parent / f"tuned-s{seed}-{v}" / "data.jsonl", "instruction")
+               for v in cfg.variants}
+    result: dict[str, Any] = {}
+    items: dict[str, Any] = {}
+
+    if cfg.analyses.knowledge:
+        graded = {m: grade_responses(qa_records, texts[m], world=world) for m in models}
+        know: dict[str, Any] = {"models": {m: accuracy_summary(graded[m], seed=seed) for m in models},
+                                "degradation": {m: degradation(graded["base"], graded[m], seed=seed)
+                                                for m in cfg.variants}}
+        items["qa"] = {m: [{"id": r["id"], "group": r["group"], "correct": r["correct"], "label": r["label"]}
+                           for r in graded[m]] for m in models}
+        if world is not None:
+            from itlens.probes import cloze_accuracy
+            from itlens.models import load_model
+
+            cloze = read_records(world_dir / "cloze.jsonl", "any")
+            know["cloze"] = {}
+            items["cloze"] = {}
+            for m in models:
+                lm = load_model(str(base_dirs[seed]), name="base") if m == "base" \
+                    else _load_variant_model(base_dirs[seed], tuned_dirs[(seed, m)], m)
+                res = cloze_accuracy(lm.model, lm.tokenizer, world, cloze, return_hits=True)
+                items["cloze"][m] = [int(h) for h in res.pop("hits")]
+                know["cloze"][m] = res
+            facts = {m: describe_facts(eval_records, texts[m], world) for m in models}
+            items["describe"] = facts
+            know["describe"] = {m: _describe_summary(facts[m]) for m in models}
+        result["knowledge"] = know
+
+    if cfg.analyses.copying:
+        from itlens.analysis.copying import copying_metrics
+
+        cop: dict[str, Any] = {"models": {}, "it": {}}
+        for v in cfg.variants:
+            m = copying_metrics(it_data[v], {v: outputs[v]}, tokens={v: tokens[v]})
+            cop["models"][v] = m["models"][v]
+            cop["it"][v] = m["it"]
+            cop["paper"] = m["paper"]
+        first = next(iter(cfg.variants))
+        cop["models"]["base"] = copying_metrics(it_data[first], {"base": outputs["base"]})["models"]["base"]
+        result["copying"] = cop
+
+    if cfg.analyses.borrowing:
+        from itlens.analysis.borrowing import borrowing_metrics
+
+        bor: dict[str, Any] = {"models": {}}
+        items["borrowing"] = {}
+        for m in models:
+            it_v = it_data[m] if m in it_data else it_data[next(iter(cfg.variants))]
+            met, spans = borrowing_metrics(it_v, {m: outputs[m]}, world=world, eval_records=qa_records,
+                                           tokens={m: tokens[m]} if m in tokens else None)
+            bor["models"][m] = met["models"][m]
+            bor["paper"] = met["paper"]
+            items["borrowing"][m] = [{k: s.get(k) for k in ("id", "group", "attribute", "value", "twin_value",
+                                                            "twin_in_it", "borrowed", "n_it")} for s in spans[m]]
+        result["borrowing"] = bor
+
+    shift: dict[str, Any] = {}
+    for v in cfg.variants:
+        shift[v] = {ctx: read_shift(shift_dirs[(seed, v, ctx)]).summary for ctx in cfg.shift.base_contexts}
+    result["shift"] = shift
+    atomic_write_json(work / "analysis.json", result)
+    atomic_write_json(work / "items.json", items)
+
+
+def _describe_summary(rows: list[dict]) -> dict:
+    out: dict[str, Any] = {"n": len(rows)}
+    for g in sorted({r["group"] for r in rows}):
+        rs = [r for r in rows if r["group"] == g]
+        stated = sum(r["stated"] for r in rs)
+        out[g] = {"n": len(rs), "facts_per_answer": stated / len(rs) if rs else None,
+                  "wrong_per_answer": sum(r["wrong"] for r in rs) / len(rs) if rs else None,
+                  "precision": (sum(r["correct"] for r in rs) / stated) if stated else None,
+                  "chars": sum(r["chars"] for r in rs) / len(rs) if rs else None}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ metrics
+SHIFT_SCALARS = ("shares", "mean_kl", "mean_p_base", "mean_rank_base", "figure1", "n_tokens", "sentence_kl",
+                 "emitted_is_tuned_top1")
+
+
+def _mean_of(xs: list) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _dig(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def aggregate_metrics(cfg: StudyConfig, plan: StudyPlan) -> dict:
+    """Pool every seed's analyses into ``metrics.json`` (deterministic: no timings, sorted keys)."""
+    seeds = cfg.seeds
+    an = {s: json.loads((plan.analysis_dirs[s] / "analysis.json").read_text()) for s in seeds}
+    items = {s: json.loads((plan.analysis_dirs[s] / "items.json").read_text()) for s in seeds}
+    models = ["base", *cfg.variants]
+    metrics: dict[str, Any] = {"study": {"name": cfg.name, "seeds": seeds,
+                                         "base": cfg.base or "pretrained on the synthetic world",
+                                         "variants": {v: to_dict(spec) for v, spec in cfg.variants.items()},
+                                         "base_contexts": cfg.shift.base_contexts, "shift_mode": cfg.shift.mode}}
+    if plan.world_dir is not None:
+        w = json.loads((plan.world_dir / "world.json").read_text())
+        metrics["world"] = {"counts": w.get("counts", {}), "attributes": w.get("attributes", [])}
+        pre = {s: _read_json(plan.base_dirs[s] / "pretrain_summary.json") for s in seeds}
+        metrics["world"]["base_probes"] = {str(s): _dig(pre[s], "knowledge", "base") for s in seeds}
+
+    per_model: dict[str, dict] = {}
+    for m in models:
+        row: dict[str, Any] = {}
+
+        def seeds_of(*path: str) -> list:
+            return [_dig(an[s], *path) for s in seeds]
+
+        for label, path in (("qa_acc_known", ("knowledge", "models", m, "by_group", "known_heldout", "acc")),
+                            ("qa_acc_unknown", ("knowledge", "models", m, "by_group", "unknown", "acc")),
+                            ("unknown_wrong_rate", ("knowledge", "models", m, "by_group", "unknown", "wrong_rate")),
+                            ("cloze_acc", ("knowledge", "cloze", m, "acc")),
+                            ("describe_precision_known", ("knowledge", "describe", m, "known_heldout", "precision")),
+                            ("describe_wrong_per_answer_known",
+                             ("knowledge", "describe", m, "known_heldout", "wrong_per_answer")),
+                            ("opening_reuse", ("copying", "models", m, "phrases", "opening", "output_share_frequent")),
+                            ("closing_reuse", ("copying", "models", m, "phrases", "closing", "output_share_frequent")),
+                            ("response_chars", ("copying", "models", m, "length", "chars_mean")),
+                            ("borrowing_unknown", ("borrowing", "models", m, "rates", "unknown", "observed")),
+                            ("borrowing_known_twin_in_it",
+                             ("borrowing", "models", m, "rates", "known_twin_in_it", "observed"))):
+            vals = seeds_of(*path)
+            row[label] = _mean_of(vals)
+            if len(seeds) > 1:
+                row[f"{label}_by_seed"] = vals
+        if m != "base":
+            ctx = cfg.shift.base_contexts[0]
+            for label, path in (("shifted_share", ("shift", m, ctx, "shares", "shifted")),
+                                ("marginal_share", ("shift", m, ctx, "shares", "marginal")),
+                                ("mean_kl", ("shift", m, ctx, "mean_kl")),
+                                ("mean_base_rank0", ("shift", m, ctx, "figure1", "base_rank"))):
+                row[label] = _mean_of(seeds_of(*path))
+            summ = [_read_json(plan.tuned_dirs[(s, m)] / "train_summary.json") for s in seeds]
+            row["train_final_loss"] = _mean_of([_dig(x, "final_loss") for x in summ])
+        per_model[m] = row
+    metrics["models"] = per_model
+
+    metrics["shift"] = {v: {ctx: {str(s): {k: _dig(an[s], "shift", v, ctx, k) for k in SHIFT_SCALARS}
+                                  for s in seeds} for ctx in cfg.shift.base_contexts} for v in cfg.variants}
+    for key in ("knowledge", "copying", "borrowing"):
+        metrics[key] = {str(s): an[s].get(key) for s in seeds}
+    if plan.judge_dirs:
+        metrics["judge"] = {m: {str(s): _read_json(plan.judge_dirs[(s, m)] / "summary.json") for s in seeds}
+                            for m in models}
+    metrics["findings"] = decide_findings(cfg, items, metrics)
+    return metrics
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ------------------------------------------------------------------------------------------ findings
+CLAIMS = {
+    "F1": "LFT keeps pre-trained knowledge; SFT degrades it.",
+    "F2": "Pattern copying hurts: imitating long, detailed IT responses adds hallucinated facts.",
+    "F3": "SFT hallucinates by borrowing from similar IT instances.",
+    "F4": "Popular improvements (NEFTune, filtering, simplification) do not beat plain LFT.",
+}
+PAPER_EVIDENCE = {
+    "F1": "TDS: SFT shifts far more than LFT (Fig. 1); LFT on 1K Tulu beats SFT on 326K in factuality (Fig. 3).",
+    "F2": "LIMA-Simple: 50.5% of LIMA-SFT answers hallucinate to prolong or in core facts; the simplified "
+          "model does not (Fig. 6).",
+    "F3": "87% of 1000 SFT hallucinated phrases are causally borrowed from IT instances vs 13.9% for LFT (Fig. 8).",
+    "F4": "AlpaGasus, WizardLM, NEFTune trained with SFT do not beat LFT on Alpaca 52K (Fig. 9).",
+}
+
+
+def _pooled(items: dict, kind: str, model: str, group: Optional[str] = None, field: str = "correct") -> list[float]:
+    out: list[float] = []
+    for s in sorted(items):
+        for r in (items[s].get(kind, {}).get(model) or []):
+            if group is None or r.get("group") == group:
+                out.append(float(r[field]))
+    return out
+
+
+def _finding(fid: str, holds: Optional[bool], test: str, summary: str, **evidence: Any) -> dict:
+    return {"id": fid, "claim": CLAIMS[fid], "holds": holds,
+            "evidence": {"test": test, "summary": summary, "paper": PAPER_EVIDENCE[fid], **evidence}}
+
+
+def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
+    """F1-F4, each decided by its stated test on per-item outcomes pooled over seeds."""
+    from itlens.analysis.stats import match_rate_permutation_test, paired_bootstrap, permutation_test_two_sample
+
+    fc = cfg.findings
+    alpha, nb = fc.alpha, fc.n_boot
+    conf = 1 - alpha
+    out = []
+
+    # F1: knowledge kept by LFT, lost by SFT (held-out Known facts never in the IT data)
+    if fc.lft in cfg.variants and fc.sft in cfg.variants and items[cfg.seeds[0]].get("qa"):
+        base = _pooled(items, "qa", "base", "known_heldout")
+        lft = _pooled(items, "qa", fc.lft, "known_heldout")
+        sft = _pooled(items, "qa", fc.sft, "known_heldout")
+        diff = paired_bootstrap(lft, sft, confidence=conf, n_resamples=nb)
+        deg_l = paired_bootstrap(base, lft, confidence=conf, n_resamples=nb)
+        deg_s = paired_bootstrap(base, sft, confidence=conf, n_resamples=nb)
+        cloze = {}
+        if items[cfg.seeds[0]].get("cloze"):
+            cb = [float(x) for s in cfg.seeds for x in items[s]["cloze"]["base"]]
+            cl = [float(x) for s in cfg.seeds for x in items[s]["cloze"][fc.lft]]
+            cs = [float(x) for s in cfg.seeds for x in items[s]["cloze"][fc.sft]]
+            cloze = {"cloze_sft_minus_lft": paired_bootstrap(cl, cs, confidence=conf, n_resamples=nb),
+                     "cloze_lft_minus_base": paired_bootstrap(cb, cl, confidence=conf, n_resamples=nb),
+                     "cloze_sft_minus_base": paired_bootstrap(cb, cs, confidence=conf, n_resamples=nb)}
+        holds = diff["high"] is not None and diff["high"] < 0 and diff["p_value"] < alpha
+        out.append(_finding(
+            "F1", holds,
+            f"paired bootstrap ({nb} resamples) and sign-flip test on held-out Known questions, pooled over "
+            f"seeds: holds iff SFT accuracy is below LFT accuracy with the {conf:.0%} CI of SFT-LFT below 0 and "
+            f"p < {alpha}",
+            f"QA accuracy on held-out Known people: base {_pct(base)}, LFT {_pct(lft)}, SFT {_pct(sft)}; "
+            f"SFT-LFT = {_pp(diff)}.",
+            sft_minus_lft=diff, lft_minus_base=deg_l, sft_minus_base=deg_s, **cloze))
+    else:
+        out.append(_finding("F1", None, "needs an LFT and an SFT variant and the knowledge analysis", "not measured"))
+
+    # F2: pattern copying (long 'knowledgeable' responses vs simplified) on multi-sentence answers
+    if fc.style_long and fc.style_simple and items[cfg.seeds[0]].get("describe"):
+        long_w = _pooled(items, "describe", fc.style_long, "known_heldout", "wrong")
+        simp_w = _pooled(items, "describe", fc.style_simple, "known_heldout", "wrong")
+        long_s = _pooled(items, "describe", fc.style_long, "known_heldout", "stated")
+        simp_s = _pooled(items, "describe", fc.style_simple, "known_heldout", "stated")
+        d = paired_bootstrap(simp_w, long_w, confidence=conf, n_resamples=nb)
+        holds = d["low"] is not None and d["low"] > 0 and d["p_value"] < alpha
+        out.append(_finding(
+            "F2", holds,
+            f"paired bootstrap on wrong facts per 'describe' answer about held-out Known people (exact, against "
+            f"the world), {fc.style_long} vs {fc.style_simple}, pooled over seeds: holds iff the long-style model "
+            f"states more wrong facts with the {conf:.0%} CI above 0 and p < {alpha}",
+            f"wrong facts per answer: {fc.style_long} {_mean_of(long_w) or 0:.2f} vs {fc.style_simple} "
+            f"{_mean_of(simp_w) or 0:.2f} (facts stated {_mean_of(long_s) or 0:.2f} vs {_mean_of(simp_s) or 0:.2f}); "
+            f"difference {_pp(d, scale=1, unit='')}.",
+            long_minus_simple_wrong=d, stated_long=_mean_of(long_s), stated_simple=_mean_of(simp_s)))
+    else:
+        out.append(_finding("F2", None, "needs findings.style_long and findings.style_simple variants",
+                            "not measured"))
+
+    # F3: borrowing from the designed similar IT instance, against chance
+    if fc.sft in cfg.variants and items[cfg.seeds[0]].get("borrowing"):
+        def hall(model: str) -> list[dict]:
+            return [h for s in cfg.seeds for h in items[s]["borrowing"].get(model, [])
+                    if h.get("twin_value") is not None and (h.get("group") == "unknown" or h.get("twin_in_it"))]
+
+        hs, hl, hb = hall(fc.sft), hall(fc.lft) if fc.lft in cfg.variants else [], hall("base")
+        test = match_rate_permutation_test([h["value"] for h in hs], [h["twin_value"] for h in hs],
+                                           strata=[h["attribute"] for h in hs], n_resamples=nb)
+        vs_lft = permutation_test_two_sample([float(h["borrowed"]) for h in hs], [float(h["borrowed"]) for h in hl],
+                                             alternative="greater", n_resamples=nb)
+        rate = lambda xs: (sum(h["borrowed"] for h in xs) / len(xs)) if xs else None  # noqa: E731
+        holds = test["p_value"] is not None and test["p_value"] < alpha
+        out.append(_finding(
+            "F3", holds,
+            f"permutation test ({nb} resamples): wrong values of {fc.sft} about people whose designed twin is in the "
+            f"IT data, compared with the twin's value, against twin values shuffled within attribute; holds iff "
+            f"p < {alpha}",
+            f"{fc.sft}: {_r(rate(hs))} of {len(hs)} wrong values equal the similar IT instance's value (chance "
+            f"{_r(test['null_mean'])}); {fc.lft}: {_r(rate(hl))} of {len(hl)}; base: {_r(rate(hb))} of {len(hb)}.",
+            sft=test, sft_vs_lft=vs_lft, rate_sft=rate(hs), rate_lft=rate(hl), rate_base=rate(hb),
+            n_sft=len(hs), n_lft=len(hl)))
+    else:
+        out.append(_finding("F3", None, "needs an SFT variant and the borrowing analysis", "not measured"))
+
+    # F4: improvements vs plain LFT
+    imps = [v for v in fc.improvements if v in cfg.variants]
+    if fc.lft in cfg.variants and imps and items[cfg.seeds[0]].get("qa"):
+        lft = _pooled(items, "qa", fc.lft, "known_heldout")
+        comps = {}
+        better = []
+        for v in imps:
+            d = paired_bootstrap(lft, _pooled(items, "qa", v, "known_heldout"), confidence=conf, n_resamples=nb)
+            comps[f"{v}_minus_lft"] = d
+            if d["low"] is not None and d["low"] > 0 and d["p_value"] < alpha:
+                better.append(v)
+        holds = not better
+        out.append(_finding(
+            "F4", holds,
+            f"paired bootstrap on held-out Known questions, each improvement minus {fc.lft}, pooled over seeds: "
+            f"holds iff no improvement is better with its {conf:.0%} CI above 0 and p < {alpha}",
+            "; ".join(f"{v}-{fc.lft} = {_pp(comps[f'{v}_minus_lft'])}" for v in imps)
+            + (f"; better than LFT: {', '.join(better)}" if better else "; none is better than LFT"),
+            **comps))
+    else:
+        out.append(_finding("F4", None, "needs an LFT variant and at least one improvement variant",
+                            "not measured"))
+    return out
+
+
+def _pct(xs: list[float]) -> str:
+    m = _mean_of(xs)
+    return "n/a" if m is None else f"{100 * m:.1f}%"
+
+
+def _r(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _pp(d: dict, scale: float = 100, unit: str = " pp") -> str:
+    if d.get("estimate") is None:
+        return "n/a"
+    return (f"{scale * d['estimate']:+.2f}{unit} [{scale * d['low']:+.2f}, {scale * d['high']:+.2f}], "
+            f"p={d.get('p_value', float('nan')):.3g}")
+
+
+# ------------------------------------------------------------------------------------------ figures
+def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) -> None:
+    """Redraw the paper's figures from this study into ``out/figures`` (+ ``index.json``) and token views."""
+    from itlens.analysis import shift_figures
+    from itlens.analysis.token_shift import read_shift
+    from itlens.plotting import plt, save_fig
+
+    fig_dir = out / "figures"
+    if fig_dir.exists():
+        shutil.rmtree(fig_dir)
+    fig_dir.mkdir(parents=True)
+    index: list[dict] = []
+    s0 = cfg.seeds[0]
+    an0 = json.loads((plan.analysis_dirs[s0] / "analysis.json").read_text())
+    models = ["base", *cfg.variants]
+
+    def add(file: str, section: str, title: str, caption: str, reference: str = "") -> None:
+        index.append({"file": file, "section": section, "title": title, "caption": caption, "reference": reference})
+
+    # knowledge: accuracy by model (pooled over seeds)
+    rows = metrics["models"]
+    keys = [("qa_acc_known", "QA, held-out Known"), ("cloze_acc", "cloze, all Known"),
+            ("qa_acc_unknown", "QA, Unknown (any answer is a guess)")]
+    keys = [k for k in keys if any(rows[m].get(k[0]) is not None for m in models)]
+    if keys:
+        fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(models) + 2), 3.2))
+        w = 0.8 / len(keys)
+        for j, (k, label) in enumerate(keys):
+            ax.bar([i + (j - (len(keys) - 1) / 2) * w for i in range(len(models))],
+                   [rows[m].get(k) or 0 for m in models], w, label=label)
+        ax.set_xticks(range(len(models)), models)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7)
+        ax.set_title("Knowledge after tuning (mean over seeds)")
+        save_fig(fig, fig_dir / "knowledge.png")
+        add("knowledge.png", "Knowledge (F1)", "Knowledge by model",
+            "Exact QA accuracy on held-out Known people (never in the IT data), cloze accuracy in the "
+            "pretraining format, and accuracy on Unknown people.",
+            "The paper infers knowledge degradation from TDS and GPT-4 factuality; it has no exact measure.")
+
+    # token shift: class shares per variant and base context
+    ctxs = cfg.shift.base_contexts
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(4.5 * len(ctxs), 3.2), squeeze=False)
+    from itlens.plotting import CLASS_COLORS
+
+    for ax, ctx in zip(axes[0], ctxs):
+        bottom = [0.0] * len(cfg.variants)
+        for c in ("unshifted", "marginal", "shifted"):
+            vals = [_mean_of([_dig(metrics["shift"][v][ctx][str(s)], "shares", c) for s in cfg.seeds]) or 0
+                    for v in cfg.variants]
+            ax.bar(list(cfg.variants), vals, bottom=bottom, color=CLASS_COLORS[c], label=c)
+            bottom = [b + x for b, x in zip(bottom, vals)]
+        ax.set_title(f"base context: {ctx}")
+        ax.set_ylim(0, 1)
+    axes[0][0].legend(fontsize=7)
+    save_fig(fig, fig_dir / "shift_shares.png")
+    add("shift_shares.png", "Token distribution shift", "Shift classes per tuned model",
+        "Share of response tokens whose rank under the base is 1 (unshifted), 2-3 (marginal) or >3 (shifted), "
+        "for each base context.", "URIAL: Llama-2-7b-chat 77.7 / 14.5 / 7.8%.")
+
+    primary = ctxs[0]
+    summaries = {v: read_shift(plan.shift_dirs[(s0, v, primary)]).summary for v in cfg.variants}
+    shift_figures.plot_figure4(summaries, fig_dir / "figure4.png")
+    add("figure4.png", "Token distribution shift", "Figure 4: sentence-level KL",
+        f"Mean KL over the first 5% of each sentence's tokens vs the rest (seed {s0}, {primary} context).",
+        "7B 1K: LFT 0.48 / 0.13 (+269%), SFT 1.08 / 0.59 (+83%).")
+    shift_figures.plot_position_curve(summaries, fig_dir / "position.png")
+    add("position.png", "Token distribution shift", "Where shifts occur",
+        "Shifted + marginal share and mean KL by relative position in the response.")
+    shift_figures.plot_figure12({v: summaries[v] for v in cfg.variants}, fig_dir / "figure12.png", top_n=25)
+    add("figure12.png", "Pattern copying (F2)", "Figure 12: most frequent shifted and marginal tokens",
+        f"Seed {s0}, {primary} context.", "LLaMa-2 7B: SFT 'also' ~157, LFT 'also' ~35, 'However', 'typically'.")
+    sized = {v: spec for v, spec in cfg.variants.items() if spec.size}
+    if sized:
+        series: dict[str, dict] = {}
+        for v, spec in cfg.variants.items():
+            key = f"{spec.method}_{spec.data}"
+            size = spec.size or int(json.loads((plan.tuned_dirs[(s0, v)].parent / "data_provenance.json")
+                                               .read_text())["n"])
+            series.setdefault(key, {})[size] = summaries[v]
+        shift_figures.plot_figure1(series, fig_dir / "figure1.png")
+        add("figure1.png", "Token distribution shift", "Figure 1: shift against IT dataset size",
+            "Mean KL, base probability of the tuned top-1 token and its 0-based base rank.",
+            "7B Alpaca KL: SFT 0.53-0.76, LFT 0.13-0.15 from 1K to 52K.")
+
+    # copying: lengths (Table 11) and tone
+    cop = an0.get("copying")
+    if cop:
+        from itlens.analysis.copying import plot_lengths, plot_tone
+
+        lengths = {"IT data": cop["it"][next(iter(cfg.variants))]["length"]}
+        lengths.update({m: cop["models"][m]["length"] for m in models if m in cop["models"]})
+        plot_lengths(lengths, fig_dir / "table11.png")
+        add("table11.png", "Pattern copying (F2)", "Table 11: response length, IT data vs outputs",
+            f"Seed {s0}.", "LIMA 1K 2504 vs SFT outputs 1164; Alpaca 270 vs 417; LIMA-simple 523 vs 542.")
+        tone = {v: cop["models"][v]["tone"] for v in cfg.variants if "tone" in cop["models"].get(v, {})}
+        if tone:
+            plot_tone(tone, fig_dir / "tone.png")
+            add("tone.png", "Pattern copying (F2)", "Tone imitation",
+                "Share of words starting with a shifted / marginal / unshifted token that occur in the IT data.",
+                "81.2% (shifted) and 66.7% (marginal).")
+    bor = an0.get("borrowing")
+    if bor:
+        from itlens.analysis.borrowing import plot_borrowing_rates
+
+        plot_borrowing_rates({m: bor["models"][m] for m in models if "rates" in bor["models"].get(m, {})},
+                             fig_dir / "borrowing.png")
+        add("borrowing.png", "Hallucination by borrowing (F3)", "Borrowing rate vs chance",
+            "How often a wrong value equals the value of the designed similar person, against the permutation "
+            f"null (seed {s0}).", "87% of SFT hallucinated phrases from IT vs 13.9% for LFT (Fig. 8).")
+    if plan.judge_dirs:
+        from itlens.judge.figures import write_judge_figures
+
+        for m in models:
+            summ = _read_json(plan.judge_dirs[(s0, m)] / "summary.json")
+            for p in write_judge_figures(summ, fig_dir / f"judge-{m}"):
+                rel = p.relative_to(fig_dir)
+                add(str(rel), "Judge", f"Judge radar: {m}", p.stem)
+    atomic_write_json(fig_dir / "index.json", index)
+
+    views = out / "views"
+    if views.exists():
+        shutil.rmtree(views)
+    views.mkdir()
+    for v in [x for x in (cfg.findings.lft, cfg.findings.sft) if x in cfg.variants] or list(cfg.variants)[:2]:
+        res = read_shift(plan.shift_dirs[(s0, v, primary)])
+        ids = list(dict.fromkeys(res.tokens["id"].tolist()))[: cfg.shift.views]
+        shift_figures.render_token_view(res, ids, views / f"{v}.html", title=f"{v} vs base ({primary} context)")

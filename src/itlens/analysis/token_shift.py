@@ -25,6 +25,7 @@ import dataclasses
 import io
 import math
 import re
+import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -100,6 +101,8 @@ class ShiftResult:
     records: dict = field(default_factory=dict, repr=False)
     """Response records by id (for the token view)."""
     tokenizer: Any = field(default=None, repr=False)
+    timings: dict = field(default_factory=dict)
+    """Seconds spent encoding, scoring (forward passes + metrics), building the table, summarising."""
 
 
 # -------------------------------------------------------------------------------------- models
@@ -287,36 +290,54 @@ def _add_special(tokenizer, text: str) -> bool:
     return not (bos and text.startswith(bos))
 
 
-def _encode(tokenizer, rec: dict, index: int, cfg: ShiftConfig, frame_text: str | None) -> _Encoded:
-    """Tokenize the tuned context and the response together; give the base its own context + same ids."""
+def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: str | None) -> list[_Encoded]:
+    """Tokenize each tuned context and response together; give the base its own context + the same ids.
+
+    The tokenizer runs once per side on the whole list (batched in Rust for fast tokenizers).
+    """
     from itlens.io import response_text
     from itlens.templates import chat_prompt, frame_prompt
 
-    prompt = chat_prompt(tokenizer, rec)
-    response = response_text(rec)
-    enc = tokenizer(prompt + response, add_special_tokens=_add_special(tokenizer, prompt),
-                    return_offsets_mapping=True)
-    ids, spans = enc["input_ids"], enc["offset_mapping"]
-    # The first token that ends inside the response starts it (a token straddling the boundary is
-    # predicted from the prompt alone, so it belongs to the response rows).
-    start = next((i for i, (s, e) in enumerate(spans) if e > len(prompt) and e > s), len(ids))
-    start = max(start, 1)  # the first response token needs at least one token of context
-    end = len(ids)
-    while end > start and spans[end - 1][1] <= spans[end - 1][0]:  # an appended eos is not the response's
-        end -= 1
-    ids = ids[:end]
-    response_ids = ids[start:]
-    offsets = [max(0, spans[i][0] - len(prompt)) for i in range(start, end)]
-    if cfg.base_context == "template":
-        base_ids, base_start = list(ids), start
-    else:
-        base_prompt = frame_prompt(frame_text, rec)
-        base_prefix = tokenizer(base_prompt, add_special_tokens=_add_special(tokenizer, base_prompt))["input_ids"]
-        base_ids, base_start = list(base_prefix) + list(response_ids), len(base_prefix)
-    starts = sentence_starts(response)
-    sentence = (np.searchsorted(np.asarray(starts), np.asarray(offsets, dtype=np.int64), side="right") - 1).tolist()
-    return _Encoded(index, rec["id"], list(ids), start, base_ids, base_start, list(response_ids), offsets,
-                    [max(0, s) for s in sentence])
+    if not records:
+        return []
+    prompts = [chat_prompt(tokenizer, r) for r in records]
+    responses = [response_text(r) for r in records]
+    joint = _tokenize(tokenizer, [p + r for p, r in zip(prompts, responses)], prompts, offsets=True)
+    base_prefixes = None
+    if cfg.base_context == "frame":
+        frames = [frame_prompt(frame_text, r) for r in records]
+        base_prefixes = _tokenize(tokenizer, frames, frames)["input_ids"]
+    out = []
+    for i, (rec, prompt, response) in enumerate(zip(records, prompts, responses)):
+        ids, spans = joint["input_ids"][i], joint["offset_mapping"][i]
+        # The first token that ends inside the response starts it (a token straddling the boundary is
+        # predicted from the prompt alone, so it belongs to the response rows).
+        start = next((j for j, (a, e) in enumerate(spans) if e > len(prompt) and e > a), len(ids))
+        start = max(start, 1)  # the first response token needs at least one token of context
+        end = len(ids)
+        while end > start and spans[end - 1][1] <= spans[end - 1][0]:  # an appended eos is not the response's
+            end -= 1
+        ids = list(ids[:end])
+        response_ids = ids[start:]
+        offsets = [max(0, spans[j][0] - len(prompt)) for j in range(start, end)]
+        if base_prefixes is None:
+            base_ids, base_start = list(ids), start
+        else:
+            base_ids, base_start = list(base_prefixes[i]) + response_ids, len(base_prefixes[i])
+        sentence = np.searchsorted(np.asarray(sentence_starts(response)), np.asarray(offsets, dtype=np.int64),
+                                   side="right") - 1
+        out.append(_Encoded(i, rec["id"], ids, start, base_ids, base_start, response_ids, offsets,
+                            np.maximum(sentence, 0).tolist()))
+    return out
+
+
+def _tokenize(tokenizer, texts: list[str], prompts: list[str], *, offsets: bool = False) -> dict:
+    """Batch-tokenize; BOS is added unless a text's prompt already starts with it (see _add_special)."""
+    flags = [_add_special(tokenizer, p) for p in prompts]
+    if all(flags) or not any(flags):
+        return tokenizer(texts, add_special_tokens=flags[0] if flags else True, return_offsets_mapping=offsets)
+    parts = [tokenizer([t], add_special_tokens=f, return_offsets_mapping=offsets) for t, f in zip(texts, flags)]
+    return {k: [p[k][0] for p in parts] for k in parts[0]}
 
 
 def _truncate(e: _Encoded, max_length: int) -> str:
@@ -488,11 +509,12 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     max_length = cfg.max_length or _max_length(base_s, tuned_s)
     strings = _TokenStrings(tok)
 
-    encoded, status = [], {"ok": 0, "truncated": 0, "skipped": 0}
-    for i, rec in enumerate(records):
-        e = _encode(tok, rec, i, cfg, frame_text)
+    timings = {}
+    t0 = time.perf_counter()
+    encoded, status = _encode_all(tok, records, cfg, frame_text), {"ok": 0, "truncated": 0, "skipped": 0}
+    for e in encoded:
         status[_truncate(e, max_length)] += 1
-        encoded.append(e)
+    timings["encode_s"] = time.perf_counter() - t0
     if status["truncated"] or status["skipped"]:
         warnings.warn(f"{status['truncated'] + status['skipped']} of {len(records)} responses did not fit in "
                       f"{max_length} tokens and were truncated ({status['skipped']} left with no tokens)",
@@ -502,12 +524,14 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     vocab = (tuned_s.head.weight.shape[0] if tuned_s.head is not None else len(tok))
     chunk = max(1, int(cfg.chunk_mb * 2**20) // (vocab * 4 * 8))  # ~8 float32 [n, V] tensors live at once
     cols: dict[str, list] = {}
+    t0 = time.perf_counter()
     order = sorted((e for e in encoded if e.response_ids), key=lambda e: (len(e.tuned_ids), e.index))
     for b in range(0, len(order), cfg.batch_size):
         batch = order[b: b + cfg.batch_size]
         h_tuned = _gather_hidden(tuned_s, [(e.tuned_ids, e.tuned_start) for e in batch], pad)
         h_base = _gather_hidden(base_s, [(e.base_ids, e.base_start) for e in batch], pad)
         target = torch.tensor([t for e in batch for t in e.response_ids], device=h_tuned.device)
+        on_device: dict[str, list] = {}
         for c in range(0, len(target), chunk):
             zt = tuned_s.logits(h_tuned[c: c + chunk].to(tuned_s.device))
             zb = base_s.logits(h_base[c: c + chunk].to(base_s.device)).to(zt.device)
@@ -520,7 +544,9 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
                                    class_k=cfg.paper_class_k, rank_k=cfg.paper_rank_k)
                 out.update({f"paper_{k_}": v for k_, v in pm.items()})
             for k_, v in out.items():
-                cols.setdefault(k_, []).append(v.detach().cpu())
+                on_device.setdefault(k_, []).append(v.detach())
+        for k_, v in on_device.items():  # one device-to-host copy per column and batch
+            cols.setdefault(k_, []).append(torch.cat([x.to(v[0].device) for x in v]).cpu())
         for e in batch:
             n = len(e.response_ids)
             cols.setdefault("_index", []).append(torch.full((n,), e.index))
@@ -528,10 +554,15 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
             cols.setdefault("n_tokens", []).append(torch.full((n,), n))
             cols.setdefault("sentence", []).append(torch.tensor(e.sentence, dtype=torch.long))
             cols.setdefault("token_id", []).append(torch.tensor(e.response_ids, dtype=torch.long))
+    timings["score_s"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     data = {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in cols.items()}
     tokens = _build_frame(data, encoded, strings, cfg)
+    timings["table_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     summary = summarize(tokens, cfg, stopwords=load_stopwords() if cfg.stopwords else None)
+    timings["summary_s"] = time.perf_counter() - t0
     summary.update({
         "mode": cfg.mode, "base_context": cfg.base_context,
         "frame": (str(cfg.frame) if cfg.frame else "base_frame.txt") if cfg.base_context == "frame" else None,
@@ -541,7 +572,8 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         "head": {"base": "full_forward" if base_s.full_forward else "chunked",
                  "tuned": "full_forward" if tuned_s.full_forward else "chunked"},
     })
-    return ShiftResult(tokens=tokens, summary=summary, records={r["id"]: r for r in records}, tokenizer=tok)
+    return ShiftResult(tokens=tokens, summary=summary, records={r["id"]: r for r in records}, tokenizer=tok,
+                       timings=timings)
 
 
 def _gather_hidden(scorer: _Scorer, seqs: list[tuple[list[int], int]], pad: int):
@@ -666,7 +698,7 @@ def sentence_split_kl(tokens, first_frac: float = 0.05) -> dict:
 
 def token_counts(tokens, classes: Iterable[str], *, stopwords: set[str] | None = None, top: int | None = None):
     """Most frequent emitted tokens (stripped strings) among positions of the given classes."""
-    sel = tokens[tokens["shift_class"].isin(list(classes))]["token"].str.strip()
+    sel = tokens[tokens["shift_class"].isin(list(classes))]["token"].astype(str).str.strip()  # str: may be empty
     sel = sel[sel != ""]
     if stopwords:
         sel = sel[~sel.str.lower().isin(stopwords)]
@@ -679,7 +711,7 @@ def token_shift_rates(tokens, *, min_count: int = 1):
     """Per token string: occurrences, shifted count and the shift rate (AlignTDS ``shift_ratio``)."""
     import pandas as pd
 
-    t = tokens.assign(_tok=tokens["token"].str.strip(), _shifted=tokens["shift_class"] == "shifted")
+    t = tokens.assign(_tok=tokens["token"].astype(str).str.strip(), _shifted=tokens["shift_class"] == "shifted")
     g = t.groupby("_tok")["_shifted"].agg(["size", "sum"]).reset_index()
     g.columns = ["token", "count", "shifted"]
     g["rate"] = g["shifted"] / g["count"]

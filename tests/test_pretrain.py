@@ -1,0 +1,162 @@
+"""Pretraining the world's base model (tiny sizes): saves a plain HF model, deterministic, resumable;
+and the teacher-forced probes agree with greedy decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from itlens.pretrain import PretrainConfig, load_pretrain_config, pretrain
+from itlens.world import World, WorldConfig, build_world
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, batch_size=4, seq_len=64,
+            warmup_steps=2, threads=1, log_every=2, probe_every=4, probe_people=4, save_every=4)
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory) -> Path:
+    cfg = WorldConfig(n_families=3, n_unknown_pairs=1, n_bios=2, n_chatter=5, company_docs_per_employer=1,
+                      it_size=10, tokenizer_vocab_size=400)
+    return build_world(cfg, tmp_path_factory.mktemp("pw") / "world")
+
+
+@pytest.fixture(scope="module")
+def base_dir(world_dir, tmp_path_factory) -> Path:
+    return pretrain(PretrainConfig(steps=8, **TINY), world_dir, tmp_path_factory.mktemp("pb") / "base", log=lambda s: None)
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_pretrain_saves_a_plain_hf_model_with_logs_and_probes(base_dir, world_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    assert model.config.model_type == "llama" and model.config.hidden_size == 32
+    assert tok.convert_tokens_to_ids("<|end|>") in model.generation_config.eos_token_id
+    assert tok.chat_template and "<|assistant|>" in tok.chat_template
+    out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] >= 2
+    summary = json.loads((base_dir / "pretrain_summary.json").read_text())
+    base = summary["knowledge"]["base"]
+    assert 0 <= base["cloze_acc"] <= 1 and 0 <= base["qa_acc"] <= 1
+    assert base["cloze"]["n"] == 3 * 4 * 5 and base["qa"]["n"] == 3 * 2 * 5
+    assert set(base["cloze"]["by_group"]) == {"qa_it", "qa_only", "heldout", "control"}
+    assert summary["steps"] == 8 and summary["tokens_seen"] == 8 * 4 * 64 and summary["tokens_per_s"] > 0
+    rows = [json.loads(x) for x in (base_dir / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6, 8]
+    assert [r["step"] for r in rows if "cloze_acc" in r] == [4, 8]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    assert not (base_dir / "checkpoint").exists()
+
+
+def test_pretraining_lowers_the_loss_and_is_deterministic(world_dir, base_dir, tmp_path):
+    again = pretrain(PretrainConfig(steps=8, **TINY), world_dir, tmp_path / "again", log=lambda s: None)
+    a, b = _weights(base_dir), _weights(again)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    other = pretrain(PretrainConfig(steps=8, **{**TINY, "seed": 1}), world_dir, tmp_path / "other", log=lambda s: None)
+    assert any((a[k] != _weights(other)[k]).any() for k in a)
+    losses = [json.loads(x)["loss"] for x in (base_dir / "loss_log.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert losses[-1] < losses[0]
+
+
+def test_a_finished_run_is_reused(world_dir, base_dir):
+    before = (base_dir / "model.safetensors").stat().st_mtime_ns
+    msgs = []
+    pretrain(PretrainConfig(steps=8, **TINY), world_dir, base_dir, log=msgs.append)
+    assert "reusing" in msgs[0] and (base_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes_to_the_same_weights(world_dir, tmp_path):
+    cfg_path = tmp_path / "mini.yaml"
+    body = {**TINY, "steps": 200, "probe_every": 0, "save_every": 5, "log_every": 5}
+    cfg_path.write_text("pretrain:\n" + "".join(f"  {k}: {v}\n" for k, v in body.items()))
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "itlens.cli", "pretrain", str(cfg_path), "--world", str(world_dir),
+                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoint" / "state.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "pretrain_summary.json").exists(), "the run finished before it could be killed"
+    assert ckpt.exists()
+    msgs = []
+    pretrain(load_pretrain_config(cfg_path), world_dir, out, log=msgs.append)
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    assert summary["resumed_from_step"] >= 5 and any("resuming" in m for m in msgs)
+    steps = [json.loads(x)["step"] for x in (out / "loss_log.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == list(range(5, 201, 5))  # no gap, no duplicate rows across the kill
+    straight = pretrain(load_pretrain_config(cfg_path), world_dir, tmp_path / "straight", log=lambda s: None)
+    a, b = _weights(out), _weights(straight)
+    assert all(torch_equal(a[k], b[k]) for k in a)
+
+
+def torch_equal(x, y) -> bool:
+    return bool((x == y).all())
+
+
+def test_teacher_forced_probe_equals_greedy_decoding(base_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from itlens.probes import argmax_matches
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in
+               ("Tell me about the city", "The", "Where was the famous scientist born in the year")]
+    pairs = []
+    for p in prompts:
+        gen = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=4, do_sample=False, eos_token_id=None)[0, len(p):].tolist()
+        pairs.append((p, gen))
+        pairs.append((p, gen[:-1] + [(gen[-1] + 1) % len(tok)]))  # last token changed: not what greedy emits
+    assert argmax_matches(model, pairs, pad_id=tok.pad_token_id, batch_size=8) == [True, False] * 3
+    assert argmax_matches(model, pairs, pad_id=tok.pad_token_id, batch_size=1) == [True, False] * 3
+
+
+def test_probes_on_a_world(base_dir, world_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from itlens.probes import cloze_accuracy, fewshot_qa_accuracy
+
+    world = World.load(world_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    cloze = cloze_accuracy(model, tok, world, world.records("cloze"))
+    assert cloze["n"] == 60 and set(cloze["by_attribute"]) == set(world.attributes)
+    ev = world.records("eval")
+    qa = fewshot_qa_accuracy(model, tok, world, ev, world.frame_text())
+    assert qa["n"] == sum(r["attribute"] != "describe" for r in ev)
+    assert set(qa["by_group"]) == {"known_heldout", "unknown"}
+
+
+def test_bad_pretrain_config_exits_2_without_output(world_dir, tmp_path, capsys):
+    from itlens.cli import main
+
+    bad = tmp_path / "p.yaml"
+    bad.write_text("pretrain:\n  hidden_size: 30\n  num_heads: 4\n")
+    with pytest.raises(SystemExit) as ei:
+        main(["pretrain", str(bad), "--world", str(world_dir), "--out", str(tmp_path / "m")])
+    assert ei.value.code == 2 and "key 'pretrain.num_heads'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ei:
+        main(["pretrain", "--world", str(tmp_path), "--out", str(tmp_path / "m")])
+    assert ei.value.code == 2 and "no world.json" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
