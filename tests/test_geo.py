@@ -75,6 +75,10 @@ def test_frames_load_and_exclude_it_and_eval_countries(geo_dir):
         assert text.endswith("# Query:\n{instruction}\n\n# Answer:\n")
         used = [n for n in names if n in text]
         assert used and all(names[n] == "frame" for n in used)
+    probe = sorted(p.name for p in (geo_dir / "probe_frames").glob("*.txt"))
+    assert "capital_0.txt" in probe and "capital_1.txt" in probe
+    capital = (geo_dir / "probe_frames" / "capital_0.txt").read_text()
+    assert capital.count("# Query:") == SMALL.frame_examples + 1 and "currency" not in capital
 
 
 def test_build_is_deterministic(geo_dir, tmp_path):

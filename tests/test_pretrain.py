@@ -29,7 +29,8 @@ def world_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_dir(world_dir, tmp_path_factory) -> Path:
-    return pretrain(PretrainConfig(steps=8, **TINY), world_dir, tmp_path_factory.mktemp("pb") / "base", log=lambda s: None)
+    out = tmp_path_factory.mktemp("pb") / "base"
+    return pretrain(PretrainConfig(steps=8, **TINY), world_dir, out, log=lambda s: None)
 
 
 def _weights(path: Path) -> dict:

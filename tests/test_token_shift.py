@@ -363,3 +363,16 @@ def test_cli_shift(tiny_model_dir, tiny_model_dir_b, tmp_path, frame_file, capsy
         main(["shift", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir_b), "--responses", str(resp),
               "--out", str(tmp_path / "none"), "--mode", "fast"])
     assert e.value.code == 2 and "mode" in capsys.readouterr().err
+
+
+def test_config_is_strict(tmp_path):
+    from itlens.config import load_config
+
+    cfg = load_config(ShiftConfig, None, ["mode=paper", "base_context=template", "chunk_mb=0.5"])
+    assert (cfg.mode, cfg.base_context, cfg.chunk_mb) == ("paper", "template", 0.5)
+    with pytest.raises(InputError, match="key 'batch_size'"):
+        load_config(ShiftConfig, None, ["batch_size=0"])
+    p = tmp_path / "shift.yaml"
+    p.write_text("mode: exact\nbase_contxt: frame\n")
+    with pytest.raises(InputError, match=r"shift.yaml: key 'base_contxt': unknown key"):
+        load_config(ShiftConfig, p)

@@ -93,7 +93,8 @@ def test_twins_are_placed_as_configured(world):
 
 
 def test_twins_off_gives_unique_first_names(tmp_path):
-    w = World.load(build_world(WorldConfig(**{**MICRO, "twins": False, "heldout_twin_in_it_share": 1.0}), tmp_path / "w"))
+    cfg = WorldConfig(**{**MICRO, "twins": False, "heldout_twin_in_it_share": 1.0})
+    w = World.load(build_world(cfg, tmp_path / "w"))
     firsts = [p["first"] for p in w.people]
     assert len(firsts) == len(set(firsts)) and all(p["twin"] is None for p in w.people)
 
@@ -119,7 +120,8 @@ def test_it_data_sizes_styles_and_phrasings(world):
     describe = [r for r in rows["assistant"] if r["attribute"] == DESCRIBE]
     assert describe and all(r["response_simple"].count(".") == len(world.attributes) for r in describe)
     # several phrasings per question
-    phrasings = Counter(r["instruction"].replace(world.person(r["person"])["name"], "{name}") for r in rows["assistant"])
+    phrasings = Counter(r["instruction"].replace(world.person(r["person"])["name"], "{name}")
+                        for r in rows["assistant"])
     assert len(phrasings) >= 2 * (len(world.attributes) + 1)
 
 
@@ -129,7 +131,8 @@ def test_eval_cloze_and_frame(world, micro_dir):
     assert len(ev) == (6 + 3) * (len(world.attributes) + 1)
     for r in ev:
         p = world.person(r["person"])
-        gold = [p["attrs"][a] for a in world.attributes] if r["attribute"] == DESCRIBE else [p["attrs"][r["attribute"]]]
+        a = r["attribute"]
+        gold = [p["attrs"][x] for x in world.attributes] if a == DESCRIBE else [p["attrs"][a]]
         assert r["answers"] == gold and r["id"].startswith("world-eval:")
     cloze = world.records("cloze")
     assert len(cloze) == 6 * 4 * len(world.attributes)

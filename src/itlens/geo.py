@@ -13,7 +13,8 @@ continents, main languages and land neighbours of countries (GeoNames data, CC-B
   ``person`` holds the country code (the entity-id field name shared with the world's records);
   ``twin`` is the most similar IT country (same continent, closest population), the likeliest source
   of a borrowed answer.
-- ``cloze.jsonl``, ``frame.txt`` (+ ``frame_K.txt``), ``facts.json`` (the ground truth and config).
+- ``cloze.jsonl``, ``frame.txt`` (+ ``frame_K.txt``: mixed exemplars, the base model's context),
+  ``probe_frames/<attribute>_<K>.txt`` (same-attribute exemplars, for probing), ``facts.json``.
 
 Known/Unknown per fact comes from probing a base model with greedy few-shot questions in several
 frames (a minimal SliCK, Gekhman et al. 2024): HighlyKnown if every frame's answer is right,
@@ -236,7 +237,9 @@ def build_geo(cfg: GeoConfig, out_dir: str | Path) -> Path:
                                "split": split[i]})
 
     # Frames: exemplar exchanges about countries that are in neither the IT data nor the evaluation.
-    frames = []
+    # Mixed frames (the base model's context in generation and token shift) and, for probing, frames
+    # whose exemplars ask about the same attribute as the probed fact (as SliCK's same-relation shots).
+    frames, probe_frames = [], {}
     for k in range(cfg.frames):
         chosen = [countries[i] for i in frame_ids[k * cfg.frame_examples:(k + 1) * cfg.frame_examples]]
         exchanges = []
@@ -245,6 +248,11 @@ def build_geo(cfg: GeoConfig, out_dir: str | Path) -> Path:
             attr = attrs[(k + j) % len(attrs)]
             exchanges.append((tpl["question"][attr][0].format(name=c["name"]), sentence(c, attr)))
         frames.append(_frame(exchanges))
+        for attr in cfg.attributes:
+            same = [c for c in chosen if attr in c["facts"]]
+            if same:
+                probe_frames[f"{attr}_{k}.txt"] = _frame(
+                    [(tpl["question"][attr][0].format(name=c["name"]), sentence(c, attr)) for c in same])
 
     facts = {"attributes": cfg.attributes,
              "countries": [{**c, "split": split[i]} for i, c in enumerate(countries) if i in split],
@@ -261,6 +269,8 @@ def build_geo(cfg: GeoConfig, out_dir: str | Path) -> Path:
         atomic_write_jsonl(tmp / "cloze.jsonl", cloze_rows)
         for k, text in enumerate(frames):
             atomic_write_text(tmp / ("frame.txt" if k == 0 else f"frame_{k}.txt"), text)
+        for name, text in probe_frames.items():
+            atomic_write_text(tmp / "probe_frames" / name, text)
     return out_dir
 
 
@@ -270,27 +280,51 @@ def frame_files(geo_dir: str | Path) -> list[Path]:
     return [geo_dir / "frame.txt", *sorted(geo_dir.glob("frame_*.txt"), key=lambda p: int(p.stem.split("_")[1]))]
 
 
-def probe_known(model, facts: list[dict], frames: list[str | Path], *, max_new_tokens: int = 16,
-                batch_size: int = 16) -> dict[tuple[str, str], dict]:
+def probe_frame_files(geo_dir: str | Path) -> dict[str, list[Path]]:
+    """Attribute -> its same-attribute probe frames (``probe_frames/<attribute>_<k>.txt``)."""
+    out: dict[str, list[Path]] = {}
+    for path in sorted((Path(geo_dir) / "probe_frames").glob("*.txt")):
+        attr, k = path.stem.rsplit("_", 1)
+        out.setdefault(attr, []).append(path)
+    return out
+
+
+def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, list[str | Path]], *,
+                max_new_tokens: int = 16, batch_size: int = 16) -> dict[tuple[str, str], dict]:
     """Ask ``model`` (greedy, in each few-shot frame) every ``{instruction, person, attribute, answers}``
     fact; return ``{(person, attribute): {"p_correct", "category", "known", "answers_given"}}``.
 
-    ``model``: anything :func:`itlens.generate.generate_responses` accepts (a LoadedModel or a path).
+    ``frames``: one list for every fact, or one list per attribute. Only the first line of an answer
+    is scored (a base model goes on with made-up exchanges). ``model``: anything
+    :func:`itlens.generate.generate_responses` accepts (a LoadedModel or a path).
     """
     from itlens.generate import generate_responses
+    from itlens.models import LoadedModel, load_model
 
-    prompts = [{"id": f"probe:{i}", "instruction": f["instruction"]} for i, f in enumerate(facts)]
+    if not isinstance(model, LoadedModel):
+        model = load_model(model)  # once, not once per frame
     hits = [0] * len(facts)
     given: list[list[str]] = [[] for _ in facts]
-    for frame in frames:
-        responses = generate_responses(model, prompts, mode="frame", frame=str(frame),
-                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
-        for i, (f, r) in enumerate(zip(facts, responses)):
-            hits[i] += match_answer(r["response"], f["answers"]) is not None
-            given[i].append(r["response"])
+    n_frames = [0] * len(facts)
+    by_attr: dict[str, list[int]] = {}
+    for i, f in enumerate(facts):
+        by_attr.setdefault(f["attribute"], []).append(i)
+    for attr, idx in sorted(by_attr.items()):
+        attr_frames = frames.get(attr, []) if isinstance(frames, dict) else frames
+        if not attr_frames:
+            raise InputError(f"no probe frame for attribute {attr!r}", field="frames")
+        prompts = [{"id": f"probe:{i}", "instruction": facts[i]["instruction"]} for i in idx]
+        for frame in attr_frames:
+            responses = generate_responses(model, prompts, mode="frame", frame=str(frame),
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+            for i, r in zip(idx, responses):
+                first_line = r["response"].strip().split("\n")[0]
+                hits[i] += match_answer(first_line, facts[i]["answers"]) is not None
+                given[i].append(first_line)
+                n_frames[i] += 1
     out = {}
     for i, f in enumerate(facts):
-        p = hits[i] / len(frames)
+        p = hits[i] / n_frames[i]
         category = "HighlyKnown" if p == 1 else "MaybeKnown" if p > 0 else "Unknown"
         out[(f["person"], f["attribute"])] = {"p_correct": p, "category": category, "known": p > 0,
                                               "answers_given": given[i]}
@@ -316,7 +350,8 @@ def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_s
     facts = [{"instruction": questions[(c["person"], c["attribute"])], "person": c["person"],
               "attribute": c["attribute"], "answers": c["answers"]} for c in cloze
              if (c["person"], c["attribute"]) in questions]
-    labels = probe_known(model, facts, frame_files(geo_dir), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    frames = probe_frame_files(geo_dir) or frame_files(geo_dir)
+    labels = probe_known(model, facts, frames, max_new_tokens=max_new_tokens, batch_size=batch_size)
     for r in eval_rows:
         lab = labels[(r["person"], r["attribute"])]
         r.update(known=lab["known"], category=lab["category"],

@@ -37,16 +37,16 @@ class PretrainConfig:
     """The base model's architecture and its pretraining run. Defaults are the CPU mini world's."""
 
     seed: int = field(default=0, metadata={"help": "Seed of the weight init and the data order."})
-    hidden_size: int = field(default=192, metadata={"help": "Model width (d_model)."})
+    hidden_size: int = field(default=96, metadata={"help": "Model width (d_model)."})
     num_layers: int = field(default=4, metadata={"help": "Transformer blocks."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads (hidden_size must be divisible by it)."})
-    intermediate_size: int = field(default=512, metadata={"help": "SwiGLU MLP width."})
+    intermediate_size: int = field(default=256, metadata={"help": "SwiGLU MLP width."})
     max_position_embeddings: int = field(default=1024, metadata={
         "help": "Longest sequence the model config allows (RoPE; the frame + a describe answer is ~250 tokens)."})
     steps: int = field(default=600, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=16, metadata={"help": "Sequences per step."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per step."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per packed sequence."})
-    lr: float = field(default=1.5e-3, metadata={"help": "Peak AdamW learning rate."})
+    lr: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "The cosine schedule ends at lr x this."})
     warmup_steps: int = field(default=60, metadata={"help": "Linear warmup steps."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only, not norms)."})
@@ -58,10 +58,10 @@ class PretrainConfig:
     threads: int = field(default=2, metadata={"help": "torch CPU threads (the machine is shared: keep it small)."})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu or cuda."})
     log_every: int = field(default=10, metadata={"help": "Steps between loss_log.jsonl rows."})
-    probe_every: int = field(default=100, metadata={"help": "Steps between knowledge probes (0: only at the end)."})
+    probe_every: int = field(default=150, metadata={"help": "Steps between knowledge probes (0: only at the end)."})
     probe_people: int = field(default=40, metadata={
         "help": "Known people probed during training (a fixed subset, for speed); the final probe uses all."})
-    save_every: int = field(default=50, metadata={"help": "Steps between resumable checkpoints (0: none)."})
+    save_every: int = field(default=100, metadata={"help": "Steps between resumable checkpoints (0: none)."})
 
     def validate(self) -> None:
         positive = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "batch_size", "seq_len",
@@ -285,11 +285,11 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
                                  "train_s": round(train_s, 2)})
                 bar.update(task, info=f"loss {loss_sum / loss_n:.3f}")
                 loss_sum, loss_n = 0.0, 0
+                atomic_write_jsonl(out_dir / "loss_log.jsonl", log_rows)  # rows after a checkpoint are redone
             if cfg.probe_every and step % cfg.probe_every == 0 and step < cfg.steps:
                 log_rows.append(probe_row())
                 bar.update(task, info=f"cloze {log_rows[-1]['cloze_acc']:.2f} qa {log_rows[-1]['qa_acc']:.2f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                atomic_write_jsonl(out_dir / "loss_log.jsonl", log_rows)
                 checkpoint()
             bar.update(task, completed=step)
 

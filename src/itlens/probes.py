@@ -28,8 +28,10 @@ def teacher_forced_hits(model, tokenizer, items: Iterable[tuple[str, str]], *, b
     target separately gives the same ids as tokenising their concatenation.
     """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    pairs = [(bos + tokenizer(p, add_special_tokens=False)["input_ids"], tokenizer(t, add_special_tokens=False)["input_ids"])
-             for p, t in items]
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    pairs = [(bos + ids(p), ids(t)) for p, t in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return argmax_matches(model, pairs, pad_id=pad, batch_size=batch_size)
 

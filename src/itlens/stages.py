@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -93,6 +94,8 @@ class StageRunner:
         t0 = time.perf_counter()
         stage.run(work)
         self.timings[stage.name] = time.perf_counter() - t0
+        if os.environ.get("ITLENS_TEST_KILL_AFTER") == stage.name:  # tests: die at the worst moment
+            os.kill(os.getpid(), signal.SIGKILL)
         key_file.unlink(missing_ok=True)
         atomic_write_json(work / "stage.json", {"name": stage.name, "hash": h, "deps": stage.deps})
         if final.exists():

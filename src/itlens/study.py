@@ -773,7 +773,7 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
         vs_lft = permutation_test_two_sample([float(h["borrowed"]) for h in hs], [float(h["borrowed"]) for h in hl],
                                              alternative="greater", n_resamples=nb)
         rate = lambda xs: (sum(h["borrowed"] for h in xs) / len(xs)) if xs else None  # noqa: E731
-        holds = test["p_value"] is not None and test["p_value"] < alpha
+        holds = None if not hs else bool(test["p_value"] is not None and test["p_value"] < alpha)
         out.append(_finding(
             "F3", holds,
             f"permutation test ({nb} resamples): wrong values of {fc.sft} about people whose designed twin is in the "

@@ -51,9 +51,9 @@ class WorldConfig:
 
     seed: int = field(default=0, metadata={"help": "Seed of the generator: equal seeds give byte-equal worlds."})
     # --- people
-    n_families: int = field(default=40, metadata={
+    n_families: int = field(default=24, metadata={
         "help": "Known families of 4 (roles qa_it, qa_only, heldout, control): 4 x this many Known people."})
-    n_unknown_pairs: int = field(default=20, metadata={
+    n_unknown_pairs: int = field(default=12, metadata={
         "help": "Unknown pairs (one in the IT data, one evaluated); Unknown people never appear in the corpus."})
     family_share_city: float = field(default=0.5, metadata={
         "help": "Probability that a family member has the family's birth city (else drawn at random)."})
@@ -83,7 +83,7 @@ class WorldConfig:
         "help": "Forum-style Q/A documents per qa_it/qa_only person, each asking every attribute once."})
     qa_describe: bool = field(default=True, metadata={
         "help": "Q/A documents also ask 'describe X' with a multi-sentence answer (teaches the base that format)."})
-    n_chatter: int = field(default=300, metadata={"help": "Generic filler documents (3-6 chatter sentences each)."})
+    n_chatter: int = field(default=100, metadata={"help": "Generic filler documents (3-6 chatter sentences each)."})
     company_docs_per_employer: int = field(default=4, metadata={
         "help": "Company -> city sentences per employer (one document each)."})
     # --- tokenizer
@@ -93,7 +93,7 @@ class WorldConfig:
         "help": "Train the tokenizer on a copy of the corpus with every person name replaced by a fresh random "
                 "syllable name, so Known and Unknown names split alike (else Known names become single tokens)."})
     # --- instruction data
-    it_size: int = field(default=360, metadata={
+    it_size: int = field(default=288, metadata={
         "help": "Number of IT examples. Facts (person x question) are covered once each before any repeats with "
                 "another phrasing."})
     it_unknown_share: float = field(default=1 / 3, metadata={
@@ -138,7 +138,8 @@ class WorldConfig:
         if self.it_unknown_share > 0 and self.n_unknown_pairs == 0 and self.it_size > 0:
             bad("it_unknown_share", "IT examples about Unknown people need n_unknown_pairs >= 1")
         if self.tokenizer_vocab_size < 300:
-            bad("tokenizer_vocab_size", f"expected at least 300 (256 bytes + specials), got {self.tokenizer_vocab_size}")
+            bad("tokenizer_vocab_size",
+                f"expected at least 300 (256 bytes + specials), got {self.tokenizer_vocab_size}")
         if not 1000 <= self.first_year <= 9999 - self.n_years:
             bad("first_year", "expected a four-digit year")
         if self.n_extra_facts > 4:
@@ -602,7 +603,8 @@ def build_world(cfg: WorldConfig, out_dir: str | Path) -> Path:
     from itlens.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(tokenizer_texts, vocab_size=cfg.tokenizer_vocab_size)
-    n_tokens = sum(len(ids) + 1 for ids in tokenizer([d["text"] for d in corpus], add_special_tokens=False)["input_ids"])
+    corpus_ids = tokenizer([d["text"] for d in corpus], add_special_tokens=False)["input_ids"]
+    n_tokens = sum(len(ids) + 1 for ids in corpus_ids)  # + BOS per document, as pretraining packs them
 
     data["counts"] = {
         "known": sum(p["status"] == "known" for p in people),

@@ -1,0 +1,122 @@
+"""`itlens study` end to end on a micro config: artifacts, cache, kill/resume, determinism, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MICRO = Path(__file__).parent / "configs" / "micro.yaml"
+KILL_POINTS = ["world", "base-s0", "tuned-s0-lft", "tuned-s0-sft", "gen-s0-sft", "shift-s0-sft-frame",
+               "analysis-s0"]
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "itlens.cli", *args], capture_output=True, text=True, env=e,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "micro"
+    r = run_cli(["study", str(MICRO), "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "report:" in r.stdout
+    return out
+
+
+def test_micro_study_writes_the_contract_artifacts(micro_run):
+    out = micro_run
+    for name in ("config.resolved.yaml", "metrics.json", "report.html"):
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("world", "models", "shift", "knowledge", "copying", "borrowing", "findings"):
+        assert key in m, key
+    assert set(m["models"]) == {"base", "lft", "sft", "neftune"}
+    assert [f["id"] for f in m["findings"]] == ["F1", "F2", "F3", "F4"]
+    for f in m["findings"]:
+        assert f["holds"] in (True, False, None) and f["claim"] and "evidence" in f
+    # F2 is not configured in the micro study: it must say so rather than guess
+    assert m["findings"][1]["holds"] is None
+    resolved = (out / "config.resolved.yaml").read_text()
+    assert "tune_resolved" in resolved and "learning_rate" in resolved
+    # a stage folder per model and analysis
+    assert (out / "tuned-s0-lft" / "model" / "adapter_config.json").is_file()
+    assert (out / "shift-s0-sft-frame" / "tokens.parquet").is_file()
+    assert (out / "shift-s0-sft-template" / "summary.json").is_file()
+    idx = json.loads((out / "figures" / "index.json").read_text())
+    assert len(idx) >= 6 and all((out / "figures" / f["file"]).is_file() for f in idx)
+
+
+def test_rerun_reuses_every_stage_and_is_byte_identical(micro_run):
+    before = (micro_run / "metrics.json").read_bytes()
+    r = run_cli(["study", str(MICRO), "--out", str(micro_run)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = json.loads((micro_run / "timings.json").read_text())
+    assert all(t["cached"].values()) and t["stages"] == {}
+    assert (micro_run / "metrics.json").read_bytes() == before
+    dry = run_cli(["study", str(MICRO), "--out", str(micro_run), "--dry-run"])
+    assert dry.returncode == 0 and "to run" not in dry.stdout and dry.stdout.count("cached") >= 10
+
+
+def test_two_runs_with_one_seed_are_byte_identical_and_a_killed_run_resumes(micro_run, tmp_path):
+    """SIGKILL at the worst moment of each kind of stage (work finished, not yet committed), rerun, and
+    compare with the uninterrupted run."""
+    out = tmp_path / "killed"
+    for stage in KILL_POINTS:
+        r = run_cli(["study", str(MICRO), "--out", str(out)], env={"ITLENS_TEST_KILL_AFTER": stage})
+        assert r.returncode == -9, (stage, r.returncode, r.stderr[-2000:])
+        assert not (out / "metrics.json").exists()
+        assert (out / f".{stage}.work").is_dir()
+    r = run_cli(["study", str(MICRO), "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not list(out.glob(".*.work"))
+    assert (out / "metrics.json").read_bytes() == (micro_run / "metrics.json").read_bytes()
+
+
+def test_report_renders_in_headless_chromium_without_console_errors(micro_run, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("Debian's chromium is not installed (make test installs it when it can)")
+    html = (micro_run / "report.html").read_text()
+    assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html
+    n_figs = len(json.loads((micro_run / "figures" / "index.json").read_text()))
+    assert html.count("<img") == n_figs
+    # Load the page, then count the images that decoded (naturalWidth > 0) and collect console errors.
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        "<!doctype html><html><body><script>"
+        "window.onerror=function(m){document.title='ERR '+m};"
+        "</script><iframe id=f src='" + (micro_run / "report.html").as_uri() + "' style='width:1200px;height:900px'>"
+        "</iframe><script>document.getElementById('f').onload=function(){var d=this.contentDocument;"
+        "var imgs=[].slice.call(d.images);var ok=imgs.filter(function(i){return i.complete&&i.naturalWidth>0});"
+        "document.title='IMAGES '+ok.length+'/'+imgs.length;};</script></body></html>")
+    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                        "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom",
+                        probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert f"IMAGES {n_figs}/{n_figs}" in r.stdout, r.stdout[-500:] + r.stderr[-1500:]
+    console_errors = [ln for ln in r.stderr.splitlines() if "CONSOLE" in ln and "ERROR" in ln.upper()]
+    assert not console_errors, console_errors
+
+
+def test_report_and_compare_commands(micro_run, tmp_path):
+    (micro_run / "report.html").unlink()
+    r = run_cli(["report", str(micro_run)])
+    assert r.returncode == 0 and (micro_run / "report.html").is_file()
+    other = tmp_path / "other"
+    shutil.copytree(micro_run, other)
+    m = json.loads((other / "metrics.json").read_text())
+    m["models"]["sft"]["qa_acc_known"] = 0.5
+    m["findings"][0]["holds"] = not m["findings"][0]["holds"]
+    (other / "metrics.json").write_text(json.dumps(m))
+    r = run_cli(["compare", str(micro_run), str(other)])
+    assert r.returncode == 0
+    assert "models.sft.qa_acc_known" in r.stdout and "F1" in r.stdout and "changed" in r.stdout
+    r = run_cli(["compare", str(micro_run), str(tmp_path / "nope")])
+    assert r.returncode == 2 and "metrics.json" in r.stderr
