@@ -314,7 +314,23 @@ def shift_cmd(
     flags = {"mode": mode, "base_context": base_context, "frame": frame, "batch_size": batch_size}
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(ShiftConfig, config, list(overrides or []) + extra)
-    result = compute_shift(base, tuned, responses, config=cfg)
+    from itlens.sharding import current_shard
+
+    shard = current_shard()  # under `accelerate launch`: score a share here, merge on the main process
+    if shard is not None and cfg.device == "auto":
+        cfg.device = shard.device
+    result = compute_shift(base, tuned, responses, config=cfg, shard=shard.spec if shard else None)
+    if shard is not None:
+        from itlens.analysis.token_shift import merge_shards
+        from itlens.io import read_records
+        from itlens.sharding import gather_to_main
+
+        parts = gather_to_main(shard, (result.tokens, result.summary))
+        if not shard.is_main:
+            return
+        tok = result.tokenizer
+        result = merge_shards(parts, read_records(responses, "response", allow_empty_file=True), cfg)
+        result.tokenizer = tok
     with atomic_dir(out) as tmp:
         write_shift(result, tmp)
         if view:

@@ -32,6 +32,12 @@ class GenerateConfig:
         "help": "Weights dtype: float32 on CPU keeps greedy tokens equal to teacher-forced argmax."})
     device: str = dataclasses.field(default="auto", metadata={
         "help": "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."})
+    backend: Literal["transformers", "vllm"] = dataclasses.field(default="transformers", metadata={
+        "help": "transformers (HF generate, the default) or vllm (an installed vLLM engine; same prompt "
+                "token ids, greedy, same stop rules)."})
+    vllm_args: dict = dataclasses.field(default_factory=dict, metadata={
+        "help": "Extra keyword arguments for vllm.LLM (e.g. tensor_parallel_size, gpu_memory_utilization, "
+                "max_model_len); backend=vllm only."})
 
 
 def render_prompts(tokenizer, prompts: list[dict], *, mode: str = "chat", frame: str | None = None) -> list[str]:
@@ -51,12 +57,14 @@ def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
 
 def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame: str | None = None,
                        max_new_tokens: int = 128, batch_size: int = 16, model_name: str | None = None,
-                       progress: bool = False) -> list[dict]:
+                       progress: bool = False, shard: tuple[int, int] | None = None) -> list[dict]:
     """Greedy answers to ``prompts`` (CONTRACT prompt records), as CONTRACT response records.
 
     ``model`` is a :class:`itlens.models.LoadedModel` or anything :func:`itlens.models.load_model`
     accepts. Each output is the prompt record plus ``response``, ``model``, ``mode``,
-    ``n_tokens`` (generated tokens) and ``finish`` (``stop`` or ``length``).
+    ``n_tokens`` (generated tokens) and ``finish`` (``stop`` or ``length``). ``shard=(rank, world)``
+    decodes only that process's batches (every world-th batch of the one-process plan, so each
+    prompt meets the same batch-mates and padding as in one process) and returns just those records.
     """
     import torch
 
@@ -69,16 +77,17 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     stop_ids = end_of_turn_ids(tok)
     stop_strings = [FRAME_STOP] if mode == "frame" else [END]
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
+    batches = batch_plan(encoded, batch_size)
+    if shard is not None:  # this process's share of the one-process batches (see itlens.sharding)
+        batches = batches[shard[0]::shard[1]]
     results: list[dict | None] = [None] * len(prompts)
     device = next(net.parameters()).device
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(prompts), desc=f"generate {lm.name}", unit="prompt")
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        bar = tqdm(total=sum(map(len, batches)), desc=f"generate {lm.name}", unit="prompt")
+    for idx in batches:
         batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
         with torch.inference_mode():
             out = net.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
@@ -86,35 +95,98 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
                                **({"stop_strings": stop_strings, "tokenizer": tok} if mode == "frame" else {}))
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
-            ids = new[row].tolist()
-            n = len(ids)
-            for k, t in enumerate(ids):
-                if t in stop_ids:
-                    n = k
-                    break
-            text, stopped = _cut(tok.decode(ids[:n], skip_special_tokens=True), stop_strings)
-            finish = "stop" if n < len(ids) or stopped or len(ids) < max_new_tokens else "length"
-            results[i] = {**prompts[i], "response": text.strip(), "model": model_name or lm.name,
-                          "mode": mode, "n_tokens": n, "finish": finish}
+            results[i] = _response_record(prompts[i], new[row].tolist(), tok, stop_ids, stop_strings,
+                                          max_new_tokens=max_new_tokens, mode=mode, model=model_name or lm.name)
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:
         bar.close()
-    return results  # type: ignore[return-value]
+    return [r for r in results if r is not None]
+
+
+def batch_plan(encoded: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices per decoding batch: longest first, so similar lengths share a batch (stable order)."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _response_record(prompt: dict, ids: list[int], tok, stop_ids, stop_strings, *, max_new_tokens: int,
+                     mode: str, model: str) -> dict:
+    """Generated ids -> a CONTRACT response record (cut at the first stop id, then at a stop string)."""
+    n = len(ids)
+    for k, t in enumerate(ids):
+        if t in stop_ids:
+            n = k
+            break
+    text, stopped = _cut(tok.decode(ids[:n], skip_special_tokens=True), stop_strings)
+    finish = "stop" if n < len(ids) or stopped or len(ids) < max_new_tokens else "length"
+    return {**prompt, "response": text.strip(), "model": model, "mode": mode, "n_tokens": n, "finish": finish}
 
 
 def generate_file(model: str, prompts_path: str | Path, out_path: str | Path, *, adapter: str | None = None,
                   cfg: GenerateConfig | None = None, model_name: str | None = None, progress: bool = True) -> Path:
-    """``itlens generate``: read prompts, load the model (and adapter), write responses atomically."""
+    """``itlens generate``: read prompts, load the model (and adapter), write responses atomically.
+
+    Under ``accelerate launch`` with several processes each process decodes its share of the batches
+    and the main process writes the merged file (the same as a one-process run; see itlens.sharding).
+    """
     from itlens.models import load_model
+    from itlens.sharding import current_shard, gather_to_main, merge_records
 
     cfg = cfg or GenerateConfig()
     prompts = read_records(prompts_path, "prompt")
+    if cfg.backend == "vllm":
+        rows = generate_responses_vllm(model, prompts, adapter=adapter, mode=cfg.mode, frame=cfg.frame or None,
+                                       max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype, model_name=model_name,
+                                       engine_args=cfg.vllm_args)
+        return atomic_write_jsonl(out_path, rows)
     import torch
 
+    shard = current_shard()
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if shard is not None and cfg.device == "auto":
+        device = shard.device  # one GPU per process
     lm = load_model(model, adapter=adapter, dtype=cfg.dtype, name=model_name, device=device)
     rows = generate_responses(lm, prompts, mode=cfg.mode, frame=cfg.frame or None,
                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                              model_name=model_name, progress=progress)
+                              model_name=model_name, progress=progress and (shard is None or shard.is_main),
+                              shard=shard.spec if shard else None)
+    if shard is not None:
+        parts = gather_to_main(shard, rows)
+        if not shard.is_main:
+            return Path(out_path)
+        rows = merge_records(parts, [p["id"] for p in prompts])
     return atomic_write_jsonl(out_path, rows)
+
+
+def generate_responses_vllm(model: str, prompts: list[dict], *, adapter: str | None = None, mode: str = "chat",
+                            frame: str | None = None, max_new_tokens: int = 128, dtype: str = "auto",
+                            model_name: str | None = None, engine_args: dict | None = None, llm=None) -> list[dict]:
+    """The same greedy answers through a vLLM engine (``backend: vllm``), as CONTRACT response records.
+
+    vLLM gets the exact prompt token ids the transformers backend decodes from, temperature 0, and
+    the same stop ids and strings; the records are built by the same code. ``llm`` reuses an engine.
+    """
+    from itlens.models import load_tokenizer, resolve_model
+
+    try:
+        import vllm
+    except ImportError:
+        raise InputError("vLLM is not installed (pip install vllm), use backend=transformers", key="backend") from None
+    if adapter is not None:
+        raise InputError("backend=vllm takes a full model dir: merge the LoRA adapter first "
+                         "(itlens tune --set merge_adapter=true)", key="backend")
+    path = resolve_model(model)
+    tok = load_tokenizer(path)
+    texts = render_prompts(tok, prompts, mode=mode, frame=frame)
+    stop_ids = end_of_turn_ids(tok)
+    stop_strings = [FRAME_STOP] if mode == "frame" else [END]
+    if llm is None:
+        llm = vllm.LLM(model=path, dtype=dtype, seed=0, **(engine_args or {}))
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=list(stop_ids),
+                                 stop=stop_strings if mode == "frame" else None, skip_special_tokens=True)
+    inputs = [{"prompt_token_ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    outputs = llm.generate(inputs, params, use_tqdm=False)
+    name = model_name or Path(path).name
+    return [_response_record(p, list(o.outputs[0].token_ids), tok, stop_ids, stop_strings,
+                             max_new_tokens=max_new_tokens, mode=mode, model=name) for p, o in zip(prompts, outputs)]

@@ -55,7 +55,9 @@ class PretrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
         "help": "Training precision: bf16 autocast, fp32, or auto (bf16 where the CPU has native bf16 "
                 "instructions or on a GPU, else fp32). Probes and the saved weights are always fp32."})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads (the machine is shared: keep it small)."})
+    threads: int = field(default=1, metadata={
+        "help": "torch CPU threads. Fixed, since results can differ bitwise across thread counts; on a busy shared "
+                "CPU more threads were slower (oversubscription)."})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu or cuda."})
     log_every: int = field(default=10, metadata={"help": "Steps between loss_log.jsonl rows."})
     probe_every: int = field(default=150, metadata={"help": "Steps between knowledge probes (0: only at the end)."})

@@ -75,10 +75,13 @@ class FindingsConfig:
 
     alpha: float = dataclasses.field(default=0.05, metadata={"help": "Significance level of every test."})
     n_boot: int = dataclasses.field(default=2000, metadata={"help": "Bootstrap / permutation resamples."})
-    lft: str = dataclasses.field(default="lft", metadata={"help": "The LoRA variant (F1, F3, F4 baseline)."})
-    sft: str = dataclasses.field(default="sft", metadata={"help": "The full fine-tuning variant (F1, F3)."})
-    improvements: list[str] = dataclasses.field(default_factory=lambda: ["neftune"], metadata={
-        "help": "Variants that stand for 'popular improvements' (F4), each compared with plain LFT."})
+    lft: str = dataclasses.field(default="", metadata={
+        "help": "The LoRA variant (F1, F3, F4 baseline); empty: the first variant with method lora."})
+    sft: str = dataclasses.field(default="", metadata={
+        "help": "The full fine-tuning variant (F1, F3); empty: the first variant with method full."})
+    improvements: Optional[list[str]] = dataclasses.field(default=None, metadata={
+        "help": "Variants that stand for 'popular improvements' (F4), each compared with plain LFT; "
+                "null: every neftune variant."})
     style_long: str = dataclasses.field(default="", metadata={
         "help": "F2: a variant tuned on long, detailed responses (the world's 'knowledgeable' style)."})
     style_simple: str = dataclasses.field(default="", metadata={
@@ -134,10 +137,40 @@ class StudyConfig:
 
 
 def load_study_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
-    """Load and fully validate a study config: every section against its stage's dataclass."""
+    """Load and fully validate a study config: every section against its stage's dataclass, and every
+    input file it names (so bad input fails before anything is written)."""
     cfg = load_config(StudyConfig, path, overrides)
     resolve_sections(cfg, file=str(path))
+    preflight(cfg, file=str(path))
     return cfg
+
+
+def preflight(cfg: StudyConfig, file: str | None = None) -> None:
+    """Check the files and models a study reads before any stage runs."""
+    from itlens.templates import load_frame
+
+    if cfg.world is None:
+        for key in ("it_data", "eval_data"):
+            if not getattr(cfg, key):
+                raise InputError("a study without a world needs this file", file=file, key=key)
+        read_records(cfg.it_data, "instruction")
+        read_records(cfg.eval_data, "prompt")
+        from itlens.models import resolve_model
+
+        resolve_model(cfg.base)
+    if cfg.frame:
+        load_frame(cfg.frame)
+    for name, v in cfg.variants.items():
+        if v.data != "it" and not v.data.startswith("it_"):
+            read_records(v.data, "instruction")
+        elif v.data.startswith("it_") and cfg.world is not None:
+            from itlens.world import STYLES
+
+            if v.data[3:] not in STYLES:
+                raise InputError(f"unknown IT style {v.data[3:]!r} (expected one of {list(STYLES)})", file=file,
+                                 key=f"variants.{name}.data")
+        if v.size < 0:
+            raise InputError(f"expected a non-negative size, got {v.size}", file=file, key=f"variants.{name}.size")
 
 
 def resolve_sections(cfg: StudyConfig, file: str | None = None) -> dict[str, Any]:
@@ -168,7 +201,7 @@ def resolve_sections(cfg: StudyConfig, file: str | None = None) -> dict[str, Any
         if v and v not in cfg.variants:
             raise InputError(f"names variant {v!r}, which the study does not define", file=file,
                              key=f"findings.{role}")
-    for v in cfg.findings.improvements:
+    for v in cfg.findings.improvements or []:
         if v not in cfg.variants:
             raise InputError(f"names variant {v!r}, which the study does not define", file=file,
                              key="findings.improvements")
@@ -707,7 +740,7 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
     """F1-F4, each decided by its stated test on per-item outcomes pooled over seeds."""
     from itlens.analysis.stats import match_rate_permutation_test, paired_bootstrap, permutation_test_two_sample
 
-    fc = cfg.findings
+    fc = finding_roles(cfg)
     alpha, nb = fc.alpha, fc.n_boot
     conf = 1 - alpha
     out = []
@@ -809,6 +842,16 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
         out.append(_finding("F4", None, "needs an LFT variant and at least one improvement variant",
                             "not measured"))
     return out
+
+
+def finding_roles(cfg: StudyConfig) -> FindingsConfig:
+    """The findings config with its automatic roles filled in (first lora / full variant, neftune ones)."""
+    fc = cfg.findings
+    first = lambda method: next((n for n, v in cfg.variants.items() if v.method == method), "")  # noqa: E731
+    return dataclasses.replace(
+        fc, lft=fc.lft or first("lora"), sft=fc.sft or first("full"),
+        improvements=fc.improvements if fc.improvements is not None
+        else [n for n, v in cfg.variants.items() if v.method == "neftune"])
 
 
 def _pct(xs: list[float]) -> str:
@@ -952,7 +995,8 @@ def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) ->
     if views.exists():
         shutil.rmtree(views)
     views.mkdir()
-    for v in [x for x in (cfg.findings.lft, cfg.findings.sft) if x in cfg.variants] or list(cfg.variants)[:2]:
+    roles = finding_roles(cfg)
+    for v in [x for x in (roles.lft, roles.sft) if x in cfg.variants] or list(cfg.variants)[:2]:
         res = read_shift(plan.shift_dirs[(s0, v, primary)])
         ids = list(dict.fromkeys(res.tokens["id"].tolist()))[: cfg.shift.views]
         shift_figures.render_token_view(res, ids, views / f"{v}.html", title=f"{v} vs base ({primary} context)")

@@ -332,11 +332,11 @@ class World:
         """
         rows = []
         qs = self.templates["question"]
-        for p in self.people:
+        for i, p in enumerate(self.people):
             if p["status"] != "known" or p["role"] not in roles:
                 continue
             for j, a in enumerate(self.attributes):
-                k = (int(p["id"][1:]) + j) % len(qs[a])
+                k = (i + j) % len(qs[a])
                 rows.append({"id": f"world-qa:{p['id']}:{a}", "instruction": _fill(qs[a][k], name=p["name"]),
                              "person": p["id"], "attribute": a, "answers": [p["attrs"][a]], "group": p["role"]})
         return rows

@@ -486,14 +486,16 @@ class _TokenStrings:
 
 # ---------------------------------------------------------------------------------- the engine
 def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, tokenizer=None,
-                  **overrides) -> ShiftResult:
+                  shard: tuple[int, int] | None = None, **overrides) -> ShiftResult:
     """Token distribution shift of ``responses`` between ``base`` and ``tuned``.
 
     ``base``/``tuned``: loaded causal LMs or paths (HF dir, hub id in the local cache; ``tuned`` may
     be a LoRA adapter dir or a PeftModel, whose base distribution then comes from the same model
     with the adapter disabled; ``base`` may then be None). ``responses``: CONTRACT response records
     (a list of dicts or a JSONL path). Keyword overrides set :class:`ShiftConfig` fields
-    (``mode=``, ``base_context=``, ``frame=``, ``batch_size=``, ...).
+    (``mode=``, ``base_context=``, ``frame=``, ``batch_size=``, ...). ``shard=(rank, world)`` scores
+    only every world-th batch of the one-process plan, starting at ``rank`` (the rows of those
+    responses; the summary's counts still cover all); :func:`merge_shards` joins the parts.
     """
     import pandas as pd
     import torch
@@ -526,8 +528,10 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     cols: dict[str, list] = {}
     t0 = time.perf_counter()
     order = sorted((e for e in encoded if e.response_ids), key=lambda e: (len(e.tuned_ids), e.index))
-    for b in range(0, len(order), cfg.batch_size):
-        batch = order[b: b + cfg.batch_size]
+    batches = [order[b: b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
+    if shard is not None:  # this process's share; each response keeps its one-process batch-mates
+        batches = batches[shard[0]::shard[1]]
+    for batch in batches:
         h_tuned = _gather_hidden(tuned_s, [(e.tuned_ids, e.tuned_start) for e in batch], pad)
         h_base = _gather_hidden(base_s, [(e.base_ids, e.base_start) for e in batch], pad)
         target = torch.tensor([t for e in batch for t in e.response_ids], device=h_tuned.device)
@@ -574,6 +578,26 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     })
     return ShiftResult(tokens=tokens, summary=summary, records={r["id"]: r for r in records}, tokenizer=tok,
                        timings=timings)
+
+
+def merge_shards(parts: list[tuple[Any, dict]], records: list[dict], cfg: ShiftConfig | None = None) -> ShiftResult:
+    """Join the (tokens, summary) of every shard of one run into the one-process result.
+
+    Rows are put in input order (``records``), and the aggregates are recomputed from the joined
+    table; the run-level fields (models, counts of truncated or empty responses) are the shards' own.
+    """
+    import pandas as pd
+
+    cfg = cfg or ShiftConfig()
+    tables = [t for t, _ in parts if len(t)] or [parts[0][0]]
+    tokens = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+    index = {r["id"]: i for i, r in enumerate(records)}
+    order = np.lexsort((tokens["pos"].to_numpy(), tokens["id"].map(index).to_numpy()))
+    tokens = tokens.iloc[order].reset_index(drop=True)
+    summary = summarize(tokens, cfg, stopwords=load_stopwords() if cfg.stopwords else None)
+    run_level = {k: v for k, v in parts[0][1].items() if k not in summary}
+    summary.update(run_level)
+    return ShiftResult(tokens=tokens, summary=summary, records={r["id"]: r for r in records})
 
 
 def _gather_hidden(scorer: _Scorer, seqs: list[tuple[list[int], int]], pad: int):

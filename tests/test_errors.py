@@ -1,0 +1,115 @@
+"""Bad input (docs/errors.md): each case exits 2 with one stderr line naming the file and the line or
+key, and leaves no output behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+MICRO = Path(__file__).parent / "configs" / "micro.yaml"
+
+
+def micro() -> dict:
+    return yaml.safe_load(MICRO.read_text())
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+GOOD_IT = [{"id": f"x:{i}", "instruction": f"q{i}", "response": f"a{i}"} for i in range(3)]
+GOOD_EVAL = [{"id": f"e:{i}", "instruction": f"q{i}"} for i in range(3)]
+
+
+def realdata_config(tmp: Path, model_dir: Path, **over) -> dict:
+    cfg = {"name": "real", "seeds": [0], "base": str(model_dir),
+           "it_data": str(jsonl(tmp / "it.jsonl", GOOD_IT)), "eval_data": str(jsonl(tmp / "eval.jsonl", GOOD_EVAL)),
+           "variants": {"lft": {"method": "lora"}}}
+    cfg.update(over)
+    return cfg
+
+
+# Each case: (name, how to build the config file or args, expected text in the error line)
+def _cases(tmp: Path, model_dir: Path):
+    counter = iter(range(1000))
+
+    def cfg_file(data: dict | str) -> Path:
+        p = tmp / f"study{next(counter)}.yaml"
+        p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+        return p
+
+    m = micro()
+    yield "malformed YAML", cfg_file("name: [unclosed\nseeds: 1\n"), "malformed YAML"
+    yield "not a mapping", cfg_file("- a\n- b\n"), "expected a YAML mapping"
+    yield "unknown top-level key", cfg_file({**m, "sedes": [0]}), "key 'sedes': unknown key"
+    yield "unknown nested key", cfg_file({**m, "world": {**m["world"], "n_famlies": 3}}), "key 'world.n_famlies'"
+    yield "wrong type", cfg_file({**m, "seeds": "zero"}), "key 'seeds': expected a list"
+    yield "wrong scalar type", cfg_file({**m, "pretrain": {**m["pretrain"], "steps": "many"}}), "key 'pretrain.steps'"
+    yield "unknown method", cfg_file({**m, "variants": {"x": {"method": "qlora"}}}), "key 'variants.x.method'"
+    yield "unknown tune key", cfg_file({**m, "variants": {"x": {"method": "lora", "tune": {"lr": 1}}}}), \
+        "variants.x.tune"
+    yield "bad shift mode", cfg_file({**m, "shift": {"mode": "approx"}}), "key 'shift.mode'"
+    yield "bad base context", cfg_file({**m, "shift": {"base_contexts": ["chat"]}}), "key 'shift.base_contexts'"
+    yield "duplicate seeds", cfg_file({**m, "seeds": [0, 0]}), "key 'seeds': duplicate seeds"
+    yield "no seeds", cfg_file({**m, "seeds": []}), "key 'seeds'"
+    yield "no variants", cfg_file({**m, "variants": {}}), "key 'variants'"
+    yield "finding names a missing variant", cfg_file({**m, "findings": {"sft": "full"}}), "key 'findings.sft'"
+    yield "unknown IT style", cfg_file({**m, "variants": {"x": {"method": "lora", "data": "it_poetic"}}}), \
+        "variants.x.data"
+    yield "invalid world knob", cfg_file({**m, "world": {**m["world"], "n_families": 0}}), "n_families"
+    yield "heads do not divide width", cfg_file({**m, "pretrain": {**m["pretrain"], "num_heads": 3}}), \
+        "num_heads"
+    yield "neither world nor base", cfg_file({k: v for k, v in m.items() if k not in ("world", "pretrain")}), \
+        "key 'world'"
+    yield "missing config file", tmp / "nope.yaml", "nope.yaml: file not found"
+    yield "missing IT data file", cfg_file(realdata_config(tmp, model_dir, it_data=str(tmp / "missing.jsonl"))), \
+        "missing.jsonl: file not found"
+    bad = jsonl(tmp / "bad.jsonl", [GOOD_IT[0], "{not json"])
+    yield "malformed JSONL line", cfg_file(realdata_config(tmp, model_dir, it_data=str(bad))), "bad.jsonl:2: malformed JSON"
+    dup = jsonl(tmp / "dup.jsonl", [GOOD_IT[0], GOOD_IT[0]])
+    yield "duplicate ids", cfg_file(realdata_config(tmp, model_dir, it_data=str(dup))), "dup.jsonl:2: field 'id': duplicate"
+    empty = jsonl(tmp / "empty.jsonl", [])
+    yield "empty dataset", cfg_file(realdata_config(tmp, model_dir, it_data=str(empty))), "empty.jsonl: dataset is empty"
+    nores = jsonl(tmp / "nores.jsonl", [{"id": "a", "instruction": "q"}])
+    yield "row without a response", cfg_file(realdata_config(tmp, model_dir, it_data=str(nores))), \
+        "nores.jsonl:1: field 'response'"
+    noinst = jsonl(tmp / "noinst.jsonl", [{"id": "a", "question": "q"}])
+    yield "eval row without an instruction", cfg_file(realdata_config(tmp, model_dir, eval_data=str(noinst))), \
+        "noinst.jsonl:1: field 'instruction'"
+    yield "missing base model", cfg_file(realdata_config(tmp, model_dir, base=str(tmp / "no-model"))), "no-model"
+    frame = tmp / "frame.txt"
+    frame.write_text("# Query:\n\n# Answer:\n")
+    yield "frame without placeholder", cfg_file(realdata_config(tmp, model_dir, frame=str(frame))), "{instruction}"
+
+
+def case_ids():
+    return [c[0] for c in _cases(Path("/tmp"), Path("/tmp"))]
+
+
+@pytest.mark.parametrize("case", case_ids())
+def test_bad_study_input_is_one_line_exit_2_and_no_output(case, tmp_path, tiny_model_dir):
+    cases = {name: (path, needle) for name, path, needle in _cases(tmp_path, tiny_model_dir)}
+    path, needle = cases[case]
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "itlens.cli", "study", str(path), "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, (case, r.returncode, r.stderr[-1500:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("itlens: error: "), r.stderr
+    assert needle in lines[0], (needle, lines[0])
+    assert not out.exists(), "a failed command must leave no output"
+
+
+def test_the_error_list_documents_every_case():
+    doc = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+    missing = [c for c in case_ids() if f"| {c} |" not in doc]
+    assert not missing, missing
+    assert len(case_ids()) >= 20
