@@ -64,14 +64,9 @@ def make_queries(texts: list[str], n: int, seed: int = 1, words_per_query: tuple
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=326_000)
-    ap.add_argument("--queries", type=int, default=2000)
-    ap.add_argument("--scan", type=int, default=200, help="queries checked against the brute-force scan")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_index.json"))
-    args = ap.parse_args()
-
+def run(*, n: int = 326_000, queries: int = 2000, scan_checked: int = 200) -> dict:
+    """Build the index over ``n`` synthetic instances, time the queries, check a sample; the result record."""
+    args = argparse.Namespace(n=n, queries=queries, scan=scan_checked)
     t0 = time.perf_counter()
     texts = synthetic_instances(args.n)
     gen_s = time.perf_counter() - t0
@@ -121,6 +116,17 @@ def main() -> None:
         "pass": bool(build_s <= 60 and statistics.fmean(lat) <= 5 and mismatches == 0),
         "machine": machine(), "versions": {k: versions()[k] for k in ("python", "numpy", "itlens")},
     }
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=326_000)
+    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--scan", type=int, default=200, help="queries checked against the brute-force scan")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_index.json"))
+    args = ap.parse_args()
+    result = run(n=args.n, queries=args.queries, scan_checked=args.scan)
     atomic_write_json(args.out, result)
     for k in ("n_instances", "total_bytes", "build_s", "index_mb", "peak_rss_mb", "query_ms_mean", "query_ms_median",
               "query_ms_p95", "query_ms_max", "single_word_ms_mean", "share_queries_found", "scan_mismatches", "scan_ms_mean", "pass"):

@@ -195,7 +195,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     save_fig(fig, path)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -214,7 +214,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_shift_<device>.json)")
     p.add_argument("--figure", default=None, help="PNG path (default docs/figures/bench_shift_<device>.png)")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Run the benchmark with these command-line arguments; returns the result record (writes nothing)."""
+    args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     from itlens.tokenizer import train_tokenizer
 
@@ -224,7 +229,6 @@ def main(argv=None) -> int:
     print(f"random Llama: {n_params / 1e6:.1f}M parameters, vocab {base.config.vocab_size}, {args.dtype} on "
           f"{args.device}", flush=True)
     rows = [run_length(args, tokenizer, base, tuned, int(n)) for n in args.lengths.split(",")]
-    dev = "cuda" if args.device.startswith("cuda") else "cpu"
     result = {
         "benchmark": "token shift: one-pass engine vs per-token loop vs bare forward passes",
         "model": {"params": n_params, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
@@ -233,6 +237,14 @@ def main(argv=None) -> int:
         "goals": {"speedup_vs_per_token_at_512": 100, "overhead_vs_bare_max": 0.25},
         "rows": rows, "machine": machine(), "versions": versions(),
     }
+    return result
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    result = run(argv)
+    rows, n_params = result["rows"], result["model"]["params"]
+    dev = "cuda" if args.device.startswith("cuda") else "cpu"
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_shift_{dev}.json"
     atomic_write_json(out, result)
     plot(rows, Path(args.figure) if args.figure else ROOT / "docs" / "figures" / f"bench_shift_{dev}.png",

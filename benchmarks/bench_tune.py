@@ -75,30 +75,24 @@ def itlens_tune(cfg: TuneConfig, work: Path) -> dict:
     return {"tokens": s["tokens"], "train_runtime_s": s["train_runtime_s"], "wall_s": wall}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--methods", default="full,lora")
-    a = ap.parse_args()
-
+def run(*, records: int = 512, rounds: int = 3, threads: int = 2, methods: str = "full,lora") -> dict:
+    """Alternate plain-TRL and itlens runs per method; returns the result record (medians and ratios)."""
     import torch
 
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_tune."))
     try:
         base = build_model(tmp / "base")
-        records = instruction_records(a.records)
-        data = atomic_write_jsonl(tmp / "it.jsonl", records)
+        recs = instruction_records(records)
+        data = atomic_write_jsonl(tmp / "it.jsonl", recs)
         rows = {}
-        for method in a.methods.split(","):
+        for method in methods.split(","):
             cfg = TuneConfig(base=str(base), data=str(data), method=method, epochs=1,
                              learning_rate=1e-3 if method == "lora" else 1e-4, effective_batch_size=8,
                              per_device_batch_size=8, max_length=256, progress=False)
             runs: dict[str, list[dict]] = {"trl": [], "itlens": []}
-            for i in range(a.rounds):
-                for name, fn in (("trl", lambda w: plain_trl(cfg, records, w)),
+            for i in range(rounds):
+                for name, fn in (("trl", lambda w: plain_trl(cfg, recs, w)),
                                  ("itlens", lambda w: itlens_tune(cfg, w))):
                     work = tmp / f"{method}-{name}-{i}"
                     runs[name].append(fn(work))
@@ -112,14 +106,24 @@ def main() -> None:
             rows[method] = med
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return {"benchmark": "tune_vs_plain_trl", "goal_ratio": 0.95, "records": records, "rounds": rounds,
+            "threads": threads, "results": rows, "machine": machine(), "versions": versions()}
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default="full,lora")
+    a = ap.parse_args()
+
+    result = run(records=a.records, rounds=a.rounds, threads=a.threads, methods=a.methods)
     print(f"{'method':8} {'TRL tok/s':>10} {'itlens tok/s':>13} {'ratio':>6} {'e2e ratio':>10}  (goal >= 0.95)")
-    for m, r in rows.items():
+    for m, r in result["results"].items():
         print(f"{m:8} {r['trl']['tokens_per_s']:10.0f} {r['itlens']['tokens_per_s']:13.0f} {r['ratio']:6.3f} "
               f"{r['ratio_end_to_end']:10.3f}")
-    atomic_write_json(RESULTS, {"benchmark": "tune_vs_plain_trl", "goal_ratio": 0.95, "records": a.records,
-                                "rounds": a.rounds, "threads": a.threads, "results": rows,
-                                "machine": machine(), "versions": versions()})
+    atomic_write_json(RESULTS, result)
     print(f"wrote {RESULTS}")
 
 

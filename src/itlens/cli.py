@@ -322,14 +322,14 @@ def shift_cmd(
     result = compute_shift(base, tuned, responses, config=cfg, shard=shard.spec if shard else None)
     if shard is not None:
         from itlens.analysis.token_shift import merge_shards
-        from itlens.io import read_records
-        from itlens.sharding import gather_to_main
+        from itlens.sharding import gather_to_main, report
 
         parts = gather_to_main(shard, (result.tokens, result.summary))
         if not shard.is_main:
             return
+        report("responses scored", [t["id"].nunique() for t, _ in parts])
         tok = result.tokenizer
-        result = merge_shards(parts, read_records(responses, "response", allow_empty_file=True), cfg)
+        result = merge_shards(parts, list(result.records.values()), cfg)  # records: input order
         result.tokenizer = tok
     with atomic_dir(out) as tmp:
         write_shift(result, tmp)

@@ -131,7 +131,7 @@ def generate_file(model: str, prompts_path: str | Path, out_path: str | Path, *,
     and the main process writes the merged file (the same as a one-process run; see itlens.sharding).
     """
     from itlens.models import load_model
-    from itlens.sharding import current_shard, gather_to_main, merge_records
+    from itlens.sharding import current_shard, gather_to_main, merge_records, report
 
     cfg = cfg or GenerateConfig()
     prompts = read_records(prompts_path, "prompt")
@@ -155,6 +155,7 @@ def generate_file(model: str, prompts_path: str | Path, out_path: str | Path, *,
         parts = gather_to_main(shard, rows)
         if not shard.is_main:
             return Path(out_path)
+        report("prompts", [len(part) for part in parts])
         rows = merge_records(parts, [p["id"] for p in prompts])
     return atomic_write_jsonl(out_path, rows)
 

@@ -65,7 +65,12 @@ def torch_dtype(name: str):
 
 
 def resolve_model(name_or_path: str | Path) -> str:
-    """A local dir as is; a hub id only when it is already in the local HF cache (no downloads)."""
+    """A local dir as is; ``packaged:NAME`` (a model shipped in a PyPI package) from the itlens cache;
+    a hub id only when it is already in the local HF cache (no downloads)."""
+    if str(name_or_path).startswith("packaged:"):
+        from itlens.packaged_models import resolve_packaged
+
+        return str(resolve_packaged(str(name_or_path)))
     p = Path(name_or_path)
     if p.is_dir():
         if not (p / "config.json").is_file() and not is_adapter_dir(p):

@@ -37,6 +37,19 @@ def _esc(x: Any) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, dict) and "estimate" in v:  # an estimate with its CI (and p-value)
+        if v["estimate"] is None:
+            return "n/a"
+        ci = f" [{v['low']:.4g}, {v['high']:.4g}]" if v.get("low") is not None else ""
+        p = f", p={v['p_value']:.3g}" if v.get("p_value") is not None else ""
+        return _esc(f"{v['estimate']:.4g}{ci}{p} (n={v.get('n', '?')})")
+    if isinstance(v, dict) and "observed" in v:  # a permutation test against chance
+        if v["observed"] is None:
+            return "n/a"
+        return _esc(f"observed {v['observed']:.3g} vs chance {v['null_mean']:.3g} "
+                    f"[{v['null_low']:.3g}, {v['null_high']:.3g}], p={v['p_value']:.3g} (n={v['n']})")
+    if v is None:
+        return "n/a"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(t, (int, float)) for t in v):
@@ -46,9 +59,9 @@ def _fmt(v: Any) -> str:
 
 def _kv_table(d: dict) -> str:
     rows = "".join(f"<tr><td>{_esc(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in d.items()
-                   if not isinstance(v, dict))
+                   if not isinstance(v, dict) or "estimate" in v or "observed" in v)
     nested = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(json.dumps(v, sort_keys=True))}</td></tr>"
-                     for k, v in d.items() if isinstance(v, dict))
+                     for k, v in d.items() if isinstance(v, dict) and "estimate" not in v and "observed" not in v)
     return f"<table>{rows}{nested}</table>"
 
 
@@ -70,6 +83,7 @@ def _finding_html(f: dict) -> str:
 
 
 def _models_table(models: dict) -> str:
+    """Metrics as rows, models as columns (mean over seeds; per-seed values in 'All metrics')."""
     if not models:
         return ""
     keys: list[str] = []
@@ -77,10 +91,11 @@ def _models_table(models: dict) -> str:
         for k, v in m.items():
             if not isinstance(v, (dict, list)) and k not in keys:
                 keys.append(k)
-    head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
-    body = "".join("<tr><td>" + _esc(name) + "</td>" + "".join(f"<td>{_fmt(m.get(k, ''))}</td>" for k in keys)
-                   + "</tr>" for name, m in models.items())
-    return f"<table><tr><th>model</th>{head}</tr>{body}</table>"
+    names = list(models)
+    head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+    body = "".join("<tr><td>" + _esc(k) + "</td>" + "".join(f"<td>{_fmt(models[n].get(k))}</td>" for n in names)
+                   + "</tr>" for k in keys)
+    return f"<table><tr><th>metric (mean over seeds)</th>{head}</tr>{body}</table>"
 
 
 def render_report(study_dir: str | Path) -> Path:

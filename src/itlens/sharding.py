@@ -66,6 +66,13 @@ def merge_records(parts: list[list[dict]], order: list[str]) -> list[dict]:
     return [by_id[i] for i in order]
 
 
+def report(what: str, counts: list[int]) -> None:
+    """One stderr line saying how the work was split (e.g. ``sharded over 2 processes: 4 + 3 prompts``)."""
+    import sys
+
+    print(f"itlens: sharded over {len(counts)} processes: {' + '.join(map(str, counts))} {what}", file=sys.stderr)
+
+
 def barrier(shard: Shard | None) -> None:
     if shard is not None:
         shard.state.wait_for_everyone()

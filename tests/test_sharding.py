@@ -1,0 +1,92 @@
+"""Sharded token shift and generation: two CPU processes under accelerate give the one-process output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from itlens.cli import main as cli_main
+from itlens.io import atomic_write_jsonl
+
+torch.set_num_threads(1)  # the launched processes run with one thread each; same kernels, same numbers
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _launch(commands: list[list[str]], port: int) -> subprocess.CompletedProcess:
+    """``accelerate launch`` two CPU processes (gloo) running the itlens CLI commands one after another."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [a for i, c in enumerate(commands) for a in ((["---"] if i else []) + c)]
+    return subprocess.run([str(accelerate), "launch", "--config_file", str(REPO / "configs/accelerate/cpu_ddp_2proc.yaml"),
+                           "--num_processes", "2", "--main_process_port", str(port),
+                           str(REPO / "tests" / "cli_sequence.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=240)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_shift_and_generations(tiny_model_dir, tiny_model_dir_b, it_records,
+                                                                  tmp_path):
+    import pandas as pd
+
+    # 11 responses of varied length (one empty) at batch 2: 5 full batches + 1 partial, split 3 / 3.
+    responses = [{"id": r["id"], "instruction": r["instruction"], "model": "b",
+                  "response": r["response"] + " the city" * (i % 4)} for i, r in enumerate(it_records[:10])]
+    responses.insert(4, {"id": "toy:empty", "instruction": "what?", "response": "", "model": "b"})
+    rfile = atomic_write_jsonl(tmp_path / "responses.jsonl", responses)
+    pfile = atomic_write_jsonl(tmp_path / "prompts.jsonl",
+                               [{"id": r["id"], "instruction": r["instruction"] + " north" * (i % 3), "extra": i}
+                                for i, r in enumerate(it_records[:7])])
+    shift = ["shift", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir_b), "--responses", str(rfile),
+             "--batch-size", "2", "--view", "0", "--base-context", "template"]
+    gen = ["generate", "--model", str(tiny_model_dir), "--prompts", str(pfile), "--set", "batch_size=3",
+           "--set", "max_new_tokens=6"]
+
+    cli_main([*shift, "--out", str(tmp_path / "shift1")])
+    cli_main([*gen, "--out", str(tmp_path / "gen1.jsonl")])
+    two = _launch([[*shift, "--out", str(tmp_path / "shift2")], [*gen, "--out", str(tmp_path / "gen2.jsonl")]], 29547)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "sharded over 2 processes: 6 + 4 responses scored" in two.stderr  # 5 batches, round-robin
+    assert "sharded over 2 processes: 4 + 3 prompts" in two.stderr  # batches of 3, 3, 1
+
+    one_t = pd.read_parquet(tmp_path / "shift1" / "tokens.parquet")
+    two_t = pd.read_parquet(tmp_path / "shift2" / "tokens.parquet")
+    assert one_t["id"].nunique() == 10 and len(one_t) > 100
+    pd.testing.assert_frame_equal(one_t, two_t, check_exact=True)
+    one_s = json.loads((tmp_path / "shift1" / "summary.json").read_text())
+    assert one_s == json.loads((tmp_path / "shift2" / "summary.json").read_text())
+    assert one_s["n_empty"] == 1 and one_s["n_responses"] == 11
+
+    one_g = (tmp_path / "gen1.jsonl").read_text()
+    assert (tmp_path / "gen2.jsonl").read_text() == one_g
+    assert [json.loads(x)["id"] for x in one_g.splitlines()] == [f"toy:{i}" for i in range(7)]
+
+
+def test_a_shard_scores_only_its_batches(tiny_model_dir, tiny_model_dir_b, it_records):
+    """The in-process half of sharding: shards partition the rows, and merging restores the whole."""
+    import pandas as pd
+
+    from itlens.analysis.token_shift import compute_shift, merge_shards
+    from itlens.generate import generate_responses
+    from itlens.models import load_model
+
+    recs = [{**r, "model": "b"} for r in it_records[:5]]
+    opts = {"batch_size": 2, "view_top_k": 0, "base_context": "template"}
+    whole = compute_shift(str(tiny_model_dir), str(tiny_model_dir_b), recs, **opts)
+    parts = [compute_shift(str(tiny_model_dir), str(tiny_model_dir_b), recs, shard=(r, 2), **opts) for r in range(2)]
+    ids = [set(p.tokens["id"]) for p in parts]
+    assert ids[0].isdisjoint(ids[1]) and len(ids[0]) == 3 and len(ids[1]) == 2  # batches 0, 2 | 1
+    merged = merge_shards([(p.tokens, p.summary) for p in parts], recs)
+    pd.testing.assert_frame_equal(merged.tokens, whole.tokens, check_exact=True)
+    assert merged.summary == whole.summary
+
+    lm = load_model(tiny_model_dir)
+    prompts = [{"id": r["id"], "instruction": r["instruction"]} for r in it_records[:5]]
+    rows = [generate_responses(lm, prompts, max_new_tokens=4, batch_size=2, shard=(r, 2)) for r in range(2)]
+    assert [len(x) for x in rows] == [3, 2]
+    assert {r["id"] for x in rows for r in x} == {p["id"] for p in prompts}
