@@ -15,7 +15,8 @@ vocabulary 32,000 as Llama-2; 0.95 B parameters) in bf16 mixed precision, in one
     python benchmarks/gpu/bench_gpu.py                  # on the GPU machine (a few minutes)
     .venv/bin/python benchmarks/gpu/bench_gpu.py --tiny # CPU smoke test of the same code (seconds)
 
-Writes ``benchmarks/results/gpu_<gpu>.json`` (``--out``), and a copy into ``$OUT`` when it is set.
+Writes ``benchmarks/results/gpu_<gpu>.json`` (``--out``; ``--tiny`` writes to the temp folder), and a
+copy into ``$OUT`` when it is set (the device tool's output folder).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def bench_train(a, device: str, peak: float | None) -> dict:
            "seconds": round(dt, 3), "step_s": round(dt / a.steps, 4), "tokens_per_s": round(tps, 1),
            "mfu": mfu(n_mm, tps, peak),
            "mfu_with_attention": ((6 * n_mm + attn_flops_per_token) * tps / (peak * 1e12)) if peak else None,
-           "final_loss": float(loss), "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
+           "final_loss": loss.item(), "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
                                                        if device.startswith("cuda") else None)}
     del model, step_fn_model, opt, batches
     gc.collect()
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = round(time.perf_counter() - t_all, 1)
 
     slug = re.sub(r"[^a-z0-9]+", "_", (gpu or "cpu").lower().replace("nvidia", "")).strip("_")
-    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"gpu_{'tiny_' if a.tiny else ''}{slug}.json"
+    default = Path(tempfile.gettempdir()) / "gpu_tiny.json" if a.tiny else ROOT / "benchmarks" / "results" / f"gpu_{slug}.json"
+    out = Path(a.out) if a.out else default  # a --tiny smoke test leaves the results folder alone
     atomic_write_json(out, result)
     if os.environ.get("OUT"):
         shutil.copy(out, Path(os.environ["OUT"]) / out.name)

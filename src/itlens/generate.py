@@ -135,14 +135,17 @@ def generate_file(model: str, prompts_path: str | Path, out_path: str | Path, *,
 
     cfg = cfg or GenerateConfig()
     prompts = read_records(prompts_path, "prompt")
+    shard = current_shard()
     if cfg.backend == "vllm":
+        if shard is not None:
+            raise InputError("backend=vllm runs in one process (it spreads over GPUs itself: set "
+                             "vllm_args.tensor_parallel_size); launch it without accelerate", key="backend")
         rows = generate_responses_vllm(model, prompts, adapter=adapter, mode=cfg.mode, frame=cfg.frame or None,
                                        max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype, model_name=model_name,
                                        engine_args=cfg.vllm_args)
         return atomic_write_jsonl(out_path, rows)
     import torch
 
-    shard = current_shard()
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if shard is not None and cfg.device == "auto":
         device = shard.device  # one GPU per process
