@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -117,7 +118,10 @@ class StudyConfig:
         "help": "JudgeConfig fields; null: no judge (findings that need one use exact measures instead)."})
     findings: FindingsConfig = dataclasses.field(default_factory=FindingsConfig, metadata={
         "help": "How findings F1-F4 are decided."})
-    threads: int = dataclasses.field(default=2, metadata={"help": "torch CPU threads."})
+    threads: int = dataclasses.field(default=2, metadata={"help": "torch CPU threads per process."})
+    workers: int = dataclasses.field(default=1, metadata={
+        "help": "Seeds run in parallel, one process each (after the shared world). On a 2-core CPU, "
+                "workers: 2 with threads: 1 roughly halves a 2-seed study."})
 
     def validate(self) -> None:
         if self.world is None and not self.base:
@@ -452,6 +456,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, dry_run: bool = False, log=p
     atomic_write_text(out / "config.resolved.yaml", to_yaml(_resolved(cfg)))
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if cfg.workers > 1 and len(cfg.seeds) > 1:
+        _run_seeds_in_parallel(cfg, plan, runner, out, log)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), transient=False) as progress:
         task = progress.add_task("study", total=len(plan.stages))
@@ -472,6 +478,41 @@ def run_study(cfg: StudyConfig, out: str | Path, *, dry_run: bool = False, log=p
     n_cached = sum(runner.cached.values())
     log(f"{n_cached}/{len(plan.stages)} stages reused from the cache")
     return report
+
+
+def _stage_seed(name: str) -> Optional[int]:
+    m = re.search(r"-s(\d+)(?:-|$)", name)
+    return int(m.group(1)) if m else None
+
+
+def _run_seeds_in_parallel(cfg: StudyConfig, plan: StudyPlan, runner: StageRunner, out: Path, log) -> None:
+    """Run the shared stages here, then each seed's chain in its own process (spawned, so each has
+    its own torch threads). The caller's sequential pass afterwards finds everything cached."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    for st in plan.stages:
+        if _stage_seed(st.name) is None:
+            runner.run(st)
+    with ProcessPoolExecutor(max_workers=min(cfg.workers, len(cfg.seeds)),
+                             mp_context=mp.get_context("spawn")) as pool:
+        futures = {seed: pool.submit(_run_seed_chain, cfg, str(out), seed) for seed in cfg.seeds}
+        for seed, fut in futures.items():
+            runner.timings.update(fut.result())
+            log(f"seed {seed}: done")
+
+
+def _run_seed_chain(cfg: StudyConfig, out: str, seed: int) -> dict[str, float]:
+    """Worker process: the stages of one seed (shared stages are only planned, they are cached)."""
+    plan = plan_study(cfg, Path(out))
+    runner = StageRunner(out, log=lambda m: print(f"[seed {seed}] {m}", flush=True))
+    for st in plan.stages:
+        s = _stage_seed(st.name)
+        if s is None:
+            runner.plan(st)
+        elif s == seed:
+            runner.run(st)
+    return runner.timings
 
 
 def _resolved(cfg: StudyConfig) -> dict:
@@ -499,15 +540,17 @@ def _load_variant_model(base_dir: Path, model_dir: Path, name: str):
     return load_model(str(model_dir), name=name)
 
 
-def describe_facts(eval_records: list[dict], responses: dict[str, str], world) -> list[dict]:
-    """Per multi-sentence 'describe' answer: facts stated, correct and wrong (exact, against the world).
+def stated_facts(eval_records: list[dict], responses: dict[str, str], world) -> list[dict]:
+    """Per answer: the facts it states about the person asked about, and how many are wrong (exact).
 
-    A stated fact is an attribute whose value appears in the answer; it is wrong when it differs from
-    the person's value (for Unknown people every stated value is a hallucination the model cannot know).
+    A stated fact is an attribute whose value appears in the answer (its first occurrence); it is wrong
+    when it differs from the person's value (for Unknown people every stated value is a guess the model
+    cannot know). ``has_wrong`` marks answers with at least one hallucinated fact: the analogue of the
+    paper's Figure 6 cases 4-5 (hallucinated to prolong the answer, or in core facts).
     """
     rows = []
     for rec in eval_records:
-        if rec.get("attribute") != "describe" or rec["id"] not in responses:
+        if rec["id"] not in responses or not rec.get("person"):
             continue
         person = world.person(rec["person"])
         text = responses[rec["id"]]
@@ -519,8 +562,9 @@ def describe_facts(eval_records: list[dict], responses: dict[str, str], world) -
             stated += 1
             if rec.get("group") == "unknown" or v != person["attrs"][attr]:
                 wrong += 1
-        rows.append({"id": rec["id"], "group": rec.get("group"), "stated": stated, "wrong": wrong,
-                     "correct": stated - wrong, "chars": len(text)})
+        rows.append({"id": rec["id"], "group": rec.get("group"), "kind": "describe" if rec.get("attribute") ==
+                     "describe" else "single", "stated": stated, "wrong": wrong, "correct": stated - wrong,
+                     "has_wrong": int(wrong > 0), "chars": len(text)})
     return rows
 
 
@@ -568,9 +612,9 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
                 res = cloze_accuracy(lm.model, lm.tokenizer, world, cloze, return_hits=True)
                 items["cloze"][m] = [int(h) for h in res.pop("hits")]
                 know["cloze"][m] = res
-            facts = {m: describe_facts(eval_records, texts[m], world) for m in models}
-            items["describe"] = facts
-            know["describe"] = {m: _describe_summary(facts[m]) for m in models}
+            facts = {m: stated_facts(eval_records, texts[m], world) for m in models}
+            items["facts"] = facts
+            know["facts"] = {m: _facts_summary(facts[m]) for m in models}
         result["knowledge"] = know
 
     if cfg.analyses.copying:
@@ -609,15 +653,16 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
     atomic_write_json(work / "items.json", items)
 
 
-def _describe_summary(rows: list[dict]) -> dict:
+def _facts_summary(rows: list[dict]) -> dict:
     out: dict[str, Any] = {"n": len(rows)}
     for g in sorted({r["group"] for r in rows}):
         rs = [r for r in rows if r["group"] == g]
         stated = sum(r["stated"] for r in rs)
-        out[g] = {"n": len(rs), "facts_per_answer": stated / len(rs) if rs else None,
-                  "wrong_per_answer": sum(r["wrong"] for r in rs) / len(rs) if rs else None,
+        out[g] = {"n": len(rs), "facts_per_answer": stated / len(rs),
+                  "wrong_per_answer": sum(r["wrong"] for r in rs) / len(rs),
+                  "answers_with_wrong_fact": sum(r["has_wrong"] for r in rs) / len(rs),
                   "precision": (sum(r["correct"] for r in rs) / stated) if stated else None,
-                  "chars": sum(r["chars"] for r in rs) / len(rs) if rs else None}
+                  "chars": sum(r["chars"] for r in rs) / len(rs)}
     return out
 
 
@@ -666,9 +711,10 @@ def aggregate_metrics(cfg: StudyConfig, plan: StudyPlan) -> dict:
                             ("qa_acc_unknown", ("knowledge", "models", m, "by_group", "unknown", "acc")),
                             ("unknown_wrong_rate", ("knowledge", "models", m, "by_group", "unknown", "wrong_rate")),
                             ("cloze_acc", ("knowledge", "cloze", m, "acc")),
-                            ("describe_precision_known", ("knowledge", "describe", m, "known_heldout", "precision")),
-                            ("describe_wrong_per_answer_known",
-                             ("knowledge", "describe", m, "known_heldout", "wrong_per_answer")),
+                            ("fact_precision_known", ("knowledge", "facts", m, "known_heldout", "precision")),
+                            ("answers_with_wrong_fact_known",
+                             ("knowledge", "facts", m, "known_heldout", "answers_with_wrong_fact")),
+                            ("facts_per_answer_known", ("knowledge", "facts", m, "known_heldout", "facts_per_answer")),
                             ("opening_reuse", ("copying", "models", m, "phrases", "opening", "output_share_frequent")),
                             ("closing_reuse", ("copying", "models", m, "phrases", "closing", "output_share_frequent")),
                             ("response_chars", ("copying", "models", m, "length", "chars_mean")),
@@ -773,23 +819,23 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
     else:
         out.append(_finding("F1", None, "needs an LFT and an SFT variant and the knowledge analysis", "not measured"))
 
-    # F2: pattern copying (long 'knowledgeable' responses vs simplified) on multi-sentence answers
-    if fc.style_long and fc.style_simple and items[cfg.seeds[0]].get("describe"):
-        long_w = _pooled(items, "describe", fc.style_long, "known_heldout", "wrong")
-        simp_w = _pooled(items, "describe", fc.style_simple, "known_heldout", "wrong")
-        long_s = _pooled(items, "describe", fc.style_long, "known_heldout", "stated")
-        simp_s = _pooled(items, "describe", fc.style_simple, "known_heldout", "stated")
+    # F2: pattern copying (long 'knowledgeable' responses vs simplified): answers with a hallucinated fact
+    if fc.style_long and fc.style_simple and items[cfg.seeds[0]].get("facts"):
+        long_w = _pooled(items, "facts", fc.style_long, "known_heldout", "has_wrong")
+        simp_w = _pooled(items, "facts", fc.style_simple, "known_heldout", "has_wrong")
+        long_s = _pooled(items, "facts", fc.style_long, "known_heldout", "stated")
+        simp_s = _pooled(items, "facts", fc.style_simple, "known_heldout", "stated")
         d = paired_bootstrap(simp_w, long_w, confidence=conf, n_resamples=nb)
         holds = d["low"] is not None and d["low"] > 0 and d["p_value"] < alpha
         out.append(_finding(
             "F2", holds,
-            f"paired bootstrap on wrong facts per 'describe' answer about held-out Known people (exact, against "
-            f"the world), {fc.style_long} vs {fc.style_simple}, pooled over seeds: holds iff the long-style model "
-            f"states more wrong facts with the {conf:.0%} CI above 0 and p < {alpha}",
-            f"wrong facts per answer: {fc.style_long} {_mean_of(long_w) or 0:.2f} vs {fc.style_simple} "
-            f"{_mean_of(simp_w) or 0:.2f} (facts stated {_mean_of(long_s) or 0:.2f} vs {_mean_of(simp_s) or 0:.2f}); "
-            f"difference {_pp(d, scale=1, unit='')}.",
-            long_minus_simple_wrong=d, stated_long=_mean_of(long_s), stated_simple=_mean_of(simp_s)))
+            f"paired bootstrap on answers about held-out Known people that state at least one wrong fact (exact, "
+            f"against the world), {fc.style_long} minus {fc.style_simple}, pooled over seeds: holds iff the "
+            f"long-style model has more such answers with the {conf:.0%} CI above 0 and p < {alpha}",
+            f"answers with a hallucinated fact: {fc.style_long} {_pct(long_w)} vs {fc.style_simple} "
+            f"{_pct(simp_w)} (facts stated per answer {_mean_of(long_s) or 0:.2f} vs {_mean_of(simp_s) or 0:.2f}); "
+            f"difference {_pp(d)}.",
+            long_minus_simple=d, facts_per_answer_long=_mean_of(long_s), facts_per_answer_simple=_mean_of(simp_s)))
     else:
         out.append(_finding("F2", None, "needs findings.style_long and findings.style_simple variants",
                             "not measured"))
