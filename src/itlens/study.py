@@ -635,10 +635,19 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
 
         bor: dict[str, Any] = {"models": {}}
         items["borrowing"] = {}
+        embedder: list = []
+
+        def embed(texts: list[str]):  # one sentence-transformers model for every model's spans
+            if not embedder:
+                from itlens.analysis.borrowing import default_embedder
+
+                embedder.append(default_embedder())
+            return embedder[0](texts)
+
         for m in models:
             it_v = it_data[m] if m in it_data else it_data[next(iter(cfg.variants))]
             met, spans = borrowing_metrics(it_v, {m: outputs[m]}, world=world, eval_records=qa_records,
-                                           tokens={m: tokens[m]} if m in tokens else None)
+                                           tokens={m: tokens[m]} if m in tokens else None, embed=embed)
             bor["models"][m] = met["models"][m]
             bor["paper"] = met["paper"]
             items["borrowing"][m] = [{k: s.get(k) for k in ("id", "group", "attribute", "value", "twin_value",
