@@ -281,3 +281,21 @@ def test_counterfactual_borrowing_with_a_real_tiny_tuning_run(tiny_model_dir, tm
     assert runs == [3, 3]  # one retrain without the source, one without a random other instance
     assert (res["persist_control"], res["persist_ablated"], res["effect"]) == (1.0, 0.0, 1.0)
     assert res["cases"][0]["sources"] == ["it:0"]
+
+
+def test_ngram_candidates_equal_the_paper_keyword_overlap():
+    """The fast path (IT n-gram sets built once) scores exactly like copying.ngram_overlap per pair."""
+    import random
+
+    from itlens.analysis.borrowing import candidate_sources, it_texts
+    from itlens.analysis.copying import ngram_overlap
+
+    rng = random.Random(0)
+    vocab = "a b c d e f g h the of to".split()
+    its = [{"id": str(i), "instruction": " ".join(rng.choice(vocab) for _ in range(5)),
+            "response": " ".join(rng.choice(vocab) for _ in range(rng.randint(0, 12)))} for i in range(40)]
+    queries = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 10))) for _ in range(25)]
+    texts = it_texts(its)
+    for q, cands in zip(queries, candidate_sources(queries, its, k=40, methods=("ngram",))):
+        for j, score in cands["ngram"]:
+            assert score == pytest.approx(ngram_overlap(q, [texts[j]]) or 0.0, abs=1e-12)

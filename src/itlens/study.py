@@ -636,13 +636,20 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
         bor: dict[str, Any] = {"models": {}}
         items["borrowing"] = {}
         embedder: list = []
+        cache: dict[str, Any] = {}
 
-        def embed(texts: list[str]):  # one sentence-transformers model for every model's spans
-            if not embedder:
-                from itlens.analysis.borrowing import default_embedder
+        def embed(texts: list[str]):
+            """One sentence-transformers model for every model's spans; each text embedded once."""
+            import numpy as np
 
-                embedder.append(default_embedder())
-            return embedder[0](texts)
+            todo = list(dict.fromkeys(t for t in texts if t not in cache))
+            if todo:
+                if not embedder:
+                    from itlens.analysis.borrowing import default_embedder
+
+                    embedder.append(default_embedder())
+                cache.update(zip(todo, embedder[0](todo)))
+            return np.stack([cache[t] for t in texts])
 
         for m in models:
             it_v = it_data[m] if m in it_data else it_data[next(iter(cfg.variants))]

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from itlens.analysis.copying import BM25Retriever, ngram_overlap, token_char_spans
+from itlens.analysis.copying import BM25Retriever, ngrams, token_char_spans, words
 from itlens.analysis.stats import match_rate_permutation_test, permutation_test_two_sample, wilson_interval
 from itlens.analysis.text_index import TextIndex
 from itlens.errors import InputError
@@ -218,8 +218,14 @@ def candidate_sources(queries: Sequence[str], it_records: Sequence[dict], *, k: 
             out[i]["bm25"] = [[j, s] for j, s in retr.top(q, k)]
     if "ngram" in methods:
         resp = list(query_responses) if query_responses is not None else list(queries)
+        ns = (1, 2, 3)
+        it_grams = [[ngrams(ws, n) for n in ns] for ws in map(words, texts)]  # once, not once per query
         for i, r in enumerate(resp):
-            row = np.array([ngram_overlap(r, [t]) or 0.0 for t in texts])
+            ws = words(r)
+            mine = [(j, g) for j, g in enumerate(ngrams(ws, n) for n in ns) if g]
+            # == ngram_overlap(r, [t]) for each IT text t, with the n-gram sets built once
+            row = np.array([float(np.mean([len(g & theirs[j]) / len(g) for j, g in mine]))
+                            for theirs in it_grams]) if mine else np.zeros(len(texts))
             idx = np.lexsort((np.arange(len(row)), -row))[:k]
             out[i]["ngram"] = [[int(j), float(row[j])] for j in idx]
     return out
