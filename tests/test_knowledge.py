@@ -145,8 +145,13 @@ def test_lm_eval_agrees_with_own_mc(tiny_model_dir, tmp_path):
     from itlens.io import atomic_write_jsonl
     from itlens.models import load_model
 
-    items = [{"id": f"q{i}", "question": q, "choices": ["north", "south city", "music"], "gold": i % 3}
-             for i, q in enumerate(["where is the river", "who is the doctor", "what is green"])]
+    questions = ["where is the river", "who is the doctor", "what is green", "which year was it",
+                 "what field did she study", "where was he born", "who works at the company", "what is red",
+                 "which city is north", "what is the answer", "who is happy", "what music"]
+    choices = [["north", "south city", "music"], ["the doctor", "a teacher of history", "blue"],
+               ["science", "river mountain", "help me know"]]
+    items = [{"id": f"q{i}", "question": q, "choices": choices[i % 3], "gold": (i * 7) % 3}
+             for i, q in enumerate(questions)]  # 12 items: agreement by chance is unlikely
     path = atomic_write_jsonl(tmp_path / "mc.jsonl", items)
     lm = load_model(tiny_model_dir)
     own = mc_scores(items, mc_loglikelihoods(lm.model, lm.tokenizer, items))
