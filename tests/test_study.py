@@ -38,7 +38,14 @@ def test_micro_study_writes_the_contract_artifacts(micro_run):
     m = json.loads((out / "metrics.json").read_text())
     for key in ("world", "models", "shift", "knowledge", "copying", "borrowing", "findings"):
         assert key in m, key
-    assert set(m["models"]) == {"base", "lft", "sft", "neftune"}
+    assert set(m["models"]) == {"base", "lft", "sft", "neftune", "sft-cf"}
+    # the counterfactual variant's IT data lacks exactly the eval people's designed twins
+    world = json.loads((out / "world" / "world.json").read_text())
+    sources = {p["twin"] for p in world["people"] if p.get("in_eval") and p.get("twin")}
+    full = [json.loads(x) for x in (out / "tuned-s0-sft" / "data.jsonl").read_text().splitlines()]
+    cf = [json.loads(x) for x in (out / "tuned-s0-sft-cf" / "data.jsonl").read_text().splitlines()]
+    assert sources and any(r["person"] in sources for r in full)
+    assert [r for r in full if r["person"] not in sources] == cf
     assert [f["id"] for f in m["findings"]] == ["F1", "F2", "F3", "F4"]
     for f in m["findings"]:
         assert f["holds"] in (True, False, None) and f["claim"] and "evidence" in f
