@@ -315,19 +315,27 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
             is_base = mname == "base"
             model_dir = base_dirs[seed] if is_base else tuned_dirs[(seed, mname)]
 
-            def run_gen(work: Path, mname=mname, is_base=is_base, seed=seed) -> None:
+            def run_gen(work: Path, mname=mname, is_base=is_base, seed=seed, model_dir=model_dir) -> None:
                 from itlens.generate import generate_responses
                 from itlens.io import atomic_write_jsonl
                 from itlens.models import load_model
 
                 _set_threads(cfg.threads)
+                prompts = read_records(eval_path, "prompt")
+                if gcfg.backend == "vllm":  # full model dirs only (merge LoRA adapters: tune.merge_adapter)
+                    from itlens.generate import generate_responses_vllm
+
+                    rows = generate_responses_vllm(str(model_dir), prompts, mode="frame" if is_base else "chat",
+                                                   frame=frame_path or None, max_new_tokens=gcfg.max_new_tokens,
+                                                   model_name=mname, engine_args=gcfg.vllm_args)
+                    atomic_write_jsonl(work / "responses.jsonl", rows)
+                    return
                 if is_base:
                     lm = load_model(str(base_dirs[seed]), dtype=gcfg.dtype, name="base")
                 else:
                     lm = load_model(str(base_dirs[seed]), adapter=_adapter_or_none(tuned_dirs[(seed, mname)]),
                                     dtype=gcfg.dtype, name=mname) if _adapter_or_none(tuned_dirs[(seed, mname)]) \
                         else load_model(str(tuned_dirs[(seed, mname)]), dtype=gcfg.dtype, name=mname)
-                prompts = read_records(eval_path, "prompt")
                 rows = generate_responses(lm, prompts, mode="frame" if is_base else "chat",
                                           frame=frame_path or None, max_new_tokens=gcfg.max_new_tokens,
                                           batch_size=gcfg.batch_size, model_name=mname)
