@@ -246,7 +246,7 @@ def study_cmd(
 
     t0 = time.perf_counter()
     cfg = load_study_config(config, set_)
-    report = run_study(cfg, out, dry_run=dry_run, config_path=str(config))
+    report = run_study(cfg, out, dry_run=dry_run)
     if not dry_run:
         print(f"done in {time.perf_counter() - t0:.0f} s")
         print(f"report:  {report}")

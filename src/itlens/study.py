@@ -447,8 +447,7 @@ def _drop_twin_sources(rows: list[dict], world_dir: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ running
-def run_study(cfg: StudyConfig, out: str | Path, *, dry_run: bool = False, log=print,
-              config_path: str | None = None) -> Path:
+def run_study(cfg: StudyConfig, out: str | Path, *, dry_run: bool = False, log=print) -> Path:
     """Run (or, with ``dry_run``, only plan) a study into ``out``; returns the report path."""
     from itlens.env_info import versions
 

@@ -497,7 +497,6 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     only every world-th batch of the one-process plan, starting at ``rank`` (the rows of those
     responses; the summary's counts still cover all); :func:`merge_shards` joins the parts.
     """
-    import pandas as pd
     import torch
 
     cfg = dataclasses.replace(config or ShiftConfig(), **overrides)
