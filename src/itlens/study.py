@@ -330,12 +330,8 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                                                    model_name=mname, engine_args=gcfg.vllm_args)
                     atomic_write_jsonl(work / "responses.jsonl", rows)
                     return
-                if is_base:
-                    lm = load_model(str(base_dirs[seed]), dtype=gcfg.dtype, name="base")
-                else:
-                    lm = load_model(str(base_dirs[seed]), adapter=_adapter_or_none(tuned_dirs[(seed, mname)]),
-                                    dtype=gcfg.dtype, name=mname) if _adapter_or_none(tuned_dirs[(seed, mname)]) \
-                        else load_model(str(tuned_dirs[(seed, mname)]), dtype=gcfg.dtype, name=mname)
+                lm = load_model(str(base_dirs[seed]), dtype=gcfg.dtype, name="base") if is_base \
+                    else _load_variant_model(base_dirs[seed], tuned_dirs[(seed, mname)], mname, dtype=gcfg.dtype)
                 rows = generate_responses(lm, prompts, mode="frame" if is_base else "chat",
                                           frame=frame_path or None, max_new_tokens=gcfg.max_new_tokens,
                                           batch_size=gcfg.batch_size, model_name=mname)
@@ -538,13 +534,14 @@ def _resolved(cfg: StudyConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ analyses
-def _load_variant_model(base_dir: Path, model_dir: Path, name: str):
+def _load_variant_model(base_dir: Path, model_dir: Path, name: str, dtype: str = "float32"):
+    """A tuned variant for inference: the base with its LoRA adapter, or the fully tuned model."""
     from itlens.models import load_model
 
     adapter = _adapter_or_none(model_dir)
     if adapter:
-        return load_model(str(base_dir), adapter=adapter, name=name)
-    return load_model(str(model_dir), name=name)
+        return load_model(str(base_dir), adapter=adapter, name=name, dtype=dtype)
+    return load_model(str(model_dir), name=name, dtype=dtype)
 
 
 def stated_facts(eval_records: list[dict], responses: dict[str, str], world) -> list[dict]:
