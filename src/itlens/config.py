@@ -209,3 +209,25 @@ def config_hash(*parts: Any) -> str:
 def field_help(cls: type) -> dict[str, str]:
     """Field name -> help text, for docs and ``--help``."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def load_section(cls: type, path: str | Path | None, section: str, overrides: list[str] | None = None):
+    """Load ``cls`` from a YAML file: its top-level ``section:`` mapping when present, else the whole file.
+
+    ``--set`` overrides are relative to the section (``n_families=10``); a ``section.`` prefix is accepted.
+    Errors name the file and the dotted key as written in the file.
+    """
+    data = read_yaml(path) if path is not None else {}
+    sectioned = section in data
+    body = data if not sectioned else (data[section] if data[section] is not None else {})
+    if not isinstance(body, dict):
+        raise InputError(f"expected a mapping, got {type(body).__name__}", file=path, key=section)
+    rel = [o[len(section) + 1:] if o.startswith(section + ".") else o for o in overrides or []]
+    body = apply_overrides(body, rel)
+    try:
+        return from_dict(cls, body, file=path, prefix=section if sectioned else "")
+    except InputError as e:  # keys from validate() are relative to the section
+        if sectioned and e.key and not e.key.startswith(section + "."):
+            e.key = f"{section}.{e.key}"
+            e.args = (e.format(),)
+        raise

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from itlens.config import config_hash, to_dict
+from itlens.config import config_hash, load_section, to_dict
 from itlens.errors import InputError
 from itlens.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
-from itlens.world import World, load_section
+from itlens.world import World
 
 CODE_VERSION = 1
 """Bump when a change to this module changes what a config trains (it enters the resume/reuse hash)."""
