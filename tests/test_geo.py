@@ -135,3 +135,44 @@ def test_cli_geo_writes_the_data(tmp_path):
     main(["geo", "--out", str(tmp_path / "g"), "--set", "max_countries=20", "--set", "frames=1"])
     assert read_records(tmp_path / "g" / "eval.jsonl", "prompt")
     assert json.loads((tmp_path / "g" / "facts.json").read_text())["config"]["max_countries"] == 20
+
+
+def test_study_runs_on_geo_data_with_its_own_base(geo_dir, tiny_model_dir, tmp_path):
+    """The study on external data (no world): geo IT/eval/frame files and a given base model, as
+    configs/gemma-geo.yaml, with the real tuning, generation, shift and analyses on a tiny model."""
+    import yaml
+
+    from itlens.study import load_study_config, run_study
+
+    labels = {r["id"]: r for r in read_records(geo_dir / "eval.jsonl", "prompt")}
+    # label half the eval facts Known, as `itlens geo --probe` does, so F1 has a held-out Known group
+    ev = [{**r, "group": "known_heldout" if i % 2 == 0 else "unknown"} for i, r in enumerate(labels.values())]
+    from itlens.io import atomic_write_jsonl
+
+    atomic_write_jsonl(tmp_path / "eval.jsonl", ev)
+    cfg = {"name": "geo-smoke", "seeds": [0], "base": str(tiny_model_dir),
+           "it_data": str(geo_dir / "it.jsonl"), "eval_data": str(tmp_path / "eval.jsonl"),
+           "frame": str(geo_dir / "frame.txt"),
+           "tune": {"epochs": 1, "effective_batch_size": 8, "per_device_batch_size": 8, "max_length": 96,
+                    "max_steps": 2, "num_threads": 1},
+           "variants": {"lft": {"method": "lora", "tune": {"learning_rate": 1e-3}},
+                        "sft": {"method": "full", "tune": {"learning_rate": 3e-4}},
+                        "neftune": {"method": "neftune", "tune": {"learning_rate": 3e-4}},
+                        "sft-long": {"method": "full", "data": str(geo_dir / "it_knowledgeable.jsonl"),
+                                     "size": 16, "tune": {"learning_rate": 3e-4}}},
+           "generate": {"max_new_tokens": 8, "batch_size": 32},
+           "shift": {"base_contexts": ["frame"], "batch_size": 32, "views": 1},
+           "findings": {"lft": "lft", "sft": "sft", "improvements": ["neftune"], "style_long": "sft-long",
+                        "style_simple": "sft", "n_boot": 100},
+           "threads": 1}
+    (tmp_path / "geo.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    report = run_study(load_study_config(tmp_path / "geo.yaml"), out, log=lambda m: None)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert report.exists() and "F1" in report.read_text()
+    assert {f["id"] for f in metrics["findings"]} >= {"F1", "F2", "F3", "F4"}
+    prov = json.loads((out / "tuned-s0-sft-long" / "data_provenance.json").read_text())
+    assert prov["size"] == 16
+    n_eval = len(ev)
+    for m in ("base", "lft", "sft", "neftune", "sft-long"):
+        assert len(read_records(out / f"gen-s0-{m}" / "responses.jsonl", "response")) == n_eval
