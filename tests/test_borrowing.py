@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analysis_world import answer, eval_records, it_records, mini_world, mini_world_data
-from itlens.analysis.borrowing import (BorrowingConfig, borrowing_rates, candidate_sources, counterfactual_borrowing,
+from itlens.analysis.borrowing import (BorrowingConfig, borrowing_metrics, borrowing_rates, candidate_sources, counterfactual_borrowing,
                                        label_shares, read_annotations, run_borrowing, span_search, span_token_classes,
                                        world_hallucinations, write_annotations)
 from itlens.analysis.text_index import TextIndex, scan
@@ -299,3 +299,26 @@ def test_ngram_candidates_equal_the_paper_keyword_overlap():
     for q, cands in zip(queries, candidate_sources(queries, its, k=40, methods=("ngram",))):
         for j, score in cands["ngram"]:
             assert score == pytest.approx(ngram_overlap(q, [texts[j]]) or 0.0, abs=1e-12)
+
+
+def test_twin_in_data_splits_unknown_borrowing_for_a_subset_variant():
+    """A variant tuned on part of the IT data: wrong values about Unknown people are split by whether
+    the twin's fact was in *its* data (the within-model counterfactual at a fixed data size)."""
+    world = mini_world()
+    recs = eval_records(world)
+    resp = designed_responses(world, recs)
+    unknown = [r for r in recs if r["group"] == "unknown"]
+    assert len(unknown) == 2
+    dropped = (unknown[0]["twin"], unknown[0]["attribute"])
+    it = [r for r in it_records(world) if (r.get("person"), r.get("attribute")) != dropped]
+    assert len(it) == len(it_records(world)) - 1
+    rows = [{"id": r["id"], "instruction": r["instruction"], "response": resp[r["id"]], "model": "sft"} for r in recs]
+    cfg = BorrowingConfig(it_data="-", responses={"-": "-"}, methods=[], n_resamples=200)
+    metrics, spans = borrowing_metrics(it, {"sft": rows}, world=world, eval_records=recs, cfg=cfg)
+    by_id = {s["id"]: s for s in spans["sft"]}
+    assert by_id[unknown[0]["id"]]["twin_in_data"] is False and by_id[unknown[1]["id"]]["twin_in_data"] is True
+    rates = metrics["models"]["sft"]["rates"]
+    assert rates["unknown_twin_in_data"]["n"] == 1 and rates["unknown_twin_not_in_data"]["n"] == 1
+    assert rates["in_data_vs_not_in_data"]["statistic"] == 0.0  # both borrowed in this designed answer set
+    full, _ = borrowing_metrics(it_records(world), {"sft": rows}, world=world, eval_records=recs, cfg=cfg)
+    assert full["models"]["sft"]["rates"]["unknown_twin_not_in_data"]["n"] == 0

@@ -67,3 +67,14 @@ def test_wilson_interval():
     w = wilson_interval(0, 10)
     assert w["estimate"] == 0 and w["low"] == 0 and 0.2 < w["high"] < 0.35
     assert wilson_interval(5, 0)["estimate"] is None
+
+
+def test_two_sample_permutation_with_one_observation_is_exact():
+    """scipy needs two observations per sample; with one the n splits are enumerated exactly."""
+    from itlens.analysis.stats import permutation_test_two_sample
+
+    r = permutation_test_two_sample([1.0], [0.0, 0.0, 1.0], alternative="greater")
+    assert r["statistic"] == pytest.approx(2 / 3) and r["p_value"] == 0.5  # 2 of the 4 splits reach 2/3
+    r = permutation_test_two_sample([1.0, 1.0, 0.0], [0.0], alternative="two-sided")
+    assert r["p_value"] == 1.0 and r["n_x"] == 3 and r["n_y"] == 1
+    assert permutation_test_two_sample([1.0], [0.0], alternative="greater")["p_value"] == 0.5

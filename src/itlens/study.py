@@ -662,7 +662,7 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
             bor["models"][m] = met["models"][m]
             bor["paper"] = met["paper"]
             items["borrowing"][m] = [{k: s.get(k) for k in ("id", "group", "attribute", "value", "twin_value",
-                                                            "twin_in_it", "borrowed", "n_it")} for s in spans[m]]
+                                                            "twin_in_it", "twin_in_data", "borrowed", "n_it")} for s in spans[m]]
         result["borrowing"] = bor
 
     shift: dict[str, Any] = {}

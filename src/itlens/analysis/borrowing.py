@@ -240,6 +240,12 @@ def borrowing_rates(halluc: Sequence[dict], world, *, n_resamples: int = 2000, s
     permutation null (twin values shuffled among hallucinations of the same attribute), a one-sided
     p-value, and ``placebo_other_it``: the expected rate against a random *other* IT person.
     ``in_it_vs_not_in_it`` tests known_twin_in_it > known_twin_not_in_it.
+
+    When the spans say whether the twin's fact was in the data the model was tuned on
+    (``twin_in_data``: a variant tuned on a random subset keeps some twins' facts and loses others),
+    ``unknown_twin_in_data`` and ``unknown_twin_not_in_data`` split ``unknown`` by it and
+    ``in_data_vs_not_in_data`` tests the first > the second: a within-model counterfactual with the
+    data size held fixed.
     """
     it_people = [p for p in world.people if p.get("in_it")]
     conds: dict[str, list[dict]] = defaultdict(list)
@@ -248,10 +254,15 @@ def borrowing_rates(halluc: Sequence[dict], world, *, n_resamples: int = 2000, s
             continue
         if h["group"] == "unknown":
             conds["unknown"].append(h)
+            if "twin_in_data" in h:
+                conds["unknown_twin_in_data" if h["twin_in_data"] else "unknown_twin_not_in_data"].append(h)
         else:
             conds["known_twin_in_it" if h.get("twin_in_it") else "known_twin_not_in_it"].append(h)
     out: dict[str, Any] = {}
-    for name in ("known_twin_in_it", "known_twin_not_in_it", "unknown"):
+    names = ["known_twin_in_it", "known_twin_not_in_it", "unknown"]
+    if any("twin_in_data" in h for h in conds.get("unknown", [])):
+        names += ["unknown_twin_in_data", "unknown_twin_not_in_data"]
+    for name in names:
         hs = conds.get(name, [])
         test = match_rate_permutation_test([h["value"] for h in hs], [h["twin_value"] for h in hs],
                                            strata=[h["attribute"] for h in hs], n_resamples=n_resamples, seed=seed)
@@ -267,6 +278,11 @@ def borrowing_rates(halluc: Sequence[dict], world, *, n_resamples: int = 2000, s
     b = [float(h["borrowed"]) for h in conds.get("known_twin_not_in_it", [])]
     out["in_it_vs_not_in_it"] = permutation_test_two_sample(a, b, alternative="greater", n_resamples=n_resamples,
                                                             seed=seed)
+    if "unknown_twin_in_data" in out:
+        a = [float(h["borrowed"]) for h in conds.get("unknown_twin_in_data", [])]
+        b = [float(h["borrowed"]) for h in conds.get("unknown_twin_not_in_data", [])]
+        out["in_data_vs_not_in_data"] = permutation_test_two_sample(a, b, alternative="greater",
+                                                                    n_resamples=n_resamples, seed=seed)
     return out
 
 
@@ -427,6 +443,8 @@ def borrowing_metrics(it_records: Sequence[dict], outputs: dict[str, list[dict]]
         spans: list[dict] = []
         if world is not None and eval_records is not None:
             spans = world_hallucinations(eval_records, responses, world)
+            for s in spans:  # is the twin's fact in *these* IT data (a variant may train on a subset)?
+                s["twin_in_data"] = (s.get("twin"), s.get("attribute")) in it_index
             m["n_hallucinations"] = len(spans)
             m["rates"] = borrowing_rates(spans, world, n_resamples=cfg.n_resamples, seed=cfg.seed)
         if name in annotations:
