@@ -150,6 +150,7 @@ def test_study_runs_on_geo_data_with_its_own_base(geo_dir, tiny_model_dir, tmp_p
     from itlens.io import atomic_write_jsonl
 
     atomic_write_jsonl(tmp_path / "eval.jsonl", ev)
+    (tmp_path / "facts.json").write_text((geo_dir / "facts.json").read_text())  # an `itlens geo` folder
     cfg = {"name": "geo-smoke", "seeds": [0], "base": str(tiny_model_dir),
            "it_data": str(geo_dir / "it.jsonl"), "eval_data": str(tmp_path / "eval.jsonl"),
            "frame": str(geo_dir / "frame.txt"),
@@ -176,6 +177,10 @@ def test_study_runs_on_geo_data_with_its_own_base(geo_dir, tiny_model_dir, tmp_p
     n_eval = len(ev)
     for m in ("base", "lft", "sft", "neftune", "sft-long"):
         assert len(read_records(out / f"gen-s0-{m}" / "responses.jsonl", "response")) == n_eval
+    analysis = json.loads((out / "analysis-s0" / "analysis.json").read_text())
+    assert set(analysis["knowledge"]["facts"]) == {"base", "lft", "sft", "neftune", "sft-long"}  # exact (GeoFacts)
+    assert analysis["knowledge"]["models"]["base"]["n"] == n_eval  # neighbour questions stay in QA
+    assert "rates" in analysis["borrowing"]["models"]["sft"]
 
 
 def test_study_geo_section_builds_probes_and_caches(tiny_model_dir, tmp_path):
@@ -187,7 +192,7 @@ def test_study_geo_section_builds_probes_and_caches(tiny_model_dir, tmp_path):
 
     cfg = {"name": "geo-stage", "seeds": [0], "base": str(tiny_model_dir),
            "geo": {"max_countries": 24, "frames": 2, "frame_examples": 2, "seed": 1},
-           "tune": {"epochs": 1, "effective_batch_size": 8, "per_device_batch_size": 8, "max_length": 64,
+           "tune": {"epochs": 1, "effective_batch_size": 8, "per_device_batch_size": 8, "max_length": 128,
                     "max_steps": 1, "num_threads": 1},
            "variants": {"sft": {"method": "full", "tune": {"learning_rate": 3e-4}},
                         "sft-long": {"method": "full", "data": "it_knowledgeable", "tune": {"learning_rate": 3e-4}},
@@ -219,3 +224,37 @@ def test_study_geo_section_builds_probes_and_caches(tiny_model_dir, tmp_path):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(InputError, match="leave it_data and eval_data empty"):
         load_study_config(path)
+
+
+def test_geo_facts_parse_values_exactly_for_grading_and_borrowing(geo_dir):
+    """GeoFacts gives the geo data the world's exact value parsing: QA grading, stated facts (F2) and
+    borrowed values (F3) on hand-made answers."""
+    from itlens.analysis.borrowing import world_hallucinations
+    from itlens.analysis.knowledge import grade_responses
+    from itlens.geo import GeoFacts
+    from itlens.study import stated_facts
+
+    facts = GeoFacts.load(geo_dir)
+    assert facts.attributes == ["capital", "currency", "continent", "language"]
+    ev = [r for r in read_records(geo_dir / "eval.jsonl", "prompt") if r["attribute"] in ("capital", "currency")]
+    ev = [{**r, "group": "known_heldout"} for r in ev]
+    gold_ids = {r["id"] for r in ev[::2]}
+    resp = {}
+    for r in ev:
+        value = r["answers"][0] if r["id"] in gold_ids else r["twin_value"]
+        resp[r["id"]] = f"Sure. For {r['entity']}, it is {value}."
+    graded = {g["id"]: g for g in grade_responses(ev, resp, world=facts)}
+    for r in ev:
+        wrong_twin = r["id"] not in gold_ids and r["twin_value"] not in r["answers"]
+        assert graded[r["id"]]["correct"] == int(not wrong_twin), (r, resp[r["id"]])
+    hall = world_hallucinations(ev, resp, facts)
+    assert hall and all(h["borrowed"] for h in hall)
+    assert {h["id"] for h in hall} == {r["id"] for r in ev if r["id"] not in gold_ids and r["twin_value"] not in r["answers"]}
+    stated = {row["id"]: row for row in stated_facts(ev, resp, facts)}
+    assert all(stated[r["id"]]["stated"] >= 1 for r in ev)
+    assert sum(row["has_wrong"] for row in stated.values()) == len(hall)
+    # aliases count as the fact: an ISO currency code is the currency
+    cur = next(r for r in ev if r["attribute"] == "currency" and len(r["answers"]) > 1)
+    alias = cur["answers"][1]
+    assert grade_responses([cur], {cur["id"]: f"They pay in {alias}."}, world=facts)[0]["correct"] == 1
+    assert facts.parse_value("capital", "no city named here") is None

@@ -99,6 +99,63 @@ def match_answer(text: str, answers: list[str]) -> str | None:
     return None
 
 
+class GeoFacts:
+    """The facts of a geo folder, seen through the part of :class:`itlens.world.World` that the exact
+    analyses use (``attributes``, ``people``, ``person``, ``parse_value``), so knowledge grading, stated
+    facts (F2) and borrowing (F3) parse values exactly, as on the synthetic world.
+
+    Only single-valued attributes are parsed (capital, currency, continent, language); ``neighbour``
+    has several true values and stays with alias matching. A value is the first vocabulary entry (any
+    country's value or alias of that attribute, whole words, accents and case ignored, longest first)
+    in the text, returned as that fact's canonical value; an alias shared by facts with different values
+    (e.g. "Dollar") is returned as itself.
+    """
+
+    SINGLE_VALUED = ("capital", "currency", "continent", "language")
+
+    def __init__(self, facts: dict):
+        countries = facts["countries"]
+        self.attributes = [a for a in facts.get("attributes", ATTRIBUTES) if a in self.SINGLE_VALUED]
+        self.people = [{"id": c["id"], "name": c["name"], "in_it": c.get("split") == "it",
+                        "attrs": {a: f["value"] for a, f in c["facts"].items()},
+                        "answers": {a: list(f["answers"]) for a, f in c["facts"].items()}} for c in countries]
+        self._by_id = {p["id"]: p for p in self.people}
+        self._canon: dict[str, dict[str, str]] = {}
+        self._re: dict[str, re.Pattern] = {}
+        for attr in self.attributes:
+            canon: dict[str, str] = {}
+            ambiguous: dict[str, str] = {}
+            for c in countries:
+                fact = c["facts"].get(attr)
+                for alias in (fact or {}).get("answers", []):
+                    key = normalise(alias)
+                    if not key:
+                        continue
+                    if key in canon and canon[key] != fact["value"]:
+                        ambiguous.setdefault(key, alias)
+                    canon.setdefault(key, fact["value"])
+            canon.update(ambiguous)
+            self._canon[attr] = canon
+            keys = sorted(canon, key=lambda k: (-len(k), k))
+            self._re[attr] = re.compile(r"(?<![a-z0-9])(" + "|".join(map(re.escape, keys)) + r")(?![a-z0-9])") \
+                if keys else re.compile(r"(?!x)x")
+
+    @classmethod
+    def load(cls, geo_dir: str | Path) -> "GeoFacts":
+        path = Path(geo_dir) / "facts.json"
+        if not path.is_file():
+            raise InputError("not a geo folder (no facts.json); build it with `itlens geo`", file=path)
+        return cls(json.loads(path.read_text(encoding="utf-8")))
+
+    def person(self, country_id: str) -> dict:
+        return self._by_id[country_id]
+
+    def parse_value(self, attribute: str, text: str) -> str | None:
+        """The canonical value of the first ``attribute`` value named in ``text``, or None."""
+        m = self._re[attribute].search(normalise(text or ""))
+        return self._canon[attribute][m.group(1)] if m else None
+
+
 # ------------------------------------------------------------------------------------------ facts
 def _load_templates(name: str) -> dict:
     path = prompt_path(name)

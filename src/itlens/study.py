@@ -287,6 +287,10 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
         stages.append(Stage("geo", {"v": V, "geo": to_dict(geo_cfg), "probe": cfg.base, "batch": probe_batch},
                             run_geo, label=f"geography data, Known/Unknown probed with {cfg.base}"))
     data_dir = world_dir or geo_dir  # where named IT datasets (it, it_<style>), eval.jsonl and frame.txt are
+    if geo_dir is None and cfg.eval_data and (Path(cfg.eval_data).parent / "facts.json").is_file():
+        facts_dir: Optional[Path] = Path(cfg.eval_data).parent  # eval data from `itlens geo`: parse exactly
+    else:
+        facts_dir = geo_dir
     data_stage = ["world"] if world_dir is not None else ["geo"] if geo_dir is not None else []
     base_dirs: dict[int, Path] = {}
     tuned_dirs: dict[tuple[int, str], Path] = {}
@@ -404,7 +408,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
         def run_analysis(work: Path, seed=seed) -> None:
             _set_threads(cfg.threads)
             run_seed_analyses(cfg, seed, world_dir, base_dirs, tuned_dirs, responses, shift_dirs, work,
-                              frame_path=frame_path, eval_path=eval_path)
+                              frame_path=frame_path, eval_path=eval_path, geo_dir=facts_dir)
 
         deps = [f"gen-s{seed}-{m}" for m in ["base", *cfg.variants]] + \
             [f"shift-s{seed}-{v}-{c}" for v in cfg.variants for c in cfg.shift.base_contexts]
@@ -603,10 +607,11 @@ def stated_facts(eval_records: list[dict], responses: dict[str, str], world) -> 
         stated = wrong = 0
         for attr in world.attributes:
             v = world.parse_value(attr, text)
-            if v is None:
+            if v is None or attr not in person["attrs"]:
                 continue
             stated += 1
-            if rec.get("group") == "unknown" or v != person["attrs"][attr]:
+            true = person["answers"][attr] if "answers" in person else [person["attrs"][attr]]  # geo: aliases
+            if rec.get("group") == "unknown" or v not in true:
                 wrong += 1
         rows.append({"id": rec["id"], "group": rec.get("group"), "kind": "describe" if rec.get("attribute") ==
                      "describe" else "single", "stated": stated, "wrong": wrong, "correct": stated - wrong,
@@ -615,23 +620,29 @@ def stated_facts(eval_records: list[dict], responses: dict[str, str], world) -> 
 
 
 def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], base_dirs, tuned_dirs, responses,
-                      shift_dirs, work: Path, *, frame_path: str = "", eval_path: Optional[Path] = None) -> None:
+                      shift_dirs, work: Path, *, frame_path: str = "", eval_path: Optional[Path] = None,
+                      geo_dir: Optional[Path] = None) -> None:
     """Knowledge, copying and borrowing for every model of one seed; writes analysis.json and items.json."""
     from itlens.analysis.knowledge import accuracy_summary, degradation, grade_responses
     from itlens.analysis.token_shift import read_shift
 
-    world = None
+    world = None  # the exact value parser: the synthetic world, or the geo facts (itlens.geo.GeoFacts)
     if world_dir is not None:
         from itlens.world import World
 
         world = World.load(world_dir)
+    elif geo_dir is not None:
+        from itlens.geo import GeoFacts
+
+        world = GeoFacts.load(geo_dir)
     if eval_path is None:
         eval_path = (world_dir / "eval.jsonl") if world_dir is not None else Path(cfg.eval_data)
     eval_records = read_records(eval_path, "prompt")
     models = ["base", *cfg.variants]
     outputs = {m: read_records(responses[(seed, m)], "response") for m in models}
     texts = {m: {r["id"]: r["response"] for r in outputs[m]} for m in models}
-    qa_records = [r for r in eval_records if world is None or r.get("attribute") in world.attributes]
+    # QA: every eval question but the world's "describe" ones (geo keeps neighbour, graded by its aliases)
+    qa_records = [r for r in eval_records if world_dir is None or r.get("attribute") in world.attributes]
     primary_ctx = cfg.shift.base_contexts[0]
     tokens = {v: read_shift(shift_dirs[(seed, v, primary_ctx)]).tokens for v in cfg.variants}
     it_data = {v: read_records(work.parent / f"tuned-s{seed}-{v}" / "data.jsonl", "instruction")
@@ -646,7 +657,7 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
                                                 for m in cfg.variants}}
         items["qa"] = {m: [{"id": r["id"], "group": r["group"], "correct": r["correct"], "label": r["label"]}
                            for r in graded[m]] for m in models}
-        if world is not None:
+        if world_dir is not None:
             from itlens.probes import cloze_accuracy
             from itlens.models import load_model
 
@@ -659,6 +670,7 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
                 res = cloze_accuracy(lm.model, lm.tokenizer, world, cloze, return_hits=True)
                 items["cloze"][m] = [int(h) for h in res.pop("hits")]
                 know["cloze"][m] = res
+        if world is not None:
             facts = {m: stated_facts(eval_records, texts[m], world) for m in models}
             items["facts"] = facts
             know["facts"] = {m: _facts_summary(facts[m]) for m in models}

@@ -270,7 +270,7 @@ def borrowing_rates(halluc: Sequence[dict], world, *, n_resamples: int = 2000, s
         for h in hs:
             others = [p for p in it_people if p["id"] not in (h["twin"], h["person"])]
             if others:
-                placebo.append(np.mean([p["attrs"][h["attribute"]] == h["value"] for p in others]))
+                placebo.append(np.mean([p["attrs"].get(h["attribute"]) == h["value"] for p in others]))
         ci = wilson_interval(sum(h["borrowed"] for h in hs), len(hs))
         out[name] = {**test, "low": ci["low"], "high": ci["high"],
                      "placebo_other_it": float(np.mean(placebo)) if placebo else None}
