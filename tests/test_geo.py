@@ -210,7 +210,14 @@ def test_study_geo_section_builds_probes_and_caches(tiny_model_dir, tmp_path):
     ev = read_records(out / "geo" / "eval.jsonl", "prompt")
     assert ev and {r["group"] for r in ev} <= {"known_heldout", "unknown"}  # labelled by the probe
     assert (out / "geo" / "knowledge.jsonl").is_file()
-    assert len(read_records(out / "gen-s0-base" / "responses.jsonl", "response")) == len(ev)
+    base_rows = read_records(out / "gen-s0-base" / "responses.jsonl", "response")
+    assert [r["id"] for r in base_rows] == [r["id"] for r in ev]  # input order, though asked per attribute
+    # the base is asked in its attribute's probe frame (where the probe decided Known), others in frame.txt
+    from itlens.study import _frame_groups
+
+    groups = dict(_frame_groups(ev, {"capital": str(out / "geo" / "probe_frames" / "capital_0.txt")}, "F"))
+    assert {r["attribute"] for r in groups[str(out / "geo" / "probe_frames" / "capital_0.txt")]} == {"capital"}
+    assert "capital" not in {r["attribute"] for r in groups["F"]}
     prov = {v: json.loads((out / f"tuned-s0-{v}" / "data_provenance.json").read_text()) for v in cfg["variants"]}
     assert prov["sft-long"]["source"].endswith("geo/it_knowledgeable.jsonl")
     twins = {r["twin"] for r in ev}

@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional
 
 from itlens.config import from_dict, load_config, to_dict, to_yaml
 from itlens.errors import InputError
+from itlens.geo import ATTRIBUTES as GEO_ATTRIBUTES
 from itlens.io import atomic_write_json, atomic_write_text, read_records
 from itlens.stages import Stage, StageRunner
 
@@ -291,6 +292,10 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
         facts_dir: Optional[Path] = Path(cfg.eval_data).parent  # eval data from `itlens geo`: parse exactly
     else:
         facts_dir = geo_dir
+    # geo data: the base answers each question in its attribute's first probe frame, the context in which
+    # the probe found the fact Known (a mixed frame makes a 270M base copy the exemplars' values)
+    base_frames = {a: str(facts_dir / "probe_frames" / f"{a}_0.txt") for a in GEO_ATTRIBUTES} \
+        if facts_dir is not None and not cfg.frame else {}
     data_stage = ["world"] if world_dir is not None else ["geo"] if geo_dir is not None else []
     base_dirs: dict[int, Path] = {}
     tuned_dirs: dict[tuple[int, str], Path] = {}
@@ -358,24 +363,30 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 
                 _set_threads(cfg.threads)
                 prompts = read_records(eval_path, "prompt")
+                # the base answers in its frame; with geo data, in the frame of the question's attribute
+                groups = _frame_groups(prompts, base_frames if is_base else {}, frame_path)
+                rows = []
                 if gcfg.backend == "vllm":  # full model dirs only (merge LoRA adapters: tune.merge_adapter)
                     from itlens.generate import generate_responses_vllm
 
-                    rows = generate_responses_vllm(str(model_dir), prompts, mode="frame" if is_base else "chat",
-                                                   frame=frame_path or None, max_new_tokens=gcfg.max_new_tokens,
-                                                   model_name=mname, engine_args=gcfg.vllm_args)
-                    atomic_write_jsonl(work / "responses.jsonl", rows)
-                    return
-                lm = load_model(str(base_dirs[seed]), dtype=gcfg.dtype, name="base") if is_base \
-                    else _load_variant_model(base_dirs[seed], tuned_dirs[(seed, mname)], mname, dtype=gcfg.dtype)
-                rows = generate_responses(lm, prompts, mode="frame" if is_base else "chat",
-                                          frame=frame_path or None, max_new_tokens=gcfg.max_new_tokens,
-                                          batch_size=gcfg.batch_size, model_name=mname)
-                atomic_write_jsonl(work / "responses.jsonl", rows)
+                    for frame, group in groups:
+                        rows += generate_responses_vllm(str(model_dir), group, mode="frame" if is_base else "chat",
+                                                        frame=frame, max_new_tokens=gcfg.max_new_tokens,
+                                                        model_name=mname, engine_args=gcfg.vllm_args)
+                else:
+                    lm = load_model(str(base_dirs[seed]), dtype=gcfg.dtype, name="base") if is_base \
+                        else _load_variant_model(base_dirs[seed], tuned_dirs[(seed, mname)], mname, dtype=gcfg.dtype)
+                    for frame, group in groups:
+                        rows += generate_responses(lm, group, mode="frame" if is_base else "chat", frame=frame,
+                                                   max_new_tokens=gcfg.max_new_tokens, batch_size=gcfg.batch_size,
+                                                   model_name=mname)
+                order = {p["id"]: i for i, p in enumerate(prompts)}
+                atomic_write_jsonl(work / "responses.jsonl", sorted(rows, key=lambda r: order[r["id"]]))
 
             deps = ([f"base-s{seed}"] if name else []) + ([] if is_base else [f"tuned-s{seed}-{mname}"]) \
                 + data_stage
             stages.append(Stage(sname, {"v": V, "generate": to_dict(gcfg), "mode": "frame" if is_base else "chat",
+                                        **({"frames": "per-attribute"} if is_base and base_frames else {}),
                                         "eval": str(eval_path) if world_dir is None else None,
                                         "model": str(model_dir) if (is_base and not name) else None},
                                 run_gen, deps=deps, label=f"generate answers: {mname} (seed {seed})"))
@@ -433,6 +444,16 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                 judge_dirs[(seed, mname)] = out / sname
 
     return StudyPlan(stages, world_dir, base_dirs, tuned_dirs, responses, shift_dirs, analysis_dirs, judge_dirs)
+
+
+def _frame_groups(prompts: list[dict], frames: dict[str, str], default: str) -> list[tuple[Optional[str], list[dict]]]:
+    """Prompts grouped by the frame they are asked in: ``frames[attribute]`` when that file exists,
+    else ``default`` (the study's frame); groups in first-appearance order."""
+    groups: dict[Optional[str], list[dict]] = {}
+    for p in prompts:
+        f = frames.get(p.get("attribute", ""))
+        groups.setdefault(f if f and Path(f).is_file() else (default or None), []).append(p)
+    return list(groups.items())
 
 
 def _adapter_or_none(model_dir: Path) -> Optional[str]:
