@@ -84,6 +84,11 @@ def _cases(tmp: Path, model_dir: Path):
     yield "eval row without an instruction", cfg_file(realdata_config(tmp, model_dir, eval_data=str(noinst))), \
         "noinst.jsonl:1: field 'instruction'"
     yield "missing base model", cfg_file(realdata_config(tmp, model_dir, base=str(tmp / "no-model"))), "no-model"
+    yield "geo with a world", cfg_file({**m, "base": str(model_dir), "geo": {"max_countries": 20}}), "key 'geo'"
+    yield "geo with it_data", cfg_file(realdata_config(tmp, model_dir, geo={})), \
+        "key 'geo': 'geo' builds the IT and eval data"
+    yield "unknown geo key", cfg_file({"name": "g", "base": str(model_dir), "geo": {"max_countrys": 20},
+                                       "variants": {"lft": {"method": "lora"}}}), "key 'geo.max_countrys'"
     frame = tmp / "frame.txt"
     frame.write_text("# Query:\n\n# Answer:\n")
     yield "frame without placeholder", cfg_file(realdata_config(tmp, model_dir, frame=str(frame))), "{instruction}"
