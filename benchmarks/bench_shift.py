@@ -163,9 +163,10 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
     t_loop_all = t_loop * (n_all / n_sampled) * len(encoded) / k if k else None
     mismatches = class_mismatches = 0
     worst = 0.0
+    n_response = {e.id: len(e.response_ids) for e in encoded}
     for rid, r in ranks.items():
         all_mine = result.tokens.loc[result.tokens["id"] == rid, "rank_base"].tolist()
-        if len(all_mine) != len(encoded[[e.id for e in encoded].index(rid)].response_ids):
+        if len(all_mine) != n_response[rid]:
             mismatches += 1
             continue
         mine, ref = [all_mine[i] for i in r], list(r.values())

@@ -338,8 +338,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                 from itlens.tune import TuneConfig, tune
 
                 _set_threads(cfg.threads)
-                data = _variant_data(spec, data_dir, Path(cfg.it_data) if cfg.it_data else None, work,
-                                     world=world_dir is not None)
+                data = _variant_data(spec, data_dir, Path(cfg.it_data) if cfg.it_data else None, work)
                 tcfg = from_dict(TuneConfig, {**tdict, "base": str(base_dirs[seed]), "data": str(data),
                                               "output_dir": str(work / "model"), "progress": False})
                 tune(tcfg, work / "model")
@@ -460,8 +459,7 @@ def _adapter_or_none(model_dir: Path) -> Optional[str]:
     return str(model_dir) if (model_dir / "adapter_config.json").is_file() else None
 
 
-def _variant_data(spec: VariantSpec, data_dir: Optional[Path], it_data: Optional[Path], work: Path, *,
-                  world: bool = True) -> Path:
+def _variant_data(spec: VariantSpec, data_dir: Optional[Path], it_data: Optional[Path], work: Path) -> Path:
     """The IT dataset of one variant, written into the tune stage with its provenance.
 
     ``data_dir``: the study's world or geo folder (named datasets ``it``, ``it_<style>``; eval twins).
@@ -481,7 +479,7 @@ def _variant_data(spec: VariantSpec, data_dir: Optional[Path], it_data: Optional
         src = Path(spec.data)
     rows = read_records(src, "instruction")
     if spec.drop_twin_sources and data_dir is not None:
-        rows = _drop_twin_sources(rows, data_dir) if world else _drop_eval_twin_sources(rows, data_dir)
+        rows = _drop_twin_sources(rows, data_dir)
     if spec.size:
         rows = transforms.subset(rows, spec.size, seed=0)
     from itlens.io import atomic_write_jsonl
@@ -494,18 +492,10 @@ def _variant_data(spec: VariantSpec, data_dir: Optional[Path], it_data: Optional
     return dest
 
 
-def _drop_eval_twin_sources(rows: list[dict], data_dir: Path) -> list[dict]:
-    """Remove IT instances about any eval record's twin (geo data: the eval records name their twin)."""
+def _drop_twin_sources(rows: list[dict], data_dir: Path) -> list[dict]:
+    """Remove IT instances about any eval record's twin, the designed (world) or most similar (geo) IT
+    entity whose values a model may borrow (counterfactual)."""
     sources = {r["twin"] for r in read_records(data_dir / "eval.jsonl", "prompt") if r.get("twin")}
-    return [r for r in rows if r.get("person") not in sources]
-
-
-def _drop_twin_sources(rows: list[dict], world_dir: Path) -> list[dict]:
-    """Remove IT instances about people who are the designed twin of an eval person (counterfactual)."""
-    from itlens.world import World
-
-    world = World.load(world_dir)
-    sources = {p["twin"] for p in world.people if p.get("in_eval") and p.get("twin")}
     return [r for r in rows if r.get("person") not in sources]
 
 
@@ -641,7 +631,7 @@ def stated_facts(eval_records: list[dict], responses: dict[str, str], world) -> 
 
 
 def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], base_dirs, tuned_dirs, responses,
-                      shift_dirs, work: Path, *, frame_path: str = "", eval_path: Optional[Path] = None,
+                      shift_dirs, work: Path, *, eval_path: Path, frame_path: str = "",
                       geo_dir: Optional[Path] = None) -> None:
     """Knowledge, copying and borrowing for every model of one seed; writes analysis.json and items.json."""
     from itlens.analysis.knowledge import accuracy_summary, degradation, grade_responses
@@ -656,8 +646,6 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
         from itlens.geo import GeoFacts
 
         world = GeoFacts.load(geo_dir)
-    if eval_path is None:
-        eval_path = (world_dir / "eval.jsonl") if world_dir is not None else Path(cfg.eval_data)
     eval_records = read_records(eval_path, "prompt")
     models = ["base", *cfg.variants]
     outputs = {m: read_records(responses[(seed, m)], "response") for m in models}
