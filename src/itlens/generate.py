@@ -57,7 +57,8 @@ def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
 
 def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame: str | None = None,
                        max_new_tokens: int = 128, batch_size: int = 16, model_name: str | None = None,
-                       progress: bool = False, shard: tuple[int, int] | None = None) -> list[dict]:
+                       progress: bool = False, shard: tuple[int, int] | None = None, temperature: float = 0.0,
+                       seed: int = 0) -> list[dict]:
     """Greedy answers to ``prompts`` (CONTRACT prompt records), as CONTRACT response records.
 
     ``model`` is a :class:`itlens.models.LoadedModel` or anything :func:`itlens.models.load_model`
@@ -65,6 +66,8 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     ``n_tokens`` (generated tokens) and ``finish`` (``stop`` or ``length``). ``shard=(rank, world)``
     decodes only that process's batches (every world-th batch of the one-process plan, so each
     prompt meets the same batch-mates and padding as in one process) and returns just those records.
+    ``temperature`` > 0 samples instead (full distribution, no top-k/top-p; SliCK probing), seeded per
+    batch from ``seed`` so a rerun gives the same samples; those records also carry ``temperature``.
     """
     import torch
 
@@ -77,7 +80,7 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     stop_ids = end_of_turn_ids(tok)
     stop_strings = [FRAME_STOP] if mode == "frame" else [END]
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    batches = batch_plan(encoded, batch_size)
+    batches = list(enumerate(batch_plan(encoded, batch_size)))  # (one-process batch number, prompt indices)
     if shard is not None:  # this process's share of the one-process batches (see itlens.sharding)
         batches = batches[shard[0]::shard[1]]
     results: list[dict | None] = [None] * len(prompts)
@@ -86,17 +89,25 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(map(len, batches)), desc=f"generate {lm.name}", unit="prompt")
-    for idx in batches:
+        bar = tqdm(total=sum(len(idx) for _, idx in batches), desc=f"generate {lm.name}", unit="prompt")
+    if temperature < 0:
+        raise InputError(f"expected a temperature >= 0, got {temperature}", key="temperature")
+    decoding = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
+        else {"do_sample": False}
+    for b, idx in batches:
         batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+        if temperature > 0:
+            torch.manual_seed(seed * 1_000_003 + b)
         with torch.inference_mode():
-            out = net.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+            out = net.generate(**batch, **decoding, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                pad_token_id=tok.pad_token_id, use_cache=True, num_beams=1,
                                **({"stop_strings": stop_strings, "tokenizer": tok} if mode == "frame" else {}))
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             results[i] = _response_record(prompts[i], new[row].tolist(), tok, stop_ids, stop_strings,
                                           max_new_tokens=max_new_tokens, mode=mode, model=model_name or lm.name)
+            if temperature > 0:
+                results[i]["temperature"] = temperature
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:

@@ -16,9 +16,10 @@ continents, main languages and land neighbours of countries (GeoNames data, CC-B
 - ``cloze.jsonl``, ``frame.txt`` (+ ``frame_K.txt``: mixed exemplars, the base model's context),
   ``probe_frames/<attribute>_<K>.txt`` (same-attribute exemplars, for probing), ``facts.json``.
 
-Known/Unknown per fact comes from probing a base model with greedy few-shot questions in several
-frames (a minimal SliCK, Gekhman et al. 2024): HighlyKnown if every frame's answer is right,
-MaybeKnown if some are, Unknown if none. :func:`label_known` writes the labels into the records
+Known/Unknown per fact comes from probing a base model with few-shot questions in several frames
+(SliCK, Gekhman et al. 2024): HighlyKnown if every frame's greedy answer is right, MaybeKnown if some
+are, WeaklyKnown if none is but a sampled answer (``probe_samples`` at ``probe_temperature``) is,
+Unknown otherwise; with ``probe_samples: 0`` (greedy only) there is no WeaklyKnown. :func:`label_known` writes the labels into the records
 (``status`` for IT, ``group`` = known_heldout | unknown for eval).
 """
 
@@ -67,6 +68,11 @@ class GeoConfig:
     frames: int = field(default=3, metadata={
         "help": "Few-shot frames (each with its own exemplar countries, kept out of IT and eval) for probing."})
     frame_examples: int = field(default=3, metadata={"help": "Exemplar exchanges per frame."})
+    probe_samples: int = field(default=0, metadata={
+        "help": "Sampled probe answers per fact (frames rotate), on top of one greedy answer per frame: a fact "
+                "no greedy answer gets right but a sample does is WeaklyKnown (SliCK). 0 = greedy only."})
+    probe_temperature: float = field(default=0.5, metadata={
+        "help": "Sampling temperature of the probe samples (Gekhman et al.: 0.5)."})
     seed: int = field(default=0, metadata={"help": "Seed of the country split, phrasings and exemplars."})
     templates: str = field(default="geo_templates.yaml", metadata={
         "help": "Prompt file with the question phrasings, answer sentences and style phrases."})
@@ -80,6 +86,10 @@ class GeoConfig:
         for name in ("phrasings_per_fact", "frames", "frame_examples"):
             if getattr(self, name) < 1:
                 raise InputError(f"expected at least 1, got {getattr(self, name)}", key=name)
+        if self.probe_samples < 0:
+            raise InputError(f"expected 0 or more, got {self.probe_samples}", key="probe_samples")
+        if not self.probe_temperature > 0:
+            raise InputError(f"expected a temperature > 0, got {self.probe_temperature}", key="probe_temperature")
 
 
 # --------------------------------------------------------------------------------------- matching
@@ -347,22 +357,27 @@ def probe_frame_files(geo_dir: str | Path) -> dict[str, list[Path]]:
 
 
 def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, list[str | Path]], *,
-                max_new_tokens: int = 16, batch_size: int = 16) -> dict[tuple[str, str], dict]:
-    """Ask ``model`` (greedy, in each few-shot frame) every ``{instruction, person, attribute, answers}``
-    fact; return ``{(person, attribute): {"p_correct", "category", "known", "answers_given"}}``.
+                max_new_tokens: int = 16, batch_size: int = 16, samples: int = 0, temperature: float = 0.5,
+                seed: int = 0) -> dict[tuple[str, str], dict]:
+    """Ask ``model`` every ``{instruction, person, attribute, answers}`` fact in each few-shot frame
+    (greedy), then ``samples`` more times at ``temperature`` (frames rotate; seeded); return
+    ``{(person, attribute): {"p_correct", "p_sampled", "category", "known", "answers_given", "samples_given"}}``.
 
-    ``frames``: one list for every fact, or one list per attribute. Only the first line of an answer
-    is scored (a base model goes on with made-up exchanges). ``model``: anything
-    :func:`itlens.generate.generate_responses` accepts (a LoadedModel or a path).
+    ``category`` is SliCK's (:func:`itlens.analysis.knowledge.slick_category`); ``known`` is any
+    category but Unknown. ``frames``: one list for every fact, or one list per attribute. Only the
+    first line of an answer is scored (a base model goes on with made-up exchanges). ``model``:
+    anything :func:`itlens.generate.generate_responses` accepts (a LoadedModel or a path).
     """
+    from itlens.analysis.knowledge import slick_category
     from itlens.generate import generate_responses
     from itlens.models import LoadedModel, load_model
 
     if not isinstance(model, LoadedModel):
         model = load_model(model)  # once, not once per frame
-    hits = [0] * len(facts)
+    greedy: list[list[bool]] = [[] for _ in facts]
+    sampled: list[list[bool]] = [[] for _ in facts]
     given: list[list[str]] = [[] for _ in facts]
-    n_frames = [0] * len(facts)
+    given_sampled: list[list[str]] = [[] for _ in facts]
     by_attr: dict[str, list[int]] = {}
     for i, f in enumerate(facts):
         by_attr.setdefault(f["attribute"], []).append(i)
@@ -371,25 +386,34 @@ def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, l
         if not attr_frames:
             raise InputError(f"no probe frame for attribute {attr!r}", field="frames")
         prompts = [{"id": f"probe:{i}", "instruction": facts[i]["instruction"]} for i in idx]
-        for frame in attr_frames:
+        draws = [(frame, 0.0, 0) for frame in attr_frames]
+        draws += [(attr_frames[j % len(attr_frames)], temperature, seed * 1009 + j) for j in range(samples)]
+        for frame, temp, draw_seed in draws:
             responses = generate_responses(model, prompts, mode="frame", frame=str(frame),
-                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                           temperature=temp, seed=draw_seed)
             for i, r in zip(idx, responses):
                 first_line = r["response"].strip().split("\n")[0]
-                hits[i] += match_answer(first_line, facts[i]["answers"]) is not None
-                given[i].append(first_line)
-                n_frames[i] += 1
+                hit = match_answer(first_line, facts[i]["answers"]) is not None
+                (sampled if temp > 0 else greedy)[i].append(hit)
+                (given_sampled if temp > 0 else given)[i].append(first_line)
     out = {}
     for i, f in enumerate(facts):
-        p = hits[i] / n_frames[i]
-        category = "HighlyKnown" if p == 1 else "MaybeKnown" if p > 0 else "Unknown"
-        out[(f["person"], f["attribute"])] = {"p_correct": p, "category": category, "known": p > 0,
-                                              "answers_given": given[i]}
+        category = slick_category(greedy[i], sampled[i])
+        out[(f["person"], f["attribute"])] = {
+            "p_correct": sum(greedy[i]) / len(greedy[i]),
+            "p_sampled": sum(sampled[i]) / len(sampled[i]) if sampled[i] else None,
+            "category": category, "known": category != "Unknown",
+            "answers_given": given[i], "samples_given": given_sampled[i]}
     return out
 
 
-def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_size: int = 16) -> dict:
+def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_size: int = 16,
+                samples: int | None = None, temperature: float | None = None) -> dict:
     """Probe every fact (IT and eval) with ``model`` and rewrite the records with the labels.
+
+    ``samples``/``temperature``: the probe's sampled answers per fact (default: the data's own config,
+    ``probe_samples``/``probe_temperature`` in facts.json; sampling is seeded with its ``seed``).
 
     IT records get ``status`` (known | unknown) and ``category``; eval records get ``known``,
     ``category`` and ``group`` (known_heldout | unknown). Writes ``knowledge.jsonl`` (one row per fact)
@@ -408,7 +432,12 @@ def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_s
               "attribute": c["attribute"], "answers": c["answers"]} for c in cloze
              if (c["person"], c["attribute"]) in questions]
     frames = probe_frame_files(geo_dir) or frame_files(geo_dir)
-    labels = probe_known(model, facts, frames, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    built = json.loads((geo_dir / "facts.json").read_text()).get("config", {}) \
+        if (geo_dir / "facts.json").is_file() else {}
+    samples = built.get("probe_samples", 0) if samples is None else samples
+    temperature = built.get("probe_temperature", 0.5) if temperature is None else temperature
+    labels = probe_known(model, facts, frames, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         samples=samples, temperature=temperature, seed=built.get("seed", 0))
     for r in eval_rows:
         lab = labels[(r["person"], r["attribute"])]
         r.update(known=lab["known"], category=lab["category"],
@@ -423,8 +452,9 @@ def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_s
     for path, rows in it_by_path.items():
         atomic_write_jsonl(path, rows)
     counts: dict[str, Any] = {"facts": len(knowledge)}
-    for cat in ("HighlyKnown", "MaybeKnown", "Unknown"):
+    for cat in ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"):
         counts[cat] = sum(1 for k in knowledge if k["category"] == cat)
+    counts["probe_samples"] = samples
     counts["eval_known"] = sum(1 for r in eval_rows if r["known"])
     counts["eval_unknown"] = len(eval_rows) - counts["eval_known"]
     return counts

@@ -660,11 +660,14 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
     items: dict[str, Any] = {}
 
     if cfg.analyses.knowledge:
-        graded = {m: grade_responses(qa_records, texts[m], world=world) for m in models}
+        # SliCK categories where the eval records carry them (geo data probed with the base): accuracy by category
+        categories = {r["id"]: r["category"] for r in qa_records if isinstance(r.get("category"), str)} or None
+        graded = {m: grade_responses(qa_records, texts[m], world=world, categories=categories) for m in models}
         know: dict[str, Any] = {"models": {m: accuracy_summary(graded[m], seed=seed) for m in models},
                                 "degradation": {m: degradation(graded["base"], graded[m], seed=seed)
                                                 for m in cfg.variants}}
-        items["qa"] = {m: [{"id": r["id"], "group": r["group"], "correct": r["correct"], "label": r["label"]}
+        items["qa"] = {m: [{"id": r["id"], "group": r["group"], "correct": r["correct"], "label": r["label"],
+                            **({"category": r["category"]} if "category" in r else {})}
                            for r in graded[m]] for m in models}
         if world_dir is not None:
             from itlens.probes import cloze_accuracy
@@ -861,6 +864,25 @@ def _pooled(items: dict, kind: str, model: str, group: Optional[str] = None, fie
     return out
 
 
+def _entity_noun(cfg: StudyConfig) -> str:
+    """What the eval questions are about, for the report's sentences: countries (geo data) or people (world)."""
+    geo = cfg.geo is not None or bool(cfg.eval_data and (Path(cfg.eval_data).parent / "facts.json").is_file())
+    return "countries" if geo else "people"
+
+
+def _accuracy_by_category(items: dict, models: list[str]) -> dict[str, dict]:
+    """Pooled QA accuracy of each model per SliCK category of the eval item (empty without categories)."""
+    out: dict[str, dict] = {}
+    for s in sorted(items):
+        for m in models:
+            for r in (items[s].get("qa", {}).get(m) or []):
+                if "category" in r:
+                    out.setdefault(r["category"], {}).setdefault(m, []).append(float(r["correct"]))
+    order = {c: k for k, c in enumerate(("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"))}
+    return {c: {"n": len(v[models[0]]) if models[0] in v else 0, **{m: _mean_of(v.get(m, [])) for m in models}}
+            for c, v in sorted(out.items(), key=lambda kv: (order.get(kv[0], 9), kv[0]))}
+
+
 def _finding(fid: str, holds: Optional[bool], test: str, summary: str, **evidence: Any) -> dict:
     return {"id": fid, "claim": CLAIMS[fid], "holds": holds,
             "evidence": {"test": test, "summary": summary, "paper": PAPER_EVIDENCE[fid], **evidence}}
@@ -872,6 +894,8 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
 
     fc = finding_roles(cfg)
     alpha, nb = fc.alpha, fc.n_boot
+    noun = _entity_noun(cfg)
+    twin = "most similar IT country" if noun == "countries" else "designed twin"
     conf = 1 - alpha
     out = []
 
@@ -892,14 +916,19 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
                      "cloze_lft_minus_base": paired_bootstrap(cb, cl, confidence=conf, n_resamples=nb),
                      "cloze_sft_minus_base": paired_bootstrap(cb, cs, confidence=conf, n_resamples=nb)}
         holds = diff["high"] is not None and diff["high"] < 0 and diff["p_value"] < alpha
+        by_cat = _accuracy_by_category(items, ["base", fc.lft, fc.sft])
+        cat_text = ("; by the base's SliCK category (n, base / LFT / SFT): " + ", ".join(
+            f"{c} ({v['n']}) {_r(v['base'])} / {_r(v[fc.lft])} / {_r(v[fc.sft])}" for c, v in by_cat.items())
+            if by_cat else "")
         out.append(_finding(
             "F1", holds,
             f"paired bootstrap ({nb} resamples) and sign-flip test on held-out Known questions, pooled over "
             f"seeds: holds iff SFT accuracy is below LFT accuracy with the {conf:.0%} CI of SFT-LFT below 0 and "
             f"p < {alpha}",
-            f"QA accuracy on held-out Known people: base {_pct(base)}, LFT {_pct(lft)}, SFT {_pct(sft)}; "
-            f"SFT-LFT = {_pp(diff)}.",
-            sft_minus_lft=diff, lft_minus_base=deg_l, sft_minus_base=deg_s, **cloze))
+            f"QA accuracy on held-out Known {noun}: base {_pct(base)}, LFT {_pct(lft)}, SFT {_pct(sft)}; "
+            f"SFT-LFT = {_pp(diff)}{cat_text}.",
+            sft_minus_lft=diff, lft_minus_base=deg_l, sft_minus_base=deg_s,
+            **({"by_category": by_cat} if by_cat else {}), **cloze))
     else:
         out.append(_finding("F1", None, "needs an LFT and an SFT variant and the knowledge analysis", "not measured"))
 
@@ -913,8 +942,8 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
         holds = d["low"] is not None and d["low"] > 0 and d["p_value"] < alpha
         out.append(_finding(
             "F2", holds,
-            f"paired bootstrap on answers about held-out Known people that state at least one wrong fact (exact, "
-            f"against the world), {fc.style_long} minus {fc.style_simple}, pooled over seeds: holds iff the "
+            f"paired bootstrap on answers about held-out Known {noun} that state at least one wrong fact (exact, "
+            f"against the {'facts' if noun == 'countries' else 'world'}), {fc.style_long} minus {fc.style_simple}, pooled over seeds: holds iff the "
             f"long-style model has more such answers with the {conf:.0%} CI above 0 and p < {alpha}",
             f"answers with a hallucinated fact: {fc.style_long} {_pct(long_w)} vs {fc.style_simple} "
             f"{_pct(simp_w)} (facts stated per answer {_mean_of(long_s) or 0:.2f} vs {_mean_of(simp_s) or 0:.2f}); "
@@ -939,7 +968,7 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
         holds = None if not hs else bool(test["p_value"] is not None and test["p_value"] < alpha)
         out.append(_finding(
             "F3", holds,
-            f"permutation test ({nb} resamples): wrong values of {fc.sft} about people whose designed twin is in the "
+            f"permutation test ({nb} resamples): wrong values of {fc.sft} about {noun} whose {twin} is in the "
             f"IT data, compared with the twin's value, against twin values shuffled within attribute; holds iff "
             f"p < {alpha}",
             f"{fc.sft}: {_r(rate(hs))} of {len(hs)} wrong values equal the similar IT instance's value (chance "
@@ -1037,8 +1066,8 @@ def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) ->
         ax.set_title("Knowledge after tuning (mean over seeds)")
         save_fig(fig, fig_dir / "knowledge.png")
         add("knowledge.png", "Knowledge (F1)", "Knowledge by model",
-            "Exact QA accuracy on held-out Known people (never in the IT data), cloze accuracy in the "
-            "pretraining format, and accuracy on Unknown people.",
+            f"Exact QA accuracy on held-out Known {_entity_noun(cfg)} (never in the IT data), cloze accuracy in "
+            f"the pretraining format, and accuracy on Unknown {_entity_noun(cfg)}.",
             "The paper infers knowledge degradation from TDS and GPT-4 factuality; it has no exact measure.")
 
     # token shift: class shares per variant and base context
