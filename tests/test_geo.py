@@ -101,6 +101,10 @@ def test_bad_config_is_an_input_error(tmp_path):
         load_geo_config(bad)
     with pytest.raises(InputError, match="unknown key"):
         load_geo_config(None, ["frames_per_fact=2"])
+    with pytest.raises(InputError, match="key 'probe_samples'"):
+        load_geo_config(None, ["probe_samples=-1"])
+    with pytest.raises(InputError, match="key 'probe_temperature'"):
+        load_geo_config(None, ["probe_temperature=0"])
 
 
 def test_label_known_with_a_random_model_marks_everything_unknown(tiny_model_dir, tmp_path, one_thread):
