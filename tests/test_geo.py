@@ -301,3 +301,42 @@ def test_geo_facts_parse_values_exactly_for_grading_and_borrowing(geo_dir):
     alias = cur["answers"][1]
     assert grade_responses([cur], {cur["id"]: f"They pay in {alias}."}, world=facts)[0]["correct"] == 1
     assert facts.parse_value("capital", "no city named here") is None
+
+
+def test_knowledge_on_a_geo_folder_grades_exactly_and_probes_multiple_choice(geo_dir, tiny_model_dir, tmp_path,
+                                                                            one_thread):
+    """`itlens knowledge` with `world:` a geo folder: exact grading (neighbours by alias) and multiple-choice
+    items whose distractors are other countries' values of the same attribute, split by SliCK category."""
+    from itlens.analysis.knowledge import KnowledgeConfig, MCSettings, run_knowledge
+    from itlens.geo import GeoFacts
+    from itlens.io import atomic_write_jsonl
+
+    ev = [{**r, "category": "MaybeKnown" if i % 2 else "Unknown"}
+          for i, r in enumerate(read_records(geo_dir / "eval.jsonl", "prompt"))]
+    atomic_write_jsonl(tmp_path / "eval.jsonl", ev)
+    gold = [{"id": r["id"], "instruction": r["instruction"], "response": f"Sure. It is {r['answers'][0]}.",
+             "model": "gold"} for r in ev]
+    twin = [{"id": r["id"], "instruction": r["instruction"], "response": f"It is {r.get('twin_value') or 'unknown'}.",
+             "model": "twin"} for r in ev]
+    atomic_write_jsonl(tmp_path / "gold.jsonl", gold)
+    atomic_write_jsonl(tmp_path / "twin.jsonl", twin)
+    cfg = KnowledgeConfig(eval=str(tmp_path / "eval.jsonl"), world=str(geo_dir), base="gold",
+                          responses={"gold": str(tmp_path / "gold.jsonl"), "twin": str(tmp_path / "twin.jsonl")},
+                          mc=MCSettings(models={"tiny": str(tiny_model_dir)}), n_resamples=50)
+    metrics = run_knowledge(cfg, tmp_path / "k")
+    assert metrics["models"]["gold"]["n"] == len(ev) and metrics["models"]["gold"]["acc"] == 1.0
+    assert {r["attribute"] for r in ev} >= {"neighbour"}  # kept, graded by its aliases
+    twins = [r for r in ev if r.get("twin_value") and r["twin_value"] not in r["answers"]
+             and r["attribute"] != "neighbour"]
+    assert twins and metrics["models"]["twin"]["acc"] < 1.0
+    facts = GeoFacts.load(geo_dir)
+    items = read_records(tmp_path / "k" / "mc_items.jsonl", "any")
+    assert len(items) == sum(r["attribute"] != "neighbour" for r in ev)
+    by_id = {r["id"]: r for r in ev}
+    for it in items:
+        rec = by_id[it["id"]]
+        assert it["choices"][it["gold"]] == rec["answers"][0] and len(set(it["choices"])) == len(it["choices"])
+        assert set(it["choices"]) <= set(facts.vocab[rec["attribute"]])
+    mc = metrics["mc"]["tiny"]
+    assert mc["n"] == len(items) and set(mc["by_category"]) == {"MaybeKnown", "Unknown"}
+    assert sum(v["n"] for v in mc["by_category"].values()) == len(items)

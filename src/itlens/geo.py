@@ -19,8 +19,9 @@ continents, main languages and land neighbours of countries (GeoNames data, CC-B
 Known/Unknown per fact comes from probing a base model with few-shot questions in several frames
 (SliCK, Gekhman et al. 2024): HighlyKnown if every frame's greedy answer is right, MaybeKnown if some
 are, WeaklyKnown if none is but a sampled answer (``probe_samples`` at ``probe_temperature``) is,
-Unknown otherwise; with ``probe_samples: 0`` (greedy only) there is no WeaklyKnown. :func:`label_known` writes the labels into the records
-(``status`` for IT, ``group`` = known_heldout | unknown for eval).
+Unknown otherwise; with ``probe_samples: 0`` (greedy only) there is no WeaklyKnown.
+:func:`label_known` writes the labels into the records (``status`` for IT, ``group`` =
+known_heldout | unknown for eval, ``category`` for both).
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def match_answer(text: str, answers: list[str]) -> str | None:
 
 class GeoFacts:
     """The facts of a geo folder, seen through the part of :class:`itlens.world.World` that the exact
-    analyses use (``attributes``, ``people``, ``person``, ``parse_value``), so knowledge grading, stated
-    facts (F2) and borrowing (F3) parse values exactly, as on the synthetic world.
+    analyses use (``attributes``, ``people``, ``person``, ``parse_value``, ``vocab``), so knowledge
+    grading, stated facts (F2), borrowing (F3) and multiple-choice probes work as on the synthetic world.
 
     Only single-valued attributes are parsed (capital, currency, continent, language); ``neighbour``
     has several true values and stays with alias matching. A value is the first vocabulary entry (any
@@ -122,6 +123,7 @@ class GeoFacts:
     """
 
     SINGLE_VALUED = ("capital", "currency", "continent", "language")
+    alias_attributes = ("neighbour",)  # graded by alias matching against the record's own answers
 
     def __init__(self, facts: dict):
         countries = facts["countries"]
@@ -130,6 +132,9 @@ class GeoFacts:
                         "attrs": {a: f["value"] for a, f in c["facts"].items()},
                         "answers": {a: list(f["answers"]) for a, f in c["facts"].items()}} for c in countries]
         self._by_id = {p["id"]: p for p in self.people}
+        # every country's value of each attribute: distractors for multiple-choice probes (world_mc_items)
+        self.vocab = {a: sorted({c["facts"][a]["value"] for c in countries if a in c["facts"]})
+                      for a in self.attributes}
         self._canon: dict[str, dict[str, str]] = {}
         self._re: dict[str, re.Pattern] = {}
         for attr in self.attributes:

@@ -943,8 +943,9 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
         out.append(_finding(
             "F2", holds,
             f"paired bootstrap on answers about held-out Known {noun} that state at least one wrong fact (exact, "
-            f"against the {'facts' if noun == 'countries' else 'world'}), {fc.style_long} minus {fc.style_simple}, pooled over seeds: holds iff the "
-            f"long-style model has more such answers with the {conf:.0%} CI above 0 and p < {alpha}",
+            f"against the {'facts' if noun == 'countries' else 'world'}), {fc.style_long} minus "
+            f"{fc.style_simple}, pooled over seeds: holds iff the long-style model has more such answers with "
+            f"the {conf:.0%} CI above 0 and p < {alpha}",
             f"answers with a hallucinated fact: {fc.style_long} {_pct(long_w)} vs {fc.style_simple} "
             f"{_pct(simp_w)} (facts stated per answer {_mean_of(long_s) or 0:.2f} vs {_mean_of(simp_s) or 0:.2f}); "
             f"difference {_pp(d)}.",

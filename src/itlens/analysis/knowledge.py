@@ -179,10 +179,12 @@ def slick_category(greedy_correct: Sequence[bool], sampled_correct: Sequence[boo
 
 
 def world_qa_records(world, records: Sequence[dict]) -> list[dict]:
-    """Single-attribute world records (IT or eval) with ``answers`` filled from the ground truth."""
+    """Single-attribute world records (IT or eval) with ``answers`` filled from the ground truth; also
+    records of the source's ``alias_attributes`` (geo's several-valued ``neighbour``), graded by their answers."""
     out = []
+    keep = set(world.attributes) | set(getattr(world, "alias_attributes", ()))
     for r in records:
-        if r.get("attribute") in world.attributes and r.get("person"):
+        if r.get("attribute") in keep and r.get("person"):
             out.append({**r, "answers": r.get("answers") or [world.person(r["person"])["attrs"][r["attribute"]]]})
     return out
 
@@ -273,12 +275,14 @@ def world_mc_items(world, records: Sequence[dict], *, n_choices: int = 4, seed: 
     rng = random.Random(seed)
     items = []
     for r in world_qa_records(world, records):
+        if r.get("attribute") not in world.vocab:  # no single value to choose (geo neighbours)
+            continue
         gold = r["answers"][0]
         others = [v for v in world.vocab[r["attribute"]] if v != gold]
         choices = rng.sample(others, min(n_choices - 1, len(others))) + [gold]
         rng.shuffle(choices)
         items.append({"id": r["id"], "question": r["instruction"], "choices": choices, "gold": choices.index(gold),
-                      "group": r.get("group", "all")})
+                      "group": r.get("group", "all"), **({"category": r["category"]} if "category" in r else {})})
     return items
 
 
@@ -330,7 +334,8 @@ def mc_loglikelihoods(model, tokenizer, items: Sequence[dict], *, template: str 
 
 def mc_scores(items: Sequence[dict], lls: Sequence[Sequence[float]], *, n_resamples: int = 2000,
               seed: int = 0) -> dict:
-    """``acc`` (argmax log-likelihood) and ``acc_norm`` (divided by the choice's length in characters)."""
+    """``acc`` (argmax log-likelihood) and ``acc_norm`` (divided by the choice's length in characters),
+    overall and, where items carry them, ``by_group`` and ``by_category`` (e.g. SliCK labels)."""
     import numpy as np
 
     acc, acc_norm, rows = [], [], []
@@ -342,8 +347,19 @@ def mc_scores(items: Sequence[dict], lls: Sequence[Sequence[float]], *, n_resamp
         acc_norm.append(an)
         rows.append({"id": it["id"], "acc": a, "acc_norm": an, "lls": ll.tolist()})
     ci = bootstrap_ci(acc, n_resamples=n_resamples, seed=seed)
-    return {"n": len(rows), "acc": ci["estimate"], "acc_low": ci["low"], "acc_high": ci["high"],
-            "acc_norm": float(np.mean(acc_norm)) if acc_norm else None, "items": rows}
+    out = {"n": len(rows), "acc": ci["estimate"], "acc_low": ci["low"], "acc_high": ci["high"],
+           "acc_norm": float(np.mean(acc_norm)) if acc_norm else None}
+    for key in ("group", "category"):
+        parts: dict[str, list[int]] = defaultdict(list)
+        for it, a in zip(items, acc):
+            if key in it:
+                parts[str(it[key])].append(a)
+        if parts:
+            out[f"by_{key}"] = {}
+            for k, v in sorted(parts.items()):
+                c = bootstrap_ci(v, n_resamples=n_resamples, seed=seed)
+                out[f"by_{key}"][k] = {"n": len(v), "acc": c["estimate"], "acc_low": c["low"], "acc_high": c["high"]}
+    return {**out, "items": rows}
 
 
 def mc_lm_eval(model_dir: str | Path, items_path: str | Path, *, template: str = MC_TEMPLATE,
@@ -446,7 +462,7 @@ class KnowledgeConfig:
     responses: dict[str, str] = dataclasses.field(default_factory=dict, metadata={
         "help": "Model name -> responses JSONL (CONTRACT response records with the eval ids)."})
     world: str = dataclasses.field(default="", metadata={
-        "help": "World dir: answers are then parsed exactly per attribute (World.parse_value)."})
+        "help": "World dir (or geo folder from `itlens geo`): answers are then parsed exactly per attribute."})
     base: str = dataclasses.field(default="base", metadata={
         "help": "The entry of `responses` that degradation is measured against."})
     categories: str = dataclasses.field(default="", metadata={
@@ -470,6 +486,18 @@ class KnowledgeConfig:
             raise InputError("expected itlens or lm_eval", key="mc.backend")
 
 
+def load_fact_source(path: str | Path):
+    """The exact ground truth behind a data folder: a synthetic world (world.json) or geo facts (facts.json)."""
+    path = Path(path)
+    if not (path / "world.json").is_file() and (path / "facts.json").is_file():
+        from itlens.geo import GeoFacts
+
+        return GeoFacts.load(path)
+    from itlens.world import World
+
+    return World.load(path)
+
+
 def _read_categories(path: str) -> dict[str, str]:
     out = {}
     for lineno, r in enumerate(read_records(path, "any"), 1):
@@ -490,11 +518,7 @@ def run_knowledge(cfg: KnowledgeConfig, out_dir: str | Path) -> dict:
     """``itlens knowledge``: writes ``graded.jsonl``, ``knowledge.json`` and figures; returns the metrics."""
     from itlens.io import atomic_dir
 
-    world = None
-    if cfg.world:
-        from itlens.world import World
-
-        world = World.load(cfg.world)
+    world = load_fact_source(cfg.world) if cfg.world else None
     eval_records = _read_eval(cfg, world)
     categories = _read_categories(cfg.categories) if cfg.categories else None
     metrics: dict[str, Any] = {"base": cfg.base if cfg.responses else None, "models": {}, "degradation": {}}
