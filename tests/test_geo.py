@@ -325,6 +325,7 @@ def test_knowledge_on_a_geo_folder_grades_exactly_and_probes_multiple_choice(geo
                           mc=MCSettings(models={"tiny": str(tiny_model_dir)}), n_resamples=50)
     metrics = run_knowledge(cfg, tmp_path / "k")
     assert metrics["models"]["gold"]["n"] == len(ev) and metrics["models"]["gold"]["acc"] == 1.0
+    assert sum(v["n"] for v in metrics["models"]["twin"]["by_category"].values()) == len(ev)  # the records' labels
     assert {r["attribute"] for r in ev} >= {"neighbour"}  # kept, graded by its aliases
     twins = [r for r in ev if r.get("twin_value") and r["twin_value"] not in r["answers"]
              and r["attribute"] != "neighbour"]

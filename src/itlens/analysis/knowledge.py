@@ -321,10 +321,15 @@ def mc_loglikelihoods(model, tokenizer, items: Sequence[dict], *, template: str 
             mask = torch.zeros_like(ids)
             for i, s in enumerate(seqs):
                 ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-            for i, (c, k) in enumerate(chunk):
-                pos = torch.arange(len(c) - 1, len(c) + len(k) - 1)
-                lls.append(float(logp[i, pos, torch.tensor(k)].sum()))
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            # normalise only the rows that predict a continuation token (a 262k vocabulary makes the
+            # full [batch, length, vocab] log-softmax the dominant cost)
+            rows = torch.cat([torch.full((len(k),), i) for i, (_, k) in enumerate(chunk)])
+            cols = torch.cat([torch.arange(len(c) - 1, len(c) + len(k) - 1) for c, k in chunk])
+            target = torch.tensor([t for _, k in chunk for t in k])
+            lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(1, target[:, None])[:, 0]
+            sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows, lp.double())
+            lls.extend(float(x) for x in sums)
     out, cursor = [], 0
     for it in items:
         out.append(lls[cursor:cursor + len(it["choices"])])
@@ -466,7 +471,8 @@ class KnowledgeConfig:
     base: str = dataclasses.field(default="base", metadata={
         "help": "The entry of `responses` that degradation is measured against."})
     categories: str = dataclasses.field(default="", metadata={
-        "help": "JSONL of {id, category} (e.g. slick.jsonl from a previous run) to split accuracy by."})
+        "help": "JSONL of {id, category} (e.g. slick.jsonl from a previous run) to split accuracy by. "
+                "Default: slick's labels when it runs on the eval set, else the eval records' own `category`."})
     abstain_patterns: list[str] = dataclasses.field(default_factory=lambda: list(ABSTAIN_PATTERNS), metadata={
         "help": "Regexes (on lower-cased text) that mark an answer as an abstention."})
     n_resamples: int = dataclasses.field(default=2000, metadata={"help": "Bootstrap resamples for CIs."})
@@ -531,6 +537,8 @@ def run_knowledge(cfg: KnowledgeConfig, out_dir: str | Path) -> dict:
                                 "counts": {c: sum(r["category"] == c for r in slick_rows) for c in SLICK_CATEGORIES}}
             if categories is None and not cfg.slick.records:
                 categories = {r["id"]: r["category"] for r in slick_rows}
+        if categories is None:  # labels the eval records carry (a probed geo folder)
+            categories = {r["id"]: r["category"] for r in eval_records if isinstance(r.get("category"), str)} or None
         graded_all = {}
         for name, path in sorted(cfg.responses.items()):
             responses = read_records(path, "response")
