@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from itlens.config import config_hash, from_dict, load_config, to_dict
+from itlens.config import KEY_OMITS_DEFAULT, config_hash, from_dict, key_dict, load_config, to_dict
 from itlens.errors import InputError
 from itlens.io import atomic_dir, atomic_write_json, read_records
 
@@ -38,6 +38,23 @@ def test_config_roundtrip_and_overrides(tmp_path):
     assert from_dict(Outer, to_dict(cfg)) == cfg
     assert config_hash(cfg) == config_hash(from_dict(Outer, to_dict(cfg)))
     assert config_hash(cfg) != config_hash(Outer())
+
+
+@dataclasses.dataclass
+class OuterLater(Outer):
+    """Outer as a later version defines it: one more option, added with KEY_OMITS_DEFAULT."""
+
+    samples: int = dataclasses.field(default=0, metadata={KEY_OMITS_DEFAULT: True, "help": "added later"})
+    extras: list[int] = dataclasses.field(default_factory=list, metadata={KEY_OMITS_DEFAULT: True})
+
+
+def test_an_option_added_later_keeps_old_cache_keys_until_it_is_set():
+    old = config_hash({"v": 1, "cfg": to_dict(Outer(name="z"))})  # a key written by the older version
+    assert config_hash({"v": 1, "cfg": key_dict(OuterLater(name="z"))}) == old
+    assert config_hash(OuterLater(name="z")) == config_hash(Outer(name="z"))
+    assert config_hash({"v": 1, "cfg": key_dict(OuterLater(name="z", samples=6))}) != old
+    assert config_hash({"v": 1, "cfg": key_dict(OuterLater(name="z", extras=[1]))}) != old
+    assert "samples" in to_dict(OuterLater())  # the resolved config still shows every option
 
 
 @pytest.mark.parametrize("text,needle", [

@@ -193,6 +193,7 @@ def test_study_runs_on_geo_data_with_its_own_base(geo_dir, tiny_model_dir, tmp_p
            "shift": {"base_contexts": ["frame"], "batch_size": 32, "views": 1},
            "findings": {"lft": "lft", "sft": "sft", "improvements": ["neftune"], "style_long": "sft-long",
                         "style_simple": "sft", "n_boot": 100},
+           "analyses": {"multiple_choice": True},
            "threads": 1}
     (tmp_path / "geo.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
@@ -209,6 +210,15 @@ def test_study_runs_on_geo_data_with_its_own_base(geo_dir, tiny_model_dir, tmp_p
     assert set(analysis["knowledge"]["facts"]) == {"base", "lft", "sft", "neftune", "sft-long"}  # exact (GeoFacts)
     assert analysis["knowledge"]["models"]["base"]["n"] == n_eval  # neighbour questions stay in QA
     assert "rates" in analysis["borrowing"]["models"]["sft"]
+    # multiple-choice recognition of every single-valued eval fact, per model, and in F1's evidence
+    n_single = sum(r["attribute"] != "neighbour" for r in ev)
+    assert {m: v["n"] for m, v in analysis["knowledge"]["mc"].items()} == dict.fromkeys(
+        ["base", "lft", "sft", "neftune", "sft-long"], n_single)
+    f1 = next(f for f in metrics["findings"] if f["id"] == "F1")
+    assert f1["evidence"]["mc_sft_minus_lft"]["n"] == sum(
+        r["attribute"] != "neighbour" and r["group"] == "known_heldout" for r in ev)
+    assert "multiple choice (recognition)" in f1["evidence"]["summary"]
+    assert metrics["models"]["sft"]["mc_acc_known"] is not None
 
 
 def test_study_geo_section_builds_probes_and_caches(tiny_model_dir, tmp_path):

@@ -184,16 +184,37 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data, file=path)
 
 
-def to_dict(cfg: Any) -> Any:
+# Field metadata flag for options added after studies were run with a version that lacked them: such a
+# field enters a cache key (key_dict) only when it differs from its default, so upgrading itlens does not
+# recompute finished stages whose settings it leaves unchanged.
+KEY_OMITS_DEFAULT = "key_omits_default"
+
+
+def _is_default(f: dataclasses.Field, value: Any) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return value == f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return value == f.default_factory()  # type: ignore[misc]
+    return False
+
+
+def to_dict(cfg: Any, *, key: bool = False) -> Any:
+    """Plain data of a (nested) config; ``key=True``: as it enters a cache key (see KEY_OMITS_DEFAULT)."""
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        return {f.name: to_dict(getattr(cfg, f.name), key=key) for f in dataclasses.fields(cfg)
+                if not (key and f.metadata.get(KEY_OMITS_DEFAULT) and _is_default(f, getattr(cfg, f.name)))}
     if isinstance(cfg, (list, tuple)):
-        return [to_dict(v) for v in cfg]
+        return [to_dict(v, key=key) for v in cfg]
     if isinstance(cfg, dict):
-        return {k: to_dict(v) for k, v in cfg.items()}
+        return {k: to_dict(v, key=key) for k, v in cfg.items()}
     if isinstance(cfg, Path):
         return str(cfg)
     return cfg
+
+
+def key_dict(cfg: Any) -> Any:
+    """``to_dict(cfg, key=True)``: a config as it enters a stage's cache key."""
+    return to_dict(cfg, key=True)
 
 
 def to_yaml(cfg: Any) -> str:
@@ -202,7 +223,7 @@ def to_yaml(cfg: Any) -> str:
 
 def config_hash(*parts: Any) -> str:
     """A short content hash of configs and other JSON-able values (stage cache keys)."""
-    blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, default=str).encode()
+    blob = json.dumps([key_dict(p) for p in parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import yaml
 
+from itlens.config import KEY_OMITS_DEFAULT
 from itlens.errors import InputError
 from itlens.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, iter_jsonl
 from itlens.resources import prompt_path
@@ -69,10 +70,10 @@ class GeoConfig:
     frames: int = field(default=3, metadata={
         "help": "Few-shot frames (each with its own exemplar countries, kept out of IT and eval) for probing."})
     frame_examples: int = field(default=3, metadata={"help": "Exemplar exchanges per frame."})
-    probe_samples: int = field(default=0, metadata={
+    probe_samples: int = field(default=0, metadata={KEY_OMITS_DEFAULT: True,
         "help": "Sampled probe answers per fact (frames rotate), on top of one greedy answer per frame: a fact "
                 "no greedy answer gets right but a sample does is WeaklyKnown (SliCK). 0 = greedy only."})
-    probe_temperature: float = field(default=0.5, metadata={
+    probe_temperature: float = field(default=0.5, metadata={KEY_OMITS_DEFAULT: True,
         "help": "Sampling temperature of the probe samples (Gekhman et al.: 0.5)."})
     seed: int = field(default=0, metadata={"help": "Seed of the country split, phrasings and exemplars."})
     templates: str = field(default="geo_templates.yaml", metadata={

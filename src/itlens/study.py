@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from itlens.config import from_dict, load_config, to_dict, to_yaml
+from itlens.config import KEY_OMITS_DEFAULT, from_dict, key_dict, load_config, to_dict, to_yaml
 from itlens.errors import InputError
 from itlens.geo import ATTRIBUTES as GEO_ATTRIBUTES
 from itlens.io import atomic_write_json, atomic_write_text, read_records
@@ -69,6 +69,10 @@ class AnalysesSection:
     knowledge: bool = dataclasses.field(default=True, metadata={"help": "QA and cloze accuracy per model."})
     copying: bool = dataclasses.field(default=True, metadata={"help": "Tone and style imitation of the IT data."})
     borrowing: bool = dataclasses.field(default=True, metadata={"help": "Hallucination by borrowing."})
+    multiple_choice: bool = dataclasses.field(default=False, metadata={KEY_OMITS_DEFAULT: True,
+        "help": "Knowledge as recognition: each single-valued eval fact as 4-way multiple choice scored by "
+                "log-likelihood (lm-eval's method) for every model, beside the generated answers; not "
+                "confounded by answer format. One extra pass per model (needs a world or geo data)."})
 
 
 @dataclasses.dataclass
@@ -273,7 +277,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 
             build_world(wcfg, work)
 
-        stages.append(Stage("world", {"v": V, "world": to_dict(wcfg)}, run_world, label="synthetic world"))
+        stages.append(Stage("world", {"v": V, "world": key_dict(wcfg)}, run_world, label="synthetic world"))
     geo_dir = out / "geo" if cfg.geo is not None else None
     if geo_dir is not None:
         geo_cfg, probe_batch = sections["geo"], sections["generate"].batch_size
@@ -285,7 +289,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
             build_geo(geo_cfg, work)
             label_known(work, cfg.base, batch_size=probe_batch)
 
-        stages.append(Stage("geo", {"v": V, "geo": to_dict(geo_cfg), "probe": cfg.base, "batch": probe_batch},
+        stages.append(Stage("geo", {"v": V, "geo": key_dict(geo_cfg), "probe": cfg.base, "batch": probe_batch},
                             run_geo, label=f"geography data, Known/Unknown probed with {cfg.base}"))
     data_dir = world_dir or geo_dir  # where named IT datasets (it, it_<style>), eval.jsonl and frame.txt are
     if geo_dir is None and cfg.eval_data and (Path(cfg.eval_data).parent / "facts.json").is_file():
@@ -319,7 +323,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                 _set_threads(cfg.threads)
                 pretrain(pcfg, world_dir, work)
 
-            stages.append(Stage(name, {"v": V, "pretrain": to_dict(pcfg)}, run_base, deps=["world"],
+            stages.append(Stage(name, {"v": V, "pretrain": key_dict(pcfg)}, run_base, deps=["world"],
                                 label=f"pretrain the base model (seed {seed})"))
             base_dirs[seed] = out / name
             base_deps = [name]
@@ -343,7 +347,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                                               "output_dir": str(work / "model"), "progress": False})
                 tune(tcfg, work / "model")
 
-            stages.append(Stage(sname, {"v": V, "variant": to_dict(spec), "tune": tdict, "seed": seed,
+            stages.append(Stage(sname, {"v": V, "variant": key_dict(spec), "tune": tdict, "seed": seed,
                                         "base": str(base_dirs[seed]) if name is None else None},
                                 run_tune, deps=base_deps + (["world"] if world_dir is not None and name else []),
                                 label=f"tune {vname} ({spec.method}, seed {seed})"))
@@ -384,7 +388,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 
             deps = ([f"base-s{seed}"] if name else []) + ([] if is_base else [f"tuned-s{seed}-{mname}"]) \
                 + data_stage
-            stages.append(Stage(sname, {"v": V, "generate": to_dict(gcfg), "mode": "frame" if is_base else "chat",
+            stages.append(Stage(sname, {"v": V, "generate": key_dict(gcfg), "mode": "frame" if is_base else "chat",
                                         **({"frames": "per-attribute"} if is_base and base_frames else {}),
                                         "eval": str(eval_path) if world_dir is None else None,
                                         "model": str(model_dir) if (is_base and not name) else None},
@@ -407,7 +411,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                                         batch_size=cfg.shift.batch_size)
                     write_shift(res, work)
 
-                stages.append(Stage(sname, {"v": V, "shift": to_dict(cfg.shift), "ctx": ctx},
+                stages.append(Stage(sname, {"v": V, "shift": key_dict(cfg.shift), "ctx": ctx},
                                     run_shift, deps=[f"gen-s{seed}-{vname}", f"tuned-s{seed}-{vname}"],
                                     label=f"token shift: {vname} vs base, {ctx} context (seed {seed})"))
                 shift_dirs[(seed, vname, ctx)] = out / sname
@@ -422,7 +426,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 
         deps = [f"gen-s{seed}-{m}" for m in ["base", *cfg.variants]] + \
             [f"shift-s{seed}-{v}-{c}" for v in cfg.variants for c in cfg.shift.base_contexts]
-        stages.append(Stage(sname, {"v": V, "analyses": to_dict(cfg.analyses)}, run_analysis, deps=deps,
+        stages.append(Stage(sname, {"v": V, "analyses": key_dict(cfg.analyses)}, run_analysis, deps=deps,
                             label=f"knowledge, copying and borrowing analyses (seed {seed})"))
         analysis_dirs[seed] = out / sname
 
@@ -438,7 +442,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                     rows = read_records(responses[(seed, mname)], "response")
                     score_responses(rows, jcfg).write(work)
 
-                stages.append(Stage(sname, {"v": V, "judge": to_dict(jcfg)}, run_judge,
+                stages.append(Stage(sname, {"v": V, "judge": key_dict(jcfg)}, run_judge,
                                     deps=[f"gen-s{seed}-{mname}"], label=f"judge {mname} (seed {seed})"))
                 judge_dirs[(seed, mname)] = out / sname
 
@@ -669,19 +673,31 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
         items["qa"] = {m: [{"id": r["id"], "group": r["group"], "correct": r["correct"], "label": r["label"],
                             **({"category": r["category"]} if "category" in r else {})}
                            for r in graded[m]] for m in models}
-        if world_dir is not None:
-            from itlens.probes import cloze_accuracy
-            from itlens.models import load_model
+        cloze = read_records(world_dir / "cloze.jsonl", "any") if world_dir is not None else None
+        mc_items = None
+        if cfg.analyses.multiple_choice and world is not None:
+            from itlens.analysis.knowledge import world_mc_items
 
-            cloze = read_records(world_dir / "cloze.jsonl", "any")
-            know["cloze"] = {}
-            items["cloze"] = {}
+            mc_items = world_mc_items(world, qa_records, seed=seed)
+        if cloze is not None or mc_items:  # each model loaded once for both probes
+            from itlens.analysis.knowledge import mc_loglikelihoods, mc_scores
+            from itlens.models import load_model
+            from itlens.probes import cloze_accuracy
+
             for m in models:
                 lm = load_model(str(base_dirs[seed]), name="base") if m == "base" \
                     else _load_variant_model(base_dirs[seed], tuned_dirs[(seed, m)], m)
-                res = cloze_accuracy(lm.model, lm.tokenizer, world, cloze, return_hits=True)
-                items["cloze"][m] = [int(h) for h in res.pop("hits")]
-                know["cloze"][m] = res
+                if cloze is not None:
+                    res = cloze_accuracy(lm.model, lm.tokenizer, world, cloze, return_hits=True)
+                    items.setdefault("cloze", {})[m] = [int(h) for h in res.pop("hits")]
+                    know.setdefault("cloze", {})[m] = res
+                if mc_items:
+                    res = mc_scores(mc_items, mc_loglikelihoods(lm.model, lm.tokenizer, mc_items), seed=seed)
+                    items.setdefault("mc", {})[m] = [
+                        {"id": it["id"], "group": it["group"], "correct": r["acc"],
+                         **({"category": it["category"]} if "category" in it else {})}
+                        for it, r in zip(mc_items, res.pop("items"))]
+                    know.setdefault("mc", {})[m] = res
         if world is not None:
             facts = {m: stated_facts(eval_records, texts[m], world) for m in models}
             items["facts"] = facts
@@ -798,6 +814,7 @@ def aggregate_metrics(cfg: StudyConfig, plan: StudyPlan) -> dict:
                             ("qa_acc_unknown", ("knowledge", "models", m, "by_group", "unknown", "acc")),
                             ("unknown_wrong_rate", ("knowledge", "models", m, "by_group", "unknown", "wrong_rate")),
                             ("cloze_acc", ("knowledge", "cloze", m, "acc")),
+                            ("mc_acc_known", ("knowledge", "mc", m, "by_group", "known_heldout", "acc")),
                             ("fact_precision_known", ("knowledge", "facts", m, "known_heldout", "precision")),
                             ("answers_with_wrong_fact_known",
                              ("knowledge", "facts", m, "known_heldout", "answers_with_wrong_fact")),
@@ -907,14 +924,21 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
         diff = paired_bootstrap(lft, sft, confidence=conf, n_resamples=nb)
         deg_l = paired_bootstrap(base, lft, confidence=conf, n_resamples=nb)
         deg_s = paired_bootstrap(base, sft, confidence=conf, n_resamples=nb)
-        cloze = {}
+        extra: dict[str, Any] = {}  # cloze and multiple-choice comparisons, where measured
         if items[cfg.seeds[0]].get("cloze"):
             cb = [float(x) for s in cfg.seeds for x in items[s]["cloze"]["base"]]
             cl = [float(x) for s in cfg.seeds for x in items[s]["cloze"][fc.lft]]
             cs = [float(x) for s in cfg.seeds for x in items[s]["cloze"][fc.sft]]
-            cloze = {"cloze_sft_minus_lft": paired_bootstrap(cl, cs, confidence=conf, n_resamples=nb),
+            extra = {"cloze_sft_minus_lft": paired_bootstrap(cl, cs, confidence=conf, n_resamples=nb),
                      "cloze_lft_minus_base": paired_bootstrap(cb, cl, confidence=conf, n_resamples=nb),
                      "cloze_sft_minus_base": paired_bootstrap(cb, cs, confidence=conf, n_resamples=nb)}
+        mc_text = ""
+        if items[cfg.seeds[0]].get("mc"):  # recognition of the same held-out Known facts, format-free
+            mb, ml, ms = (_pooled(items, "mc", m, "known_heldout") for m in ("base", fc.lft, fc.sft))
+            extra["mc_sft_minus_lft"] = paired_bootstrap(ml, ms, confidence=conf, n_resamples=nb)
+            extra["mc_sft_minus_base"] = paired_bootstrap(mb, ms, confidence=conf, n_resamples=nb)
+            mc_text = (f"; multiple choice (recognition): base {_pct(mb)}, LFT {_pct(ml)}, SFT {_pct(ms)}, "
+                       f"SFT-LFT = {_pp(extra['mc_sft_minus_lft'])}")
         holds = diff["high"] is not None and diff["high"] < 0 and diff["p_value"] < alpha
         by_cat = _accuracy_by_category(items, ["base", fc.lft, fc.sft])
         cat_text = ("; by the base's SliCK category (n, base / LFT / SFT): " + ", ".join(
@@ -926,9 +950,9 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
             f"seeds: holds iff SFT accuracy is below LFT accuracy with the {conf:.0%} CI of SFT-LFT below 0 and "
             f"p < {alpha}",
             f"QA accuracy on held-out Known {noun}: base {_pct(base)}, LFT {_pct(lft)}, SFT {_pct(sft)}; "
-            f"SFT-LFT = {_pp(diff)}{cat_text}.",
+            f"SFT-LFT = {_pp(diff)}{mc_text}{cat_text}.",
             sft_minus_lft=diff, lft_minus_base=deg_l, sft_minus_base=deg_s,
-            **({"by_category": by_cat} if by_cat else {}), **cloze))
+            **({"by_category": by_cat} if by_cat else {}), **extra))
     else:
         out.append(_finding("F1", None, "needs an LFT and an SFT variant and the knowledge analysis", "not measured"))
 
@@ -1051,7 +1075,8 @@ def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) ->
 
     # knowledge: accuracy by model (pooled over seeds)
     rows = metrics["models"]
-    keys = [("qa_acc_known", "QA, held-out Known"), ("cloze_acc", "cloze, all Known"),
+    keys = [("qa_acc_known", "QA, held-out Known"), ("mc_acc_known", "multiple choice, held-out Known"),
+            ("cloze_acc", "cloze, all Known"),
             ("qa_acc_unknown", "QA, Unknown (any answer is a guess)")]
     keys = [k for k in keys if any(rows[m].get(k[0]) is not None for m in models)]
     if keys:
@@ -1067,8 +1092,9 @@ def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) ->
         ax.set_title("Knowledge after tuning (mean over seeds)")
         save_fig(fig, fig_dir / "knowledge.png")
         add("knowledge.png", "Knowledge (F1)", "Knowledge by model",
-            f"Exact QA accuracy on held-out Known {_entity_noun(cfg)} (never in the IT data), cloze accuracy in "
-            f"the pretraining format, and accuracy on Unknown {_entity_noun(cfg)}.",
+            f"Exact QA accuracy on held-out Known {_entity_noun(cfg)} (never in the IT data), multiple-choice "
+            f"recognition of the same facts (when analyses.multiple_choice is on), cloze accuracy in the "
+            f"pretraining format (world), and accuracy on Unknown {_entity_noun(cfg)}.",
             "The paper infers knowledge degradation from TDS and GPT-4 factuality; it has no exact measure.")
 
     # token shift: class shares per variant and base context
