@@ -638,18 +638,12 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
                       shift_dirs, work: Path, *, eval_path: Path, frame_path: str = "",
                       geo_dir: Optional[Path] = None) -> None:
     """Knowledge, copying and borrowing for every model of one seed; writes analysis.json and items.json."""
-    from itlens.analysis.knowledge import accuracy_summary, degradation, grade_responses
+    from itlens.analysis.knowledge import accuracy_summary, degradation, grade_responses, load_fact_source
     from itlens.analysis.token_shift import read_shift
 
-    world = None  # the exact value parser: the synthetic world, or the geo facts (itlens.geo.GeoFacts)
-    if world_dir is not None:
-        from itlens.world import World
-
-        world = World.load(world_dir)
-    elif geo_dir is not None:
-        from itlens.geo import GeoFacts
-
-        world = GeoFacts.load(geo_dir)
+    # the exact value parser: the synthetic world, or the geo facts (itlens.geo.GeoFacts)
+    source = world_dir if world_dir is not None else geo_dir
+    world = load_fact_source(source) if source is not None else None
     eval_records = read_records(eval_path, "prompt")
     models = ["base", *cfg.variants]
     outputs = {m: read_records(responses[(seed, m)], "response") for m in models}
