@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -272,6 +273,23 @@ def test_study_geo_section_builds_probes_and_caches(tiny_model_dir, tmp_path):
     logs: list[str] = []
     run_study(load_study_config(path), out, dry_run=True, log=logs.append)
     assert logs and all(line.startswith("cached") for line in logs)
+
+    # scripts/slick_regrade.py re-probes the finished run's held-out facts and regrades its saved answers
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slick_regrade", Path(__file__).parents[1] / "scripts" /
+                                                  "slick_regrade.py")
+    regrade = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regrade)
+    assert regrade.main([str(out), "--samples", "1", "--threads", "1", "--out", str(tmp_path / "slick.json")]) == 0
+    res = json.loads((tmp_path / "slick.json").read_text())
+    assert res["facts"] == len(ev) and len(res["labels"]) == len(ev)
+    assert all(len(r["samples_given"]) == 1 for r in res["labels"])
+    assert set(res["accuracy_by_slick_category"]) == {"base", "sft", "sft-long", "sft-cf"}
+    study_acc = json.loads((out / "analysis-s0" / "analysis.json").read_text())["knowledge"]["models"]
+    for m, cats in res["accuracy_by_slick_category"].items():  # the study's answers, graded the same way
+        assert sum(c["n"] for c in cats.values()) == len(ev)
+        assert sum(c["acc"] * c["n"] for c in cats.values()) == pytest.approx(study_acc[m]["acc"] * len(ev))
 
     bad = {**cfg, "it_data": "x.jsonl"}
     path.write_text(yaml.safe_dump(bad))
