@@ -149,3 +149,8 @@ def test_sampling_is_seeded_and_greedy_stays_the_default(tiny_model_dir, it_reco
     assert texts(greedy) == texts(generate_responses(lm, prompts, max_new_tokens=8, batch_size=4, seed=9))
     with pytest.raises(InputError, match="temperature"):
         generate_responses(lm, prompts, temperature=-1.0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate_responses(lm, prompts, max_new_tokens=4, batch_size=4, temperature=2.0, seed=3)
+    assert torch.equal(torch.rand(3), expected)  # the caller's RNG stream is left as it was

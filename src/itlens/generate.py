@@ -73,6 +73,8 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
 
     from itlens.models import LoadedModel, load_model
 
+    if temperature < 0:
+        raise InputError(f"expected a temperature >= 0, got {temperature}", key="temperature")
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     tok, net = lm.tokenizer, lm.model
     tok.padding_side = "left"
@@ -90,15 +92,16 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(idx) for _, idx in batches), desc=f"generate {lm.name}", unit="prompt")
-    if temperature < 0:
-        raise InputError(f"expected a temperature >= 0, got {temperature}", key="temperature")
     decoding = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
         else {"do_sample": False}
     for b, idx in batches:
         batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
-        if temperature > 0:
-            torch.manual_seed(seed * 1_000_003 + b)
-        with torch.inference_mode():
+        # sampling seeds its own RNG stream per batch and leaves the caller's global RNG state as it was
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                    enabled=temperature > 0)
+        with rng, torch.inference_mode():
+            if temperature > 0:
+                torch.manual_seed(seed * 1_000_003 + b)
             out = net.generate(**batch, **decoding, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                pad_token_id=tok.pad_token_id, use_cache=True, num_beams=1,
                                **({"stop_strings": stop_strings, "tokenizer": tok} if mode == "frame" else {}))
