@@ -458,7 +458,9 @@ def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_s
     for path, rows in it_by_path.items():
         atomic_write_jsonl(path, rows)
     counts: dict[str, Any] = {"facts": len(knowledge)}
-    for cat in ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"):
+    from itlens.analysis.knowledge import SLICK_CATEGORIES
+
+    for cat in SLICK_CATEGORIES:
         counts[cat] = sum(1 for k in knowledge if k["category"] == cat)
     counts["probe_samples"] = samples
     counts["eval_known"] = sum(1 for r in eval_rows if r["known"])

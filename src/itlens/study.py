@@ -889,7 +889,9 @@ def _accuracy_by_category(items: dict, models: list[str]) -> dict[str, dict]:
             for r in (items[s].get("qa", {}).get(m) or []):
                 if "category" in r:
                     out.setdefault(r["category"], {}).setdefault(m, []).append(float(r["correct"]))
-    order = {c: k for k, c in enumerate(("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"))}
+    from itlens.analysis.knowledge import SLICK_CATEGORIES
+
+    order = {c: k for k, c in enumerate(SLICK_CATEGORIES)}
     return {c: {"n": len(v[models[0]]) if models[0] in v else 0, **{m: _mean_of(v.get(m, [])) for m in models}}
             for c, v in sorted(out.items(), key=lambda kv: (order.get(kv[0], 9), kv[0]))}
 

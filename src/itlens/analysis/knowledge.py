@@ -142,13 +142,22 @@ def _counts(rows: Sequence[dict], *, n_resamples: int, seed: int) -> dict:
 def accuracy_summary(graded: Sequence[dict], *, n_resamples: int = 2000, seed: int = 0) -> dict:
     """Accuracy with a bootstrap CI and label counts, overall, ``by_group`` and ``by_category``."""
     out = _counts(graded, n_resamples=n_resamples, seed=seed)
+    for key, parts in _split_by(graded, graded).items():
+        out[f"by_{key}"] = {k: _counts(v, n_resamples=n_resamples, seed=seed) for k, v in parts.items()}
+    return out
+
+
+def _split_by(labelled: Sequence[dict], values: Sequence[Any]) -> dict[str, dict[str, list]]:
+    """``{"group" | "category": {label: [values of the records with that label]}}``, labels sorted; a key
+    no record carries is left out."""
+    out: dict[str, dict[str, list]] = {}
     for key in ("group", "category"):
-        parts: dict[str, list[dict]] = defaultdict(list)
-        for r in graded:
+        parts: dict[str, list] = defaultdict(list)
+        for r, v in zip(labelled, values):
             if key in r:
-                parts[str(r[key])].append(r)
+                parts[str(r[key])].append(v)
         if parts:
-            out[f"by_{key}"] = {k: _counts(v, n_resamples=n_resamples, seed=seed) for k, v in sorted(parts.items())}
+            out[key] = dict(sorted(parts.items()))
     return out
 
 
@@ -354,16 +363,10 @@ def mc_scores(items: Sequence[dict], lls: Sequence[Sequence[float]], *, n_resamp
     ci = bootstrap_ci(acc, n_resamples=n_resamples, seed=seed)
     out = {"n": len(rows), "acc": ci["estimate"], "acc_low": ci["low"], "acc_high": ci["high"],
            "acc_norm": float(np.mean(acc_norm)) if acc_norm else None}
-    for key in ("group", "category"):
-        parts: dict[str, list[int]] = defaultdict(list)
-        for it, a in zip(items, acc):
-            if key in it:
-                parts[str(it[key])].append(a)
-        if parts:
-            out[f"by_{key}"] = {}
-            for k, v in sorted(parts.items()):
-                c = bootstrap_ci(v, n_resamples=n_resamples, seed=seed)
-                out[f"by_{key}"][k] = {"n": len(v), "acc": c["estimate"], "acc_low": c["low"], "acc_high": c["high"]}
+    for key, parts in _split_by(items, acc).items():
+        cis = {k: bootstrap_ci(v, n_resamples=n_resamples, seed=seed) for k, v in parts.items()}
+        out[f"by_{key}"] = {k: {"n": len(parts[k]), "acc": c["estimate"], "acc_low": c["low"], "acc_high": c["high"]}
+                            for k, c in cis.items()}
     return {**out, "items": rows}
 
 
