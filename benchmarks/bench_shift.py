@@ -104,6 +104,35 @@ def bare_passes(base, tuned, encoded, batch_size: int, pad: int, device: str) ->
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
 
 
+def profile_once(fn, device: str, top: int = 15) -> dict:
+    """One call of ``fn`` under torch.profiler: wall time, summed self time per operator (device and host).
+
+    ``device_busy_ms`` (the sum of kernel self times) against ``wall_ms`` says whether the GPU sat idle
+    waiting on the host: the split a plain timer cannot give.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - t
+
+    def dev_ms(e) -> float:
+        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) / 1e3
+
+    events = prof.key_averages()
+    key = dev_ms if cuda else (lambda e: e.self_cpu_time_total / 1e3)
+    rows = sorted(events, key=key, reverse=True)[:top]
+    return {"wall_ms": round(wall * 1e3, 2), "device_busy_ms": round(sum(dev_ms(e) for e in events), 2) if cuda else None,
+            "host_self_ms": round(sum(e.self_cpu_time_total for e in events) / 1e3, 2),
+            "top": [{"op": e.key, "calls": e.count, "self_device_ms": round(dev_ms(e), 3),
+                     "self_host_ms": round(e.self_cpu_time_total / 1e3, 3)} for e in rows]}
+
+
 def sampled_positions(n: int, stride: int) -> list[int]:
     """Every ``stride``-th response position, centred in its stride (all of them for stride 1).
 
@@ -189,6 +218,16 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
         "ranks_compared": sum(len(r) for r in ranks.values()),
         "peak_mem_mib_engine": mem_engine, "peak_mem_mib_bare": mem_bare,
     }
+    if args.profile:
+        row["profile_engine"] = profile_once(
+            lambda: compute_shift(base, tuned, recs, tokenizer=tokenizer, config=cfg), args.device)
+        row["profile_bare"] = profile_once(
+            lambda: bare_passes(base, tuned, encoded, args.batch_size, pad, args.device), args.device)
+        for name in ("engine", "bare"):
+            pr = row[f"profile_{name}"]
+            print(f"  profile {name}: wall {pr['wall_ms']:.1f} ms, device busy {pr['device_busy_ms']} ms; top: "
+                  + ", ".join(f"{o['op']} {o['self_device_ms'] if pr['device_busy_ms'] is not None else o['self_host_ms']:.1f}"
+                              for o in pr["top"][:6]), flush=True)
     loop = f"per-token {t_loop_all:.1f}s (x{row['speedup_vs_per_token']:.0f}), " if k else ""
     mem = f", peak MiB engine {mem_engine:.0f} / bare {mem_bare:.0f}" if mem_engine is not None else ""
     print(f"T={length}: engine {t_engine:.3f}s (scoring {t_scoring:.3f}s), bare {t_bare:.3f}s (overhead "
@@ -238,6 +277,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-mb", type=float, default=0, help="ShiftConfig.chunk_mb (0: its default)")
     p.add_argument("--repeats", type=int, default=3, help="engine and bare passes: best of this many runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--profile", action="store_true", help="also run the engine and the bare passes once each under "
+                                                          "torch.profiler and record the top operators and busy time")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_shift_<device>.json)")
     p.add_argument("--figure", default=None, help="PNG path (default docs/figures/bench_shift_<device>.png)")
     return p

@@ -200,12 +200,13 @@ def bench_shift_overhead(a, device: str) -> dict:
             "--heads", str(a.heads), "--intermediate", str(a.intermediate), "--vocab", str(a.vocab),
             "--lengths", str(a.shift_length), "--responses", str(a.shift_responses),
             "--batch-size", str(a.shift_batch), "--per-token-responses", "0", "--repeats", str(a.shift_repeats),
-            "--threads", str(a.threads)]
+            "--threads", str(a.threads)] + (["--profile"] if a.profile else [])
     res = bench_shift.run(argv)
     row = res["rows"][0]
     out = {"argv": argv, "response_tokens": row["response_tokens"], "responses": row["responses"],
            "tokens": row["tokens"], "engine_s": row["engine_s"], "scoring_s": row["engine_scoring_s"],
            "bare_forward_s": row["bare_forward_s"], "engine_timings": row["engine_timings"],
+           "profile_engine": row.get("profile_engine"), "profile_bare": row.get("profile_bare"),
            "overhead_end_to_end": row["overhead_vs_bare"], "overhead_scoring": row["scoring_overhead_vs_bare"],
            "engine_tokens_per_s": row["engine_tokens_per_s"],
            "peak_mem_mib_engine": row["peak_mem_mib_engine"], "peak_mem_mib_bare": row["peak_mem_mib_bare"],
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shift-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=8, help="torch CPU threads")
     p.add_argument("--parts", default="train,tune,shift")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the torch.profiler pass of the shift engine and the bare forward passes")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if a.tiny:
@@ -263,27 +266,30 @@ def main(argv: list[str] | None = None) -> int:
                         "vocab": a.vocab, "dtype": a.dtype},
               "goals": {"train_mfu_min_h100": 0.35, "shift_overhead_max": 0.25},
               "machine": machine(), "versions": versions()}
+    slug = re.sub(r"[^a-z0-9]+", "_", (gpu or "cpu").lower().replace("nvidia", "")).strip("_")
+    default = Path(tempfile.gettempdir()) / "gpu_tiny.json" if a.tiny else ROOT / "benchmarks" / "results" / f"gpu_{slug}.json"
+    out = Path(a.out) if a.out else default  # a --tiny smoke test leaves the results folder alone
+
+    def save(complete: bool) -> None:  # after every part, so a run cut short still leaves what it measured
+        result["complete"] = complete
+        atomic_write_json(out, result)
+        if os.environ.get("OUT"):
+            shutil.copy(out, Path(os.environ["OUT"]) / out.name)
+
     t_all = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_gpu."))
     try:
-        if "train" in parts:
-            result["train"] = bench_train(a, device, peak)
-        if "shift" in parts:
-            result["shift"] = bench_shift_overhead(a, device)
-        if "tune" in parts:
-            result["tune"] = bench_tune(a, device, peak, work)
+        for part, fn in (("train", lambda: bench_train(a, device, peak)), ("shift", lambda: bench_shift_overhead(a, device)),
+                         ("tune", lambda: bench_tune(a, device, peak, work))):
+            if part in parts:
+                result[part] = fn()
+                save(False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if "train" in result and "tune" in result and result["tune"]["tokens_per_s_steady"]:
         result["tune_vs_plain_loop"] = result["tune"]["tokens_per_s_steady"] / result["train"]["tokens_per_s"]
     result["seconds"] = round(time.perf_counter() - t_all, 1)
-
-    slug = re.sub(r"[^a-z0-9]+", "_", (gpu or "cpu").lower().replace("nvidia", "")).strip("_")
-    default = Path(tempfile.gettempdir()) / "gpu_tiny.json" if a.tiny else ROOT / "benchmarks" / "results" / f"gpu_{slug}.json"
-    out = Path(a.out) if a.out else default  # a --tiny smoke test leaves the results folder alone
-    atomic_write_json(out, result)
-    if os.environ.get("OUT"):
-        shutil.copy(out, Path(os.environ["OUT"]) / out.name)
+    save(True)
     print_summary(result)
     print(f"wrote {out}")
     return 0
@@ -303,6 +309,7 @@ def print_summary(r: dict) -> None:
         print(f"  token shift, {s['responses']} x {s['response_tokens']} tokens: engine {s['engine_s']:.3f} s, scoring "
               f"{s['scoring_s']:.3f} s, bare passes {s['bare_forward_s']:.3f} s -> overhead scoring "
               f"{fmt_pct(s['overhead_scoring'])}, end to end {fmt_pct(s['overhead_end_to_end'])} (goal <= 25%)")
+        print("    engine stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in s["engine_timings"].items()))
 
 
 if __name__ == "__main__":
