@@ -125,9 +125,13 @@ def profile_once(fn, device: str, top: int = 15) -> dict:
         return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) / 1e3
 
     events = prof.key_averages()
+    # kernels are events of their own (device_type CUDA); operators (CPU) also carry their kernels' time
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    ops = [e for e in events if e not in kernels]
     key = dev_ms if cuda else (lambda e: e.self_cpu_time_total / 1e3)
-    rows = sorted(events, key=key, reverse=True)[:top]
-    return {"wall_ms": round(wall * 1e3, 2), "device_busy_ms": round(sum(dev_ms(e) for e in events), 2) if cuda else None,
+    rows = sorted(ops, key=key, reverse=True)[:top]
+    return {"wall_ms": round(wall * 1e3, 2), "device_busy_ms": round(sum(dev_ms(e) for e in kernels), 2) if cuda else None,
+            "kernels": len(kernels),
             "host_self_ms": round(sum(e.self_cpu_time_total for e in events) / 1e3, 2),
             "top": [{"op": e.key, "calls": e.count, "self_device_ms": round(dev_ms(e), 3),
                      "self_host_ms": round(e.self_cpu_time_total / 1e3, 3)} for e in rows]}

@@ -110,6 +110,53 @@ def test_batched_equals_unbatched_and_chunked(models, tiny_tokenizer, frame_file
         np.testing.assert_allclose(a[col], b[col], rtol=1e-4, atol=1e-6)
 
 
+class _MaskedHead(torch.nn.Module):
+    """An LM head whose logits are -inf on some tokens (as models that mask unused vocabulary do)."""
+
+    def __init__(self, head, masked: list[int]):
+        super().__init__()
+        self.inner, self.masked = head, masked
+
+    @property
+    def weight(self):
+        return self.inner.weight
+
+    def forward(self, h):
+        z = self.inner(h)
+        z[..., self.masked] = float("-inf")
+        return z
+
+
+def test_masked_logits_take_the_slow_path(models, tiny_tokenizer, frame_file):
+    """-inf logits make the fast KL formula NaN: the engine notices after queueing every batch and rescores
+    with the slow path, so KL still equals the brute-force sum with 0 log 0 = 0."""
+    import copy
+
+    from itlens.analysis.token_shift import exact_metrics
+
+    recs = _records(11, 3)
+    used = {t for r in recs for t in tiny_tokenizer(r["response"], add_special_tokens=False)["input_ids"]}
+    masked = [i for i in range(len(tiny_tokenizer)) if i not in used][:5]
+    base, tuned = (copy.deepcopy(m) for m in models)
+    for m in (base, tuned):
+        m.lm_head = _MaskedHead(m.lm_head, masked)
+    res = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, base_context="template", batch_size=2)
+    rows = res.tokens[res.tokens["id"] == recs[0]["id"]]
+    ctx = chat_prompt(tiny_tokenizer, recs[0])
+    _, zt = _brute_force(tuned, tiny_tokenizer, ctx, recs[0]["response"])
+    _, zb = _brute_force(base, tiny_tokenizer, ctx, recs[0]["response"])
+    assert torch.isinf(zb[:, masked]).all()
+    lpb, lpt = torch.log_softmax(zb, -1), torch.log_softmax(zt, -1)
+    kl = torch.where(lpt.exp() > 0, lpt.exp() * (lpt - lpb), torch.zeros_like(lpt)).sum(-1)
+    assert np.isfinite(res.tokens["kl"]).all() and np.isfinite(res.tokens["kl_base_tuned"]).all()
+    np.testing.assert_allclose(rows["kl"], kl, rtol=1e-3, atol=1e-6)
+    target = torch.tensor(rows["token_id"].tolist())
+    fast = exact_metrics(zb, zt, target, check_finite=False)
+    assert not bool(fast["finite"]) and torch.isnan(fast["kl"]).any()
+    assert bool(exact_metrics(*(torch.nan_to_num(z, neginf=-1e4) for z in (zb, zt)), target,
+                              check_finite=False)["finite"])
+
+
 def test_identical_models_have_no_shift(models, tiny_tokenizer, frame_file):
     """Same model on both sides: KL 0 everywhere; greedy responses are 100% unshifted."""
     base, _ = models

@@ -299,3 +299,15 @@ def test_two_process_ddp_trains(tiny_model_dir, it_file, tmp_path):
     assert one["world_size"] == 1 and one["gradient_accumulation_steps"] == 4
     # 2 processes x 2 accumulation steps x 2 examples == 1 x 4 x 2: the same batches, the same mean loss
     assert two["mean_train_loss"] == pytest.approx(one["mean_train_loss"], rel=1e-4)
+
+
+def test_torch_compile_reaches_the_trainer_and_keys_only_when_set(tiny_model_dir, tmp_path):
+    """``torch_compile`` is passed to TRL; left at its default it stays out of cache keys, so runs made
+    before the option existed keep their keys."""
+    from itlens.config import key_dict
+    from itlens.tune import sft_config
+
+    plain, compiled = _cfg(tiny_model_dir, "unused.jsonl"), _cfg(tiny_model_dir, "unused.jsonl", torch_compile=True)
+    assert sft_config(compiled, tmp_path / "w").torch_compile is True
+    assert sft_config(plain, tmp_path / "w").torch_compile is False
+    assert "torch_compile" not in key_dict(plain) and key_dict(compiled)["torch_compile"] is True

@@ -167,7 +167,7 @@ def bench_tune(a, device: str, peak: float | None, work: Path) -> dict:
     cfg = TuneConfig(base=str(work / "base"), data=str(data), method="full", epochs=1, max_steps=a.tune_steps,
                      learning_rate=1e-5, warmup=0, effective_batch_size=a.micro_batch,
                      per_device_batch_size=a.micro_batch, max_length=a.seq_len, bf16=a.dtype == "bfloat16",
-                     save_steps=10**9, progress=False, num_threads=a.threads)
+                     save_steps=10**9, progress=False, num_threads=a.threads, torch_compile=a.tune_compile)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # every record is truncated on purpose
@@ -185,7 +185,7 @@ def bench_tune(a, device: str, peak: float | None, work: Path) -> dict:
            "tokens_per_s_trainer": summary["tokens_per_s"], "tokens_per_s_steady": round(steady, 1) if steady else None,
            "steady_from_step": first["step"], "wall_s": round(wall, 2), "matmul_params": n_mm,
            "mfu_steady": mfu(n_mm, steady, peak) if steady else None,
-           "mfu_trainer": mfu(n_mm, summary["tokens_per_s"], peak) if summary["tokens_per_s"] else None,
+           "torch_compile": a.tune_compile, "mfu_trainer": mfu(n_mm, summary["tokens_per_s"], peak) if summary["tokens_per_s"] else None,
            "note": "TRL counts non-padding tokens; every example is truncated to max_length, so none are padding"}
     print(f"tune (itlens/TRL): {res['tokens_per_s_steady'] or 0:,.0f} tok/s steady "
           f"({summary['tokens_per_s'] or 0:,.0f} over train_runtime), MFU {fmt_pct(res['mfu_steady'])}", flush=True)
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the plain loop")
     p.add_argument("--tune-steps", type=int, default=8, help="optimizer steps of itlens.tune (TRL)")
+    p.add_argument("--tune-compile", action="store_true", help="itlens.tune with torch_compile=True")
     p.add_argument("--shift-responses", type=int, default=64)
     p.add_argument("--shift-length", type=int, default=512)
     p.add_argument("--shift-batch", type=int, default=16)

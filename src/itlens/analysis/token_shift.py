@@ -309,24 +309,25 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
         base_prefixes = _tokenize(tokenizer, frames, frames)["input_ids"]
     out = []
     for i, (rec, prompt, response) in enumerate(zip(records, prompts, responses)):
-        ids, spans = joint["input_ids"][i], joint["offset_mapping"][i]
+        ids = joint["input_ids"][i]
+        spans = np.asarray(joint["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
         # The first token that ends inside the response starts it (a token straddling the boundary is
         # predicted from the prompt alone, so it belongs to the response rows).
-        start = next((j for j, (a, e) in enumerate(spans) if e > len(prompt) and e > a), len(ids))
+        inside = (spans[:, 1] > len(prompt)) & (spans[:, 1] > spans[:, 0])
+        start = int(inside.argmax()) if inside.any() else len(ids)
         start = max(start, 1)  # the first response token needs at least one token of context
         end = len(ids)
-        while end > start and spans[end - 1][1] <= spans[end - 1][0]:  # an appended eos is not the response's
+        while end > start and spans[end - 1, 1] <= spans[end - 1, 0]:  # an appended eos is not the response's
             end -= 1
         ids = list(ids[:end])
         response_ids = ids[start:]
-        offsets = [max(0, spans[j][0] - len(prompt)) for j in range(start, end)]
+        offsets = np.maximum(0, spans[start:end, 0] - len(prompt))
         if base_prefixes is None:
             base_ids, base_start = list(ids), start
         else:
             base_ids, base_start = list(base_prefixes[i]) + response_ids, len(base_prefixes[i])
-        sentence = np.searchsorted(np.asarray(sentence_starts(response)), np.asarray(offsets, dtype=np.int64),
-                                   side="right") - 1
-        out.append(_Encoded(i, rec["id"], ids, start, base_ids, base_start, response_ids, offsets,
+        sentence = np.searchsorted(np.asarray(sentence_starts(response)), offsets, side="right") - 1
+        out.append(_Encoded(i, rec["id"], ids, start, base_ids, base_start, response_ids, offsets.tolist(),
                             np.maximum(sentence, 0).tolist()))
     return out
 
@@ -353,12 +354,16 @@ def _truncate(e: _Encoded, max_length: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- the metrics
-def exact_metrics(z_base, z_tuned, target, view_k: int = 0) -> dict:
+def exact_metrics(z_base, z_tuned, target, view_k: int = 0, *, check_finite: bool = True) -> dict:
     """Full-vocabulary metrics for a chunk of positions (logits [n, V] float32, emitted ids [n]).
 
     rank_base: 1 + #tokens with a strictly greater base logit than the emitted one. kl: KL(p_tuned||p_base);
     kl_base_tuned: the reverse. rank0_top1: 0-based base rank of the tuned model's top-1 (Figure 1);
     p_base_top1: its base probability. Few passes over the [n, V] tensors: this is the engine's hot loop.
+
+    The fast KL formula is NaN where logits are -inf (masked tokens). ``check_finite`` then recomputes
+    it the slow way, which costs a host-device sync per chunk; with ``check_finite=False`` the result
+    instead carries ``finite`` (a 0-d bool tensor) and the caller redoes the chunk if it is False.
     """
     import torch
 
@@ -367,7 +372,8 @@ def exact_metrics(z_base, z_tuned, target, view_k: int = 0) -> dict:
     diff = z_tuned - z_base  # log p_t - log p_b = diff - lse_t + lse_b
     kl = torch.linalg.vecdot(pt, diff) - lse_t + lse_b
     kl_rev = lse_t - lse_b - torch.linalg.vecdot(pb, diff)
-    if not (torch.isfinite(kl).all() and torch.isfinite(kl_rev).all()):  # -inf logits (masked tokens)
+    finite = torch.isfinite(kl).all() & torch.isfinite(kl_rev).all()
+    if check_finite and not finite:  # -inf logits (masked tokens)
         kl = _kl(pt, torch.log_softmax(z_tuned, -1), torch.log_softmax(z_base, -1))
         kl_rev = _kl(pb, torch.log_softmax(z_base, -1), torch.log_softmax(z_tuned, -1))
     zb_t = z_base.gather(1, target[:, None])
@@ -387,6 +393,8 @@ def exact_metrics(z_base, z_tuned, target, view_k: int = 0) -> dict:
         k = min(view_k, z_base.shape[-1])
         ib, it = z_base.topk(k, dim=-1).indices, z_tuned.topk(k, dim=-1).indices
         out.update(view_base_ids=ib, view_base_p=pb.gather(1, ib), view_tuned_ids=it, view_tuned_p=pt.gather(1, it))
+    if not check_finite:
+        out["finite"] = finite
     return out
 
 
@@ -524,44 +532,23 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     vocab = (tuned_s.head.weight.shape[0] if tuned_s.head is not None else len(tok))
     chunk = max(1, int(cfg.chunk_mb * 2**20) // (vocab * 4 * 8))  # ~8 float32 [n, V] tensors live at once
-    cols: dict[str, list] = {}
     t0 = time.perf_counter()
     order = sorted((e for e in encoded if e.response_ids), key=lambda e: (len(e.tuned_ids), e.index))
     batches = [order[b: b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
     if shard is not None:  # this process's share; each response keeps its one-process batch-mates
         batches = batches[shard[0]::shard[1]]
-    for batch in batches:
-        h_tuned = _gather_hidden(tuned_s, [(e.tuned_ids, e.tuned_start) for e in batch], pad)
-        h_base = _gather_hidden(base_s, [(e.base_ids, e.base_start) for e in batch], pad)
-        target = torch.tensor([t for e in batch for t in e.response_ids], device=h_tuned.device)
-        on_device: dict[str, list] = {}
-        for c in range(0, len(target), chunk):
-            zt = tuned_s.logits(h_tuned[c: c + chunk].to(tuned_s.device))
-            zb = base_s.logits(h_base[c: c + chunk].to(base_s.device)).to(zt.device)
-            out = exact_metrics(zb, zt, target[c: c + chunk], cfg.view_top_k)
-            if cfg.mode == "paper":
-                k = min(cfg.paper_top_k, zb.shape[-1])
-                vb, ib = zb.topk(k, dim=-1)
-                vt, it = zt.topk(k, dim=-1)
-                pm = paper_metrics(vb.cpu(), strings.string_ids(ib.cpu()), vt.cpu(), strings.string_ids(it.cpu()),
-                                   class_k=cfg.paper_class_k, rank_k=cfg.paper_rank_k)
-                out.update({f"paper_{k_}": v for k_, v in pm.items()})
-            for k_, v in out.items():
-                on_device.setdefault(k_, []).append(v.detach())
-        for k_, v in on_device.items():  # one device-to-host copy per column and batch
-            cols.setdefault(k_, []).append(torch.cat([x.to(v[0].device) for x in v]).cpu())
-        for e in batch:
-            n = len(e.response_ids)
-            cols.setdefault("_index", []).append(torch.full((n,), e.index))
-            cols.setdefault("pos", []).append(torch.arange(n))
-            cols.setdefault("n_tokens", []).append(torch.full((n,), n))
-            cols.setdefault("sentence", []).append(torch.tensor(e.sentence, dtype=torch.long))
-            cols.setdefault("token_id", []).append(torch.tensor(e.response_ids, dtype=torch.long))
+    # Queue every batch's passes and metrics without waiting for the device, build the columns that
+    # need only the token ids while it works, and copy the results back once at the end.
+    scored = _score_batches(batches, base_s, tuned_s, cfg, chunk, strings, pad, check_finite=False)
+    static = _static_columns([e for batch in batches for e in batch], strings)
+    if not all(bool(f) for f in scored.pop("finite", [])):  # -inf logits somewhere: redo with the slow path
+        scored = _score_batches(batches, base_s, tuned_s, cfg, chunk, strings, pad, check_finite=True)
+    dynamic = {k: torch.cat([x.to(v[0].device) for x in v]).cpu().numpy() if v else np.zeros(0)
+               for k, v in scored.items()}
     timings["score_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    data = {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in cols.items()}
-    tokens = _build_frame(data, encoded, strings, cfg)
+    tokens = _build_frame(static, dynamic, cfg)
     timings["table_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     summary = summarize(tokens, cfg, stopwords=load_stopwords() if cfg.stopwords else None)
@@ -599,6 +586,17 @@ def merge_shards(parts: list[tuple[Any, dict]], records: list[dict], cfg: ShiftC
     return ShiftResult(tokens=tokens, summary=summary, records={r["id"]: r for r in records})
 
 
+def _to_device(t, device):
+    """Host tensor -> ``device`` without waiting for the device's queue (pinned memory on CUDA).
+
+    A copy from ordinary (pageable) host memory is synchronous: it would stall the host until every
+    queued kernel has run, so the next batch could not be queued behind the current one.
+    """
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _gather_hidden(scorer: _Scorer, seqs: list[tuple[list[int], int]], pad: int):
     """Right-pad, run one forward pass, and keep the states that predict each response token."""
     import torch
@@ -609,64 +607,116 @@ def _gather_hidden(scorer: _Scorer, seqs: list[tuple[list[int], int]], pad: int)
     for r, (s, _) in enumerate(seqs):
         ids[r, : len(s)] = torch.tensor(s)
         mask[r, : len(s)] = 1
-    h = scorer.hidden(ids.to(scorer.device), mask.to(scorer.device))
+    h = scorer.hidden(_to_device(ids, scorer.device), _to_device(mask, scorer.device))
     rows = torch.cat([torch.full((len(s) - start,), r) for r, (s, start) in enumerate(seqs)])
     cols = torch.cat([torch.arange(start - 1, len(s) - 1) for s, start in seqs])
-    return h[rows.to(h.device), cols.to(h.device)]
+    return h[_to_device(rows, h.device), _to_device(cols, h.device)]
 
 
-def _build_frame(data: dict, encoded: list[_Encoded], strings: _TokenStrings, cfg: ShiftConfig):
+def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig, chunk: int, strings,
+                   pad: int, *, check_finite: bool) -> dict[str, list]:
+    """Forward passes and per-position metrics of every batch: {column: [per-batch tensors]}.
+
+    The tensors stay where they were computed (the caller copies them to the host once), so in exact
+    mode nothing here waits for the device. ``finite`` lists one flag per chunk unless ``check_finite``.
+    """
+    import torch
+
+    cols: dict[str, list] = {}
+    for batch in batches:
+        h_tuned = _gather_hidden(tuned_s, [(e.tuned_ids, e.tuned_start) for e in batch], pad)
+        h_base = _gather_hidden(base_s, [(e.base_ids, e.base_start) for e in batch], pad)
+        target = _to_device(torch.tensor([t for e in batch for t in e.response_ids]), h_tuned.device)
+        on_device: dict[str, list] = {}
+        for c in range(0, len(target), chunk):
+            zt = tuned_s.logits(h_tuned[c: c + chunk].to(tuned_s.device))
+            zb = base_s.logits(h_base[c: c + chunk].to(base_s.device)).to(zt.device)
+            out = exact_metrics(zb, zt, target[c: c + chunk], cfg.view_top_k, check_finite=check_finite)
+            if "finite" in out:
+                cols.setdefault("finite", []).append(out.pop("finite"))
+            if cfg.mode == "paper":
+                k = min(cfg.paper_top_k, zb.shape[-1])
+                vb, ib = zb.topk(k, dim=-1)
+                vt, it = zt.topk(k, dim=-1)
+                pm = paper_metrics(vb.cpu(), strings.string_ids(ib.cpu()), vt.cpu(), strings.string_ids(it.cpu()),
+                                   class_k=cfg.paper_class_k, rank_k=cfg.paper_rank_k)
+                out.update({f"paper_{k_}": v for k_, v in pm.items()})
+            for k_, v in out.items():
+                on_device.setdefault(k_, []).append(v.detach())
+        for k_, v in on_device.items():
+            cols.setdefault(k_, []).append(torch.cat([x.to(v[0].device) for x in v]))
+    return cols
+
+
+def _static_columns(scored: list[_Encoded], strings: _TokenStrings) -> dict:
+    """The token table's columns that follow from the token ids alone, in scoring order, plus ``_order``
+    (the permutation to input order, then position)."""
+    n = np.array([len(e.response_ids) for e in scored], dtype=np.int64)
+    total = int(n.sum())
+    index = np.array([e.index for e in scored], dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(n)[:-1]]) if len(n) else np.zeros(0, dtype=np.int64)
+    row_index = np.repeat(index, n)
+    token_id = np.fromiter((t for e in scored for t in e.response_ids), dtype=np.int64, count=total)
+    sentence = np.fromiter((t for e in scored for t in e.sentence), dtype=np.int64, count=total)
+    pos = np.arange(total, dtype=np.int64) - np.repeat(first, n)
+    n_tokens = np.repeat(n, n)
+    # runs of one sentence of one response (sentence indices never decrease along a response)
+    new_run = np.ones(total, dtype=bool)
+    new_run[1:] = (row_index[1:] != row_index[:-1]) | (sentence[1:] != sentence[:-1])
+    run_start = np.flatnonzero(new_run)
+    run_len = np.diff(np.append(run_start, total))
+    uniq, inverse = np.unique(token_id, return_inverse=True)
+    ids = np.array([e.id for e in scored], dtype=object)
+    return {
+        "id": np.repeat(ids, n), "pos": pos, "token_id": token_id,
+        "token": np.array(strings.decode(uniq.tolist()), dtype=object)[inverse.reshape(-1)],
+        "n_tokens": n_tokens, "sentence": sentence,
+        "sent_pos": pos - pos[np.repeat(run_start, run_len)] if total else pos,
+        "sent_len": np.repeat(run_len, run_len),
+        "_order": np.lexsort((pos, row_index)),
+    }
+
+
+_FLOAT_COLUMNS = ("p_base", "p_tuned", "kl", "kl_base_tuned", "p_base_top1", "paper_tp", "paper_p_tuned_top1",
+                  "paper_kl")
+
+
+def _build_frame(static: dict, dynamic: dict, cfg: ShiftConfig):
+    """The token table (CONTRACT columns first), rows in input order and then position."""
     import pandas as pd
 
-    if not len(data.get("pos", [])):  # no response tokens at all: an empty table with every column
-        data = {k: np.zeros(0, dtype=np.int64) for k in ("_index", "pos", "n_tokens", "sentence", "token_id",
-                                                          "rank_base", "top1_base", "top1_tuned", "rank0_top1",
-                                                          "paper_tr_class", "paper_tr")}
-        data.update({k: np.zeros(0) for k in ("p_base", "p_tuned", "kl", "kl_base_tuned", "p_base_top1",
-                                              "paper_tp", "paper_p_tuned_top1", "paper_kl")})
-    ids = [e.id for e in encoded]
-    df = pd.DataFrame({
-        "id": [ids[i] for i in data["_index"]],
-        "pos": data["pos"].astype(np.int64),
-        "token_id": data["token_id"].astype(np.int64),
-        "token": strings.decode(data["token_id"]),
-    })
-    exact = {
-        "rank_base": data["rank_base"].astype(np.int64), "p_base": data["p_base"].astype(np.float64),
-        "p_tuned": data["p_tuned"].astype(np.float64), "kl": data["kl"].astype(np.float64),
-    }
+    order = static["_order"]
+    s = {k: v[order] for k, v in static.items() if k != "_order"}
+    d = {k: v[order] for k, v in dynamic.items()}
+    if not len(order):  # no response tokens at all: an empty table with every column
+        d = {k: (np.zeros(0) if k in _FLOAT_COLUMNS else np.zeros(0, dtype=np.int64))
+             for k in ("rank_base", "top1_base", "top1_tuned", "rank0_top1", "paper_tr_class", "paper_tr")
+             + _FLOAT_COLUMNS}
+    exact = {"rank_base": d["rank_base"].astype(np.int64), "p_base": d["p_base"].astype(np.float64),
+             "p_tuned": d["p_tuned"].astype(np.float64), "kl": d["kl"].astype(np.float64)}
+    cols = {"id": s["id"], "pos": s["pos"], "token_id": s["token_id"], "token": s["token"]}
     if cfg.mode == "paper":
-        df["rank_base"] = data["paper_tr_class"].astype(np.int64) + 1
-        df["p_base"] = data["paper_tp"].astype(np.float64)
-        df["p_tuned"] = data["paper_p_tuned_top1"].astype(np.float64)
-        df["kl"] = data["paper_kl"].astype(np.float64)
+        cols.update(rank_base=d["paper_tr_class"].astype(np.int64) + 1, p_base=d["paper_tp"].astype(np.float64),
+                    p_tuned=d["paper_p_tuned_top1"].astype(np.float64), kl=d["paper_kl"].astype(np.float64))
     else:
-        for k, v in exact.items():
-            df[k] = v
-    df["shift_class"] = shift_class(df["rank_base"].to_numpy())
-    df["n_tokens"] = data["n_tokens"].astype(np.int64)
-    df["rel_pos"] = df["pos"] / df["n_tokens"].clip(lower=1)
-    df["sentence"] = data["sentence"].astype(np.int64)
-    df["sent_pos"] = df.groupby(["id", "sentence"]).cumcount().astype(np.int64)
-    df["sent_len"] = df.groupby(["id", "sentence"])["pos"].transform("size").astype(np.int64)
-    df["top1_base"] = data["top1_base"].astype(np.int64)
-    df["top1_tuned"] = data["top1_tuned"].astype(np.int64)
+        cols.update(exact)
+    cols["shift_class"] = shift_class(cols["rank_base"])
+    cols["n_tokens"] = s["n_tokens"]
+    cols["rel_pos"] = s["pos"] / np.maximum(s["n_tokens"], 1)
+    cols.update(sentence=s["sentence"], sent_pos=s["sent_pos"], sent_len=s["sent_len"],
+                top1_base=d["top1_base"].astype(np.int64), top1_tuned=d["top1_tuned"].astype(np.int64))
     if cfg.mode == "paper":
-        df["rank0_paper"] = data["paper_tr"].astype(np.int64)
-        df["p_base_top1"] = data["paper_tp"].astype(np.float64)
-        for k, v in exact.items():
-            df[f"exact_{k}"] = v
-        df["exact_shift_class"] = shift_class(exact["rank_base"])
+        cols.update(rank0_paper=d["paper_tr"].astype(np.int64), p_base_top1=d["paper_tp"].astype(np.float64))
+        cols.update({f"exact_{k}": v for k, v in exact.items()})
+        cols["exact_shift_class"] = shift_class(exact["rank_base"])
     else:
-        df["rank0_paper"] = data["rank0_top1"].astype(np.int64)
-        df["p_base_top1"] = data["p_base_top1"].astype(np.float64)
-        df["kl_base_tuned"] = data["kl_base_tuned"].astype(np.float64)
-    if cfg.view_top_k and "view_base_ids" in data:
+        cols.update(rank0_paper=d["rank0_top1"].astype(np.int64), p_base_top1=d["p_base_top1"].astype(np.float64),
+                    kl_base_tuned=d["kl_base_tuned"].astype(np.float64))
+    if cfg.view_top_k and "view_base_ids" in d:
         for side in ("base", "tuned"):
-            df[f"top_{side}_ids"] = list(data[f"view_{side}_ids"].astype(np.int64))
-            df[f"top_{side}_p"] = list(data[f"view_{side}_p"].astype(np.float64))
-    order = np.lexsort((df["pos"].to_numpy(), np.asarray(data["_index"])))
-    return df.iloc[order].reset_index(drop=True)
+            cols[f"top_{side}_ids"] = list(d[f"view_{side}_ids"].astype(np.int64))
+            cols[f"top_{side}_p"] = list(d[f"view_{side}_p"].astype(np.float64))
+    return pd.DataFrame(cols)
 
 
 def _read_responses(responses) -> list[dict]:
@@ -719,24 +769,49 @@ def sentence_split_kl(tokens, first_frac: float = 0.05) -> dict:
     return {"first": f, "rest": r, "diff_pct": diff, "n_sentences": int(len(first))}
 
 
-def token_counts(tokens, classes: Iterable[str], *, stopwords: set[str] | None = None, top: int | None = None):
-    """Most frequent emitted tokens (stripped strings) among positions of the given classes."""
-    sel = tokens[tokens["shift_class"].isin(list(classes))]["token"].astype(str).str.strip()  # str: may be empty
-    sel = sel[sel != ""]
+def _token_groups(tokens) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each row, stripped token string of each group): rows grouped by token id when the table
+    has one (a token id always decodes to the same string), else by the string itself."""
+    key = tokens["token_id"].to_numpy() if "token_id" in tokens else tokens["token"].astype(str).to_numpy()
+    uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    text = tokens["token"].to_numpy()[first] if len(first) else np.zeros(0, dtype=object)
+    return inverse.reshape(-1), np.array([str(t).strip() for t in text], dtype=object)
+
+
+def _count_by_string(groups, text, weights=None):
+    """Sum per stripped string of per-row weights (1 each by default): pandas Series, empty strings kept."""
+    import pandas as pd
+
+    per_group = np.bincount(groups, weights=weights, minlength=len(text)) if len(groups) else np.zeros(len(text))
+    return pd.Series(per_group, index=pd.Index(text, dtype=object)).groupby(level=0, sort=False).sum()
+
+
+def token_counts(tokens, classes: Iterable[str], *, stopwords: set[str] | None = None, top: int | None = None,
+                 groups: tuple | None = None):
+    """Most frequent emitted tokens (stripped strings) among positions of the given classes.
+
+    ``groups``: :func:`_token_groups` of ``tokens``, when the caller already has it.
+    """
+    inverse, text = groups or _token_groups(tokens)
+    selected = tokens["shift_class"].isin(list(classes)).to_numpy()
+    counts = _count_by_string(inverse, text, selected.astype(np.float64))
+    counts = counts[(counts > 0) & (counts.index != "")]
     if stopwords:
-        sel = sel[~sel.str.lower().isin(stopwords)]
-    counts = sel.value_counts()
-    rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return [[t, int(c)] for t, c in (rows[:top] if top else rows)]
+        counts = counts[~counts.index.str.lower().isin(stopwords)]
+    rows = sorted(((str(t), int(c)) for t, c in counts.items()), key=lambda kv: (-kv[1], kv[0]))
+    return [[t, c] for t, c in (rows[:top] if top else rows)]
 
 
-def token_shift_rates(tokens, *, min_count: int = 1):
+def token_shift_rates(tokens, *, min_count: int = 1, groups: tuple | None = None):
     """Per token string: occurrences, shifted count and the shift rate (AlignTDS ``shift_ratio``)."""
     import pandas as pd
 
-    t = tokens.assign(_tok=tokens["token"].astype(str).str.strip(), _shifted=tokens["shift_class"] == "shifted")
-    g = t.groupby("_tok")["_shifted"].agg(["size", "sum"]).reset_index()
-    g.columns = ["token", "count", "shifted"]
+    inverse, text = groups or _token_groups(tokens)
+    size = _count_by_string(inverse, text)
+    shifted = _count_by_string(inverse, text, (tokens["shift_class"] == "shifted").to_numpy().astype(np.float64))
+    g = pd.DataFrame({"token": pd.array(size.index.astype(str), dtype=tokens["token"].dtype)
+                      if len(size) else pd.array([], dtype=tokens["token"].dtype),
+                      "count": size.to_numpy().astype(np.int64), "shifted": shifted.to_numpy().astype(np.int64)})
     g["rate"] = g["shifted"] / g["count"]
     g = g[(g["count"] >= min_count) & (g["token"] != "")]
     return pd.DataFrame(g.sort_values(["rate", "count", "token"], ascending=[False, False, True])
@@ -764,6 +839,7 @@ def summarize(tokens, cfg: ShiftConfig | None = None, *, stopwords: set[str] | N
     pos = tokens["pos"].to_numpy()
     rel_bin = np.minimum(POSITION_BINS - 1, POSITION_BINS * pos // np.maximum(tokens["n_tokens"].to_numpy(), 1))
     early = pos < cfg.index_max
+    groups = _token_groups(tokens)
     s = {
         "n_tokens": int(len(tokens)),
         "shares": _shares(cls),
@@ -779,12 +855,12 @@ def summarize(tokens, cfg: ShiftConfig | None = None, *, stopwords: set[str] | N
         "by_rel_pos": _group_stats(tokens, rel_bin),
         "by_index": _group_stats(tokens[early], pos[early]),
         "sentence_kl": sentence_split_kl(tokens),
-        "top_shifted": token_counts(tokens, ["shifted"], stopwords=stopwords, top=cfg.top_tokens),
-        "top_marginal": token_counts(tokens, ["marginal"], stopwords=stopwords, top=cfg.top_tokens),
+        "top_shifted": token_counts(tokens, ["shifted"], stopwords=stopwords, top=cfg.top_tokens, groups=groups),
+        "top_marginal": token_counts(tokens, ["marginal"], stopwords=stopwords, top=cfg.top_tokens, groups=groups),
         "top_shifted_marginal": token_counts(tokens, ["shifted", "marginal"], stopwords=stopwords,
-                                             top=cfg.top_tokens),
+                                             top=cfg.top_tokens, groups=groups),
         "stopwords_filtered": bool(stopwords),
-        "shift_rates": token_shift_rates(tokens, min_count=3).head(cfg.top_tokens).to_dict("records"),
+        "shift_rates": token_shift_rates(tokens, min_count=3, groups=groups).head(cfg.top_tokens).to_dict("records"),
     }
     if "exact_shift_class" in tokens:
         s["exact"] = {"shares": _shares(tokens["exact_shift_class"].to_numpy()),
