@@ -175,7 +175,8 @@ def test_study_runs_on_geo_data_with_its_own_base(geo_dir, tiny_model_dir, tmp_p
 
     labels = {r["id"]: r for r in read_records(geo_dir / "eval.jsonl", "prompt")}
     # label half the eval facts Known, as `itlens geo --probe` does, so F1 has a held-out Known group
-    ev = [{**r, "group": "known_heldout" if i % 2 == 0 else "unknown"} for i, r in enumerate(labels.values())]
+    ev = [{**r, "group": "known_heldout" if i % 2 == 0 else "unknown",
+           "category": "HighlyKnown" if i % 2 == 0 else "Unknown"} for i, r in enumerate(labels.values())]
     from itlens.io import atomic_write_jsonl
 
     atomic_write_jsonl(tmp_path / "eval.jsonl", ev)
@@ -220,6 +221,18 @@ def test_study_runs_on_geo_data_with_its_own_base(geo_dir, tiny_model_dir, tmp_p
         r["attribute"] != "neighbour" and r["group"] == "known_heldout" for r in ev)
     assert "multiple choice (recognition)" in f1["evidence"]["summary"]
     assert metrics["models"]["sft"]["mc_acc_known"] is not None
+    # facts the probe calls Unknown that the base recognises: their QA accuracy per model, from items.json
+    items = json.loads((out / "analysis-s0" / "items.json").read_text())
+    recognised = {r["id"] for r in items["mc"]["base"] if r["group"] == "unknown" and r["correct"]}
+    if recognised:
+        rec = f1["evidence"]["recognised_unknown"]
+        assert rec["n"] == len(recognised)
+        lft = [r["correct"] for r in items["qa"]["lft"] if r["id"] in recognised]
+        assert rec["lft"] == pytest.approx(sum(lft) / len(lft))
+        assert f1["evidence"]["known_by_either_sft_minus_lft"]["n"] == len(recognised) + sum(
+            r["group"] == "known_heldout" for r in ev)
+    else:
+        assert "recognised_unknown" not in f1["evidence"]
 
 
 def test_study_geo_section_builds_probes_and_caches(tiny_model_dir, tmp_path):

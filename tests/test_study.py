@@ -127,3 +127,24 @@ def test_report_and_compare_commands(micro_run, tmp_path):
     assert "models.sft.qa_acc_known" in r.stdout and "F1" in r.stdout and "changed" in r.stdout
     r = run_cli(["compare", str(micro_run), str(tmp_path / "nope")])
     assert r.returncode == 2 and "metrics.json" in r.stderr
+
+
+def test_recognised_unknown_pools_facts_the_probe_missed():
+    """QA outcomes on held-out 'unknown' facts that the base picks right by multiple choice, pooled over
+    seeds; only where labels come from a probe (items with a SliCK category)."""
+    from itlens.study import _recognised_unknown
+
+    def seed(qa_lft, mc_base, category=True):
+        cat = {"category": "Unknown"} if category else {}
+        return {"qa": {"base": [{"id": i, "group": g, "correct": 0} for i, g, _ in qa_lft],
+                       "lft": [{"id": i, "group": g, "correct": c} for i, g, c in qa_lft]},
+                "mc": {"base": [{"id": i, "group": g, "correct": c, **cat} for i, g, c in mc_base]}}
+
+    s0 = seed([("a", "unknown", 1), ("b", "unknown", 0), ("c", "known_heldout", 1), ("d", "unknown", 1)],
+              [("a", "unknown", 1), ("b", "unknown", 1), ("c", "known_heldout", 1), ("d", "unknown", 0)])
+    s1 = seed([("a", "unknown", 0)], [("a", "unknown", 1)])
+    out = _recognised_unknown({0: s0, 1: s1}, ["base", "lft"])
+    assert out == {"base": [0.0, 0.0, 0.0], "lft": [1.0, 0.0, 0.0]}  # a, b of seed 0; a of seed 1
+    assert _recognised_unknown({0: seed([("a", "unknown", 1)], [("a", "unknown", 1)], category=False)},
+                               ["base", "lft"]) == {}  # world data: unknown by construction
+    assert _recognised_unknown({0: {"qa": s0["qa"]}}, ["base", "lft"]) == {}  # no multiple choice

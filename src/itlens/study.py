@@ -881,6 +881,26 @@ def _entity_noun(cfg: StudyConfig) -> str:
     return "countries" if geo else "people"
 
 
+def _recognised_unknown(items: dict, models: list[str]) -> dict[str, list[float]]:
+    """Per model, QA correctness (pooled over seeds) on held-out facts that the base's generation probe
+    labels Unknown but that the base picks right by multiple choice: knowledge the probe missed.
+
+    Only where the Known labels come from a probe (eval items with SliCK categories, as geo data): in
+    the synthetic world "unknown" facts are unknown by construction and an MC hit is a guess. Empty
+    when there are none.
+    """
+    out: dict[str, list[float]] = {m: [] for m in models}
+    for s in sorted(items):
+        qa, mc = items[s].get("qa", {}), items[s].get("mc", {})
+        if not mc.get("base") or not all(qa.get(m) for m in models):
+            continue
+        recognised = {r["id"] for r in mc["base"] if r.get("group") == "unknown" and r["correct"]
+                      and "category" in r}
+        for m in models:
+            out[m] += [float(r["correct"]) for r in qa[m] if r["id"] in recognised]
+    return out if out[models[0]] else {}
+
+
 def _accuracy_by_category(items: dict, models: list[str]) -> dict[str, dict]:
     """Pooled QA accuracy of each model per SliCK category of the eval item (empty without categories)."""
     out: dict[str, dict] = {}
@@ -935,6 +955,19 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
             extra["mc_sft_minus_base"] = paired_bootstrap(mb, ms, confidence=conf, n_resamples=nb)
             mc_text = (f"; multiple choice (recognition): base {_pct(mb)}, LFT {_pct(ml)}, SFT {_pct(ms)}, "
                        f"SFT-LFT = {_pp(extra['mc_sft_minus_lft'])}")
+            latent = _recognised_unknown(items, ["base", fc.lft, fc.sft])
+            if latent:  # held-out facts the generation probe calls Unknown but the base picks by MC
+                rl = paired_bootstrap(latent[fc.lft], latent[fc.sft], confidence=conf, n_resamples=nb)
+                either = {m: _pooled(items, "qa", m, "known_heldout") + latent[m] for m in (fc.lft, fc.sft)}
+                re_ = paired_bootstrap(either[fc.lft], either[fc.sft], confidence=conf, n_resamples=nb)
+                extra["recognised_unknown"] = {"n": len(latent["base"]),
+                                               **{m: _mean_of(latent[m]) for m in ("base", fc.lft, fc.sft)},
+                                               "sft_minus_lft": rl}
+                extra["known_by_either_sft_minus_lft"] = re_
+                mc_text += (f"; on the {len(latent['base'])} held-out facts the generation probe calls Unknown but "
+                            f"the base recognises (MC), QA base {_pct(latent['base'])}, LFT {_pct(latent[fc.lft])}, "
+                            f"SFT {_pct(latent[fc.sft])}, SFT-LFT = {_pp(rl)}; Known by either probe: SFT-LFT = "
+                            f"{_pp(re_)}")
         holds = diff["high"] is not None and diff["high"] < 0 and diff["p_value"] < alpha
         by_cat = _accuracy_by_category(items, ["base", fc.lft, fc.sft])
         cat_text = ("; by the base's SliCK category (n, base / LFT / SFT): " + ", ".join(
