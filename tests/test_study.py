@@ -148,3 +148,18 @@ def test_recognised_unknown_pools_facts_the_probe_missed():
     assert _recognised_unknown({0: seed([("a", "unknown", 1)], [("a", "unknown", 1)], category=False)},
                                ["base", "lft"]) == {}  # world data: unknown by construction
     assert _recognised_unknown({0: {"qa": s0["qa"]}}, ["base", "lft"]) == {}  # no multiple choice
+
+
+def test_report_renders_nested_evidence_as_tables_not_json():
+    from itlens.report import _finding_html
+
+    f = {"id": "F1", "claim": "c", "holds": False,
+         "evidence": {"test": "t", "summary": "s", "paper": "p",
+                      "sft_minus_lft": {"estimate": 0.1, "low": -0.1, "high": 0.3, "p_value": 0.4, "n": 9},
+                      "recognised_unknown": {"n": 76, "lft": 0.711, "sft_minus_lft": {
+                          "estimate": -0.092, "low": -0.197, "high": 0.013, "p_value": 0.18, "n": 76}},
+                      "by_category": {"Unknown": {"n": 210, "base": 0.01}}}}
+    page = _finding_html(f)
+    assert "{" not in page and '"n"' not in page  # no raw JSON
+    assert "<td>recognised_unknown</td><td><table>" in page and "<td>Unknown</td><td><table>" in page
+    assert "<td>lft</td><td>0.711</td>" in page and "<td>76</td>" in page and "-0.197" in page

@@ -58,10 +58,12 @@ def _fmt(v: Any) -> str:
 
 
 def _kv_table(d: dict) -> str:
-    rows = "".join(f"<tr><td>{_esc(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in d.items()
-                   if not isinstance(v, dict) or "estimate" in v or "observed" in v)
-    nested = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(json.dumps(v, sort_keys=True))}</td></tr>"
-                     for k, v in d.items() if isinstance(v, dict) and "estimate" not in v and "observed" not in v)
+    """Key-value rows; a nested dict (not a CI) becomes a table of its own in its cell."""
+    def is_nested(v) -> bool:
+        return isinstance(v, dict) and "estimate" not in v and "observed" not in v
+
+    rows = "".join(f"<tr><td>{_esc(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in d.items() if not is_nested(v))
+    nested = "".join(f"<tr><td>{_esc(k)}</td><td>{_kv_table(v)}</td></tr>" for k, v in d.items() if is_nested(v))
     return f"<table>{rows}{nested}</table>"
 
 
