@@ -537,14 +537,20 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     batches = [order[b: b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
     if shard is not None:  # this process's share; each response keeps its one-process batch-mates
         batches = batches[shard[0]::shard[1]]
-    # Queue every batch's passes and metrics without waiting for the device, build the columns that
-    # need only the token ids while it works, and copy the results back once at the end.
-    scored = _score_batches(batches, base_s, tuned_s, cfg, chunk, strings, pad, check_finite=False)
-    static = _static_columns([e for batch in batches for e in batch], strings)
-    if not all(bool(f) for f in scored.pop("finite", [])):  # -inf logits somewhere: redo with the slow path
+    # The device works PIPELINE_DEPTH batches ahead of the host; the columns that need only the token
+    # ids are built while the first batches run.
+    static: dict = {}
+
+    def build_static() -> None:
+        static.update(_static_columns([e for batch in batches for e in batch], strings))
+
+    scored = _score_batches(batches, base_s, tuned_s, cfg, chunk, strings, pad, check_finite=False,
+                            while_queued=build_static)
+    if not all(bool(f.all()) for f in scored.pop("finite", [])):  # -inf logits somewhere: redo the slow way
         scored = _score_batches(batches, base_s, tuned_s, cfg, chunk, strings, pad, check_finite=True)
-    dynamic = {k: torch.cat([x.to(v[0].device) for x in v]).cpu().numpy() if v else np.zeros(0)
-               for k, v in scored.items()}
+    if not static:  # no batches
+        build_static()
+    dynamic = {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in scored.items()}
     timings["score_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -613,17 +619,29 @@ def _gather_hidden(scorer: _Scorer, seqs: list[tuple[list[int], int]], pad: int)
     return h[_to_device(rows, h.device), _to_device(cols, h.device)]
 
 
-def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig, chunk: int, strings,
-                   pad: int, *, check_finite: bool) -> dict[str, list]:
-    """Forward passes and per-position metrics of every batch: {column: [per-batch tensors]}.
+PIPELINE_DEPTH = 2
+"""Batches queued on the device ahead of the one being copied back (bounds the device memory held)."""
 
-    The tensors stay where they were computed (the caller copies them to the host once), so in exact
-    mode nothing here waits for the device. ``finite`` lists one flag per chunk unless ``check_finite``.
+
+def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig, chunk: int, strings,
+                   pad: int, *, check_finite: bool, while_queued=None) -> dict[str, list]:
+    """Forward passes and per-position metrics of every batch: {column: [per-batch host tensors]}.
+
+    In exact mode the host never waits for the batch it has just queued: a batch's results are copied
+    back only once PIPELINE_DEPTH later batches are queued behind it, so the device always has work.
+    ``while_queued`` runs once, after the first batches are queued (host work to overlap).
+    ``finite`` lists one flag per chunk unless ``check_finite``.
     """
     import torch
 
     cols: dict[str, list] = {}
-    for batch in batches:
+    pending: list[dict] = []
+
+    def to_host(done: dict) -> None:
+        for k_, v in done.items():
+            cols.setdefault(k_, []).append(v.cpu())
+
+    for i, batch in enumerate(batches):
         h_tuned = _gather_hidden(tuned_s, [(e.tuned_ids, e.tuned_start) for e in batch], pad)
         h_base = _gather_hidden(base_s, [(e.base_ids, e.base_start) for e in batch], pad)
         target = _to_device(torch.tensor([t for e in batch for t in e.response_ids]), h_tuned.device)
@@ -633,7 +651,7 @@ def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig,
             zb = base_s.logits(h_base[c: c + chunk].to(base_s.device)).to(zt.device)
             out = exact_metrics(zb, zt, target[c: c + chunk], cfg.view_top_k, check_finite=check_finite)
             if "finite" in out:
-                cols.setdefault("finite", []).append(out.pop("finite"))
+                out["finite"] = out["finite"].reshape(1)
             if cfg.mode == "paper":
                 k = min(cfg.paper_top_k, zb.shape[-1])
                 vb, ib = zb.topk(k, dim=-1)
@@ -643,8 +661,13 @@ def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig,
                 out.update({f"paper_{k_}": v for k_, v in pm.items()})
             for k_, v in out.items():
                 on_device.setdefault(k_, []).append(v.detach())
-        for k_, v in on_device.items():
-            cols.setdefault(k_, []).append(torch.cat([x.to(v[0].device) for x in v]))
+        pending.append({k_: torch.cat([x.to(v[0].device) for x in v]) for k_, v in on_device.items()})
+        if while_queued is not None and (i + 1 == min(PIPELINE_DEPTH, len(batches))):
+            while_queued()
+        if len(pending) > PIPELINE_DEPTH:
+            to_host(pending.pop(0))
+    for done in pending:
+        to_host(done)
     return cols
 
 
