@@ -672,8 +672,8 @@ def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig,
 
 
 def _static_columns(scored: list[_Encoded], strings: _TokenStrings) -> dict:
-    """The token table's columns that follow from the token ids alone, in scoring order, plus ``_order``
-    (the permutation to input order, then position)."""
+    """The token table's columns that follow from the token ids alone, already in the table's row order
+    (input order, then position), plus ``_order``: that permutation of the scoring order."""
     n = np.array([len(e.response_ids) for e in scored], dtype=np.int64)
     total = int(n.sum())
     index = np.array([e.index for e in scored], dtype=np.int64)
@@ -688,16 +688,21 @@ def _static_columns(scored: list[_Encoded], strings: _TokenStrings) -> dict:
     new_run[1:] = (row_index[1:] != row_index[:-1]) | (sentence[1:] != sentence[:-1])
     run_start = np.flatnonzero(new_run)
     run_len = np.diff(np.append(run_start, total))
+    import pandas as pd
+
     uniq, inverse = np.unique(token_id, return_inverse=True)
     ids = np.array([e.id for e in scored], dtype=object)
-    return {
-        "id": np.repeat(ids, n), "pos": pos, "token_id": token_id,
-        "token": np.array(strings.decode(uniq.tolist()), dtype=object)[inverse.reshape(-1)],
-        "n_tokens": n_tokens, "sentence": sentence,
-        "sent_pos": pos - pos[np.repeat(run_start, run_len)] if total else pos,
-        "sent_len": np.repeat(run_len, run_len),
-        "_order": np.lexsort((pos, row_index)),
-    }
+    order = np.lexsort((pos, row_index))
+    cols = {"id": np.repeat(ids, n), "pos": pos, "token_id": token_id,
+            "token": np.array(strings.decode(uniq.tolist()), dtype=object)[inverse.reshape(-1)],
+            "n_tokens": n_tokens, "sentence": sentence,
+            "sent_pos": pos - pos[np.repeat(run_start, run_len)] if total else pos,
+            "sent_len": np.repeat(run_len, run_len)}
+    out = {k: v[order] for k, v in cols.items()}
+    for k in ("id", "token"):  # the string columns as pandas makes them (its inference costs time: done here)
+        out[k] = pd.Series(out[k])
+    out["_order"] = order
+    return out
 
 
 _FLOAT_COLUMNS = ("p_base", "p_tuned", "kl", "kl_base_tuned", "p_base_top1", "paper_tp", "paper_p_tuned_top1",
@@ -708,8 +713,8 @@ def _build_frame(static: dict, dynamic: dict, cfg: ShiftConfig):
     """The token table (CONTRACT columns first), rows in input order and then position."""
     import pandas as pd
 
-    order = static["_order"]
-    s = {k: v[order] for k, v in static.items() if k != "_order"}
+    order = static["_order"]  # static columns are already in this order
+    s = static
     d = {k: v[order] for k, v in dynamic.items()}
     if not len(order):  # no response tokens at all: an empty table with every column
         d = {k: (np.zeros(0) if k in _FLOAT_COLUMNS else np.zeros(0, dtype=np.int64))
