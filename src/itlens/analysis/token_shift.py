@@ -674,6 +674,8 @@ def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig,
 def _static_columns(scored: list[_Encoded], strings: _TokenStrings) -> dict:
     """The token table's columns that follow from the token ids alone, already in the table's row order
     (input order, then position), plus ``_order``: that permutation of the scoring order."""
+    import pandas as pd
+
     n = np.array([len(e.response_ids) for e in scored], dtype=np.int64)
     total = int(n.sum())
     index = np.array([e.index for e in scored], dtype=np.int64)
@@ -688,8 +690,6 @@ def _static_columns(scored: list[_Encoded], strings: _TokenStrings) -> dict:
     new_run[1:] = (row_index[1:] != row_index[:-1]) | (sentence[1:] != sentence[:-1])
     run_start = np.flatnonzero(new_run)
     run_len = np.diff(np.append(run_start, total))
-    import pandas as pd
-
     uniq, inverse = np.unique(token_id, return_inverse=True)
     ids = np.array([e.id for e in scored], dtype=object)
     order = np.lexsort((pos, row_index))
@@ -713,8 +713,7 @@ def _build_frame(static: dict, dynamic: dict, cfg: ShiftConfig):
     """The token table (CONTRACT columns first), rows in input order and then position."""
     import pandas as pd
 
-    order = static["_order"]  # static columns are already in this order
-    s = static
+    s, order = static, static["_order"]  # the static columns are already in this order
     d = {k: v[order] for k, v in dynamic.items()}
     if not len(order):  # no response tokens at all: an empty table with every column
         d = {k: (np.zeros(0) if k in _FLOAT_COLUMNS else np.zeros(0, dtype=np.int64))
