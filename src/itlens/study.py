@@ -957,17 +957,17 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
                        f"SFT-LFT = {_pp(extra['mc_sft_minus_lft'])}")
             latent = _recognised_unknown(items, ["base", fc.lft, fc.sft])
             if latent:  # held-out facts the generation probe calls Unknown but the base picks by MC
-                rl = paired_bootstrap(latent[fc.lft], latent[fc.sft], confidence=conf, n_resamples=nb)
-                either = {m: _pooled(items, "qa", m, "known_heldout") + latent[m] for m in (fc.lft, fc.sft)}
-                re_ = paired_bootstrap(either[fc.lft], either[fc.sft], confidence=conf, n_resamples=nb)
+                latent_diff = paired_bootstrap(latent[fc.lft], latent[fc.sft], confidence=conf, n_resamples=nb)
+                either_diff = paired_bootstrap(lft + latent[fc.lft], sft + latent[fc.sft], confidence=conf,
+                                               n_resamples=nb)  # Known by the generation probe or by MC
                 extra["recognised_unknown"] = {"n": len(latent["base"]),
                                                **{m: _mean_of(latent[m]) for m in ("base", fc.lft, fc.sft)},
-                                               "sft_minus_lft": rl}
-                extra["known_by_either_sft_minus_lft"] = re_
+                                               "sft_minus_lft": latent_diff}
+                extra["known_by_either_sft_minus_lft"] = either_diff
                 mc_text += (f"; on the {len(latent['base'])} held-out facts the generation probe calls Unknown but "
                             f"the base recognises (MC), QA base {_pct(latent['base'])}, LFT {_pct(latent[fc.lft])}, "
-                            f"SFT {_pct(latent[fc.sft])}, SFT-LFT = {_pp(rl)}; Known by either probe: SFT-LFT = "
-                            f"{_pp(re_)}")
+                            f"SFT {_pct(latent[fc.sft])}, SFT-LFT = {_pp(latent_diff)}; Known by either probe: "
+                            f"SFT-LFT = {_pp(either_diff)}")
         holds = diff["high"] is not None and diff["high"] < 0 and diff["p_value"] < alpha
         by_cat = _accuracy_by_category(items, ["base", fc.lft, fc.sft])
         cat_text = ("; by the base's SliCK category (n, base / LFT / SFT): " + ", ".join(

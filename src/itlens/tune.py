@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from itlens.config import KEY_OMITS_DEFAULT, config_hash, to_dict, to_yaml
+from itlens.config import KEY_OMITS_DEFAULT, config_hash, key_dict, to_yaml
 from itlens.errors import InputError
 from itlens.io import atomic_dir, atomic_write_json, read_records, response_text, to_messages
 from itlens.models import quiet_progress as _quiet_progress
@@ -101,8 +101,9 @@ class TuneConfig:
         "help": "Recompute activations in the backward pass (saves memory on large models, costs ~30% time)."})
     torch_compile: bool = dataclasses.field(default=False, metadata={
         KEY_OMITS_DEFAULT: True,
-        "help": "torch.compile the model (transformers' torch_compile): on an H200 it took full fine-tuning "
-                "of a 0.95B Llama from 32% to 45% MFU. Pays a compile at the start and on new batch shapes."})
+        "help": "torch.compile the model (transformers' torch_compile): full fine-tuning of a 0.95B Llama went "
+                "from 31% to 42% MFU on an H200 (40% on an H100). Pays a compile at the start and on new "
+                "batch shapes."})
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings, metadata={"help": "LoRA settings."})
     merge_adapter: bool = dataclasses.field(default=False, metadata={
         "help": "LoRA: also save the adapter merged into the base (the output dir then holds the merged "
@@ -288,7 +289,8 @@ def sft_config(cfg: TuneConfig, work_dir: Path, *, world_size: int = 1):
             max_length=cfg.max_length, completion_only_loss=True, packing=False,
             neftune_noise_alpha=cfg.neftune_alpha if cfg.method == "neftune" else None,
             seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
-            gradient_checkpointing=cfg.gradient_checkpointing, torch_compile=cfg.torch_compile, logging_steps=1, report_to="none", disable_tqdm=True,
+            gradient_checkpointing=cfg.gradient_checkpointing, torch_compile=cfg.torch_compile,
+            logging_steps=1, report_to="none", disable_tqdm=True,
             save_strategy="steps" if cfg.save_steps > 0 else "epoch", save_steps=max(cfg.save_steps, 1),
             save_total_limit=1, dataloader_num_workers=0, ddp_find_unused_parameters=False,
         )
@@ -378,7 +380,7 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
         torch.set_num_threads(cfg.num_threads)
 
     work = work_dir_for(out)
-    key = config_hash({k: v for k, v in to_dict(cfg, key=True).items()
+    key = config_hash({k: v for k, v in key_dict(cfg).items()
                        if k not in ("output_dir", "progress", "resume", "keep_checkpoints", "num_threads")})
     stamp = work / "config_hash"
     is_main = int(os.environ.get("RANK", "0")) == 0
