@@ -23,14 +23,15 @@ def tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) + "." for _ in range(n)]
 
 
-def make_tiny_llama(tokenizer, out_dir: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+def make_tiny_llama(tokenizer, out_dir: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2,
+                    max_positions: int = 256, tie_embeddings: bool = True) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=True,
+                      max_position_embeddings=max_positions, tie_word_embeddings=tie_embeddings,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(cfg)
