@@ -423,3 +423,66 @@ def test_config_is_strict(tmp_path):
     p.write_text("mode: exact\nbase_contxt: frame\n")
     with pytest.raises(InputError, match=r"shift.yaml: key 'base_contxt': unknown key"):
         load_config(ShiftConfig, p)
+
+
+def _random_table(seed: int, n_responses: int = 12) -> pd.DataFrame:
+    """A token table with the columns summarize reads; token ids whose strings match once stripped."""
+    rng = np.random.default_rng(seed)
+    strings = {0: "the", 1: " the", 2: "", 3: " city", 4: "city", 5: "!", 6: " a", 7: "A", 8: " ", 9: "river"}
+    rows = []
+    for r in range(n_responses):
+        n = int(rng.integers(1, 40))
+        sentence = np.cumsum(rng.random(n) < 0.15)
+        sentence -= sentence[0]
+        for p in range(n):
+            s = sentence[p]
+            members = np.flatnonzero(sentence == s)
+            tid = int(rng.integers(0, 10))
+            rank = int(rng.choice([1, 1, 1, 2, 3, 4, 9]))
+            rows.append({"id": f"r{r}", "pos": p, "token_id": tid, "token": strings[tid], "n_tokens": n,
+                         "sentence": int(s), "sent_pos": int(p - members[0]), "sent_len": len(members),
+                         "rank_base": rank, "kl": float(rng.random()), "p_base": float(rng.random()),
+                         "p_tuned": float(rng.random()), "p_base_top1": float(rng.random()),
+                         "rank0_paper": rank - 1, "top1_tuned": tid if rng.random() < 0.5 else 99})
+    t = pd.DataFrame(rows)
+    t["shift_class"] = shift_class(t["rank_base"])
+    return t.sample(frac=1.0, random_state=seed).reset_index(drop=True)  # summarize must not rely on row order
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_summary_aggregates_equal_plain_pandas_groupbys(seed):
+    """The vectorised aggregates (bincounts over integer codes) against the obvious pandas definitions."""
+    from itlens.analysis.token_shift import token_shift_rates
+
+    t = _random_table(seed)
+    s = summarize(t, stopwords={"a"})
+    assert s["shares"] == pytest.approx(t["shift_class"].value_counts(normalize=True)
+                                        .reindex(["unshifted", "marginal", "shifted"], fill_value=0).to_dict())
+    stripped = t["token"].str.strip()
+    for key, classes in [("top_shifted", ["shifted"]), ("top_shifted_marginal", ["shifted", "marginal"])]:
+        sel = stripped[t["shift_class"].isin(classes) & (stripped != "") & (stripped.str.lower() != "a")]
+        want = sorted(sel.value_counts().items(), key=lambda kv: (-kv[1], kv[0]))
+        assert s[key] == [[k, int(v)] for k, v in want]
+    g = t.assign(s=stripped, shifted=t["shift_class"] == "shifted").groupby("s")
+    want = pd.DataFrame({"count": g.size(), "shifted": g["shifted"].sum()}).reset_index()
+    want = want[want["s"] != ""].assign(rate=lambda d: d["shifted"] / d["count"])
+    want = want.sort_values(["rate", "count", "s"], ascending=[False, False, True])
+    got = token_shift_rates(t)
+    assert got["token"].tolist() == want["s"].tolist()
+    assert got["count"].tolist() == want["count"].tolist() and got["rate"].tolist() == want["rate"].tolist()
+    rel = np.minimum(9, 10 * t["pos"] // t["n_tokens"])
+    by_rel = t.groupby(rel).agg(n=("kl", "size"), kl=("kl", "mean"), p_base=("p_base", "mean"))
+    assert [b["bin"] for b in s["by_rel_pos"]] == by_rel.index.tolist()
+    assert [b["n"] for b in s["by_rel_pos"]] == by_rel["n"].tolist()
+    assert [b["kl"] for b in s["by_rel_pos"]] == pytest.approx(by_rel["kl"].tolist())
+    early = t[t["pos"] < 32]
+    assert [b["shifted"] for b in s["by_index"]] == pytest.approx(
+        early.groupby("pos")["shift_class"].apply(lambda c: (c == "shifted").mean()).tolist())
+    n_first = np.maximum(1, np.ceil(0.05 * t["sent_len"]))
+    parts = t.groupby(["id", "sentence", t["sent_pos"] < n_first])["kl"].mean()
+    assert s["sentence_kl"]["first"] == pytest.approx(parts.xs(True, level=2).mean())
+    assert s["sentence_kl"]["rest"] == pytest.approx(parts.xs(False, level=2).mean())
+    assert s["sentence_kl"]["n_sentences"] == t.groupby(["id", "sentence"]).ngroups
+    no_ids = t.drop(columns="token_id")  # grouped by the strings themselves
+    assert token_counts(no_ids, ["shifted"], stopwords={"a"}, top=125) == s["top_shifted"]
+    assert token_shift_rates(no_ids).equals(got)

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
+import itertools
 import math
 import re
 import time
@@ -268,8 +270,8 @@ class _Encoded:
     base_ids: list[int]
     base_start: int
     response_ids: list[int]
-    offsets: list[int]  # start character of each response token in the response text
-    sentence: list[int]  # sentence index of each response token
+    offsets: np.ndarray  # start character of each response token in the response text
+    response: str  # the response text (its sentences are found while the device works: _sentence_index)
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -310,7 +312,8 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
     out = []
     for i, (rec, prompt, response) in enumerate(zip(records, prompts, responses)):
         ids = joint["input_ids"][i]
-        spans = np.asarray(joint["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
+        spans = np.fromiter(itertools.chain.from_iterable(joint["offset_mapping"][i]), dtype=np.int64,
+                            count=2 * len(ids)).reshape(-1, 2)
         # The first token that ends inside the response starts it (a token straddling the boundary is
         # predicted from the prompt alone, so it belongs to the response rows).
         inside = (spans[:, 1] > len(prompt)) & (spans[:, 1] > spans[:, 0])
@@ -326,10 +329,14 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
             base_ids, base_start = list(ids), start
         else:
             base_ids, base_start = list(base_prefixes[i]) + response_ids, len(base_prefixes[i])
-        sentence = np.searchsorted(np.asarray(sentence_starts(response)), offsets, side="right") - 1
-        out.append(_Encoded(i, rec["id"], ids, start, base_ids, base_start, response_ids, offsets.tolist(),
-                            np.maximum(sentence, 0).tolist()))
+        out.append(_Encoded(i, rec["id"], ids, start, base_ids, base_start, response_ids, offsets, response))
     return out
+
+
+def _sentence_index(e: _Encoded) -> np.ndarray:
+    """Sentence number of each response token (by the sentence its first character falls in)."""
+    sentence = np.searchsorted(np.asarray(sentence_starts(e.response)), e.offsets, side="right") - 1
+    return np.maximum(sentence, 0).astype(np.int64)
 
 
 def _tokenize(tokenizer, texts: list[str], prompts: list[str], *, offsets: bool = False) -> dict:
@@ -347,7 +354,7 @@ def _truncate(e: _Encoded, max_length: int) -> str:
     if keep >= len(e.response_ids):
         return "ok"
     keep = max(keep, 0)
-    e.response_ids, e.offsets, e.sentence = e.response_ids[:keep], e.offsets[:keep], e.sentence[:keep]
+    e.response_ids, e.offsets = e.response_ids[:keep], e.offsets[:keep]
     e.tuned_ids = e.tuned_ids[: e.tuned_start + keep]
     e.base_ids = e.base_ids[: e.base_start + keep]
     return "truncated" if keep > 0 else "skipped"
@@ -550,7 +557,8 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         scored = _score_batches(batches, base_s, tuned_s, cfg, chunk, strings, pad, check_finite=True)
     if not static:  # no batches
         build_static()
-    dynamic = {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in scored.items()}
+    dynamic = {k: (np.concatenate(v) if k.startswith("view_") else torch.cat(v).numpy()) if v else np.zeros(0)
+               for k, v in scored.items()}
     timings["score_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -630,7 +638,8 @@ def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig,
     In exact mode the host never waits for the batch it has just queued: a batch's results are copied
     back only once PIPELINE_DEPTH later batches are queued behind it, so the device always has work.
     ``while_queued`` runs once, after the first batches are queued (host work to overlap).
-    ``finite`` lists one flag per chunk unless ``check_finite``.
+    ``finite`` lists one flag per chunk unless ``check_finite``. The token view's top-k columns come
+    back as object arrays of per-position numpy rows (the table's cells), made while later batches run.
     """
     import torch
 
@@ -639,7 +648,11 @@ def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig,
 
     def to_host(done: dict) -> None:
         for k_, v in done.items():
-            cols.setdefault(k_, []).append(v.cpu())
+            if k_.startswith("view_"):  # an object array of rows: the table's cells
+                rows = v.cpu().numpy().astype(np.int64 if k_.endswith("_ids") else np.float64)
+                cols.setdefault(k_, []).append(np.fromiter(rows, dtype=object, count=len(rows)))
+            else:
+                cols.setdefault(k_, []).append(v.cpu())
 
     for i, batch in enumerate(batches):
         h_tuned = _gather_hidden(tuned_s, [(e.tuned_ids, e.tuned_start) for e in batch], pad)
@@ -682,7 +695,7 @@ def _static_columns(scored: list[_Encoded], strings: _TokenStrings) -> dict:
     first = np.concatenate([[0], np.cumsum(n)[:-1]]) if len(n) else np.zeros(0, dtype=np.int64)
     row_index = np.repeat(index, n)
     token_id = np.fromiter((t for e in scored for t in e.response_ids), dtype=np.int64, count=total)
-    sentence = np.fromiter((t for e in scored for t in e.sentence), dtype=np.int64, count=total)
+    sentence = np.concatenate([_sentence_index(e) for e in scored]) if scored else np.zeros(0, dtype=np.int64)
     pos = np.arange(total, dtype=np.int64) - np.repeat(first, n)
     n_tokens = np.repeat(n, n)
     # runs of one sentence of one response (sentence indices never decrease along a response)
@@ -741,8 +754,8 @@ def _build_frame(static: dict, dynamic: dict, cfg: ShiftConfig):
                     kl_base_tuned=d["kl_base_tuned"].astype(np.float64))
     if cfg.view_top_k and "view_base_ids" in d:
         for side in ("base", "tuned"):
-            cols[f"top_{side}_ids"] = list(d[f"view_{side}_ids"].astype(np.int64))
-            cols[f"top_{side}_p"] = list(d[f"view_{side}_p"].astype(np.float64))
+            cols[f"top_{side}_ids"] = d[f"view_{side}_ids"]  # object arrays of numpy rows (see _score_batches)
+            cols[f"top_{side}_p"] = d[f"view_{side}_p"]
     return pd.DataFrame(cols)
 
 
@@ -770,9 +783,19 @@ def load_stopwords(path: str | Path | None = None) -> set[str]:
     return {w.strip().lower() for w in lines if w.strip() and not w.startswith("#")}
 
 
-def _shares(classes) -> dict:
-    n = len(classes)
-    return {c: (float(np.sum(classes == c)) / n if n else None) for c in CLASSES}
+def _class_codes(column) -> np.ndarray:
+    """Index into CLASSES of each row's class string (-1 for anything else): one pass over the column."""
+    import pandas as pd
+
+    codes, uniques = pd.factorize(column)
+    lookup = np.array([CLASSES.index(u) if u in CLASSES else -1 for u in uniques] + [-1], dtype=np.int64)
+    return lookup[codes]  # a missing value's code -1 picks the final -1
+
+
+def _shares(codes) -> dict:
+    n = len(codes)
+    counts = np.bincount(codes[codes >= 0], minlength=len(CLASSES))
+    return {c: (float(counts[i]) / n if n else None) for i, c in enumerate(CLASSES)}
 
 
 def _mean(x) -> float | None:
@@ -784,92 +807,108 @@ def sentence_split_kl(tokens, first_frac: float = 0.05) -> dict:
     """Figure 4: per sentence, mean KL over its first max(1, ceil(0.05 n)) tokens and over the rest,
     averaged over all sentences; Diff% = (first - rest) / rest * 100. Sentences with one token have
     no rest and count only in ``first``."""
+    import pandas as pd
+
     if not len(tokens):
         return {"first": None, "rest": None, "diff_pct": None, "n_sentences": 0}
     n_first = np.maximum(1, np.ceil(first_frac * tokens["sent_len"].to_numpy())).astype(np.int64)
     is_first = tokens["sent_pos"].to_numpy() < n_first
-    per_sentence = tokens.groupby([tokens["id"], tokens["sentence"], is_first], sort=False)["kl"].mean()
-    first = per_sentence.xs(True, level=2) if True in per_sentence.index.get_level_values(2) else per_sentence[:0]
-    rest = per_sentence.xs(False, level=2) if False in per_sentence.index.get_level_values(2) else per_sentence[:0]
-    f, r = _mean(first), _mean(rest)
+    sentence = tokens["sentence"].to_numpy().astype(np.int64)
+    response = pd.factorize(tokens["id"])[0].astype(np.int64)
+    # one integer key per (response, sentence, first part or rest); the mean KL of each such group
+    key = (response * (int(sentence.max()) + 1) + sentence) * 2 + is_first
+    groups, inverse = np.unique(key, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    per_group = np.bincount(inverse, weights=tokens["kl"].to_numpy(dtype=np.float64)) / np.bincount(inverse)
+    first_part = (groups % 2) == 1
+    f, r = _mean(per_group[first_part]), _mean(per_group[~first_part])
     diff = (f - r) / r * 100 if f is not None and r not in (None, 0.0) else None
-    return {"first": f, "rest": r, "diff_pct": diff, "n_sentences": int(len(first))}
+    return {"first": f, "rest": r, "diff_pct": diff, "n_sentences": int(first_part.sum())}
 
 
 def _token_groups(tokens) -> tuple[np.ndarray, np.ndarray]:
-    """(group of each row, stripped token string of each group): rows grouped by token id when the table
-    has one (a token id always decodes to the same string), else by the string itself."""
-    key = tokens["token_id"].to_numpy() if "token_id" in tokens else tokens["token"].astype(str).to_numpy()
-    uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    text = tokens["token"].to_numpy()[first] if len(first) else np.zeros(0, dtype=object)
-    return inverse.reshape(-1), np.array([str(t).strip() for t in text], dtype=object)
+    """(string group of each row, the groups' stripped token strings, sorted).
 
-
-def _count_by_string(groups, text, weights=None):
-    """Sum per stripped string of per-row weights (1 each by default): pandas Series, empty strings kept."""
-    import pandas as pd
-
-    per_group = np.bincount(groups, weights=weights, minlength=len(text)) if len(groups) else np.zeros(len(text))
-    return pd.Series(per_group, index=pd.Index(text, dtype=object)).groupby(level=0, sort=False).sum()
+    Rows are grouped by token id when the table has one (a token id always decodes to the same string),
+    else by the string itself; ids whose strings are equal once stripped share a group.
+    """
+    if "token_id" in tokens and len(tokens):
+        ids = tokens["token_id"].to_numpy().astype(np.int64)
+        row_of = np.zeros(int(ids.max()) + 1, dtype=np.int64)
+        row_of[ids] = np.arange(len(ids))  # a row of each id (any: an id always has the same string)
+        present = np.flatnonzero(np.bincount(ids))
+        slot = np.zeros(len(row_of), dtype=np.int64)
+        slot[present] = np.arange(len(present))
+        first, inverse = row_of[present], slot[ids]
+    else:
+        _, first, inverse = np.unique(tokens["token"].astype(str).to_numpy(), return_index=True,
+                                      return_inverse=True)
+    stripped = np.array([str(t).strip() for t in tokens["token"].take(first)], dtype=object)
+    text, to_string = np.unique(stripped, return_inverse=True) if len(stripped) else (stripped, first)
+    return to_string.reshape(-1)[inverse.reshape(-1)], text
 
 
 def token_counts(tokens, classes: Iterable[str], *, stopwords: set[str] | None = None, top: int | None = None,
-                 groups: tuple | None = None):
+                 groups: tuple | None = None, codes: np.ndarray | None = None):
     """Most frequent emitted tokens (stripped strings) among positions of the given classes.
 
-    ``groups``: :func:`_token_groups` of ``tokens``, when the caller already has it.
+    ``groups``, ``codes``: :func:`_token_groups` and :func:`_class_codes` of ``tokens``, when the caller
+    already has them.
     """
     inverse, text = groups or _token_groups(tokens)
-    selected = tokens["shift_class"].isin(list(classes)).to_numpy()
-    counts = _count_by_string(inverse, text, selected.astype(np.float64))
-    counts = counts[(counts > 0) & (counts.index != "")]
+    codes = _class_codes(tokens["shift_class"]) if codes is None else codes
+    selected = np.isin(codes, [CLASSES.index(c) for c in classes if c in CLASSES])
+    counts = np.bincount(inverse[selected], minlength=len(text))
+    keep = (counts > 0) & (text != "")
     if stopwords:
-        counts = counts[~counts.index.str.lower().isin(stopwords)]
-    rows = sorted(((str(t), int(c)) for t, c in counts.items()), key=lambda kv: (-kv[1], kv[0]))
-    return [[t, c] for t, c in (rows[:top] if top else rows)]
+        keep &= np.array([t.lower() not in stopwords for t in text], dtype=bool)
+    rows = np.flatnonzero(keep)
+    rows = rows[np.lexsort((rows, -counts[rows]))][:top or None]  # count descending, then the (sorted) string
+    return [[str(text[i]), int(counts[i])] for i in rows]
 
 
-def token_shift_rates(tokens, *, min_count: int = 1, groups: tuple | None = None):
+def token_shift_rates(tokens, *, min_count: int = 1, groups: tuple | None = None, codes: np.ndarray | None = None):
     """Per token string: occurrences, shifted count and the shift rate (AlignTDS ``shift_ratio``)."""
     import pandas as pd
 
     inverse, text = groups or _token_groups(tokens)
-    size = _count_by_string(inverse, text)
-    shifted = _count_by_string(inverse, text, (tokens["shift_class"] == "shifted").to_numpy().astype(np.float64))
-    g = pd.DataFrame({"token": pd.array(size.index.astype(str), dtype=tokens["token"].dtype)
-                      if len(size) else pd.array([], dtype=tokens["token"].dtype),
-                      "count": size.to_numpy().astype(np.int64), "shifted": shifted.to_numpy().astype(np.int64)})
-    g["rate"] = g["shifted"] / g["count"]
-    g = g[(g["count"] >= min_count) & (g["token"] != "")]
-    return pd.DataFrame(g.sort_values(["rate", "count", "token"], ascending=[False, False, True])
-                        .reset_index(drop=True))
+    codes = _class_codes(tokens["shift_class"]) if codes is None else codes
+    size = np.bincount(inverse, minlength=len(text)).astype(np.int64)
+    shifted = np.bincount(inverse[codes == CLASSES.index("shifted")], minlength=len(text)).astype(np.int64)
+    keep = np.flatnonzero((size >= max(min_count, 1)) & (text != ""))
+    rate = shifted[keep] / size[keep]
+    keep = keep[np.lexsort((keep, -size[keep], -rate))]  # rate, count descending; then the (sorted) string
+    return pd.DataFrame({"token": pd.array(text[keep].astype(str), dtype=tokens["token"].dtype),
+                         "count": size[keep], "shifted": shifted[keep], "rate": shifted[keep] / size[keep]})
 
 
-def _group_stats(tokens, bins) -> list[dict]:
+def _group_stats(bins, codes, kl, p_base) -> list[dict]:
     """Class shares, mean KL and mean base probability per integer bin (vectorised with bincount)."""
     bins = np.asarray(bins, dtype=np.int64)
     if not bins.size:
         return []
     n = np.bincount(bins)
-    cls = tokens["shift_class"].to_numpy()
-    sums = {c: np.bincount(bins, weights=(cls == c)) for c in CLASSES}
-    kl = np.bincount(bins, weights=tokens["kl"].to_numpy(dtype=np.float64))
-    pb = np.bincount(bins, weights=tokens["p_base"].to_numpy(dtype=np.float64))
-    return [{"bin": int(b), "n": int(n[b]), **{c: float(sums[c][b] / n[b]) for c in CLASSES},
+    sums = [np.bincount(bins[codes == i], minlength=len(n)) for i in range(len(CLASSES))]
+    kl = np.bincount(bins, weights=kl)
+    pb = np.bincount(bins, weights=p_base)
+    return [{"bin": int(b), "n": int(n[b]), **{c: float(sums[i][b] / n[b]) for i, c in enumerate(CLASSES)},
              "kl": float(kl[b] / n[b]), "p_base": float(pb[b] / n[b])} for b in np.flatnonzero(n)]
 
 
 def summarize(tokens, cfg: ShiftConfig | None = None, *, stopwords: set[str] | None = None) -> dict:
     """Every aggregate of a token table: class shares, means, position curves, Figure 4 and 12 data."""
     cfg = cfg or ShiftConfig()
-    cls = tokens["shift_class"].to_numpy()
+    codes = _class_codes(tokens["shift_class"])
     pos = tokens["pos"].to_numpy()
     rel_bin = np.minimum(POSITION_BINS - 1, POSITION_BINS * pos // np.maximum(tokens["n_tokens"].to_numpy(), 1))
     early = pos < cfg.index_max
+    kl, p_base = tokens["kl"].to_numpy(dtype=np.float64), tokens["p_base"].to_numpy(dtype=np.float64)
     groups = _token_groups(tokens)
+    counts = functools.partial(token_counts, tokens, stopwords=stopwords, top=cfg.top_tokens, groups=groups,
+                               codes=codes)
     s = {
         "n_tokens": int(len(tokens)),
-        "shares": _shares(cls),
+        "shares": _shares(codes),
         "mean_kl": _mean(tokens["kl"]),
         "mean_p_base": _mean(tokens["p_base"]),
         "mean_p_tuned": _mean(tokens["p_tuned"]),
@@ -879,18 +918,18 @@ def summarize(tokens, cfg: ShiftConfig | None = None, *, stopwords: set[str] | N
         "figure1": {"kl": _mean(tokens["kl"]), "base_prob": _mean(tokens["p_base_top1"]),
                     "base_rank": _mean(tokens["rank0_paper"])},
         "emitted_is_tuned_top1": _mean(tokens["token_id"] == tokens["top1_tuned"]),
-        "by_rel_pos": _group_stats(tokens, rel_bin),
-        "by_index": _group_stats(tokens[early], pos[early]),
+        "by_rel_pos": _group_stats(rel_bin, codes, kl, p_base),
+        "by_index": _group_stats(pos[early], codes[early], kl[early], p_base[early]),
         "sentence_kl": sentence_split_kl(tokens),
-        "top_shifted": token_counts(tokens, ["shifted"], stopwords=stopwords, top=cfg.top_tokens, groups=groups),
-        "top_marginal": token_counts(tokens, ["marginal"], stopwords=stopwords, top=cfg.top_tokens, groups=groups),
-        "top_shifted_marginal": token_counts(tokens, ["shifted", "marginal"], stopwords=stopwords,
-                                             top=cfg.top_tokens, groups=groups),
+        "top_shifted": counts(["shifted"]),
+        "top_marginal": counts(["marginal"]),
+        "top_shifted_marginal": counts(["shifted", "marginal"]),
         "stopwords_filtered": bool(stopwords),
-        "shift_rates": token_shift_rates(tokens, min_count=3, groups=groups).head(cfg.top_tokens).to_dict("records"),
+        "shift_rates": token_shift_rates(tokens, min_count=3, groups=groups, codes=codes)
+        .head(cfg.top_tokens).to_dict("records"),
     }
     if "exact_shift_class" in tokens:
-        s["exact"] = {"shares": _shares(tokens["exact_shift_class"].to_numpy()),
+        s["exact"] = {"shares": _shares(_class_codes(tokens["exact_shift_class"])),
                       "mean_kl": _mean(tokens["exact_kl"]), "mean_rank_base": _mean(tokens["exact_rank_base"])}
     return s
 
