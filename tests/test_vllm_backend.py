@@ -58,16 +58,32 @@ def _reference(model_dir, prompts, mode):
     return ref
 
 
+@pytest.fixture(scope="module")
+def vllm_engine(vllm_model_dir):
+    import vllm
+
+    return vllm.LLM(model=str(vllm_model_dir), dtype="float32", seed=0, enforce_eager=True,
+                    gpu_memory_utilization=0.2)
+
+
 @needs_vllm
-def test_vllm_greedy_outputs_equal_the_transformers_backend(vllm_model_dir, it_records):
+def test_vllm_greedy_outputs_equal_the_transformers_backend(vllm_model_dir, vllm_engine, it_records):
     prompts = [{"id": r["id"], "instruction": r["instruction"], "extra": i} for i, r in enumerate(it_records[:6])]
     ref = _reference(vllm_model_dir, prompts, "chat")
-    got = generate_responses_vllm(str(vllm_model_dir), prompts, mode="chat", max_new_tokens=12, dtype="float32",
-                                  engine_args={"enforce_eager": True, "gpu_memory_utilization": 0.2})
+    got = generate_responses_vllm(str(vllm_model_dir), prompts, mode="chat", max_new_tokens=12, llm=vllm_engine)
     assert [r["id"] for r in got] == [p["id"] for p in prompts]
     assert [(r["response"], r["n_tokens"], r["finish"]) for r in got] == \
         [(r["response"], r["n_tokens"], r["finish"]) for r in ref]
     assert got == ref  # extra fields carried, same model name and mode
+
+
+@needs_vllm
+def test_vllm_prompt_past_max_model_len_is_an_input_error(vllm_model_dir, vllm_engine, it_records):
+    prompts = [{"id": r["id"], "instruction": r["instruction"]} for r in it_records[:2]]
+    with pytest.raises(InputError, match=r"prompt 'toy:0' has \d+ tokens: with max_new_tokens 1020 it passes "
+                                         r"the engine's max_model_len 1024") as e:
+        generate_responses_vllm(str(vllm_model_dir), prompts, mode="chat", max_new_tokens=1020, llm=vllm_engine)
+    assert e.value.key == "max_new_tokens"
 
 
 @needs_vllm

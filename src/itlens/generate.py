@@ -204,6 +204,13 @@ def generate_responses_vllm(model: str, prompts: list[dict], *, adapter: str | N
     params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=list(stop_ids),
                                  stop=stop_strings if mode == "frame" else None, skip_special_tokens=True)
     inputs = [{"prompt_token_ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    limit = getattr(getattr(llm, "model_config", None), "max_model_len", None)
+    for p, x in zip(prompts, inputs):  # vLLM would stop short of max_new_tokens (or refuse); transformers not
+        if limit and len(x["prompt_token_ids"]) + max_new_tokens > limit:
+            raise InputError(f"prompt {p.get('id')!r} has {len(x['prompt_token_ids'])} tokens: with max_new_tokens "
+                             f"{max_new_tokens} it passes the engine's max_model_len {limit} (raise "
+                             f"vllm_args.max_model_len within the model's positions, or lower max_new_tokens)",
+                             key="max_new_tokens")
     outputs = llm.generate(inputs, params, use_tqdm=False)
     name = model_name or Path(path).name
     return [_response_record(p, list(o.outputs[0].token_ids), tok, stop_ids, stop_strings,
