@@ -557,7 +557,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         scored = _score_batches(batches, base_s, tuned_s, cfg, chunk, strings, pad, check_finite=True)
     if not static:  # no batches
         build_static()
-    dynamic = {k: (np.concatenate(v) if k.startswith("view_") else torch.cat(v).numpy()) if v else np.zeros(0)
+    dynamic = {k: (np.concatenate(v) if isinstance(v[0], np.ndarray) else torch.cat(v).numpy()) if v else np.zeros(0)
                for k, v in scored.items()}
     timings["score_s"] = time.perf_counter() - t0
 
@@ -844,7 +844,9 @@ def _token_groups(tokens) -> tuple[np.ndarray, np.ndarray]:
         _, first, inverse = np.unique(tokens["token"].astype(str).to_numpy(), return_index=True,
                                       return_inverse=True)
     stripped = np.array([str(t).strip() for t in tokens["token"].take(first)], dtype=object)
-    text, to_string = np.unique(stripped, return_inverse=True) if len(stripped) else (stripped, first)
+    if not len(stripped):
+        return np.zeros(0, dtype=np.int64), stripped
+    text, to_string = np.unique(stripped, return_inverse=True)
     return to_string.reshape(-1)[inverse.reshape(-1)], text
 
 
@@ -873,13 +875,15 @@ def token_shift_rates(tokens, *, min_count: int = 1, groups: tuple | None = None
 
     inverse, text = groups or _token_groups(tokens)
     codes = _class_codes(tokens["shift_class"]) if codes is None else codes
-    size = np.bincount(inverse, minlength=len(text)).astype(np.int64)
-    shifted = np.bincount(inverse[codes == CLASSES.index("shifted")], minlength=len(text)).astype(np.int64)
+    size = np.bincount(inverse, minlength=len(text))
+    shifted = np.bincount(inverse[codes == CLASSES.index("shifted")], minlength=len(text))
     keep = np.flatnonzero((size >= max(min_count, 1)) & (text != ""))
     rate = shifted[keep] / size[keep]
-    keep = keep[np.lexsort((keep, -size[keep], -rate))]  # rate, count descending; then the (sorted) string
+    order = np.lexsort((keep, -size[keep], -rate))  # rate, count descending; then the (sorted) string
+    keep, rate = keep[order], rate[order]
     return pd.DataFrame({"token": pd.array(text[keep].astype(str), dtype=tokens["token"].dtype),
-                         "count": size[keep], "shifted": shifted[keep], "rate": shifted[keep] / size[keep]})
+                         "count": size[keep].astype(np.int64), "shifted": shifted[keep].astype(np.int64),
+                         "rate": rate})
 
 
 def _group_stats(bins, codes, kl, p_base) -> list[dict]:
