@@ -88,12 +88,12 @@ def timed(fn, device: str):
     return out, time.perf_counter() - t, peak
 
 
-def bare_passes(base, tuned, encoded, batch_size: int, pad: int, device: str) -> None:
-    """The two forward passes alone: same right-padded batches as the engine, full logits, no analysis."""
-    order = sorted(encoded, key=lambda e: (len(e.tuned_ids), e.index))
+def bare_passes(base, tuned, encoded, plan: list[list[int]], pad: int, device: str) -> None:
+    """The two forward passes alone: same right-padded batches as the engine (its ``plan_batches``),
+    full logits, no analysis."""
     with torch.no_grad():
-        for b in range(0, len(order), batch_size):
-            batch = order[b: b + batch_size]
+        for idx in plan:
+            batch = [encoded[i] for i in idx]
             for model, seqs in ((tuned, [e.tuned_ids for e in batch]), (base, [e.base_ids for e in batch])):
                 width = max(map(len, seqs))
                 ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -169,7 +169,7 @@ def per_token_loop(base, tuned, encoded, device: str, stride: int = 1) -> dict[s
 
 
 def run_length(args, tokenizer, base, tuned, length: int) -> dict:
-    from itlens.analysis.token_shift import ShiftConfig, _encode_all, compute_shift, shift_class
+    from itlens.analysis.token_shift import ShiftConfig, _encode_all, compute_shift, plan_batches, shift_class
     from itlens.templates import load_frame
 
     recs = make_responses(tokenizer, args.responses, length, seed=length)
@@ -177,12 +177,13 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
                       chunk_mb=args.chunk_mb or ShiftConfig.chunk_mb)
     compute_shift(base, tuned, recs[:1], tokenizer=tokenizer, config=cfg)  # warm-up
     encoded = _encode_all(tokenizer, recs, cfg, load_frame(None))
+    plan = plan_batches(recs, args.batch_size)
     pad = tokenizer.pad_token_id
     runs = []  # interleaved repeats, best of each kept (shared machines are noisy)
     for _ in range(args.repeats):
         runs.append(("engine",) + timed(lambda: compute_shift(base, tuned, recs, tokenizer=tokenizer, config=cfg),
                                         args.device))
-        runs.append(("bare",) + timed(lambda: bare_passes(base, tuned, encoded, args.batch_size, pad, args.device),
+        runs.append(("bare",) + timed(lambda: bare_passes(base, tuned, encoded, plan, pad, args.device),
                                       args.device))
     result, t_engine, mem_engine = min((r[1:] for r in runs if r[0] == "engine"), key=lambda r: r[1])
     _, t_bare, mem_bare = min((r[1:] for r in runs if r[0] == "bare"), key=lambda r: r[1])
@@ -207,7 +208,9 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
         class_mismatches += int((shift_class(mine) != shift_class(ref)).sum())
         worst = max([worst] + [abs(a - b) / b for a, b in zip(mine, ref)])
     n_tokens = len(result.tokens)
-    t_scoring = result.timings["score_s"]  # forward passes + metrics (inputs already tokenized, as for bare)
+    # forward passes + metrics, and the tokenization of batches after the first (on a GPU it runs while
+    # the device works; on a CPU it adds to the loop)
+    t_scoring = result.timings["score_s"]
     row = {
         "response_tokens": length, "responses": len(recs), "tokens": n_tokens,
         "context_tokens_tuned": len(encoded[0].tuned_ids) - length, "context_tokens_base": len(encoded[0].base_ids) - length,
@@ -226,7 +229,7 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
         row["profile_engine"] = profile_once(
             lambda: compute_shift(base, tuned, recs, tokenizer=tokenizer, config=cfg), args.device)
         row["profile_bare"] = profile_once(
-            lambda: bare_passes(base, tuned, encoded, args.batch_size, pad, args.device), args.device)
+            lambda: bare_passes(base, tuned, encoded, plan, pad, args.device), args.device)
         for name in ("engine", "bare"):
             pr = row[f"profile_{name}"]
             print(f"  profile {name}: wall {pr['wall_ms']:.1f} ms, device busy {pr['device_busy_ms']} ms; top: "

@@ -154,3 +154,20 @@ def test_sampling_is_seeded_and_greedy_stays_the_default(tiny_model_dir, it_reco
     torch.manual_seed(123)
     generate_responses(lm, prompts, max_new_tokens=4, batch_size=4, temperature=2.0, seed=3)
     assert torch.equal(torch.rand(3), expected)  # the caller's RNG stream is left as it was
+
+
+def test_prompts_past_the_models_positions_are_warned_about(tiny_model_dir, it_records):
+    """transformers decodes past max_position_embeddings (256 here) where vLLM refuses: say so."""
+    import warnings
+
+    lm = load_model(tiny_model_dir)
+    prompts = [{"id": r["id"], "instruction": r["instruction"]} for r in it_records[:3]]
+    lengths = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"])
+               for t in render_prompts(lm.tokenizer, prompts, mode="frame")]
+    assert min(lengths) + 16 > 256 > max(lengths)  # the frame fits, but not with 16 more tokens
+    with pytest.warns(UserWarning, match=rf"3 of 3 prompts \(first: 'toy:0', {lengths[0]} tokens\) can pass the "
+                                         r"model's 256 positions with max_new_tokens 16"):
+        generate_responses(lm, prompts, mode="frame", max_new_tokens=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # short chat prompts: no warning
+        generate_responses(lm, prompts, mode="chat", max_new_tokens=4)

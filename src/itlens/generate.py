@@ -9,6 +9,7 @@ KV cache, and written back in input order with every extra prompt field carried 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -82,6 +83,7 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     stop_ids = end_of_turn_ids(tok)
     stop_strings = [FRAME_STOP] if mode == "frame" else [END]
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    _warn_past_positions(net, prompts, encoded, max_new_tokens)
     batches = list(enumerate(batch_plan(encoded, batch_size)))  # (one-process batch number, prompt indices)
     if shard is not None:  # this process's share of the one-process batches (see itlens.sharding)
         batches = batches[shard[0]::shard[1]]
@@ -116,6 +118,24 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     if bar is not None:
         bar.close()
     return [r for r in results if r is not None]
+
+
+def _warn_past_positions(net, prompts: list[dict], encoded: list[list[int]], max_new_tokens: int) -> None:
+    """Warn when prompt + answer can pass the model's trained positions (max_position_embeddings).
+
+    transformers decodes on regardless (rotary models extrapolate, and answers degrade); vLLM refuses
+    such a prompt (see generate_responses_vllm), so a run could silently differ between the backends.
+    """
+    limit = getattr(getattr(net, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    over = [i for i, ids in enumerate(encoded) if len(ids) + max_new_tokens > limit]
+    if over:
+        first = over[0]
+        warnings.warn(f"{len(over)} of {len(prompts)} prompts (first: {prompts[first].get('id')!r}, "
+                      f"{len(encoded[first])} tokens) can pass the model's {limit} positions with max_new_tokens "
+                      f"{max_new_tokens}: transformers decodes past them (answers degrade; backend=vllm refuses)",
+                      stacklevel=3)
 
 
 def batch_plan(encoded: list[list[int]], batch_size: int) -> list[list[int]]:

@@ -292,10 +292,26 @@ def _add_special(tokenizer, text: str) -> bool:
     return not (bos and text.startswith(bos))
 
 
-def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: str | None) -> list[_Encoded]:
+def plan_batches(records: list[dict], batch_size: int) -> list[list[int]]:
+    """Indices of ``records`` in scoring batches, shortest conversation first (by characters).
+
+    The plan needs no tokenizer, so the engine tokenizes batch k+1 while the device runs batch k, and
+    only the first batch's tokenization keeps the device waiting. Characters order conversations
+    almost as tokens do, so batches pad about as little. Shards split this plan (every world-th batch).
+    """
+    from itlens.io import to_messages
+
+    size = [sum(len(str(m.get("content", ""))) for m in to_messages(r)) for r in records]
+    order = sorted(range(len(records)), key=lambda i: (size[i], i))
+    return [order[b: b + batch_size] for b in range(0, len(order), batch_size)]
+
+
+def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: str | None,
+                indices: list[int] | None = None) -> list[_Encoded]:
     """Tokenize each tuned context and response together; give the base its own context + the same ids.
 
     The tokenizer runs once per side on the whole list (batched in Rust for fast tokenizers).
+    ``indices``: each record's index in the run's input (default: its place in ``records``).
     """
     from itlens.io import response_text
     from itlens.templates import chat_prompt, frame_prompt
@@ -329,7 +345,8 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
             base_ids, base_start = list(ids), start
         else:
             base_ids, base_start = list(base_prefixes[i]) + response_ids, len(base_prefixes[i])
-        out.append(_Encoded(i, rec["id"], ids, start, base_ids, base_start, response_ids, offsets, response))
+        out.append(_Encoded(i if indices is None else indices[i], rec["id"], ids, start, base_ids, base_start,
+                            response_ids, offsets, response))
     return out
 
 
@@ -509,8 +526,9 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     with the adapter disabled; ``base`` may then be None). ``responses``: CONTRACT response records
     (a list of dicts or a JSONL path). Keyword overrides set :class:`ShiftConfig` fields
     (``mode=``, ``base_context=``, ``frame=``, ``batch_size=``, ...). ``shard=(rank, world)`` scores
-    only every world-th batch of the one-process plan, starting at ``rank`` (the rows of those
-    responses; the summary's counts still cover all); :func:`merge_shards` joins the parts.
+    only every world-th batch of the one-process plan (:func:`plan_batches`), starting at ``rank``: it
+    tokenizes and scores those responses only (``n_responses`` still counts all; ``n_truncated``,
+    ``n_skipped`` and ``n_empty`` count the shard's); :func:`merge_shards` joins the parts.
     """
     import torch
 
@@ -525,41 +543,54 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     max_length = cfg.max_length or _max_length(base_s, tuned_s)
     strings = _TokenStrings(tok)
 
-    timings = {}
-    t0 = time.perf_counter()
-    encoded, status = _encode_all(tok, records, cfg, frame_text), {"ok": 0, "truncated": 0, "skipped": 0}
-    for e in encoded:
-        status[_truncate(e, max_length)] += 1
-    timings["encode_s"] = time.perf_counter() - t0
-    if status["truncated"] or status["skipped"]:
-        warnings.warn(f"{status['truncated'] + status['skipped']} of {len(records)} responses did not fit in "
-                      f"{max_length} tokens and were truncated ({status['skipped']} left with no tokens)",
-                      stacklevel=2)
-
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     vocab = (tuned_s.head.weight.shape[0] if tuned_s.head is not None else len(tok))
     chunk = max(1, int(cfg.chunk_mb * 2**20) // (vocab * 4 * 8))  # ~8 float32 [n, V] tensors live at once
-    t0 = time.perf_counter()
-    order = sorted((e for e in encoded if e.response_ids), key=lambda e: (len(e.tuned_ids), e.index))
-    batches = [order[b: b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
+    plan = plan_batches(records, cfg.batch_size)
     if shard is not None:  # this process's share; each response keeps its one-process batch-mates
-        batches = batches[shard[0]::shard[1]]
-    # The device works PIPELINE_DEPTH batches ahead of the host; the columns that need only the token
-    # ids are built while the first batches run.
+        plan = plan[shard[0]::shard[1]]
+    # Batches are tokenized as the scoring loop asks for them: the first before any device work
+    # (encode_s), the others while the device runs the batches queued before them (encode_overlapped_s,
+    # inside score_s). The columns that need only the token ids are built once every batch is queued.
+    timings = {"encode_s": 0.0, "encode_overlapped_s": 0.0}
+    status = {"ok": 0, "truncated": 0, "skipped": 0, "empty": 0}
+    batches: list[list[_Encoded]] = []
+
+    def encoded_batches():
+        for idx in plan:
+            t = time.perf_counter()
+            batch = []
+            for e in _encode_all(tok, [records[i] for i in idx], cfg, frame_text, indices=idx):
+                if not e.response_ids:
+                    status["empty"] += 1
+                    continue
+                status[_truncate(e, max_length)] += 1
+                if e.response_ids:
+                    batch.append(e)
+            timings["encode_overlapped_s" if batches else "encode_s"] += time.perf_counter() - t
+            if batch:
+                batches.append(batch)
+                yield batch
+
+    queue = encoded_batches()
+    first = next(queue, None)  # the one tokenization the device waits for
     static: dict = {}
 
     def build_static() -> None:
         static.update(_static_columns([e for batch in batches for e in batch], strings))
 
-    scored = _score_batches(batches, base_s, tuned_s, cfg, chunk, strings, pad, check_finite=False,
-                            while_queued=build_static)
+    t0 = time.perf_counter()
+    scored = _score_batches(itertools.chain([first] if first else [], queue), base_s, tuned_s, cfg, chunk, strings,
+                            pad, check_finite=False, while_queued=build_static)
     if not all(bool(f.all()) for f in scored.pop("finite", [])):  # -inf logits somewhere: redo the slow way
         scored = _score_batches(batches, base_s, tuned_s, cfg, chunk, strings, pad, check_finite=True)
-    if not static:  # no batches
-        build_static()
     dynamic = {k: (np.concatenate(v) if isinstance(v[0], np.ndarray) else torch.cat(v).numpy()) if v else np.zeros(0)
                for k, v in scored.items()}
     timings["score_s"] = time.perf_counter() - t0
+    if status["truncated"] or status["skipped"]:
+        warnings.warn(f"{status['truncated'] + status['skipped']} of {len(records)} responses did not fit in "
+                      f"{max_length} tokens and were truncated ({status['skipped']} left with no tokens)",
+                      stacklevel=2)
 
     t0 = time.perf_counter()
     tokens = _build_frame(static, dynamic, cfg)
@@ -571,7 +602,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         "mode": cfg.mode, "base_context": cfg.base_context,
         "frame": (str(cfg.frame) if cfg.frame else "base_frame.txt") if cfg.base_context == "frame" else None,
         "models": names, "n_responses": len(records), "n_truncated": status["truncated"],
-        "n_skipped": status["skipped"], "n_empty": sum(1 for e in encoded if not e.response_ids) - status["skipped"],
+        "n_skipped": status["skipped"], "n_empty": status["empty"],
         "max_length": max_length,
         "head": {"base": "full_forward" if base_s.full_forward else "chunked",
                  "tuned": "full_forward" if tuned_s.full_forward else "chunked"},
@@ -584,7 +615,8 @@ def merge_shards(parts: list[tuple[Any, dict]], records: list[dict], cfg: ShiftC
     """Join the (tokens, summary) of every shard of one run into the one-process result.
 
     Rows are put in input order (``records``), and the aggregates are recomputed from the joined
-    table; the run-level fields (models, counts of truncated or empty responses) are the shards' own.
+    table; the counts of truncated, skipped and empty responses are summed over the shards, and the
+    other run-level fields (models, mode, ...) are the shards' own.
     """
     import pandas as pd
 
@@ -596,6 +628,7 @@ def merge_shards(parts: list[tuple[Any, dict]], records: list[dict], cfg: ShiftC
     tokens = tokens.iloc[order].reset_index(drop=True)
     summary = summarize(tokens, cfg, stopwords=load_stopwords() if cfg.stopwords else None)
     run_level = {k: v for k, v in parts[0][1].items() if k not in summary}
+    run_level.update({k: sum(int(p[1].get(k) or 0) for p in parts) for k in ("n_truncated", "n_skipped", "n_empty")})
     summary.update(run_level)
     return ShiftResult(tokens=tokens, summary=summary, records={r["id"]: r for r in records})
 
@@ -636,8 +669,10 @@ def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig,
     """Forward passes and per-position metrics of every batch: {column: [per-batch host tensors]}.
 
     In exact mode the host never waits for the batch it has just queued: a batch's results are copied
-    back only once PIPELINE_DEPTH later batches are queued behind it, so the device always has work.
-    ``while_queued`` runs once, after the first batches are queued (host work to overlap).
+    back only once PIPELINE_DEPTH later batches are queued behind it, so the device always has work,
+    and ``batches`` (any iterable) may produce batch k+1 on the host while the device runs batch k.
+    ``while_queued`` runs once, after the last batch is queued and before the results still on the
+    device are copied back (host work to overlap with them).
     ``finite`` lists one flag per chunk unless ``check_finite``. The token view's top-k columns come
     back as object arrays of per-position numpy rows (the table's cells), made while later batches run.
     """
@@ -654,7 +689,7 @@ def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig,
             else:
                 cols.setdefault(k_, []).append(v.cpu())
 
-    for i, batch in enumerate(batches):
+    for batch in batches:
         h_tuned = _gather_hidden(tuned_s, [(e.tuned_ids, e.tuned_start) for e in batch], pad)
         h_base = _gather_hidden(base_s, [(e.base_ids, e.base_start) for e in batch], pad)
         target = _to_device(torch.tensor([t for e in batch for t in e.response_ids]), h_tuned.device)
@@ -675,10 +710,10 @@ def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig,
             for k_, v in out.items():
                 on_device.setdefault(k_, []).append(v.detach())
         pending.append({k_: torch.cat([x.to(v[0].device) for x in v]) for k_, v in on_device.items()})
-        if while_queued is not None and (i + 1 == min(PIPELINE_DEPTH, len(batches))):
-            while_queued()
         if len(pending) > PIPELINE_DEPTH:
             to_host(pending.pop(0))
+    if while_queued is not None:
+        while_queued()
     for done in pending:
         to_host(done)
     return cols
