@@ -357,6 +357,37 @@ def test_truncation_is_counted(models, tiny_tokenizer):
     assert res.tokens.groupby("id")["pos"].max().max() < 40
 
 
+def test_batches_are_tokenized_as_the_device_asks_for_them(models, tiny_tokenizer, frame_file, monkeypatch):
+    """Batch k+1 is tokenized after batch k is queued (so on a GPU only the first waits), in the planned
+    order, and the token-id columns are built once the last batch is queued."""
+    import itlens.analysis.token_shift as ts
+
+    base, tuned = models
+    recs = _records(4, 7, max_words=20)
+    events: list[tuple] = []
+    for name in ("_encode_all", "_gather_hidden", "_static_columns"):
+        real = getattr(ts, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            if _name == "_encode_all":
+                events.append(("encode", tuple(kw["indices"])))
+            elif _name == "_gather_hidden" and args[0].model is tuned:
+                events.append(("queue",))
+            elif _name == "_static_columns":
+                events.append(("static",))
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(ts, name, spy)
+    res = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file, batch_size=2)
+    plan = ts.plan_batches(recs, 2)
+    assert [len(b) for b in plan] == [2, 2, 2, 1]
+    assert events == [e for idx in plan for e in (("encode", tuple(idx)), ("queue",))] + [("static",)]
+    sizes = [len(r["instruction"]) + len(r["response"]) for r in recs]
+    assert [sizes[i] for idx in plan for i in idx] == sorted(sizes)  # shortest conversation first
+    assert res.timings["encode_s"] > 0 and res.timings["encode_overlapped_s"] > 0
+    assert list(res.tokens["id"].unique()) == [r["id"] for r in recs]  # rows still in input order
+
+
 # ----------------------------------------------------------------------- writing, figures, view, CLI
 def test_write_figures_view_and_read_back(models, tiny_tokenizer, frame_file, tmp_path):
     from itlens.analysis.shift_figures import (plot_figure1, plot_figure4, plot_figure12, render_token_view,
