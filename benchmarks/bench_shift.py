@@ -88,12 +88,10 @@ def timed(fn, device: str):
     return out, time.perf_counter() - t, peak
 
 
-def bare_passes(base, tuned, encoded, plan: list[list[int]], pad: int, device: str) -> None:
-    """The two forward passes alone: same right-padded batches as the engine (its ``plan_batches``),
-    full logits, no analysis."""
+def bare_passes(base, tuned, batches, pad: int, device: str) -> None:
+    """The two forward passes alone: the engine's right-padded batches, full logits, no analysis."""
     with torch.no_grad():
-        for idx in plan:
-            batch = [encoded[i] for i in idx]
+        for batch in batches:
             for model, seqs in ((tuned, [e.tuned_ids for e in batch]), (base, [e.base_ids for e in batch])):
                 width = max(map(len, seqs))
                 ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -169,7 +167,8 @@ def per_token_loop(base, tuned, encoded, device: str, stride: int = 1) -> dict[s
 
 
 def run_length(args, tokenizer, base, tuned, length: int) -> dict:
-    from itlens.analysis.token_shift import ShiftConfig, _encode_all, compute_shift, plan_batches, shift_class
+    from itlens.analysis.token_shift import (ShiftConfig, _encode_all, compute_shift, plan_windows, shift_class,
+                                             window_batches)
     from itlens.templates import load_frame
 
     recs = make_responses(tokenizer, args.responses, length, seed=length)
@@ -177,13 +176,14 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
                       chunk_mb=args.chunk_mb or ShiftConfig.chunk_mb)
     compute_shift(base, tuned, recs[:1], tokenizer=tokenizer, config=cfg)  # warm-up
     encoded = _encode_all(tokenizer, recs, cfg, load_frame(None))
-    plan = plan_batches(recs, args.batch_size)
+    batches = [b for idx in plan_windows(recs, args.batch_size)  # the engine's batches
+               for b in window_batches([encoded[i] for i in idx if encoded[i].response_ids], args.batch_size)]
     pad = tokenizer.pad_token_id
     runs = []  # interleaved repeats, best of each kept (shared machines are noisy)
     for _ in range(args.repeats):
         runs.append(("engine",) + timed(lambda: compute_shift(base, tuned, recs, tokenizer=tokenizer, config=cfg),
                                         args.device))
-        runs.append(("bare",) + timed(lambda: bare_passes(base, tuned, encoded, plan, pad, args.device),
+        runs.append(("bare",) + timed(lambda: bare_passes(base, tuned, batches, pad, args.device),
                                       args.device))
     result, t_engine, mem_engine = min((r[1:] for r in runs if r[0] == "engine"), key=lambda r: r[1])
     _, t_bare, mem_bare = min((r[1:] for r in runs if r[0] == "bare"), key=lambda r: r[1])
@@ -229,7 +229,7 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
         row["profile_engine"] = profile_once(
             lambda: compute_shift(base, tuned, recs, tokenizer=tokenizer, config=cfg), args.device)
         row["profile_bare"] = profile_once(
-            lambda: bare_passes(base, tuned, encoded, plan, pad, args.device), args.device)
+            lambda: bare_passes(base, tuned, batches, pad, args.device), args.device)
         for name in ("engine", "bare"):
             pr = row[f"profile_{name}"]
             print(f"  profile {name}: wall {pr['wall_ms']:.1f} ms, device busy {pr['device_busy_ms']} ms; top: "

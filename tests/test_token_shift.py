@@ -358,12 +358,11 @@ def test_truncation_is_counted(models, tiny_tokenizer):
 
 
 def test_batches_are_tokenized_as_the_device_asks_for_them(models, tiny_tokenizer, frame_file, monkeypatch):
-    """Batch k+1 is tokenized after batch k is queued (so on a GPU only the first waits), in the planned
-    order, and the token-id columns are built once the last batch is queued."""
+    """Each window of responses is tokenized after the batches before it are queued (so on a GPU only
+    the first waits), and the token-id columns are built once the last batch is queued."""
     import itlens.analysis.token_shift as ts
 
     base, tuned = models
-    recs = _records(4, 7, max_words=20)
     events: list[tuple] = []
     for name in ("_encode_all", "_gather_hidden", "_static_columns"):
         real = getattr(ts, name)
@@ -378,12 +377,16 @@ def test_batches_are_tokenized_as_the_device_asks_for_them(models, tiny_tokenize
             return _real(*args, **kw)
 
         monkeypatch.setattr(ts, name, spy)
+    monkeypatch.setattr(ts, "WINDOW_MAX_BATCHES", 2)
+    recs = _records(4, 11, max_words=20)
     res = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file, batch_size=2)
-    plan = ts.plan_batches(recs, 2)
-    assert [len(b) for b in plan] == [2, 2, 2, 1]
-    assert events == [e for idx in plan for e in (("encode", tuple(idx)), ("queue",))] + [("static",)]
+    windows = ts.plan_windows(recs, 2)
+    assert [len(w) for w in windows] == [2, 4, 4, 1]  # 1, 2, 2, 2 batches (the last one partly filled)
+    assert events == [("encode", tuple(windows[0])), ("queue",), ("encode", tuple(windows[1])), ("queue",),
+                      ("queue",), ("encode", tuple(windows[2])), ("queue",), ("queue",), ("encode", tuple(windows[3])),
+                      ("queue",), ("static",)]
     sizes = [len(r["instruction"]) + len(r["response"]) for r in recs]
-    assert [sizes[i] for idx in plan for i in idx] == sorted(sizes)  # shortest conversation first
+    assert [sizes[i] for w in windows for i in w] == sorted(sizes)  # shortest conversation first
     assert res.timings["encode_s"] > 0 and res.timings["encode_overlapped_s"] > 0
     assert list(res.tokens["id"].unique()) == [r["id"] for r in recs]  # rows still in input order
 
