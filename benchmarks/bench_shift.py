@@ -172,7 +172,7 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
     from itlens.templates import load_frame
 
     recs = make_responses(tokenizer, args.responses, length, seed=length)
-    cfg = ShiftConfig(batch_size=args.batch_size, device=args.device, view_top_k=0,
+    cfg = ShiftConfig(batch_size=args.batch_size, device=args.device, view_top_k=args.view_top_k,
                       chunk_mb=args.chunk_mb or ShiftConfig.chunk_mb)
     compute_shift(base, tuned, recs[:1], tokenizer=tokenizer, config=cfg)  # warm-up
     encoded = _encode_all(tokenizer, recs, cfg, load_frame(None))
@@ -282,6 +282,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-token-stride", type=int, default=1, help="time the per-token loop at every N-th "
                                                                     "position only and scale (for big models)")
     p.add_argument("--chunk-mb", type=float, default=0, help="ShiftConfig.chunk_mb (0: its default)")
+    p.add_argument("--view-top-k", type=int, default=0, help="ShiftConfig.view_top_k: the token view's top-k "
+                   "columns (itlens's default is 10; 0, as in the recorded results, leaves them out)")
     p.add_argument("--repeats", type=int, default=3, help="engine and bare passes: best of this many runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--profile", action="store_true", help="also run the engine and the bare passes once each under "

@@ -41,4 +41,6 @@ def test_bench_gpu_tiny_writes_every_part(tmp_path):
     assert r["train"]["tokens_per_s"] > 0 and r["train"]["mfu"] is None  # no GPU peak to divide by
     assert r["tune"]["steps"] == 3 and r["tune"]["torch_compile"] is False
     assert r["shift"]["tokens"] == 2 * 32 and r["shift"]["profile_engine"]["top"]
+    assert (r["shift"]["view_top_k"], r["shift_view10"]["view_top_k"]) == (0, 10)  # without and with the view
+    assert r["shift_view10"]["tokens"] == 2 * 32
     assert "tune_vs_plain_loop" in r

@@ -193,10 +193,10 @@ def bench_tune(a, device: str, peak: float | None, work: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ 3. shift
-def bench_shift_overhead(a, device: str) -> dict:
+def bench_shift_overhead(a, device: str, view_top_k: int = 0) -> dict:
     import bench_shift
 
-    argv = ["--device", device, "--dtype", a.dtype, "--hidden", str(a.hidden), "--layers", str(a.layers),
+    argv = ["--view-top-k", str(view_top_k), "--device", device, "--dtype", a.dtype, "--hidden", str(a.hidden), "--layers", str(a.layers),
             "--heads", str(a.heads), "--intermediate", str(a.intermediate), "--vocab", str(a.vocab),
             "--lengths", str(a.shift_length), "--responses", str(a.shift_responses),
             "--batch-size", str(a.shift_batch), "--per-token-responses", "0", "--repeats", str(a.shift_repeats),
@@ -210,7 +210,7 @@ def bench_shift_overhead(a, device: str) -> dict:
            "overhead_end_to_end": row["overhead_vs_bare"], "overhead_scoring": row["scoring_overhead_vs_bare"],
            "engine_tokens_per_s": row["engine_tokens_per_s"],
            "peak_mem_mib_engine": row["peak_mem_mib_engine"], "peak_mem_mib_bare": row["peak_mem_mib_bare"],
-           "model_params": res["model"]["params"]}
+           "model_params": res["model"]["params"], "view_top_k": view_top_k}
     return out
 
 
@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shift-length", type=int, default=512)
     p.add_argument("--shift-batch", type=int, default=16)
     p.add_argument("--shift-repeats", type=int, default=3)
+    p.add_argument("--shift-view-top-k", default="0,10", help="token-view top-k values to run the shift part with "
+                   "(comma-separated): the first is stored as 'shift', the others as 'shift_view<k>' "
+                   "(10 is itlens's default; 0 leaves the view columns out, as the first recorded runs did)")
     p.add_argument("--threads", type=int, default=8, help="torch CPU threads")
     p.add_argument("--parts", default="train,tune,shift")
     p.add_argument("--no-profile", dest="profile", action="store_false",
@@ -280,10 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_gpu."))
     try:
-        for part, fn in (("train", lambda: bench_train(a, device, peak)), ("shift", lambda: bench_shift_overhead(a, device)),
-                         ("tune", lambda: bench_tune(a, device, peak, work))):
+        views = [int(k) for k in a.shift_view_top_k.split(",")]
+        steps = [("train", "train", lambda: bench_train(a, device, peak))]
+        steps += [("shift", "shift" if i == 0 else f"shift_view{k}", lambda k=k: bench_shift_overhead(a, device, k))
+                  for i, k in enumerate(views)]
+        steps += [("tune", "tune", lambda: bench_tune(a, device, peak, work))]
+        for part, key, fn in steps:
             if part in parts:
-                result[part] = fn()
+                result[key] = fn()
                 save(False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -305,11 +312,12 @@ def print_summary(r: dict) -> None:
         t = r["tune"]
         print(f"  full FT, itlens.tune   : {t['tokens_per_s_steady'] or 0:>12,.0f} tok/s  MFU {fmt_pct(t['mfu_steady'])}"
               + (f"  ({r['tune_vs_plain_loop']:.2f}x the plain loop)" if "tune_vs_plain_loop" in r else ""))
-    if "shift" in r:
-        s = r["shift"]
-        print(f"  token shift, {s['responses']} x {s['response_tokens']} tokens: engine {s['engine_s']:.3f} s, scoring "
-              f"{s['scoring_s']:.3f} s, bare passes {s['bare_forward_s']:.3f} s -> overhead scoring "
-              f"{fmt_pct(s['overhead_scoring'])}, end to end {fmt_pct(s['overhead_end_to_end'])} (goal <= 25%)")
+    for key in [k for k in r if k == "shift" or k.startswith("shift_view")]:
+        s = r[key]
+        print(f"  token shift, {s['responses']} x {s['response_tokens']} tokens, view top-k {s.get('view_top_k', 0)}: "
+              f"engine {s['engine_s']:.3f} s, scoring {s['scoring_s']:.3f} s, bare passes {s['bare_forward_s']:.3f} s "
+              f"-> overhead scoring {fmt_pct(s['overhead_scoring'])}, end to end {fmt_pct(s['overhead_end_to_end'])} "
+              f"(goal <= 25%)")
         print("    engine stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in s["engine_timings"].items()))
 
 
