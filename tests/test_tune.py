@@ -311,3 +311,20 @@ def test_torch_compile_reaches_the_trainer_and_keys_only_when_set(tiny_model_dir
     assert sft_config(compiled, tmp_path / "w").torch_compile is True
     assert sft_config(plain, tmp_path / "w").torch_compile is False
     assert "torch_compile" not in key_dict(plain) and key_dict(compiled)["torch_compile"] is True
+
+
+def test_examples_past_the_models_positions_are_warned_about(tiny_tokenizer, it_file, tmp_path):
+    """max_length above max_position_embeddings trains past the positions the model was made for: say so."""
+    import warnings
+
+    from conftest import make_tiny_llama
+
+    short = make_tiny_llama(tiny_tokenizer, tmp_path / "short", max_positions=32)
+    with pytest.warns(UserWarning, match=r"\d+ of 24 examples are longer than the model's max_position_embeddings "
+                                         r"\(32\) and max_length=64 keeps them"):
+        tune(_cfg(short, it_file, method="lora", max_steps=1, max_length=64), tmp_path / "a")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tune(_cfg(short, it_file, method="lora", max_steps=1, max_length=32), tmp_path / "b")
+    assert not [w for w in caught if "max_position_embeddings" in str(w.message)]
+    assert [w for w in caught if "longer than max_length=32" in str(w.message)]  # truncated to fit instead

@@ -336,6 +336,13 @@ def build_trainer(cfg: TuneConfig, work_dir: Path, *, records: list[dict] | None
     set_seed(cfg.seed)  # LoRA init happens inside SFTTrainer, before Trainer seeds
     with _quiet_progress():
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and 0 < positions < cfg.max_length:  # trained past the model's positions?
+        past = count_overlong(tokenizer, rows, positions)[0]
+        if past:
+            warnings.warn(f"{past} of {len(rows)} examples are longer than the model's max_position_embeddings "
+                          f"({positions}) and max_length={cfg.max_length} keeps them: training runs past the "
+                          f"positions the model was made for (lower max_length to {positions})", stacklevel=2)
     fingerprint = model_fingerprint(model)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = sft_config(cfg, work_dir, world_size=world_size)
