@@ -358,8 +358,9 @@ def test_truncation_is_counted(models, tiny_tokenizer):
 
 
 def test_batches_are_tokenized_as_the_device_asks_for_them(models, tiny_tokenizer, frame_file, monkeypatch):
-    """Each window of responses is tokenized after the batches before it are queued (so on a GPU only
-    the first waits), and the token-id columns are built once the last batch is queued."""
+    """Each window of responses is tokenized in pieces, one after each batch of the window before it
+    is queued (so on a GPU only the first batch waits for the tokenizer), and the token-id columns are
+    built once the last batch is queued."""
     import itlens.analysis.token_shift as ts
 
     base, tuned = models
@@ -382,9 +383,11 @@ def test_batches_are_tokenized_as_the_device_asks_for_them(models, tiny_tokenize
     res = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file, batch_size=2)
     windows = ts.plan_windows(recs, 2)
     assert [len(w) for w in windows] == [2, 4, 4, 1]  # 1, 2, 2, 2 batches (the last one partly filled)
-    assert events == [("encode", tuple(windows[0])), ("queue",), ("encode", tuple(windows[1])), ("queue",),
-                      ("queue",), ("encode", tuple(windows[2])), ("queue",), ("queue",), ("encode", tuple(windows[3])),
-                      ("queue",), ("static",)]
+    # each later window in as many pieces as the window before it has batches, one after each is queued
+    w1, w2, w3 = windows[1:]
+    assert events == [("encode", tuple(windows[0])), ("queue",), ("encode", tuple(w1)),
+                      ("queue",), ("encode", tuple(w2[:2])), ("queue",), ("encode", tuple(w2[2:])),
+                      ("queue",), ("queue",), ("encode", tuple(w3)), ("queue",), ("static",)]  # w3: pieces [], [1]
     sizes = [len(r["instruction"]) + len(r["response"]) for r in recs]
     assert [sizes[i] for w in windows for i in w] == sorted(sizes)  # shortest conversation first
     assert res.timings["encode_s"] > 0 and res.timings["encode_overlapped_s"] > 0

@@ -303,7 +303,7 @@ def plan_windows(records: list[dict], batch_size: int) -> list[list[int]]:
 
     Within a window the responses are sorted by tokens and cut into batches (:func:`window_batches`).
     So only the first window, one batch, is tokenized while the device waits: each later window is
-    tokenized while the device runs the batches queued before it. Characters alone order
+    tokenized piece by piece while the device runs the batches of the window before it. Characters alone order
     conversations only roughly by tokens: on about 3,000 generated responses each of the mini study
     and gemma-geo (batches of 8-32), batches planned by characters alone padded the tuned contexts by
     7-27%, sorted by tokens overall by 0.1-1.4%, and these windows by 0.5-2.0%.
@@ -566,32 +566,46 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     vocab = (tuned_s.head.weight.shape[0] if tuned_s.head is not None else len(tok))
     chunk = max(1, int(cfg.chunk_mb * 2**20) // (vocab * 4 * 8))  # ~8 float32 [n, V] tensors live at once
     # Responses are tokenized a window at a time (plan_windows), as the scoring loop asks for batches:
-    # the first window while the device waits (encode_s), the others while it runs the batches queued
-    # before them (encode_overlapped_s, inside score_s). Batches are numbered across windows; a shard
+    # the first window while the device waits (encode_s), each later one in pieces, one after each
+    # batch of the window before it is queued (encode_overlapped_s, inside score_s). Batches are numbered across windows; a shard
     # (which tokenizes every window, to know the batches) scores every world-th one. The columns that
     # need only the token ids are built once every batch is queued.
     timings = {"encode_s": 0.0, "encode_overlapped_s": 0.0}
     status = {"ok": 0, "truncated": 0, "skipped": 0, "empty": 0}
     batches: list[list[_Encoded]] = []
 
+    def encode(idx: list[int]) -> list[_Encoded]:
+        t = time.perf_counter()
+        kept = []
+        for e in _encode_all(tok, [records[i] for i in idx], cfg, frame_text, indices=idx):
+            if not e.response_ids:
+                status["empty"] += 1
+                continue
+            status[_truncate(e, max_length)] += 1
+            if e.response_ids:
+                kept.append(e)
+        timings["encode_overlapped_s" if batches else "encode_s"] += time.perf_counter() - t
+        return kept
+
     def encoded_batches():
-        number = 0
-        for idx in plan_windows(records, cfg.batch_size):
-            t = time.perf_counter()
+        windows, number = plan_windows(records, cfg.batch_size), 0
+        window = encode(windows[0]) if windows else []
+        for w in range(len(windows)):
+            ahead = windows[w + 1] if w + 1 < len(windows) else []
+            scheduled = window_batches(window, cfg.batch_size)
+            # the next window is tokenized in as many pieces as this one has batches, one piece after
+            # each batch is queued, so that the host never holds the device up for a whole window
+            m = max(len(scheduled), 1)
+            pieces = [ahead[k * len(ahead) // m: (k + 1) * len(ahead) // m] for k in range(m)]
             window = []
-            for e in _encode_all(tok, [records[i] for i in idx], cfg, frame_text, indices=idx):
-                if not e.response_ids:
-                    status["empty"] += 1
-                    continue
-                status[_truncate(e, max_length)] += 1
-                if e.response_ids:
-                    window.append(e)
-            timings["encode_overlapped_s" if batches else "encode_s"] += time.perf_counter() - t
-            for batch in window_batches(window, cfg.batch_size):
-                if shard is None or number % shard[1] == shard[0]:
-                    batches.append(batch)
-                    yield batch
-                number += 1
+            for k in range(m):
+                if k < len(scheduled):
+                    if shard is None or number % shard[1] == shard[0]:
+                        batches.append(scheduled[k])
+                        yield scheduled[k]
+                    number += 1
+                if pieces[k]:
+                    window += encode(pieces[k])
 
     queue = encoded_batches()
     first = next(queue, None)  # the one tokenization the device waits for
