@@ -176,7 +176,8 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
                       chunk_mb=args.chunk_mb or ShiftConfig.chunk_mb)
     compute_shift(base, tuned, recs[:1], tokenizer=tokenizer, config=cfg)  # warm-up
     encoded = _encode_all(tokenizer, recs, cfg, load_frame(None))
-    batches = [b for idx in plan_windows(recs, args.batch_size)  # the engine's batches
+    ahead = not args.device.startswith("cpu")  # ShiftConfig.tokenize_ahead "auto"
+    batches = [b for idx in plan_windows(recs, args.batch_size, ahead=ahead)  # the engine's batches
                for b in window_batches([encoded[i] for i in idx if encoded[i].response_ids], args.batch_size)]
     pad = tokenizer.pad_token_id
     runs = []  # interleaved repeats, best of each kept (shared machines are noisy)

@@ -51,9 +51,7 @@ def test_two_processes_give_the_one_process_shift_and_generations(tiny_model_dir
     cli_main([*gen, "--out", str(tmp_path / "gen1.jsonl")])
     two = _launch([[*shift, "--out", str(tmp_path / "shift2")], [*gen, "--out", str(tmp_path / "gen2.jsonl")]], 29547)
     assert two.returncode == 0, two.stderr[-3000:]
-    # plan_windows: 11 responses at batch 2 are windows of 2, 4 and 5 responses, 6 batches, round-robin
-    # 0,2,4 / 1,3,5; the empty one is the shortest, so batch 0 scores one response: 1 + 2 + 2 / 2 + 2 + 1
-    assert "sharded over 2 processes: 5 + 5 responses scored" in two.stderr
+    assert "sharded over 2 processes: 6 + 4 responses scored" in two.stderr  # 5 batches, round-robin
     assert "sharded over 2 processes: 4 + 3 prompts" in two.stderr  # batches of 3, 3, 1
 
     one_t = pd.read_parquet(tmp_path / "shift1" / "tokens.parquet")
@@ -69,8 +67,10 @@ def test_two_processes_give_the_one_process_shift_and_generations(tiny_model_dir
     assert [json.loads(x)["id"] for x in one_g.splitlines()] == [f"toy:{i}" for i in range(7)]
 
 
-def test_a_shard_scores_only_its_batches(tiny_model_dir, tiny_model_dir_b, it_records):
-    """The in-process half of sharding: shards partition the rows, and merging restores the whole."""
+@pytest.mark.parametrize("ahead", ["auto", "on"])
+def test_a_shard_scores_only_its_batches(tiny_model_dir, tiny_model_dir_b, it_records, ahead):
+    """The in-process half of sharding: shards partition the rows, and merging restores the whole
+    (with every response tokenized first, as on a CPU, and tokenized in windows, as on a GPU)."""
     import pandas as pd
 
     from itlens.analysis.token_shift import compute_shift, merge_shards
@@ -78,7 +78,7 @@ def test_a_shard_scores_only_its_batches(tiny_model_dir, tiny_model_dir_b, it_re
     from itlens.models import load_model
 
     recs = [{**r, "model": "b"} for r in it_records[:5]]
-    opts = {"batch_size": 2, "view_top_k": 0, "base_context": "template"}
+    opts = {"batch_size": 2, "view_top_k": 0, "base_context": "template", "tokenize_ahead": ahead}
     whole = compute_shift(str(tiny_model_dir), str(tiny_model_dir_b), recs, **opts)
     parts = [compute_shift(str(tiny_model_dir), str(tiny_model_dir_b), recs, shard=(r, 2), **opts) for r in range(2)]
     ids = [set(p.tokens["id"]) for p in parts]

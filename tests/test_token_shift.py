@@ -380,7 +380,12 @@ def test_batches_are_tokenized_as_the_device_asks_for_them(models, tiny_tokenize
         monkeypatch.setattr(ts, name, spy)
     monkeypatch.setattr(ts, "WINDOW_MAX_BATCHES", 2)
     recs = _records(4, 11, max_words=20)
-    res = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file, batch_size=2)
+    auto = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file, batch_size=2)
+    # on a CPU (tokenize_ahead auto) everything is tokenized first, and batches are sorted over all
+    assert events == [("encode", tuple(range(11)))] + [("queue",)] * 6 + [("static",)]
+    events.clear()
+    res = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file, batch_size=2,
+                        tokenize_ahead="on")
     windows = ts.plan_windows(recs, 2)
     assert [len(w) for w in windows] == [2, 4, 4, 1]  # 1, 2, 2, 2 batches (the last one partly filled)
     # each later window in as many pieces as the window before it has batches, one after each is queued
@@ -392,6 +397,10 @@ def test_batches_are_tokenized_as_the_device_asks_for_them(models, tiny_tokenize
     assert [sizes[i] for w in windows for i in w] == sorted(sizes)  # shortest conversation first
     assert res.timings["encode_s"] > 0 and res.timings["encode_overlapped_s"] > 0
     assert list(res.tokens["id"].unique()) == [r["id"] for r in recs]  # rows still in input order
+    a, b = auto.tokens, res.tokens  # other batches: the same tokens and ranks, floats up to padding noise
+    assert a[["id", "pos", "token_id", "rank_base", "shift_class"]].equals(b[["id", "pos", "token_id", "rank_base",
+                                                                             "shift_class"]])
+    np.testing.assert_allclose(a["kl"], b["kl"], rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------- writing, figures, view, CLI

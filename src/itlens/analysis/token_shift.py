@@ -36,6 +36,7 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
+from itlens.config import KEY_OMITS_DEFAULT
 from itlens.errors import InputError
 
 CLASSES = ("unshifted", "marginal", "shifted")
@@ -82,6 +83,13 @@ class ShiftConfig:
                                                            "summary (Figure 12 shows 125)."})
     stopwords: bool = field(default=False, metadata={"help": "Drop English stop words from the most-frequent "
                                                              "token lists (AlignTDS's optional NLTK filter)."})
+    tokenize_ahead: Literal["auto", "on", "off"] = field(default="auto", metadata={
+        KEY_OMITS_DEFAULT: True,
+        "help": "Tokenize the responses in growing windows while the device runs the batches before them, "
+                "so that only the first batch waits for the tokenizer (batches are then sorted by length "
+                "within each window, not over all responses: scores differ by padding noise only). auto: on "
+                "for a GPU or other accelerator; off on a CPU, which runs the two one after the other anyway "
+                "and would only pay for the extra tokenizer calls."})
 
     def validate(self) -> None:
         if self.chunk_mb <= 0:
@@ -92,6 +100,8 @@ class ShiftConfig:
         for name in ("max_length", "view_top_k", "top_tokens"):
             if getattr(self, name) < 0:
                 raise InputError(f"must be >= 0, got {getattr(self, name)}", key=name)
+        if self.tokenize_ahead not in ("auto", "on", "off"):
+            raise InputError(f"expected auto, on or off, got {self.tokenize_ahead!r}", key="tokenize_ahead")
 
 
 @dataclass
@@ -296,10 +306,10 @@ WINDOW_MAX_BATCHES = 32
 """The most batches tokenized together (see plan_windows)."""
 
 
-def plan_windows(records: list[dict], batch_size: int) -> list[list[int]]:
+def plan_windows(records: list[dict], batch_size: int, *, ahead: bool = True) -> list[list[int]]:
     """Indices of ``records`` in the windows that are tokenized together, shortest conversation first
     (by characters, which need no tokenizer); the windows hold 1, 2, 4, ... batches, at most
-    WINDOW_MAX_BATCHES.
+    WINDOW_MAX_BATCHES. Without ``ahead`` (ShiftConfig.tokenize_ahead), one window holds them all.
 
     Within a window the responses are sorted by tokens and cut into batches (:func:`window_batches`).
     So only the first window, one batch, is tokenized while the device waits: each later window is
@@ -310,6 +320,8 @@ def plan_windows(records: list[dict], batch_size: int) -> list[list[int]]:
     """
     from itlens.io import to_messages
 
+    if not ahead:
+        return [list(range(len(records)))] if records else []
     size = [sum(len(str(m.get("content", ""))) for m in to_messages(r)) for r in records]
     order = sorted(range(len(records)), key=lambda i: (size[i], i))
     windows, start, n = [], 0, 1
@@ -567,7 +579,8 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     chunk = max(1, int(cfg.chunk_mb * 2**20) // (vocab * 4 * 8))  # ~8 float32 [n, V] tensors live at once
     # Responses are tokenized a window at a time (plan_windows), as the scoring loop asks for batches:
     # the first window while the device waits (encode_s), each later one in pieces, one after each
-    # batch of the window before it is queued (encode_overlapped_s, inside score_s). Batches are numbered across windows; a shard
+    # batch of the window before it is queued (encode_overlapped_s, inside score_s). On a CPU
+    # (tokenize_ahead auto) one window holds every response, and batches are sorted over all of them. Batches are numbered across windows; a shard
     # (which tokenizes every window, to know the batches) scores every world-th one. The columns that
     # need only the token ids are built once every batch is queued.
     timings = {"encode_s": 0.0, "encode_overlapped_s": 0.0}
@@ -587,16 +600,18 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         timings["encode_overlapped_s" if batches else "encode_s"] += time.perf_counter() - t
         return kept
 
+    ahead = cfg.tokenize_ahead == "on" or (cfg.tokenize_ahead == "auto" and tuned_s.device.type != "cpu")
+
     def encoded_batches():
-        windows, number = plan_windows(records, cfg.batch_size), 0
+        windows, number = plan_windows(records, cfg.batch_size, ahead=ahead), 0
         window = encode(windows[0]) if windows else []
         for w in range(len(windows)):
-            ahead = windows[w + 1] if w + 1 < len(windows) else []
+            upcoming = windows[w + 1] if w + 1 < len(windows) else []
             scheduled = window_batches(window, cfg.batch_size)
             # the next window is tokenized in as many pieces as this one has batches, one piece after
             # each batch is queued, so that the host never holds the device up for a whole window
             m = max(len(scheduled), 1)
-            pieces = [ahead[k * len(ahead) // m: (k + 1) * len(ahead) // m] for k in range(m)]
+            pieces = [upcoming[k * len(upcoming) // m: (k + 1) * len(upcoming) // m] for k in range(m)]
             window = []
             for k in range(m):
                 if k < len(scheduled):
