@@ -173,10 +173,10 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
 
     recs = make_responses(tokenizer, args.responses, length, seed=length)
     cfg = ShiftConfig(batch_size=args.batch_size, device=args.device, view_top_k=args.view_top_k,
-                      chunk_mb=args.chunk_mb or ShiftConfig.chunk_mb)
+                      tokenize_ahead=args.tokenize_ahead, chunk_mb=args.chunk_mb or ShiftConfig.chunk_mb)
     compute_shift(base, tuned, recs[:1], tokenizer=tokenizer, config=cfg)  # warm-up
     encoded = _encode_all(tokenizer, recs, cfg, load_frame(None))
-    ahead = not args.device.startswith("cpu")  # ShiftConfig.tokenize_ahead "auto"
+    ahead = args.tokenize_ahead == "on" or (args.tokenize_ahead == "auto" and not args.device.startswith("cpu"))
     batches = [b for idx in plan_windows(recs, args.batch_size, ahead=ahead)  # the engine's batches
                for b in window_batches([encoded[i] for i in idx if encoded[i].response_ids], args.batch_size)]
     pad = tokenizer.pad_token_id
@@ -283,6 +283,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-token-stride", type=int, default=1, help="time the per-token loop at every N-th "
                                                                     "position only and scale (for big models)")
     p.add_argument("--chunk-mb", type=float, default=0, help="ShiftConfig.chunk_mb (0: its default)")
+    p.add_argument("--tokenize-ahead", default="auto", choices=["auto", "on", "off"],
+                   help="ShiftConfig.tokenize_ahead (auto: windows on an accelerator, all at once on a CPU)")
     p.add_argument("--view-top-k", type=int, default=0, help="ShiftConfig.view_top_k: the token view's top-k "
                    "columns (itlens's default is 10; 0, as in the recorded results, leaves them out)")
     p.add_argument("--repeats", type=int, default=3, help="engine and bare passes: best of this many runs")
@@ -311,6 +313,7 @@ def run(argv: list[str] | None = None) -> dict:
         "model": {"params": n_params, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
                   "vocab": base.config.vocab_size, "dtype": args.dtype, "device": args.device},
         "batch_size": args.batch_size, "threads": args.threads, "per_token_stride": args.per_token_stride, "repeats": args.repeats, "chunk_mb": args.chunk_mb or None,
+        "view_top_k": args.view_top_k, "tokenize_ahead": args.tokenize_ahead,
         "goals": {"speedup_vs_per_token_at_512": 100, "overhead_vs_bare_max": 0.25},
         "rows": rows, "machine": machine(), "versions": versions(),
     }
