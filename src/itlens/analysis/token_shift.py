@@ -313,10 +313,10 @@ def plan_windows(records: list[dict], batch_size: int, *, ahead: bool = True) ->
 
     Within a window the responses are sorted by tokens and cut into batches (:func:`window_batches`).
     So only the first window, one batch, is tokenized while the device waits: each later window is
-    tokenized piece by piece while the device runs the batches of the window before it. Characters alone order
-    conversations only roughly by tokens: on about 3,000 generated responses each of the mini study
-    and gemma-geo (batches of 8-32), batches planned by characters alone padded the tuned contexts by
-    7-27%, sorted by tokens overall by 0.1-1.4%, and these windows by 0.5-2.0%.
+    tokenized piece by piece while the device runs the batches of the window before it. Characters
+    order conversations only roughly by tokens: on about 3,000 generated responses each of the mini
+    study and gemma-geo (batches of 8-32), batches planned by characters alone padded the tuned
+    contexts by 7-27%, sorted by tokens overall by 0.1-1.4%, and these windows by 0.5-2.0%.
     """
     from itlens.io import to_messages
 
@@ -580,9 +580,10 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     # Responses are tokenized a window at a time (plan_windows), as the scoring loop asks for batches:
     # the first window while the device waits (encode_s), each later one in pieces, one after each
     # batch of the window before it is queued (encode_overlapped_s, inside score_s). On a CPU
-    # (tokenize_ahead auto) one window holds every response, and batches are sorted over all of them. Batches are numbered across windows; a shard
-    # (which tokenizes every window, to know the batches) scores every world-th one. The columns that
-    # need only the token ids are built once every batch is queued.
+    # (tokenize_ahead auto) one window holds every response, and batches are sorted over all of them.
+    # Batches are numbered across windows; a shard (which tokenizes every window, to know the batches)
+    # scores every world-th one. The columns that need only the token ids are built once every batch
+    # is queued.
     timings = {"encode_s": 0.0, "encode_overlapped_s": 0.0}
     status = {"ok": 0, "truncated": 0, "skipped": 0, "empty": 0}
     batches: list[list[_Encoded]] = []
@@ -630,8 +631,8 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         static.update(_static_columns([e for batch in batches for e in batch], strings))
 
     t0 = time.perf_counter()
-    scored = _score_batches(itertools.chain([first] if first else [], queue), base_s, tuned_s, cfg, chunk, strings,
-                            pad, check_finite=False, while_queued=build_static)
+    scored = _score_batches(itertools.chain([first] if first else [], queue), base_s, tuned_s, cfg, chunk,
+                            strings, pad, check_finite=False, while_queued=build_static)
     if not all(bool(f.all()) for f in scored.pop("finite", [])):  # -inf logits somewhere: redo the slow way
         scored = _score_batches(batches, base_s, tuned_s, cfg, chunk, strings, pad, check_finite=True)
     dynamic = {k: (np.concatenate(v) if isinstance(v[0], np.ndarray) else torch.cat(v).numpy()) if v else np.zeros(0)
