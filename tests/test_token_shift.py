@@ -4,6 +4,7 @@ hand-made lists, the LoRA disable-adapter path, aggregates, figures, the token v
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 import random
 
@@ -437,7 +438,9 @@ def test_cli_shift(tiny_model_dir, tiny_model_dir_b, tmp_path, frame_file, capsy
     out = tmp_path / "shift"
     main(["shift", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir_b), "--responses", str(resp),
           "--out", str(out), "--frame", frame_file, "--mode", "paper", "--view", "2"])
-    assert "unshifted" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "unshifted" in printed.out
+    assert f"shift {Path(tiny_model_dir_b).name}: 100%" in printed.err and "3/3" in printed.err  # progress bar
     t = pd.read_parquet(out / "tokens.parquet")
     assert {"id", "pos", "token_id", "token", "rank_base", "p_base", "p_tuned", "kl", "shift_class"} <= set(t.columns)
     summary = json.loads((out / "summary.json").read_text())

@@ -319,7 +319,8 @@ def shift_cmd(
     shard = current_shard()  # under `accelerate launch`: score a share here, merge on the main process
     if shard is not None and cfg.device == "auto":
         cfg.device = shard.device
-    result = compute_shift(base, tuned, responses, config=cfg, shard=shard.spec if shard else None)
+    result = compute_shift(base, tuned, responses, config=cfg, shard=shard.spec if shard else None,
+                           progress=shard is None or shard.is_main)
     if shard is not None:
         from itlens.analysis.token_shift import merge_shards
         from itlens.sharding import gather_to_main, report

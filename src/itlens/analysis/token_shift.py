@@ -550,7 +550,7 @@ class _TokenStrings:
 
 # ---------------------------------------------------------------------------------- the engine
 def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, tokenizer=None,
-                  shard: tuple[int, int] | None = None, **overrides) -> ShiftResult:
+                  shard: tuple[int, int] | None = None, progress: bool = False, **overrides) -> ShiftResult:
     """Token distribution shift of ``responses`` between ``base`` and ``tuned``.
 
     ``base``/``tuned``: loaded causal LMs or paths (HF dir, hub id in the local cache; ``tuned`` may
@@ -560,6 +560,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     (``mode=``, ``base_context=``, ``frame=``, ``batch_size=``, ...). ``shard=(rank, world)`` scores
     only every world-th batch of the one-process plan (:func:`plan_windows`), starting at ``rank`` (the
     rows of those responses; the summary's counts still cover all); :func:`merge_shards` joins the parts.
+    ``progress``: a progress bar on stderr, advanced as each batch's results come back from the device.
     """
     import torch
 
@@ -630,9 +631,16 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     def build_static() -> None:
         static.update(_static_columns([e for batch in batches for e in batch], strings))
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(records) if shard is None else None, unit="response", disable=not progress,
+               desc=f"shift {Path(str(names.get('tuned') or 'tuned')).name}")
     t0 = time.perf_counter()
     scored = _score_batches(itertools.chain([first] if first else [], queue), base_s, tuned_s, cfg, chunk,
-                            strings, pad, check_finite=False, while_queued=build_static)
+                            strings, pad, check_finite=False, while_queued=build_static, on_done=bar.update)
+    if bar.total is not None:
+        bar.update(bar.total - bar.n)  # empty responses (never scored) are done too
+    bar.close()
     if not all(bool(f.all()) for f in scored.pop("finite", [])):  # -inf logits somewhere: redo the slow way
         scored = _score_batches(batches, base_s, tuned_s, cfg, chunk, strings, pad, check_finite=True)
     dynamic = {k: (np.concatenate(v) if isinstance(v[0], np.ndarray) else torch.cat(v).numpy()) if v else np.zeros(0)
@@ -714,29 +722,33 @@ PIPELINE_DEPTH = 2
 
 
 def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig, chunk: int, strings,
-                   pad: int, *, check_finite: bool, while_queued=None) -> dict[str, list]:
+                   pad: int, *, check_finite: bool, while_queued=None, on_done=None) -> dict[str, list]:
     """Forward passes and per-position metrics of every batch: {column: [per-batch host tensors]}.
 
     In exact mode the host never waits for the batch it has just queued: a batch's results are copied
     back only once PIPELINE_DEPTH later batches are queued behind it, so the device always has work,
     and ``batches`` (any iterable) may produce batch k+1 on the host while the device runs batch k.
     ``while_queued`` runs once, after the last batch is queued and before the results still on the
-    device are copied back (host work to overlap with them).
+    device are copied back (host work to overlap with them). ``on_done(n)`` is called as each batch of
+    n responses has been copied back.
     ``finite`` lists one flag per chunk unless ``check_finite``. The token view's top-k columns come
     back as object arrays of per-position numpy rows (the table's cells), made while later batches run.
     """
     import torch
 
     cols: dict[str, list] = {}
-    pending: list[dict] = []
+    pending: list[tuple[int, dict]] = []  # (responses in the batch, its results still on the device)
 
-    def to_host(done: dict) -> None:
+    def to_host(item: tuple[int, dict]) -> None:
+        n, done = item
         for k_, v in done.items():
             if k_.startswith("view_"):  # an object array of rows: the table's cells
                 rows = v.cpu().numpy().astype(np.int64 if k_.endswith("_ids") else np.float64)
                 cols.setdefault(k_, []).append(np.fromiter(rows, dtype=object, count=len(rows)))
             else:
                 cols.setdefault(k_, []).append(v.cpu())
+        if on_done is not None:
+            on_done(n)
 
     for batch in batches:
         h_tuned = _gather_hidden(tuned_s, [(e.tuned_ids, e.tuned_start) for e in batch], pad)
@@ -758,7 +770,7 @@ def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig,
                 out.update({f"paper_{k_}": v for k_, v in pm.items()})
             for k_, v in out.items():
                 on_device.setdefault(k_, []).append(v.detach())
-        pending.append({k_: torch.cat([x.to(v[0].device) for x in v]) for k_, v in on_device.items()})
+        pending.append((len(batch), {k_: torch.cat([x.to(v[0].device) for x in v]) for k_, v in on_device.items()}))
         if len(pending) > PIPELINE_DEPTH:
             to_host(pending.pop(0))
     if while_queued is not None:
