@@ -173,7 +173,8 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
 
     recs = make_responses(tokenizer, args.responses, length, seed=length)
     cfg = ShiftConfig(batch_size=args.batch_size, device=args.device, view_top_k=args.view_top_k,
-                      tokenize_ahead=args.tokenize_ahead, chunk_mb=args.chunk_mb or ShiftConfig.chunk_mb)
+                      tokenize_ahead={"auto": None, "on": True, "off": False}[args.tokenize_ahead],
+                      chunk_mb=args.chunk_mb or ShiftConfig.chunk_mb)
     compute_shift(base, tuned, recs[:1], tokenizer=tokenizer, config=cfg)  # warm-up
     encoded = _encode_all(tokenizer, recs, cfg, load_frame(None))
     ahead = args.tokenize_ahead == "on" or (args.tokenize_ahead == "auto" and not args.device.startswith("cpu"))
@@ -284,7 +285,8 @@ def parser() -> argparse.ArgumentParser:
                                                                     "position only and scale (for big models)")
     p.add_argument("--chunk-mb", type=float, default=0, help="ShiftConfig.chunk_mb (0: its default)")
     p.add_argument("--tokenize-ahead", default="auto", choices=["auto", "on", "off"],
-                   help="ShiftConfig.tokenize_ahead (auto: windows on an accelerator, all at once on a CPU)")
+                   help="ShiftConfig.tokenize_ahead: auto (null: windows on an accelerator, all at once on a "
+                        "CPU), on (true), off (false)")
     p.add_argument("--view-top-k", type=int, default=0, help="ShiftConfig.view_top_k: the token view's top-k "
                    "columns (itlens's default is 10; 0, as in the recorded results, leaves them out)")
     p.add_argument("--repeats", type=int, default=3, help="engine and bare passes: best of this many runs")

@@ -4,7 +4,6 @@ hand-made lists, the LoRA disable-adapter path, aggregates, figures, the token v
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import math
 import random
 
@@ -382,11 +381,11 @@ def test_batches_are_tokenized_as_the_device_asks_for_them(models, tiny_tokenize
     monkeypatch.setattr(ts, "WINDOW_MAX_BATCHES", 2)
     recs = _records(4, 11, max_words=20)
     auto = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file, batch_size=2)
-    # on a CPU (tokenize_ahead auto) everything is tokenized first, and batches are sorted over all
+    # on a CPU (tokenize_ahead null) everything is tokenized first, and batches are sorted over all
     assert events == [("encode", tuple(range(11)))] + [("queue",)] * 6 + [("static",)]
     events.clear()
     res = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file, batch_size=2,
-                        tokenize_ahead="on")
+                        tokenize_ahead=True)
     windows = ts.plan_windows(recs, 2)
     assert [len(w) for w in windows] == [2, 4, 4, 1]  # 1, 2, 2, 2 batches (the last one partly filled)
     # each later window in as many pieces as the window before it has batches, one after each is queued
@@ -440,7 +439,7 @@ def test_cli_shift(tiny_model_dir, tiny_model_dir_b, tmp_path, frame_file, capsy
           "--out", str(out), "--frame", frame_file, "--mode", "paper", "--view", "2"])
     printed = capsys.readouterr()
     assert "unshifted" in printed.out
-    assert f"shift {Path(tiny_model_dir_b).name}: 100%" in printed.err and "3/3" in printed.err  # progress bar
+    assert "shift: 100%" in printed.err and "3/3" in printed.err  # progress bar
     t = pd.read_parquet(out / "tokens.parquet")
     assert {"id", "pos", "token_id", "token", "rank_base", "p_base", "p_tuned", "kl", "shift_class"} <= set(t.columns)
     summary = json.loads((out / "summary.json").read_text())
@@ -468,6 +467,10 @@ def test_config_is_strict(tmp_path):
     assert (cfg.mode, cfg.base_context, cfg.chunk_mb) == ("paper", "template", 0.5)
     with pytest.raises(InputError, match="key 'batch_size'"):
         load_config(ShiftConfig, None, ["batch_size=0"])
+    assert [load_config(ShiftConfig, None, [f"tokenize_ahead={v}"]).tokenize_ahead
+            for v in ("on", "false", "null")] == [True, False, None]  # YAML's words; null: by device
+    with pytest.raises(InputError, match="key 'tokenize_ahead'"):
+        load_config(ShiftConfig, None, ["tokenize_ahead=maybe"])
     p = tmp_path / "shift.yaml"
     p.write_text("mode: exact\nbase_contxt: frame\n")
     with pytest.raises(InputError, match=r"shift.yaml: key 'base_contxt': unknown key"):

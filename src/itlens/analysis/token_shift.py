@@ -83,13 +83,13 @@ class ShiftConfig:
                                                            "summary (Figure 12 shows 125)."})
     stopwords: bool = field(default=False, metadata={"help": "Drop English stop words from the most-frequent "
                                                              "token lists (AlignTDS's optional NLTK filter)."})
-    tokenize_ahead: Literal["auto", "on", "off"] = field(default="auto", metadata={
+    tokenize_ahead: bool | None = field(default=None, metadata={
         KEY_OMITS_DEFAULT: True,
         "help": "Tokenize the responses in growing windows while the device runs the batches before them, "
                 "so that only the first batch waits for the tokenizer (batches are then sorted by length "
-                "within each window, not over all responses: scores differ by padding noise only). auto: on "
-                "for a GPU or other accelerator; off on a CPU, which runs the two one after the other anyway "
-                "and would only pay for the extra tokenizer calls."})
+                "within each window, not over all responses: scores differ by padding noise only). null "
+                "(default): on for a GPU or other accelerator, off on a CPU, which runs the two one after "
+                "the other anyway and would only pay for the extra tokenizer calls; true/false force it."})
 
     def validate(self) -> None:
         if self.chunk_mb <= 0:
@@ -100,8 +100,8 @@ class ShiftConfig:
         for name in ("max_length", "view_top_k", "top_tokens"):
             if getattr(self, name) < 0:
                 raise InputError(f"must be >= 0, got {getattr(self, name)}", key=name)
-        if self.tokenize_ahead not in ("auto", "on", "off"):
-            raise InputError(f"expected auto, on or off, got {self.tokenize_ahead!r}", key="tokenize_ahead")
+        if self.tokenize_ahead not in (None, True, False):
+            raise InputError(f"expected true, false or null, got {self.tokenize_ahead!r}", key="tokenize_ahead")
 
 
 @dataclass
@@ -581,7 +581,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     # Responses are tokenized a window at a time (plan_windows), as the scoring loop asks for batches:
     # the first window while the device waits (encode_s), each later one in pieces, one after each
     # batch of the window before it is queued (encode_overlapped_s, inside score_s). On a CPU
-    # (tokenize_ahead auto) one window holds every response, and batches are sorted over all of them.
+    # (tokenize_ahead null) one window holds every response, and batches are sorted over all of them.
     # Batches are numbered across windows; a shard (which tokenizes every window, to know the batches)
     # scores every world-th one. The columns that need only the token ids are built once every batch
     # is queued.
@@ -602,7 +602,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         timings["encode_overlapped_s" if batches else "encode_s"] += time.perf_counter() - t
         return kept
 
-    ahead = cfg.tokenize_ahead == "on" or (cfg.tokenize_ahead == "auto" and tuned_s.device.type != "cpu")
+    ahead = tuned_s.device.type != "cpu" if cfg.tokenize_ahead is None else cfg.tokenize_ahead
 
     def encoded_batches():
         windows, number = plan_windows(records, cfg.batch_size, ahead=ahead), 0
@@ -633,8 +633,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
 
     from tqdm import tqdm
 
-    bar = tqdm(total=len(records) if shard is None else None, unit="response", disable=not progress,
-               desc=f"shift {Path(str(names.get('tuned') or 'tuned')).name}")
+    bar = tqdm(total=len(records) if shard is None else None, unit="response", disable=not progress, desc="shift")
     t0 = time.perf_counter()
     scored = _score_batches(itertools.chain([first] if first else [], queue), base_s, tuned_s, cfg, chunk,
                             strings, pad, check_finite=False, while_queued=build_static, on_done=bar.update)
