@@ -168,7 +168,7 @@ def per_token_loop(base, tuned, encoded, device: str, stride: int = 1) -> dict[s
 
 def run_length(args, tokenizer, base, tuned, length: int) -> dict:
     from itlens.analysis.token_shift import (ShiftConfig, _encode_all, compute_shift, plan_windows, shift_class,
-                                             window_batches)
+                                             tokenizes_ahead, window_batches)
     from itlens.templates import load_frame
 
     recs = make_responses(tokenizer, args.responses, length, seed=length)
@@ -177,7 +177,7 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
                       chunk_mb=args.chunk_mb or ShiftConfig.chunk_mb)
     compute_shift(base, tuned, recs[:1], tokenizer=tokenizer, config=cfg)  # warm-up
     encoded = _encode_all(tokenizer, recs, cfg, load_frame(None))
-    ahead = args.tokenize_ahead == "on" or (args.tokenize_ahead == "auto" and not args.device.startswith("cpu"))
+    ahead = tokenizes_ahead(cfg, torch.device(args.device).type)
     batches = [b for idx in plan_windows(recs, args.batch_size, ahead=ahead)  # the engine's batches
                for b in window_batches([encoded[i] for i in idx if encoded[i].response_ids], args.batch_size)]
     pad = tokenizer.pad_token_id

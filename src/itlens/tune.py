@@ -180,12 +180,18 @@ def to_prompt_completion(records: list[dict]) -> list[dict]:
              "completion": [{"role": "assistant", "content": response_text(r)}]} for r in records]
 
 
-def count_overlong(tokenizer, rows: list[dict], max_length: int) -> tuple[int, int]:
-    """(truncated, dropped): examples longer than max_length, and those whose prompt alone fills it."""
+def example_lengths(tokenizer, rows: list[dict]) -> list[int]:
+    """Tokens of each prompt-completion example, rendered with the chat template as the trainer sees it."""
+    return [len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True,
+                                              return_dict=True)["input_ids"]) for row in rows]
+
+
+def count_overlong(tokenizer, rows: list[dict], max_length: int,
+                   lengths: list[int] | None = None) -> tuple[int, int]:
+    """(truncated, dropped): examples longer than max_length, and those whose prompt alone fills it.
+    ``lengths``: :func:`example_lengths` of ``rows``, when already computed."""
     truncated = dropped = 0
-    for row in rows:
-        n_full = len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True,
-                                                   return_dict=True)["input_ids"])
+    for row, n_full in zip(rows, lengths if lengths is not None else example_lengths(tokenizer, rows)):
         if n_full > max_length:
             truncated += 1
             n_prompt = len(tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True,
@@ -324,7 +330,8 @@ def build_trainer(cfg: TuneConfig, work_dir: Path, *, records: list[dict] | None
     records = records if records is not None else load_instruction_records(cfg.data, cfg.data_split)
     tokenizer = load_tokenizer(base)  # gets the project's chat template when the base has none
     rows = to_prompt_completion(records)
-    truncated, dropped = count_overlong(tokenizer, rows, cfg.max_length)
+    lengths = example_lengths(tokenizer, rows)
+    truncated, dropped = count_overlong(tokenizer, rows, cfg.max_length, lengths)
     if dropped == len(rows):
         raise InputError(f"every prompt is at least max_length={cfg.max_length} tokens long; nothing to train on",
                          file=cfg.data, key="max_length")
@@ -338,7 +345,7 @@ def build_trainer(cfg: TuneConfig, work_dir: Path, *, records: list[dict] | None
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     positions = getattr(model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and 0 < positions < cfg.max_length:  # trained past the model's positions?
-        past = count_overlong(tokenizer, rows, positions)[0]
+        past = sum(n > positions for n in lengths)
         if past:
             warnings.warn(f"{past} of {len(rows)} examples are longer than the model's max_position_embeddings "
                           f"({positions}) and max_length={cfg.max_length} keeps them: training runs past the "

@@ -302,6 +302,11 @@ def _add_special(tokenizer, text: str) -> bool:
     return not (bos and text.startswith(bos))
 
 
+def tokenizes_ahead(cfg: ShiftConfig, device_type: str) -> bool:
+    """Whether ``cfg.tokenize_ahead`` (null: by device) has the engine tokenize in windows on this device."""
+    return device_type != "cpu" if cfg.tokenize_ahead is None else bool(cfg.tokenize_ahead)
+
+
 WINDOW_MAX_BATCHES = 32
 """The most batches tokenized together (see plan_windows)."""
 
@@ -596,13 +601,14 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
             if not e.response_ids:
                 status["empty"] += 1
                 continue
-            status[_truncate(e, max_length)] += 1
-            if e.response_ids:
+            fit = _truncate(e, max_length)
+            status[fit] += 1
+            if fit != "skipped":
                 kept.append(e)
         timings["encode_overlapped_s" if batches else "encode_s"] += time.perf_counter() - t
         return kept
 
-    ahead = tuned_s.device.type != "cpu" if cfg.tokenize_ahead is None else cfg.tokenize_ahead
+    ahead = tokenizes_ahead(cfg, tuned_s.device.type)
 
     def encoded_batches():
         windows, number = plan_windows(records, cfg.batch_size, ahead=ahead), 0
