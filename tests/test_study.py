@@ -72,6 +72,30 @@ def test_rerun_reuses_every_stage_and_is_byte_identical(micro_run):
     assert dry.returncode == 0 and "to run" not in dry.stdout and dry.stdout.count("cached") >= 10
 
 
+@pytest.mark.parametrize("kind", ["shift", "tune"])
+def test_a_stage_version_bump_reruns_that_kind_and_what_is_downstream_only(micro_run, monkeypatch, kind):
+    from itlens import study
+    from itlens.stages import StageRunner
+
+    def plan() -> tuple[dict[str, bool], dict[str, list[str]]]:
+        p, runner = study.plan_study(study.load_study_config(MICRO), micro_run), StageRunner(micro_run, log=lambda m: None)
+        return {st.name: runner.plan(st) for st in p.stages}, {st.name: st.deps for st in p.stages}
+
+    cached, deps = plan()
+    assert all(cached.values())
+    monkeypatch.setitem(study.STAGE_VERSIONS, kind, study.STAGE_VERSIONS[kind] + 1)
+    cached, _ = plan()
+    prefix = {"shift": "shift-", "tune": "tuned-"}[kind]
+    stale = {n for n in deps if n.startswith(prefix)}
+    while True:  # and everything downstream of them
+        more = {n for n, d in deps.items() if stale & set(d)} - stale
+        if not more:
+            break
+        stale |= more
+    assert stale and {n for n, c in cached.items() if not c} == stale
+    assert any(n.startswith("analysis-") for n in stale) and cached["world"] and cached["base-s0"]
+
+
 def test_two_runs_with_one_seed_are_byte_identical_and_a_killed_run_resumes(micro_run, tmp_path):
     """SIGKILL at the worst moment of each kind of stage (work finished, not yet committed), rerun, and
     compare with the uninterrupted run."""

@@ -26,8 +26,11 @@ from itlens.geo import ATTRIBUTES as GEO_ATTRIBUTES
 from itlens.io import atomic_write_json, atomic_write_text, read_records
 from itlens.stages import Stage, StageRunner
 
-STUDY_CODE_VERSION = 1
-"""Bump when a stage's code changes what it writes, so cached stages are recomputed."""
+STAGE_VERSIONS: dict[str, int] = {"world": 1, "geo": 1, "pretrain": 1, "tune": 1, "generate": 1, "shift": 1,
+                                   "analysis": 1, "judge": 1}
+"""The code version of each kind of stage, part of its cache key. Bump one when that stage's code changes
+what it writes: cached stages of that kind, and every stage downstream of them, are recomputed; the rest
+(pretraining and tuning, the costly ones) are reused. A change that writes the same bytes needs no bump."""
 
 
 @dataclasses.dataclass
@@ -267,7 +270,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
     """Lay out every stage with its cache key and the function that produces it."""
     sections = resolve_sections(cfg)
     stages: list[Stage] = []
-    V = STUDY_CODE_VERSION
+    V = STAGE_VERSIONS
     world_dir = out / "world" if cfg.world is not None else None
     if world_dir is not None:
         wcfg = sections["world"]
@@ -277,7 +280,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 
             build_world(wcfg, work)
 
-        stages.append(Stage("world", {"v": V, "world": key_dict(wcfg)}, run_world, label="synthetic world"))
+        stages.append(Stage("world", {"v": V["world"], "world": key_dict(wcfg)}, run_world, label="synthetic world"))
     geo_dir = out / "geo" if cfg.geo is not None else None
     if geo_dir is not None:
         geo_cfg, probe_batch = sections["geo"], sections["generate"].batch_size
@@ -289,7 +292,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
             build_geo(geo_cfg, work)
             label_known(work, cfg.base, batch_size=probe_batch)
 
-        stages.append(Stage("geo", {"v": V, "geo": key_dict(geo_cfg), "probe": cfg.base, "batch": probe_batch},
+        stages.append(Stage("geo", {"v": V["geo"], "geo": key_dict(geo_cfg), "probe": cfg.base, "batch": probe_batch},
                             run_geo, label=f"geography data, Known/Unknown probed with {cfg.base}"))
     data_dir = world_dir or geo_dir  # where named IT datasets (it, it_<style>), eval.jsonl and frame.txt are
     if geo_dir is None and cfg.eval_data and (Path(cfg.eval_data).parent / "facts.json").is_file():
@@ -323,7 +326,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                 _set_threads(cfg.threads)
                 pretrain(pcfg, world_dir, work)
 
-            stages.append(Stage(name, {"v": V, "pretrain": key_dict(pcfg)}, run_base, deps=["world"],
+            stages.append(Stage(name, {"v": V["pretrain"], "pretrain": key_dict(pcfg)}, run_base, deps=["world"],
                                 label=f"pretrain the base model (seed {seed})"))
             base_dirs[seed] = out / name
             base_deps = [name]
@@ -347,7 +350,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                                               "output_dir": str(work / "model"), "progress": False})
                 tune(tcfg, work / "model")
 
-            stages.append(Stage(sname, {"v": V, "variant": key_dict(spec), "tune": tdict, "seed": seed,
+            stages.append(Stage(sname, {"v": V["tune"], "variant": key_dict(spec), "tune": tdict, "seed": seed,
                                         "base": str(base_dirs[seed]) if name is None else None},
                                 run_tune, deps=base_deps + (["world"] if world_dir is not None and name else []),
                                 label=f"tune {vname} ({spec.method}, seed {seed})"))
@@ -388,7 +391,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 
             deps = ([f"base-s{seed}"] if name else []) + ([] if is_base else [f"tuned-s{seed}-{mname}"]) \
                 + data_stage
-            stages.append(Stage(sname, {"v": V, "generate": key_dict(gcfg), "mode": "frame" if is_base else "chat",
+            stages.append(Stage(sname, {"v": V["generate"], "generate": key_dict(gcfg), "mode": "frame" if is_base else "chat",
                                         **({"frames": "per-attribute"} if is_base and base_frames else {}),
                                         "eval": str(eval_path) if world_dir is None else None,
                                         "model": str(model_dir) if (is_base and not name) else None},
@@ -411,7 +414,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                                         batch_size=cfg.shift.batch_size)
                     write_shift(res, work)
 
-                stages.append(Stage(sname, {"v": V, "shift": key_dict(cfg.shift), "ctx": ctx},
+                stages.append(Stage(sname, {"v": V["shift"], "shift": key_dict(cfg.shift), "ctx": ctx},
                                     run_shift, deps=[f"gen-s{seed}-{vname}", f"tuned-s{seed}-{vname}"],
                                     label=f"token shift: {vname} vs base, {ctx} context (seed {seed})"))
                 shift_dirs[(seed, vname, ctx)] = out / sname
@@ -426,7 +429,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 
         deps = [f"gen-s{seed}-{m}" for m in ["base", *cfg.variants]] + \
             [f"shift-s{seed}-{v}-{c}" for v in cfg.variants for c in cfg.shift.base_contexts]
-        stages.append(Stage(sname, {"v": V, "analyses": key_dict(cfg.analyses)}, run_analysis, deps=deps,
+        stages.append(Stage(sname, {"v": V["analysis"], "analyses": key_dict(cfg.analyses)}, run_analysis, deps=deps,
                             label=f"knowledge, copying and borrowing analyses (seed {seed})"))
         analysis_dirs[seed] = out / sname
 
@@ -442,7 +445,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                     rows = read_records(responses[(seed, mname)], "response")
                     score_responses(rows, jcfg).write(work)
 
-                stages.append(Stage(sname, {"v": V, "judge": key_dict(jcfg)}, run_judge,
+                stages.append(Stage(sname, {"v": V["judge"], "judge": key_dict(jcfg)}, run_judge,
                                     deps=[f"gen-s{seed}-{mname}"], label=f"judge {mname} (seed {seed})"))
                 judge_dirs[(seed, mname)] = out / sname
 
