@@ -118,3 +118,55 @@ def test_the_error_list_documents_every_case():
     missing = [c for c in case_ids() if f"| {c} |" not in doc]
     assert not missing, missing
     assert len(case_ids()) >= 20
+
+
+def _out_cases(tmp: Path):
+    """(name, argv, needle, paths that must be left as they were)."""
+    src = jsonl(tmp / "it.jsonl", GOOD_IT)
+    (tmp / "afile").write_text("keep me\n")
+    (tmp / "adir").mkdir()
+    (tmp / "adir" / "keep.txt").write_text("keep me\n")
+    held = tmp / "run"
+    held.mkdir()
+    inside = jsonl(held / "responses.jsonl", [{"id": "a", "instruction": "q", "response": "r", "model": "m"}])
+    yield ("--out is a file", ["world", "--out", "afile"], "afile: key '--out': exists and is not a folder",
+           [tmp / "afile"])
+    yield ("--out holds the input", ["judge", "--responses", str(inside), "--out", str(held), "--set",
+                                     "api_key_env="], "holds the input", [inside])
+    yield ("--out is the working folder", ["world", "--out", "."], "is the working folder", [src])
+    yield ("--out file is a folder", ["data", "subset", str(src), "--n", "1", "--out", "adir"],
+           "adir: key '--out': is a folder; the output is a file", [tmp / "adir" / "keep.txt"])
+    yield ("--out under a file", ["data", "subset", str(src), "--n", "1", "--out", "afile/x.jsonl"],
+           "afile is a file, not a folder", [tmp / "afile"])
+    yield ("--out is the input file", ["data", "subset", str(src), "--n", "1", "--out", str(src)],
+           "is the input", [src])
+    yield ("input is a folder", ["data", "subset", "adir", "--n", "1", "--out", "x.jsonl"],
+           "adir: is a folder, expected a JSONL file", [tmp / "adir" / "keep.txt"])
+    (tmp / "broken").mkdir()
+    (tmp / "broken" / "metrics.json").write_text('{"findings": [')
+    yield ("damaged metrics.json", ["compare", "broken", "broken"], "metrics.json: not valid JSON (line 1",
+           [tmp / "broken" / "metrics.json"])
+    (tmp / "nofid").mkdir()
+    (tmp / "nofid" / "metrics.json").write_text('{"findings": [{"holds": true}]}')
+    yield ("metrics.json finding without id", ["report", "nofid"], "key 'findings[0]'", [tmp / "nofid" / "metrics.json"])
+
+
+@pytest.mark.parametrize("case", [
+    "--out is a file", "--out holds the input", "--out is the working folder", "--out file is a folder",
+    "--out under a file", "--out is the input file", "input is a folder", "damaged metrics.json",
+    "metrics.json finding without id"])
+def test_bad_output_paths_and_damaged_results_are_input_errors(case, tmp_path, monkeypatch, capsys):
+    """Checked before any work: exit 2, one line, nothing written, nothing replaced."""
+    from itlens.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cases = {name: rest for name, *rest in _out_cases(tmp_path)}
+    argv, needle, kept = cases[case]
+    before = {p: p.read_bytes() for p in kept}
+    listing = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as ex:
+        main(argv)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert ex.value.code == 2 and len(err) == 1 and needle in err[0], (case, ex.value.code, err)
+    assert {p: p.read_bytes() for p in kept} == before
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == listing  # nothing written, moved or removed

@@ -295,3 +295,69 @@ def test_cli_judge_and_pairwise(tmp_path, api_key, capsys):
         main(["judge", "--out", str(tmp_path / "bad")])
     assert ex.value.code == 2
     assert_no_secret(tmp_path)
+
+
+def _completion(message) -> bytes:
+    return json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "judge-test",
+                       "choices": [{"index": 0, "finish_reason": "stop", "message": message}]}).encode()
+
+
+def test_replies_that_are_not_chat_completions_are_retried_then_counted(tmp_path, api_key):
+    """Bodies the openai SDK accepts without validating: counted api failures, never a crash."""
+    scripts = {
+        "nullmessage": [Reply(raw_body=_completion(None))],
+        "choicestring": [Reply(raw_body=json.dumps({"id": "c", "object": "chat.completion", "created": 0,
+                                                    "model": "m", "choices": "oops"}).encode())],
+        "numbercontent": [Reply(raw_body=_completion({"role": "assistant", "content": 5}))],
+        "floatscore": [Reply(scores_json(depth=4.0, clarity="2"))],
+    }
+    rows = [resp(name, f"answer <<{name}>>") for name in scripts]
+    with JudgeServer(ScriptedJudge(scripts), api_key=SECRET) as srv:
+        result = score_responses(rows, make_cfg(srv, tmp_path))
+        assert len(srv.requests_with("numbercontent")) == 3  # retried up to max_attempts
+    items = {it["id"]: it for it in result.items}
+    for name in ("nullmessage", "choicestring", "numbercontent"):
+        assert items[name]["status"] == "api_failure" and items[name]["error"], items[name]
+    assert items["floatscore"]["status"] == "ok"
+    assert items["floatscore"]["scores"]["depth"] == 4 and items["floatscore"]["scores"]["clarity"] == 2
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("params.top_k=40", "key 'params.top_k': not a parameter of the chat-completions API"),
+    ("params.temperature=0.5", "key 'params.temperature': params may not set 'temperature'"),
+    ("temperature=.nan", "key 'temperature': expected a finite number"),
+    ("timeout_s=0", "key 'timeout_s': expected a finite number > 0"),
+    ("reask_prompt_file=nothere.txt", "nothere.txt: key 'reask_prompt_file': prompt file not found"),
+])
+def test_bad_judge_settings_fail_before_any_request(tmp_path, api_key, capsys, setting, needle):
+    from itlens.cli import main
+
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps(resp("a", "an answer")) + "\n")
+    with JudgeServer() as srv:
+        with pytest.raises(SystemExit) as ex:
+            main(["judge", "--responses", str(f), "--out", str(tmp_path / "out"), "--set", f"base_url={srv.base_url}",
+                  "--set", "api_key_env=ITLENS_TEST_JUDGE_KEY", "--set", f"cache_dir={tmp_path / 'cache'}",
+                  "--set", setting])
+        assert srv.requests == []
+    assert ex.value.code == 2 and not (tmp_path / "out").exists()
+    assert needle in capsys.readouterr().err
+
+
+def test_judge_record_errors_name_the_file_and_line(tmp_path, api_key, capsys):
+    from itlens.cli import main
+
+    a, b, t = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "t.jsonl"
+    a.write_text("".join(json.dumps(resp(f"q{i}", "x")) + "\n" for i in range(3)))
+    b.write_text("".join(json.dumps(resp(f"q{i}", "y", instruction="other?" if i == 2 else None)) + "\n"
+                         for i in range(3)))
+    t.write_text(json.dumps(resp("q0", "x")) + "\n" + json.dumps(resp("q1", "x", tags=5)) + "\n")
+    with JudgeServer() as srv:
+        sets = ["--set", f"base_url={srv.base_url}", "--set", "api_key_env=ITLENS_TEST_JUDGE_KEY"]
+        for args, needle in ((["--responses", str(t)], "t.jsonl:2: field 'task_types'"),
+                             (["--pairwise", str(a), str(b)], f"b.jsonl:3: field 'instruction': id 'q2' answers "
+                                                              f"a different instruction than {a}:3")):
+            with pytest.raises(SystemExit) as ex:
+                main(["judge", *args, "--out", str(tmp_path / "out"), *sets])
+            assert ex.value.code == 2 and needle in capsys.readouterr().err
+        assert srv.requests == []

@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 
 from itlens.errors import InputError
+from itlens.io import check_out
 
 app = typer.Typer(
     name="itlens",
@@ -65,6 +66,8 @@ def tune_cmd(
 
     cfg = load_tune_config(config, overrides, base=base, data=data, method=method,
                            output_dir=str(out) if out else None)
+    if cfg.output_dir:
+        check_out(cfg.output_dir, folder=True, inputs=[cfg.data, cfg.base, config])
     print(run_tune(cfg))
 
 
@@ -87,6 +90,7 @@ def generate_cmd(
     extra = [f"mode={mode}"] if mode else []
     extra += [f"frame={frame}"] if frame else []
     cfg = load_config(GenerateConfig, config, list(overrides or []) + extra)
+    check_out(out, folder=False, inputs=[prompts, model, adapter, config])
     print(generate_file(model, prompts, out, adapter=adapter, cfg=cfg, model_name=name))
 
 
@@ -105,6 +109,7 @@ def data_subset(
     """A deterministic subset of N records (nested across sizes)."""
     from itlens.transforms import subset_file
 
+    check_out(out, folder=False, inputs=[src])
     print(subset_file(src, out, n, seed))
 
 
@@ -119,6 +124,7 @@ def data_filter(
     """Keep records whose quality score reaches a threshold (AlpaGasus-style)."""
     from itlens.transforms import filter_file
 
+    check_out(out, folder=False, inputs=[src, scores])
     print(filter_file(src, out, scores, threshold, field))
 
 
@@ -134,6 +140,7 @@ def data_simplify(
     """Concise responses: exact from response_simple, else an LLM rewriter through the judge client."""
     from itlens.transforms import simplify_file
 
+    check_out(out, folder=False, inputs=[src, rewriter_config])
     rewriter, rname = None, None
     if rewriter_config is not None or overrides:
         from itlens.config import load_config
@@ -159,17 +166,23 @@ def judge_cmd(
     from itlens.config import load_config
     from itlens.io import read_records
     from itlens.judge import JudgeConfig, pairwise_compare, score_responses
+    from itlens.judge.pairwise import check_pairwise_files
+    from itlens.judge.scoring import check_response_file
 
     if (responses is None) == (not pairwise or pairwise[0] is None):
         raise InputError("give exactly one of --responses R.jsonl or --pairwise A.jsonl B.jsonl", key="--responses")
     cfg = load_config(JudgeConfig, config, overrides)
+    check_out(out, folder=True, inputs=[responses, config, *(pairwise or ())])
     if responses is not None:
-        result = score_responses(read_records(responses, "response"), cfg)
+        rows = read_records(responses, "response")
+        check_response_file(responses, cfg)
+        result = score_responses(rows, cfg)
         s = result.summary
         print(f"judged {s['n_items']}: {s['n_scored']} scored, {s['failures']['parse']} parse failures, "
               f"{s['failures']['api']} api failures -> {result.write(out)}")
     else:
         a, b = (read_records(p, "response") for p in pairwise)
+        check_pairwise_files(*pairwise)
         result = pairwise_compare(a, b, cfg)
         s = result.summary
         print(f"judged {s['n_pairs']} pairs: A wins {s['wins_a']}, B wins {s['wins_b']}, ties {s['ties']}, "
@@ -194,6 +207,7 @@ def data_convert(
     """Convert a dataset from its own format to CONTRACT records with stable ids (alpaca:123, ...)."""
     from itlens.data import convert
 
+    check_out(out, folder=False, inputs=[src])
     n = convert(fmt, src, out, split=split, limit=limit, sample=sample, seed=seed)
     print(f"wrote {n} records to {out}")
 
@@ -222,6 +236,7 @@ def geo_cmd(
     from itlens.geo import build_geo, label_known, load_geo_config
 
     cfg = load_geo_config(config, overrides)
+    check_out(out, folder=True, inputs=[config, probe])
     path = build_geo(cfg, out)
     print(f"wrote geography data to {path}")
     if probe:
@@ -246,6 +261,7 @@ def study_cmd(
 
     t0 = time.perf_counter()
     cfg = load_study_config(config, set_)
+    check_out(out, folder=True, replaced=False)  # a study folder is its own cache: reused, never replaced
     report = run_study(cfg, out, dry_run=dry_run)
     if not dry_run:
         print(f"done in {time.perf_counter() - t0:.0f} s")
@@ -267,17 +283,9 @@ def compare_cmd(
     dir_b: Path = typer.Argument(..., help="Second study folder."),
 ) -> None:
     """Show how two studies' metrics differ (numbers that changed, findings that flipped)."""
-    import json
+    from itlens.report import compare_metrics, read_metrics
 
-    from itlens.report import compare_metrics
-
-    loaded = []
-    for d in (dir_a, dir_b):
-        p = d / "metrics.json"
-        if not p.is_file():
-            raise InputError("no metrics.json: not a finished study folder", file=d)
-        loaded.append(json.loads(p.read_text()))
-    a, b = loaded
+    a, b = read_metrics(dir_a), read_metrics(dir_b)
     fa = {f["id"]: f.get("holds") for f in a.get("findings", [])}
     fb = {f["id"]: f.get("holds") for f in b.get("findings", [])}
     for fid in sorted(set(fa) | set(fb)):
@@ -314,6 +322,7 @@ def shift_cmd(
     flags = {"mode": mode, "base_context": base_context, "frame": frame, "batch_size": batch_size}
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(ShiftConfig, config, list(overrides or []) + extra)
+    check_out(out, folder=True, inputs=[responses, base, tuned, config, cfg.frame])
     from itlens.sharding import current_shard
 
     shard = current_shard()  # under `accelerate launch`: score a share here, merge on the main process
@@ -344,6 +353,17 @@ def shift_cmd(
 
 
 # ---- knowledge, pattern copying, borrowing (issue 5) --------------------------------------------
+def _config_paths(cfg) -> List[str]:
+    """Every string (or string in a mapping) of a config: the paths among them are the command's inputs."""
+    import dataclasses
+
+    out: List[str] = []
+    for v in dataclasses.asdict(cfg).values():
+        out += [v] if isinstance(v, str) and v else [x for x in v.values() if isinstance(x, str) and x] \
+            if isinstance(v, dict) else []
+    return out
+
+
 def _named_paths(items: Optional[List[str]], key: str) -> List[str]:
     """``--responses sft=r.jsonl`` -> ``--set responses.sft=r.jsonl`` overrides."""
     out = []
@@ -371,6 +391,7 @@ def knowledge_cmd(
     extra = _named_paths(responses, "responses") + ([f"eval={eval_path}"] if eval_path else []) \
         + ([f"world={world}"] if world else [])
     cfg = load_config(KnowledgeConfig, config, extra + list(overrides or []))
+    check_out(out, folder=True, inputs=[config, *_config_paths(cfg)])
     m = run_knowledge(cfg, out)
     for name, s in m["models"].items():
         print(f"{name}: acc {s['acc']:.3f} (n={s['n']}, wrong {s['wrong']}, abstained {s['abstained']})")
@@ -393,6 +414,7 @@ def copying_cmd(
     extra = _named_paths(responses, "responses") + _named_paths(shift, "shift") \
         + ([f"it_data={it_data}"] if it_data else [])
     cfg = load_config(CopyingConfig, config, extra + list(overrides or []))
+    check_out(out, folder=True, inputs=[config, *_config_paths(cfg)])
     run_copying(cfg, out)
     print(out)
 
@@ -413,6 +435,7 @@ def borrowing_cmd(
     extra = _named_paths(responses, "responses") + ([f"it_data={it_data}"] if it_data else []) \
         + ([f"world={world}"] if world else [])
     cfg = load_config(BorrowingConfig, config, extra + list(overrides or []))
+    check_out(out, folder=True, inputs=[config, *_config_paths(cfg)])
     run_borrowing(cfg, out)
     print(out)
 
@@ -427,6 +450,7 @@ def world_cmd(
     from itlens.world import build_world, load_world_config
 
     cfg = load_world_config(config, overrides)
+    check_out(out, folder=True, inputs=[config])
     out_dir = build_world(cfg, out)
     import json
 
@@ -448,6 +472,7 @@ def pretrain_cmd(
 
     cfg = load_pretrain_config(config, overrides)
     World.load(world)  # a bad --world is an input error before anything is written
+    check_out(out, folder=True, replaced=False)  # written in place (it resumes from its checkpoint there)
     pretrain(cfg, world, out)
 
 
@@ -467,6 +492,8 @@ def probe_cmd(
     w = World.load(world)
     if not (model / "config.json").is_file():
         raise InputError("not a model directory (no config.json)", file=model)
+    if out:
+        check_out(out, folder=False, inputs=[model, world])
     res = probe_world(AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model), w)
     if out:
         atomic_write_json(out, res)

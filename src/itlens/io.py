@@ -31,8 +31,52 @@ def _umask() -> int:
     return _UMASK
 
 
+def _writable_parent(path: Path) -> None:
+    """The nearest existing folder above ``path`` must be a folder (mkdir would fail with an OSError)."""
+    for up in path.absolute().parents:
+        if up.exists():
+            if not up.is_dir():
+                raise InputError(f"cannot write here: {up} is a file, not a folder", file=path)
+            return
+
+
+def check_out(path: str | Path, *, folder: bool, inputs: Iterable = (), replaced: bool = True,
+              key: str | None = "--out") -> Path:
+    """Refuse, before any work is done, an output path that cannot be written or that would destroy input.
+
+    ``folder``: the command writes a folder (else a file). A replaced folder (``atomic_dir``: the old one
+    goes as a whole once the new one is complete) must not be the working folder or one above it, nor
+    hold one of ``inputs``; an output file must not be one of ``inputs``. Inputs that are not existing
+    paths (hub ids) are ignored.
+    """
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise InputError("exists and is not a folder; the output is a folder", file=p, key=key)
+    if not folder and p.is_dir():
+        raise InputError("is a folder; the output is a file", file=p, key=key)
+    _writable_parent(p)
+    target = p.resolve()
+    if folder and replaced:
+        cwd = Path.cwd().resolve()
+        if target == cwd or target in cwd.parents:
+            raise InputError("is the working folder or holds it; the output folder is replaced as a whole, so "
+                             "name a folder of its own", file=p, key=key)
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue
+        inp = Path(item).resolve()
+        if inp == target or (folder and replaced and target in inp.parents):
+            what = "is" if inp == target else "holds"
+            how = "folder is replaced as a whole" if folder else "would replace it"
+            raise InputError(f"{what} the input {item}; the output {how}, so write it elsewhere", file=p, key=key)
+    return p
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise InputError("is a folder; expected a file to write", file=path)
+    _writable_parent(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -93,7 +137,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
     An existing directory at ``path`` is replaced only after the new one is complete.
     """
-    path = Path(path)
+    path = check_out(path, folder=True, key=None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any other folder
@@ -117,7 +161,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; malformed lines are InputErrors."""
     path = Path(path)
     if not path.is_file():
-        raise InputError("file not found", file=path)
+        raise InputError("is a folder, expected a JSONL file" if path.is_dir() else "file not found", file=path)
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:

@@ -100,13 +100,35 @@ def _models_table(models: dict) -> str:
     return f"<table><tr><th>metric (mean over seeds)</th>{head}</tr>{body}</table>"
 
 
+def read_metrics(study_dir: str | Path) -> dict:
+    """A finished study's ``metrics.json``, checked for the shape the report and compare rely on."""
+    path = Path(study_dir) / "metrics.json"
+    if not path.is_file():
+        raise InputError("no metrics.json: not a finished study folder", file=study_dir)
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise InputError(f"not valid JSON{where}: the file is damaged; rerun the study to rewrite it",
+                         file=path) from None
+    if not isinstance(metrics, dict):
+        raise InputError(f"expected a JSON object, got {type(metrics).__name__}", file=path)
+    findings = metrics.get("findings", [])
+    if not isinstance(findings, list):
+        raise InputError("expected a list", file=path, key="findings")
+    for i, f in enumerate(findings):
+        if not isinstance(f, dict) or not isinstance(f.get("id"), str):
+            raise InputError("expected an object with a string 'id'", file=path, key=f"findings[{i}]")
+    for key in ("study", "models"):
+        if not isinstance(metrics.get(key, {}), dict):
+            raise InputError("expected an object", file=path, key=key)
+    return metrics
+
+
 def render_report(study_dir: str | Path) -> Path:
     """Render ``study_dir/report.html`` from the study's artifacts and return its path."""
     study_dir = Path(study_dir)
-    mpath = study_dir / "metrics.json"
-    if not mpath.is_file():
-        raise InputError("no metrics.json: not a finished study folder", file=study_dir)
-    metrics = json.loads(mpath.read_text())
+    metrics = read_metrics(study_dir)
     cfg_text = (study_dir / "config.resolved.yaml").read_text() if (study_dir / "config.resolved.yaml").is_file() else ""
     index_path = study_dir / "figures" / "index.json"
     figures = json.loads(index_path.read_text()) if index_path.is_file() else []

@@ -49,6 +49,7 @@ class ChatClient:
     """``complete(messages) -> Completion``; ``complete_many`` runs requests concurrently, keeps order."""
 
     def __init__(self, cfg: JudgeConfig):
+        cfg.validate()  # a config built in Python is checked too, before any request is paid for
         self.cfg = cfg
         self._openai = None
         self._local = None
@@ -150,12 +151,10 @@ class ChatClient:
                 resp = client.chat.completions.create(model=cfg.model, messages=messages,
                                                       temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                                                       timeout=cfg.timeout_s, **cfg.params)
-                choices = getattr(resp, "choices", None)
-                if not choices:
-                    error = "reply without choices"
-                else:
-                    return Completion(content=choices[0].message.content or "", attempts=attempt,
-                                      finish_reason=choices[0].finish_reason)
+                done = _chat_reply(resp, attempt)
+                if isinstance(done, Completion):
+                    return done
+                error = done
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
                 raise InputError(self.redact(f"endpoint refused the API key from ${cfg.api_key_env} "
                                              f"(HTTP {e.status_code})"), key="api_key_env") from None
@@ -188,6 +187,21 @@ class ChatClient:
             except (RuntimeError, ValueError) as e:  # e.g. a prompt longer than the model can take
                 return Completion(content=None, error=f"local generation failed: {e}", attempts=1)
         return Completion(content=text, finish_reason=finish, attempts=1)
+
+
+def _chat_reply(resp, attempt: int) -> "Completion | str":
+    """The first choice of a chat completion, or what is wrong with the reply (the SDK does not validate it)."""
+    choices = getattr(resp, "choices", None)
+    if not choices:
+        return "reply without choices"
+    try:
+        choice = choices[0]
+        content, finish = choice.message.content, getattr(choice, "finish_reason", None)
+    except (AttributeError, TypeError, IndexError, KeyError):
+        return "unusable HTTP reply: not a chat completion"
+    if content is not None and not isinstance(content, str):
+        return f"unusable HTTP reply: message content is {type(content).__name__}, not text"
+    return Completion(content=content or "", attempts=attempt, finish_reason=finish if isinstance(finish, str) else None)
 
 
 class LocalChatModel:

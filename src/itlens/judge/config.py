@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from itlens.errors import InputError
+
+_SET_BY_THE_CLIENT = {"messages", "temperature", "max_tokens", "timeout", "stream", "n"}
+"""Chat-completion arguments the judge sets itself (config fields, or what one parsed reply needs)."""
+
+
+PROMPT_PLACEHOLDERS = {"prompt_file": ("instruction", "response"),
+                       "pairwise_prompt_file": ("instruction", "response_a", "response_b"),
+                       "reask_prompt_file": ("problem",), "rewrite_prompt_file": ("instruction", "response")}
+"""Each prompt field and the placeholders its file must contain."""
+
+
+def _chat_completion_params() -> set[str]:
+    """The keyword arguments of the openai client's ``chat.completions.create``."""
+    import inspect
+
+    from openai.resources.chat.completions import Completions
+
+    return set(inspect.signature(Completions.create).parameters) - {"self"}
 
 PAPER_JUDGE_MODEL = "gpt-4-1106-preview"
 
@@ -69,8 +88,10 @@ class JudgeConfig:
             if value < 1:
                 raise InputError(f"expected an integer >= 1, got {value}", key=key)
         for key in ("timeout_s", "backoff_initial_s", "backoff_max_s", "max_retry_after_s", "temperature"):
-            if getattr(self, key) < 0:
-                raise InputError(f"expected a number >= 0, got {getattr(self, key)}", key=key)
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0 or (key == "timeout_s" and value == 0):
+                raise InputError(f"expected a finite number {'> 0' if key == 'timeout_s' else '>= 0'}, got {value}",
+                                 key=key)
         if not 0 < self.confidence < 1:
             raise InputError(f"expected a number in (0, 1), got {self.confidence}", key="confidence")
         if not self.model.strip():
@@ -83,3 +104,17 @@ class JudgeConfig:
             if key in {k.lower() for k in self.params}:
                 raise InputError(f"params may not set {key!r} (use the config field or the env var)",
                                  key=f"params.{key}")
+        for key in self.params:
+            if key in _SET_BY_THE_CLIENT:
+                raise InputError(f"params may not set {key!r}: it is a config field of its own or set by the client",
+                                 key=f"params.{key}")
+            if self.backend == "openai" and key not in _chat_completion_params():
+                raise InputError("not a parameter of the chat-completions API; send endpoint-specific ones "
+                                 "(vLLM's top_k, ...) as params.extra_body", key=f"params.{key}")
+        from itlens.judge.scoring import load_prompt
+
+        for key, placeholders in PROMPT_PLACEHOLDERS.items():
+            try:  # a missing or wrong prompt fails now, not after the first requests are paid for
+                load_prompt(getattr(self, key), *placeholders)
+            except InputError as e:
+                raise InputError(e.message, file=e.file, key=key) from None

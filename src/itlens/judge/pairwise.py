@@ -56,6 +56,17 @@ class PairwiseResult:
         return Path(out_dir)
 
 
+def check_pairwise_files(path_a: str | Path, path_b: str | Path) -> None:
+    """The two files answer the same instructions on every shared id (an error names B's file and line)."""
+    from itlens.io import iter_jsonl
+
+    first = {rec.get("id"): (lineno, user_text(rec)) for lineno, rec in iter_jsonl(path_a)}
+    for lineno, rec in iter_jsonl(path_b):
+        if rec.get("id") in first and first[rec["id"]][1] != user_text(rec):
+            raise InputError(f"id {rec['id']!r} answers a different instruction than {path_a}:{first[rec['id']][0]}",
+                             file=path_b, line=lineno, field="instruction")
+
+
 def _pairs(responses_a: list[dict], responses_b: list[dict]) -> list[tuple[dict, dict]]:
     for rows in (responses_a, responses_b):
         for i, rec in enumerate(rows):

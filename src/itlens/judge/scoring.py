@@ -92,7 +92,7 @@ def parse_multi_aspect(text: str) -> dict:
     """``{"scores": {aspect: int}, "reasons": {aspect: str}}`` or :class:`JudgeParseError`."""
     obj = extract_json_object(text)
     validate_json(obj, MULTI_ASPECT_SCHEMA)
-    return {"scores": {a: int(str(obj[a]["score"]).strip()) for a in ASPECTS},
+    return {"scores": {a: int(float(str(obj[a]["score"]).strip())) for a in ASPECTS},  # 4, "4", 4.0
             "reasons": {a: str(obj[a].get("reason", "")) for a in ASPECTS}}
 
 
@@ -142,7 +142,7 @@ def _verdict(done: Completion, parse: Callable[[str], Any], before: Verdict) -> 
     try:
         v.value = parse(done.content)
         v.status, v.error = "ok", None
-    except JudgeParseError as e:
+    except (JudgeParseError, ValueError, TypeError, KeyError, AttributeError) as e:  # any reply that does not validate
         truncated = " (the reply was cut off at max_tokens)" if done.finish_reason == "length" else ""
         v.status, v.error = "parse_failure", f"{e}{truncated}"
     return v
@@ -158,6 +158,17 @@ def record_task_types(rec: dict, field_name: str) -> list[str]:
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise InputError(f"record {rec.get('id')!r}: expected a list of strings", field=field_name)
     return sorted({t.strip().lower() for t in tags if t.strip()})
+
+
+def check_response_file(path: str | Path, cfg: JudgeConfig) -> None:
+    """The judge's own fields of a responses file (task tags), each error with its file and line."""
+    from itlens.io import iter_jsonl
+
+    for lineno, rec in iter_jsonl(path):
+        try:
+            record_task_types(rec, cfg.task_types_field)
+        except InputError as e:
+            raise InputError("expected a string or a list of strings", file=path, line=lineno, field=e.field) from None
 
 
 def _check_response(rec: dict, i: int) -> None:
