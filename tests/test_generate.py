@@ -171,3 +171,38 @@ def test_prompts_past_the_models_positions_are_warned_about(tiny_model_dir, it_r
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # short chat prompts: no warning
         generate_responses(lm, prompts, mode="chat", max_new_tokens=4)
+
+
+def test_n_tokens_count_the_kept_answer_only(tiny_tokenizer):
+    """Padding after a stop string (a finished row waiting for its batch-mates) and the cut-off stop string
+    are not counted, so n_tokens is the same alone and in a batch."""
+    from itlens.generate import _response_record
+    from itlens.tokenizer import end_of_turn_ids
+
+    tok = tiny_tokenizer
+    stop_ids = end_of_turn_ids(tok)
+    assert tok.pad_token_id is not None and tok.pad_token_id not in stop_ids
+    answer = tok("the city.", add_special_tokens=False)["input_ids"]
+    ids = tok("the city." + FRAME_STOP + ":\nwhat", add_special_tokens=False)["input_ids"]
+    assert ids[:len(answer)] == answer
+    common = dict(tok=tok, stop_ids=stop_ids, stop_strings=[FRAME_STOP], max_new_tokens=30, mode="frame", model="m")
+    alone = _response_record({"id": "p"}, ids, **common)
+    batched = _response_record({"id": "p"}, ids + [tok.pad_token_id] * 7, **common)
+    assert alone == batched
+    assert alone["response"] == "the city." and alone["finish"] == "stop" and alone["n_tokens"] == len(answer)
+
+
+def test_generate_config_sizes_must_be_positive(tiny_model_dir, tmp_path):
+    from itlens.config import load_config
+    from itlens.generate import GenerateConfig, generate_file
+
+    for bad, key in (("batch_size=0", "batch_size"), ("max_new_tokens=0", "max_new_tokens"),
+                     ("max_new_tokens=-1", "max_new_tokens"), ("dtype=fp8", "dtype")):
+        with pytest.raises(InputError, match=f"key '{key}'"):
+            load_config(GenerateConfig, overrides=[bad])
+    prompts = atomic_write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "what is red?"}])
+    with pytest.raises(InputError, match="key 'batch_size'"):
+        generate_file(str(tiny_model_dir), prompts, tmp_path / "r.jsonl", cfg=GenerateConfig(batch_size=0))
+    assert not (tmp_path / "r.jsonl").exists()
+    with pytest.raises(InputError, match="key 'max_new_tokens'"):
+        generate_responses(str(tiny_model_dir), [{"id": "a", "instruction": "x"}], max_new_tokens=0)

@@ -98,3 +98,28 @@ def test_cli_data_commands(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "scores.jsonl:1" in err and "score" in err
     assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_simplify_gives_the_rewriter_the_user_turn_of_messages_records():
+    seen = []
+
+    def rewriter(instruction, response):
+        seen.append((instruction, response))
+        return "Short."
+
+    recs = [{"id": "lima:7", "messages": [{"role": "user", "content": "Explain rainbows in detail."},
+                                          {"role": "assistant", "content": "Long answer ..."}]},
+            {"id": "a:1", "instruction": "Summarise.", "input": "Some text.", "response": "Long."}]
+    out = simplify(recs, rewriter)
+    assert seen == [("Explain rainbows in detail.", "Long answer ..."), ("Summarise.\n\nSome text.", "Long.")]
+    assert out[0]["messages"][-1]["content"] == "Short." and out[0]["response_original"] == "Long answer ..."
+
+
+def test_a_variant_written_over_its_source_records_the_source_hash(tmp_path):
+    from itlens.transforms import sha256_file
+
+    src = atomic_write_jsonl(tmp_path / "it.jsonl", _records(20))
+    before = sha256_file(src)
+    subset_file(src, src, 5, seed=0)  # in place
+    prov = json.loads(provenance_path(src).read_text())
+    assert prov["source_sha256"] == before and prov["output_sha256"] == sha256_file(src) != before

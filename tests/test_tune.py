@@ -328,3 +328,89 @@ def test_examples_past_the_models_positions_are_warned_about(tiny_tokenizer, it_
         tune(_cfg(short, it_file, method="lora", max_steps=1, max_length=32), tmp_path / "b")
     assert not [w for w in caught if "max_position_embeddings" in str(w.message)]
     assert [w for w in caught if "longer than max_length=32" in str(w.message)]  # truncated to fit instead
+
+
+# --------------------------------------------------------------------------------- review regressions
+def test_an_adapter_loads_on_its_base_in_float16(tiny_model_dir, tiny_model_dir_b, it_file, tmp_path):
+    """The base fingerprint does not depend on the load dtype: float32 -> float16 -> bf16 rounds differently
+    from float32 -> bf16, so it is read from the checkpoint; an adapter is still refused on another base."""
+    import hashlib
+
+    from itlens.models import load_model
+
+    out = tune(_cfg(tiny_model_dir, it_file, method="lora", max_steps=1), tmp_path / "lft")
+    for dtype in ("float32", "bfloat16", "float16"):
+        assert load_model(tiny_model_dir, adapter=out, dtype=dtype).adapter == str(out)
+    with pytest.raises(InputError, match="another base"):
+        load_model(tiny_model_dir_b, adapter=out, dtype="float16")
+    # what earlier versions recorded (bf16 of the float32 embeddings) is what is checked now
+    emb = _base(tiny_model_dir).get_input_embeddings().weight.detach().to(torch.bfloat16).contiguous()
+    old = hashlib.sha256(emb.view(torch.int16).numpy().tobytes())
+    old.update(json.dumps(list(emb.shape)).encode())
+    assert json.loads((out / "itlens_model.json").read_text())["base_fingerprint"] == old.hexdigest()[:16]
+
+
+def test_an_equal_fit_stop_survives_a_kill_after_its_checkpoint(tiny_model_dir, it_file, tmp_path):
+    """Killed after the checkpoint where equal fit stopped, a resumed run stops there too (not max_epochs)."""
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_train_end(self, args, state, control, **kw):
+            raise KeyboardInterrupt  # after the last checkpoint, before the model is moved into place
+
+    cfg = _cfg(tiny_model_dir, it_file, method="full", lr_scheduler="constant",
+               equal_fit=EqualFitSettings(True, "loss", 100.0, 3))
+    out = tmp_path / "fit"
+    with pytest.raises(KeyboardInterrupt):
+        tune(cfg, out, callbacks=[Crash()])
+    assert (work_dir_for(out) / "checkpoint-3").is_dir() and not out.exists()
+    summary = json.loads((tune(cfg, out) / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] == 3 and summary["steps"] == 3 and summary["epochs"] == 1.0
+    assert summary["equal_fit"]["reached"] is True and summary["equal_fit"]["epochs"] == 1.0
+    assert summary["equal_fit"]["last_epoch_value"] is not None
+
+
+def test_bad_settings_are_input_errors_and_leave_no_work_folder(tiny_model_dir, it_file, tmp_path):
+    with pytest.raises(InputError, match="lr_scheduler"):
+        load_config(TuneConfig, overrides=["lr_scheduler=cosin"])
+    with pytest.raises(InputError, match="lr_scheduler"):
+        tune(_cfg(tiny_model_dir, it_file, lr_scheduler="cosin"), tmp_path / "o")
+    with pytest.raises(InputError, match="warmup"):
+        load_config(TuneConfig, overrides=["warmup=-1"])
+    assert not work_dir_for(tmp_path / "o").exists() and not (tmp_path / "o").exists()
+
+
+def test_bad_input_leaves_no_work_folder(tiny_model_dir, it_file, tmp_path):
+    out = tmp_path / "o"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "instruction": "hi", "response": ""}) + "\n")
+    for data in (tmp_path / "missing.jsonl", bad):
+        with pytest.raises(InputError):
+            tune(_cfg(tiny_model_dir, data, method="full"), out)
+        assert not work_dir_for(out).exists()
+    with pytest.raises(InputError, match="base"):
+        tune(_cfg(tmp_path / "no-base", it_file, method="full"), out)
+    with pytest.raises(InputError, match="max_length"):  # found only once the data are tokenized
+        tune(_cfg(tiny_model_dir, it_file, method="full", max_length=4), out)
+    assert not work_dir_for(out).exists() and not out.exists()
+
+
+def test_json_list_errors_name_the_position_and_ids_are_checked(tmp_path):
+    from itlens.tune import load_instruction_records
+
+    p = tmp_path / "it.json"
+    rows = [{"id": f"x:{i}", "instruction": "q", "response": "a"} for i in range(3)]
+    rows[2]["response"] = ""
+    p.write_text(json.dumps(rows, indent=2))
+    with pytest.raises(InputError) as e:
+        load_instruction_records(str(p))
+    assert str(e.value) == f"{p}: key '[2]': field 'response': must not be empty"
+    p.write_text(json.dumps([{"id": 5, "instruction": "q", "response": "a"}]))
+    with pytest.raises(InputError, match=r"key '\[0\]': field 'id': expected a non-empty string id"):
+        load_instruction_records(str(p))
+    p.write_text(json.dumps([{"id": "a", "instruction": "q", "response": "a"},
+                             {"id": "a", "instruction": "q", "response": "b"}]))
+    with pytest.raises(InputError, match=r"key '\[1\]': field 'id': duplicate id 'a'"):
+        load_instruction_records(str(p))
+    p.write_text(json.dumps([{"instruction": "q", "response": "a"}, {"instruction": "r", "response": "b"}]))
+    assert [r["id"] for r in load_instruction_records(str(p))] == ["it:0", "it:1"]  # ids made up when absent

@@ -40,6 +40,22 @@ class GenerateConfig:
         "help": "Extra keyword arguments for vllm.LLM (e.g. tensor_parallel_size, gpu_memory_utilization, "
                 "max_model_len); backend=vllm only."})
 
+    def validate(self) -> None:
+        from itlens.models import DTYPES
+
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"expected a positive integer, got {value!r}", key=name)
+        if self.mode not in ("chat", "frame"):
+            raise InputError(f"unknown mode {self.mode!r} (expected chat or frame)", key="mode")
+        if self.backend not in ("transformers", "vllm"):
+            raise InputError(f"unknown backend {self.backend!r} (expected transformers or vllm)", key="backend")
+        if self.dtype not in DTYPES:
+            raise InputError(f"unknown dtype {self.dtype!r} (expected one of {list(DTYPES)})", key="dtype")
+        if not isinstance(self.vllm_args, dict):
+            raise InputError("expected a mapping of vllm.LLM keyword arguments", key="vllm_args")
+
 
 def render_prompts(tokenizer, prompts: list[dict], *, mode: str = "chat", frame: str | None = None) -> list[str]:
     """The exact text each prompt is decoded from (shared with the token-shift analysis)."""
@@ -76,6 +92,9 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
 
     if temperature < 0:
         raise InputError(f"expected a temperature >= 0, got {temperature}", key="temperature")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"expected a positive integer, got {value!r}", key=name)
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     tok, net = lm.tokenizer, lm.model
     tok.padding_side = "left"
@@ -146,15 +165,36 @@ def batch_plan(encoded: list[list[int]], batch_size: int) -> list[list[int]]:
 
 def _response_record(prompt: dict, ids: list[int], tok, stop_ids, stop_strings, *, max_new_tokens: int,
                      mode: str, model: str) -> dict:
-    """Generated ids -> a CONTRACT response record (cut at the first stop id, then at a stop string)."""
+    """Generated ids -> a CONTRACT response record (cut at the first stop id, then at a stop string).
+
+    Padding ends a row too (a row that stopped on a stop string is padded while its batch-mates go on),
+    and ``n_tokens`` counts only the tokens of the kept answer (not a cut-off stop string), so a record
+    is the same whether its prompt was decoded alone or in a batch.
+    """
+    pad = getattr(tok, "pad_token_id", None)
+    ends = set(stop_ids) | ({pad} if pad is not None else set())
     n = len(ids)
     for k, t in enumerate(ids):
-        if t in stop_ids:
+        if t in ends:
             n = k
             break
     text, stopped = _cut(tok.decode(ids[:n], skip_special_tokens=True), stop_strings)
     finish = "stop" if n < len(ids) or stopped or len(ids) < max_new_tokens else "length"
+    if stopped:
+        n = _tokens_covering(tok, ids[:n], text.rstrip())
     return {**prompt, "response": text.strip(), "model": model, "mode": mode, "n_tokens": n, "finish": finish}
+
+
+def _tokens_covering(tok, ids: list[int], text: str) -> int:
+    """The fewest leading ``ids`` whose decoded text begins with ``text`` (``len(ids)`` if none do)."""
+    lo, hi = 0, len(ids)  # decoding a longer prefix only appends text, so a binary search finds the least
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tok.decode(ids[:mid], skip_special_tokens=True).startswith(text):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def generate_file(model: str, prompts_path: str | Path, out_path: str | Path, *, adapter: str | None = None,
@@ -168,6 +208,7 @@ def generate_file(model: str, prompts_path: str | Path, out_path: str | Path, *,
     from itlens.sharding import current_shard, gather_to_main, merge_records, report
 
     cfg = cfg or GenerateConfig()
+    cfg.validate()
     prompts = read_records(prompts_path, "prompt")
     shard = current_shard()
     if cfg.backend == "vllm":

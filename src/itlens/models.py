@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -101,17 +102,73 @@ def load_tokenizer(path: str | Path):
 
 
 def model_fingerprint(model) -> str:
-    """A short hash of a model's input embeddings (rounded to bf16, so it survives dtype changes).
+    """A short hash of a model's input embeddings (rounded to bf16 from their float32 values).
 
     Two bases of the same shape but different weights get different fingerprints, which is how an
-    adapter made for another base is caught.
+    adapter made for another base is caught. ``itlens tune`` fingerprints the float32 base; a model
+    loaded in float32 or bfloat16 gives the same hash (one rounding to bf16 either way). A model loaded
+    in another dtype (float16) has lost the float32 values, so use :func:`base_fingerprint`, which reads
+    the embeddings from the checkpoint instead.
     """
+    return _fingerprint(model.get_input_embeddings().weight)
+
+
+def _fingerprint(weight) -> str:
     import torch
 
-    emb = model.get_input_embeddings().weight.detach().to("cpu", torch.bfloat16).contiguous()
+    emb = weight.detach().to("cpu", torch.float32).to(torch.bfloat16).contiguous()
     h = hashlib.sha256(emb.view(torch.int16).numpy().tobytes())
     h.update(json.dumps(list(emb.shape)).encode())
     return h.hexdigest()[:16]
+
+
+_EXACT_FINGERPRINT_DTYPES = ("float32", "bfloat16", "float64")
+
+
+def base_fingerprint(model, base_path: str | Path | None = None) -> str | None:
+    """The fingerprint ``itlens tune`` recorded for this base, whatever dtype ``model`` was loaded in.
+
+    Weights in float32/bfloat16 (or float64) are hashed as they are. Otherwise (float16, quantised) the
+    embedding tensor is read from the checkpoint at ``base_path`` (default: where the model was loaded
+    from) and hashed from its stored values; None when that checkpoint cannot be read.
+    """
+    weight = model.get_input_embeddings().weight
+    if str(weight.dtype).removeprefix("torch.") in _EXACT_FINGERPRINT_DTYPES:
+        return _fingerprint(weight)
+    stored = _checkpoint_embeddings(model, base_path or getattr(model, "name_or_path", None))
+    return _fingerprint(stored) if stored is not None else None
+
+
+def _checkpoint_embeddings(model, base_path):
+    """The input-embedding tensor as stored in a safetensors checkpoint dir, or None."""
+    if not base_path or not Path(base_path).is_dir():
+        return None
+    weight = model.get_input_embeddings().weight
+    name = next((n for n, p in model.named_parameters(remove_duplicate=False) if p is weight), None)
+    if name is None:
+        return None
+    from safetensors import safe_open
+
+    base = Path(base_path)
+    index = base / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        elif (base / "model.safetensors").is_file():
+            with safe_open(str(base / "model.safetensors"), framework="pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            return None
+        parts = name.split(".")
+        # the same tensor may be stored with fewer leading module names (base_model_prefix, wrappers)
+        key = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in weight_map), None)
+        if key is None:
+            return None
+        with safe_open(str(base / weight_map[key]), framework="pt") as f:
+            tensor = f.get_tensor(key)
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    return tensor if tuple(tensor.shape) == tuple(weight.shape) else None
 
 
 def read_tune_meta(path: str | Path) -> dict:
@@ -136,7 +193,7 @@ def load_model(name_or_path: str | Path, *, adapter: str | Path | None = None, d
     tok_src = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() else path
     tokenizer = load_tokenizer(tok_src)
     if adapter is not None:
-        model = attach_adapter(model, adapter, merge=merge)
+        model = attach_adapter(model, adapter, merge=merge, base_path=path)
     model.to(device).eval()
     label = name or Path(str(adapter if adapter is not None else path)).name
     return LoadedModel(model=model, tokenizer=tokenizer, name=label, path=path,
@@ -152,17 +209,27 @@ def _adapter_base(adapter: str | Path) -> str:
     return resolve_model(base)
 
 
-def attach_adapter(model, adapter: str | Path, *, merge: bool = False):
-    """Put a LoRA adapter on ``model``; an adapter trained on another base is an InputError."""
+def attach_adapter(model, adapter: str | Path, *, merge: bool = False, base_path: str | Path | None = None):
+    """Put a LoRA adapter on ``model``; an adapter trained on another base is an InputError.
+
+    ``base_path``: the checkpoint ``model`` was loaded from (default: its ``name_or_path``); read only when
+    the model is in a dtype that lost the float32 embeddings the fingerprint is made from.
+    """
     from peft import PeftModel
 
     adapter = Path(adapter)
     if not is_adapter_dir(adapter):
         raise InputError("not a LoRA adapter directory (no adapter_config.json)", file=adapter)
     want = read_tune_meta(adapter).get("base_fingerprint")
-    if want and want != model_fingerprint(model):
-        raise InputError("adapter was trained on another base model (base fingerprint "
-                         f"{want} != {model_fingerprint(model)})", file=adapter)
+    if want:
+        have = base_fingerprint(model, base_path)
+        if have is None:  # loaded in a lossy dtype from a checkpoint we cannot read: peft's shape check only
+            warnings.warn(f"cannot check that {adapter} was trained on this base (its embeddings are "
+                          f"{model.get_input_embeddings().weight.dtype} and the checkpoint is not a readable "
+                          "safetensors dir); load it in float32 or bfloat16 to check", stacklevel=2)
+        elif want != have:
+            raise InputError(f"adapter was trained on another base model (base fingerprint {want} != {have})",
+                             file=adapter)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))
     except (RuntimeError, ValueError, KeyError) as e:

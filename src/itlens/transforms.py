@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from itlens.errors import InputError
-from itlens.io import atomic_write_json, atomic_write_jsonl, iter_jsonl, read_records, response_text
+from itlens.io import atomic_write_json, atomic_write_jsonl, iter_jsonl, read_records, response_text, user_text
 
 Rewriter = Callable[[str, str], str]
 """``rewrite(instruction, response) -> simplified response`` (e.g. :class:`itlens.judge.Rewriter`)."""
@@ -58,7 +58,8 @@ def filter_by_score(records: list[dict], scores: dict[str, float], threshold: fl
 
 def simplify(records: list[dict], rewriter: Rewriter | None = None) -> list[dict]:
     """Concise responses (the paper's LIMA-Simple): ``response_simple`` when a record carries it
-    (exact, as in the synthetic world), else ``rewriter(instruction, response)``.
+    (exact, as in the synthetic world), else ``rewriter(instruction, response)``, where the instruction
+    is the user turn (:func:`itlens.io.user_text`: instruction plus input, or the last user message).
 
     The original response is kept as ``response_original``.
     """
@@ -69,7 +70,7 @@ def simplify(records: list[dict], rewriter: Rewriter | None = None) -> list[dict
             if rewriter is None:
                 raise InputError("record has no response_simple and no rewriter was given (pass an LLM "
                                  f"rewriter for real data), record {r['id']!r}", field="response_simple")
-            simple = rewriter(r.get("instruction", ""), response_text(r))
+            simple = rewriter(user_text(r), response_text(r))  # the user turn, for messages records too
             if not isinstance(simple, str) or not simple.strip():
                 raise InputError(f"the rewriter returned an empty response for record {r['id']!r}")
         new = {k: v for k, v in r.items() if k != "messages"}
@@ -102,9 +103,10 @@ def write_variant(records: list[dict], out: str | Path, *, source: str | Path, t
     """Write the dataset and its provenance (both atomically; provenance last, so it vouches for the data)."""
     if not records:
         raise InputError(f"{transform} left no records", file=source)
+    source_sha256 = sha256_file(source)  # before writing: the output may replace its own source
     out = atomic_write_jsonl(out, records)
     atomic_write_json(provenance_path(out), {
-        "source": str(source), "source_sha256": sha256_file(source), "transform": transform,
+        "source": str(source), "source_sha256": source_sha256, "transform": transform,
         "parameters": params, "records": len(records), "output": out.name, "output_sha256": sha256_file(out)})
     return out
 

@@ -129,6 +129,21 @@ class TuneConfig:
                 raise InputError("must be positive", key=name)
         if self.lora.r <= 0:
             raise InputError("must be positive", key="lora.r")
+        if not 0 <= self.lora.dropout < 1:
+            raise InputError(f"expected 0 <= dropout < 1, got {self.lora.dropout}", key="lora.dropout")
+        for name in ("warmup", "weight_decay", "max_grad_norm", "save_steps", "num_threads", "neftune_alpha"):
+            if getattr(self, name) < 0:
+                raise InputError("must not be negative", key=name)
+        if self.max_steps < -1:
+            raise InputError("expected -1 (run the epochs) or a number of steps", key="max_steps")
+        if self.equal_fit.max_epochs <= 0:
+            raise InputError("must be positive", key="equal_fit.max_epochs")
+        from transformers import SchedulerType
+
+        schedulers = [t.value for t in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise InputError(f"unknown scheduler {self.lr_scheduler!r} (expected one of {schedulers})",
+                             key="lr_scheduler")
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -151,12 +166,28 @@ def load_instruction_records(source: str, split: str = "train") -> list[dict]:
     else:
         rows = _load_hf_rows(source, split)
     out = []
-    for i, row in enumerate(rows):
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows):  # a position in a list is a key ([i]), not a line (as in itlens.data)
+        where = f"[{i}]"
         if not isinstance(row, dict):
-            raise InputError("expected an object", file=source, line=i + 1)
+            raise InputError(f"expected an object, got {type(row).__name__}", file=source, key=where)
         row = dict(row)
         row.setdefault("id", f"{path.stem if path.suffix else source}:{i}")
-        _validate_instruction(row, Path(source), i + 1)
+        rid = row["id"]
+        if rid is None:
+            raise InputError("missing required field", file=source, key=where, field="id")
+        if not isinstance(rid, str) or not rid:
+            raise InputError(f"expected a non-empty string id, got {json.dumps(rid, default=str)[:40]}",
+                             file=source, key=where, field="id")
+        if rid in seen:
+            raise InputError(f"duplicate id {rid!r} (first at [{seen[rid]}])", file=source, key=where, field="id")
+        seen[rid] = i
+        try:
+            _validate_instruction(row, Path(source), None)
+        except InputError as e:
+            e.line, e.key = None, where
+            e.args = (e.format(),)
+            raise
         out.append(row)
     if not out:
         raise InputError("dataset is empty (no records)", file=source)
@@ -250,27 +281,64 @@ def _callbacks_module():
                 self.bar.close()
 
     class EqualFit(TrainerCallback):
-        """Stops training at the first epoch end where the epoch's mean fit measure reaches the target."""
+        """Stops training at the first epoch end where the epoch's mean fit measure reaches the target.
+
+        The measure is read from ``state.log_history``, which every checkpoint carries, so a resumed run
+        judges an epoch exactly as an uninterrupted one (see :func:`equal_fit_verdict`).
+        """
 
         def __init__(self, settings: EqualFitSettings):
-            self.s, self.values, self.reached_epoch, self.last = settings, [], None, None
+            self.s, self.reached_epoch, self.last = settings, None, None
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            key = "mean_token_accuracy" if self.s.metric == "token_accuracy" else "loss"
-            if logs and key in logs:
-                self.values.append(float(logs[key]))
-
-        def on_epoch_end(self, args, state, control, **kw):
-            if not self.values:
-                return
-            self.last = sum(self.values) / len(self.values)
-            self.values = []
-            ok = self.last >= self.s.target if self.s.metric == "token_accuracy" else self.last <= self.s.target
+        def _judge(self, state) -> bool:
+            self.last, ok = equal_fit_verdict(self.s, state.log_history, state.epoch)
             if ok:
                 self.reached_epoch = round(float(state.epoch), 4)
+            return ok
+
+        def on_train_begin(self, args, state, control, **kw):
+            # resumed from the checkpoint of an epoch end (or of the last step): restore what was judged there
+            if state.global_step > 0 and (float(state.epoch or 0).is_integer() or state.global_step >= state.max_steps):
+                self._judge(state)
+
+        def on_epoch_end(self, args, state, control, **kw):
+            if self._judge(state):
                 control.should_training_stop = True
 
     return StepLog, EqualFit
+
+
+def equal_fit_verdict(settings: EqualFitSettings, log_history: list[dict], epoch) -> tuple[float | None, bool]:
+    """(the mean fit measure of the epoch ending at ``epoch``, whether it reaches the target).
+
+    The epoch's logged steps are those with ``ceil(epoch) - 1 < step epoch <= epoch`` (a last epoch cut
+    short by max_steps counts its steps so far). (None, False) when the epoch logged no measure.
+    """
+    if epoch is None:
+        return None, False
+    key = "mean_token_accuracy" if settings.metric == "token_accuracy" else "loss"
+    end = float(epoch)
+    start = math.ceil(end) - 1
+    values = [float(h[key]) for h in log_history if key in h and "epoch" in h and start < float(h["epoch"]) <= end]
+    if not values:
+        return None, False
+    last = sum(values) / len(values)
+    return last, (last >= settings.target if settings.metric == "token_accuracy" else last <= settings.target)
+
+
+def _stopped_by_equal_fit(cfg: TuneConfig, checkpoint: str | None) -> int | None:
+    """The global step of ``checkpoint`` when equal fit ended training there, else None."""
+    if checkpoint is None or not cfg.equal_fit.enabled:
+        return None
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    epoch = state.get("epoch")
+    if epoch is None or not float(epoch).is_integer():
+        return None
+    return int(state["global_step"]) if equal_fit_verdict(cfg.equal_fit, state.get("log_history", []), epoch)[1] \
+        else None
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -378,7 +446,7 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
     """
     import torch
 
-    from itlens.models import TUNE_META, load_model
+    from itlens.models import TUNE_META, is_adapter_dir, load_model, resolve_model
     from itlens.tokenizer import end_of_turn_ids
 
     cfg.validate()
@@ -394,6 +462,17 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
         torch.set_num_threads(cfg.num_threads)
 
     work = work_dir_for(out)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # every input is checked before the work folder is touched, so bad input leaves nothing behind
+    base = resolve_model(cfg.base)
+    if is_adapter_dir(base):
+        raise InputError("the base must be a full model, not a LoRA adapter (merge it first)", file=base)
+    records = load_instruction_records(cfg.data, cfg.data_split)
+    try:
+        sft_config(cfg, work, world_size=world_size)  # what transformers/TRL refuse (creates no folder)
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"training settings refused by transformers/TRL: {first[:300]}") from None
     key = config_hash({k: v for k, v in key_dict(cfg).items()
                        if k not in ("output_dir", "progress", "resume", "keep_checkpoints", "num_threads")})
     stamp = work / "config_hash"
@@ -405,10 +484,18 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
     if is_main:
         stamp.write_text(key)
 
-    trainer, tokenizer, info = build_trainer(cfg, work, callbacks=callbacks)
+    try:
+        trainer, tokenizer, info = build_trainer(cfg, work, records=records, callbacks=callbacks)
+    except BaseException:
+        if is_main and not any(work.glob("checkpoint-*")):  # nothing to resume from: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(str(work)) if cfg.resume else None
+    stopped_at = _stopped_by_equal_fit(cfg, last)
+    if stopped_at is not None:  # killed after equal fit stopped the run: finish there, train no further
+        trainer.args.max_steps = stopped_at
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' own v6 renames, not ours to fix
