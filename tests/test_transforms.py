@@ -57,6 +57,21 @@ def test_filter_keeps_scores_at_or_above_the_threshold():
         filter_by_score(recs, {"r:0": 5.0}, 1.0)
 
 
+@pytest.mark.parametrize("rows, needle", [
+    (['{"id": "x1", "score": 5}', '{"id": "x2", "score": 1}', '{"id": "x2", "score": 5}'],
+     "scores.jsonl:3: field 'id': duplicate id 'x2' (first on line 2)"),
+    (['{"id": "x1", "score": NaN}'], "scores.jsonl:1: field 'score': expected a finite number"),
+])
+def test_a_scores_file_with_repeated_ids_or_nan_is_refused(tmp_path, rows, needle):
+    from itlens.transforms import read_scores
+
+    f = tmp_path / "scores.jsonl"
+    f.write_text("\n".join(rows) + "\n")
+    with pytest.raises(InputError) as e:
+        read_scores(f)
+    assert needle in str(e.value)
+
+
 def test_simplify_exact_then_rewriter():
     recs = _records(2)
     recs[0]["response_simple"] = "a0."

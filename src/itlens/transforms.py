@@ -8,6 +8,7 @@ tuned model can be traced back to the exact data it saw.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -38,13 +39,16 @@ def subset(records: list[dict], n: int, *, seed: int = 0) -> list[dict]:
 def read_scores(path: str | Path, field: str = "score") -> dict[str, float]:
     """``{id: score}`` from a JSONL of ``{"id", "score"}`` rows (the judge's output)."""
     scores: dict[str, float] = {}
+    first: dict[str, int] = {}
     for lineno, obj in iter_jsonl(path):
         rid, value = obj.get("id"), obj.get(field)
         if not isinstance(rid, str) or not rid:
             raise InputError("expected a non-empty string id", file=path, line=lineno, field="id")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"expected a number, got {value!r}", file=path, line=lineno, field=field)
-        scores[rid] = float(value)
+        if rid in first:
+            raise InputError(f"duplicate id {rid!r} (first on line {first[rid]})", file=path, line=lineno, field="id")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"expected a finite number, got {value!r}", file=path, line=lineno, field=field)
+        first[rid], scores[rid] = lineno, float(value)
     return scores
 
 
