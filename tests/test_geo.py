@@ -342,6 +342,20 @@ def test_geo_facts_parse_values_exactly_for_grading_and_borrowing(geo_dir):
     alias = cur["answers"][1]
     assert grade_responses([cur], {cur["id"]: f"They pay in {alias}."}, world=facts)[0]["correct"] == 1
     assert facts.parse_value("capital", "no city named here") is None
+    # codes count only as written (upper case): "let me try", "mad", "a tea cup" are English words
+    code_of = {a: r["answers"][0] for r in ev if r["attribute"] == "currency" for a in r["answers"][1:]
+               if a.isupper() and len(a) == 3}
+    code = next(iter(code_of))
+    assert facts.parse_value("currency", f"They pay in {code}.") == code_of[code]
+    assert facts.parse_value("currency", f"They pay in {code.lower()} or so.") is None
+    from itlens.geo import match_answer
+
+    assert match_answer(f"I {code.lower()} it", [code]) is None and match_answer(f"It is {code}.", [code]) == code
+    # geo's "unknown" is the probe's label of a real fact: a right value stated there is right
+    unknown = [{**r, "group": "unknown"} for r in ev]
+    rows = {row["id"]: row for row in stated_facts(unknown, resp, facts)}
+    assert all(rows[r["id"]]["wrong"] == stated[r["id"]]["wrong"] for r in ev)
+    assert any(rows[r["id"]]["correct"] > 0 for r in ev)
 
 
 def test_knowledge_on_a_geo_folder_grades_exactly_and_probes_multiple_choice(geo_dir, tiny_model_dir, tmp_path,

@@ -187,3 +187,21 @@ def test_report_renders_nested_evidence_as_tables_not_json():
     assert "{" not in page and '"n"' not in page  # no raw JSON
     assert "<td>recognised_unknown</td><td><table>" in page and "<td>Unknown</td><td><table>" in page
     assert "<td>lft</td><td>0.711</td>" in page and "<td>76</td>" in page and "-0.197" in page
+
+
+def test_a_stage_run_in_a_worker_is_reported_as_run_not_reused(tmp_path):
+    """workers > 1: the seed chains run in other processes, then the main pass finds their stages done;
+    timings.json must still say they ran (the worker's flags win over the main pass's cache hit)."""
+    from itlens.stages import Stage, StageRunner
+    from itlens.study import _stage_seed
+
+    st = Stage("gen-s0-base", {"k": 1}, lambda work: (work / "x").write_text("x"))
+    worker = StageRunner(tmp_path, log=lambda m: None)
+    worker.run(st)
+    main = StageRunner(tmp_path, log=lambda m: None)
+    main.cached.update({k: v for k, v in worker.cached.items() if _stage_seed(k) == 0})
+    main.run(st)
+    assert main.cached == {"gen-s0-base": False}
+    again = StageRunner(tmp_path, log=lambda m: None)  # a later study run: now it is reused
+    again.run(st)
+    assert again.cached == {"gen-s0-base": True}

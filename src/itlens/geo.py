@@ -101,10 +101,25 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
 
 
+def is_code(alias: str) -> bool:
+    """An upper-case code (an ISO currency code such as TRY, MAD, CUP): matched only in upper case, as
+    a word, since its lower-case form is often an English word ("let me try", "a tea cup")."""
+    return 2 <= len(alias) <= 4 and alias.isascii() and alias.isalpha() and alias.isupper()
+
+
+def _code_pattern(codes) -> re.Pattern:
+    return re.compile(r"(?<![A-Za-z0-9])(" + "|".join(map(re.escape, sorted(codes))) + r")(?![A-Za-z0-9])")
+
+
 def match_answer(text: str, answers: list[str]) -> str | None:
-    """The first of ``answers`` that occurs in ``text`` as whole words (after :func:`normalise`), or None."""
+    """The first of ``answers`` that occurs in ``text`` as whole words (after :func:`normalise`; codes
+    (:func:`is_code`) as written, in upper case), or None."""
     hay = f" {normalise(text)} "
     for ans in answers:
+        if is_code(ans):
+            if _code_pattern([ans]).search(text or ""):
+                return ans
+            continue
         needle = normalise(ans)
         if needle and f" {needle} " in hay:
             return ans
@@ -138,12 +153,17 @@ class GeoFacts:
                       for a in self.attributes}
         self._canon: dict[str, dict[str, str]] = {}
         self._re: dict[str, re.Pattern] = {}
+        self._codes: dict[str, dict[str, str]] = {}  # upper-case codes (is_code), matched as written
         for attr in self.attributes:
             canon: dict[str, str] = {}
             ambiguous: dict[str, str] = {}
+            codes: dict[str, str] = {}
             for c in countries:
                 fact = c["facts"].get(attr)
                 for alias in (fact or {}).get("answers", []):
+                    if is_code(alias):
+                        codes.setdefault(alias, fact["value"])
+                        continue
                     key = normalise(alias)
                     if not key:
                         continue
@@ -151,10 +171,11 @@ class GeoFacts:
                         ambiguous.setdefault(key, alias)
                     canon.setdefault(key, fact["value"])
             canon.update(ambiguous)
-            self._canon[attr] = canon
+            self._canon[attr], self._codes[attr] = canon, codes
             keys = sorted(canon, key=lambda k: (-len(k), k))
             self._re[attr] = re.compile(r"(?<![a-z0-9])(" + "|".join(map(re.escape, keys)) + r")(?![a-z0-9])") \
                 if keys else re.compile(r"(?!x)x")
+        self._code_re = {a: _code_pattern(c) for a, c in self._codes.items() if c}
 
     @classmethod
     def load(cls, geo_dir: str | Path) -> "GeoFacts":
@@ -167,9 +188,13 @@ class GeoFacts:
         return self._by_id[country_id]
 
     def parse_value(self, attribute: str, text: str) -> str | None:
-        """The canonical value of the first ``attribute`` value named in ``text``, or None."""
+        """The canonical value of the first ``attribute`` value named in ``text`` (else of the first code
+        written in upper case: "TRY" is the lira, "let me try" is not), or None."""
         m = self._re[attribute].search(normalise(text or ""))
-        return self._canon[attribute][m.group(1)] if m else None
+        if m:
+            return self._canon[attribute][m.group(1)]
+        code = self._code_re[attribute].search(text or "") if attribute in self._code_re else None
+        return self._codes[attribute][code.group(1)] if code else None
 
 
 # ------------------------------------------------------------------------------------------ facts

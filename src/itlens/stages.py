@@ -79,7 +79,7 @@ class StageRunner:
         h = self.stage_hash(stage)
         self.hashes[stage.name] = h
         if self.is_cached(stage):
-            self.cached[stage.name] = True
+            self.cached.setdefault(stage.name, True)  # a stage run earlier in this study (another process) stays "run"
             self.log(f"[cached] {stage.name}")
             return final
         self.cached[stage.name] = False

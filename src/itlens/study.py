@@ -565,12 +565,15 @@ def _run_seeds_in_parallel(cfg: StudyConfig, plan: StudyPlan, runner: StageRunne
                              mp_context=mp.get_context("spawn")) as pool:
         futures = {seed: pool.submit(_run_seed_chain, cfg, str(out), seed) for seed in cfg.seeds}
         for seed, fut in futures.items():
-            runner.timings.update(fut.result())
+            timings, cached = fut.result()
+            runner.timings.update(timings)
+            runner.cached.update(cached)  # what the worker ran is reported as run, not as reused
             log(f"seed {seed}: done")
 
 
-def _run_seed_chain(cfg: StudyConfig, out: str, seed: int) -> dict[str, float]:
-    """Worker process: the stages of one seed (shared stages are only planned, they are cached)."""
+def _run_seed_chain(cfg: StudyConfig, out: str, seed: int) -> tuple[dict[str, float], dict[str, bool]]:
+    """Worker process: the stages of one seed (shared stages are only planned, they are cached);
+    returns the timings and the cached flags of the stages it ran."""
     plan = plan_study(cfg, Path(out))
     runner = StageRunner(out, log=lambda m: print(f"[seed {seed}] {m}", flush=True))
     for st in plan.stages:
@@ -579,7 +582,7 @@ def _run_seed_chain(cfg: StudyConfig, out: str, seed: int) -> dict[str, float]:
             runner.plan(st)
         elif s == seed:
             runner.run(st)
-    return runner.timings
+    return runner.timings, {k: v for k, v in runner.cached.items() if _stage_seed(k) == seed}
 
 
 def _resolved(cfg: StudyConfig) -> dict:
@@ -612,10 +615,15 @@ def stated_facts(eval_records: list[dict], responses: dict[str, str], world) -> 
     """Per answer: the facts it states about the person asked about, and how many are wrong (exact).
 
     A stated fact is an attribute whose value appears in the answer (its first occurrence); it is wrong
-    when it differs from the person's value (for Unknown people every stated value is a guess the model
-    cannot know). ``has_wrong`` marks answers with at least one hallucinated fact: the analogue of the
+    when it differs from the person's value. For the synthetic world's Unknown people, whom pretraining
+    never saw, every stated value is a guess the model cannot know and counts as wrong; geo's "unknown"
+    is only the probe's label of a real fact, so there a right value counts as right.
+    ``has_wrong`` marks answers with at least one hallucinated fact: the analogue of the
     paper's Figure 6 cases 4-5 (hallucinated to prolong the answer, or in core facts).
     """
+    from itlens.world import World
+
+    unseen_unknown = isinstance(world, World)
     rows = []
     for rec in eval_records:
         if rec["id"] not in responses or not rec.get("person"):
@@ -629,7 +637,7 @@ def stated_facts(eval_records: list[dict], responses: dict[str, str], world) -> 
                 continue
             stated += 1
             true = person["answers"][attr] if "answers" in person else [person["attrs"][attr]]  # geo: aliases
-            if rec.get("group") == "unknown" or v not in true:
+            if (unseen_unknown and rec.get("group") == "unknown") or v not in true:
                 wrong += 1
         rows.append({"id": rec["id"], "group": rec.get("group"), "kind": "describe" if rec.get("attribute") ==
                      "describe" else "single", "stated": stated, "wrong": wrong, "correct": stated - wrong,
