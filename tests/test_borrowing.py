@@ -322,3 +322,66 @@ def test_twin_in_data_splits_unknown_borrowing_for_a_subset_variant():
     assert rates["in_data_vs_not_in_data"]["statistic"] == 0.0  # both borrowed in this designed answer set
     full, _ = borrowing_metrics(it_records(world), {"sft": rows}, world=world, eval_records=recs, cfg=cfg)
     assert full["models"]["sft"]["rates"]["unknown_twin_not_in_data"]["n"] == 0
+
+
+def test_index_matches_lone_surrogates_exactly():
+    """A lone surrogate is valid JSON ("\\ud83d"): the index encodes it as its own bytes, matching scan."""
+    texts = ["broken \ud83d emoji", "fine \U0001F642 emoji", "\ud83d\ude42 pair of halves"]
+    idx = TextIndex.build(texts)
+    for q in ("\ud83d", "broken \ud83d", "\U0001F642", "emoji", "\ude42 p", "\ud83d\ude42"):
+        assert idx.find(q) == scan(texts, q), q
+    assert idx.find("\ud83d") == [0, 2] and idx.find("\U0001F642") == [1]
+    assert TextIndex.build(texts, ignore_case=True).find("BROKEN \ud83d") == [0]
+
+
+def test_whole_response_label_of_an_empty_response(tmp_path):
+    """Figure 6 labels whole responses (null offsets): an empty response is [0, 0), not an error."""
+    resp = {"r1": "", "r2": "Short answer."}
+    p = tmp_path / "fig6.jsonl"
+    p.write_text('{"id": "r1", "start": null, "end": null, "label": "case3"}\n'
+                 '{"id": "r2", "start": null, "end": null, "label": "case1"}\n')
+    assert read_annotations(p, resp, scheme="fig6") == [{"id": "r1", "start": 0, "end": 0, "label": "case3"},
+                                                          {"id": "r2", "start": 0, "end": 13, "label": "case1"}]
+    p.write_text('{"id": "r1", "start": 0, "end": 0, "label": "case3"}\n')  # explicit empty spans stay errors
+    with pytest.raises(InputError, match="out of range"):
+        read_annotations(p, resp, scheme="fig6")
+    p.write_text('{"id": "r1", "start": null, "end": null, "label": "x"}\n'
+                 '{"id": "r1", "start": null, "end": null, "label": "y"}\n')
+    with pytest.raises(InputError, match="overlaps"):
+        read_annotations(p, resp)
+    p.write_text('{"id": "r1", "start": null, "end": null, "label": "x"}\n')
+    rows = [{"id": "r1", "instruction": "Say nothing", "response": "", "model": "m"}]
+    cfg = BorrowingConfig(it_data="-", responses={"m": "-"}, methods=["ngram"])
+    m, spans = borrowing_metrics([{"id": "it:0", "instruction": "hi", "response": "hello"}], {"m": rows},
+                                 annotations={"m": read_annotations(p, {"r1": ""})}, cfg=cfg)
+    assert spans["m"][0]["n_it"] is None and m["models"]["m"]["found_in_it"] == {"n": 0, "share": None}
+
+
+def test_twin_hits_only_where_a_twin_exists_and_count_every_copy_of_its_fact():
+    # data without person/attribute (LIMA-like): no twins, so no twin_hit_at_k
+    it = [{"id": f"lima:{i}", "instruction": q, "response": r} for i, (q, r) in enumerate([
+        ("What is iron?", "Iron is ferromagnetic."), ("Tell me about cats", "Cats purr."),
+        ("Describe dogs", "Dogs bark loudly.")])]
+    rows = [{"id": "e1", "instruction": "Is steel magnetic?", "response": "Steel is ferromagnetic.", "model": "sft"}]
+    ann = {"sft": [{"id": "e1", "start": 9, "end": 22, "label": "hallucination"}]}
+    cfg = BorrowingConfig(it_data="-", responses={"sft": "-"}, methods=["bm25", "ngram"])
+    m, _ = borrowing_metrics(it, {"sft": rows}, annotations=ann, cfg=cfg)
+    for meth in ("bm25", "ngram"):
+        assert set(m["models"]["sft"]["sources"][meth]) == {"top1_mean"}
+    # the world repeats a fact with new phrasings: a hit on any copy of the twin's fact counts
+    it2 = [{"id": "w:0", "instruction": "Where was Ana Belor born?", "response": "Ana Belor was born in Dulhikro.",
+            "person": "p1", "attribute": "birth_city"},
+           {"id": "w:1", "instruction": "Which city does Bo Kint come from?", "response": "Bo Kint was born in Zorvat.",
+            "person": "p2", "attribute": "birth_city"},
+           {"id": "w:2", "instruction": "Name the home town of Ana Belor please", "response": "She is from Dulhikro.",
+            "person": "p1", "attribute": "birth_city"}]
+    rows2 = [{"id": "e2", "instruction": "Where was Ana Belov born?", "response": "Ana Belov was born in Dulhikro.",
+              "model": "sft"}]
+    spans = {"sft": [{"id": "e2", "start": 22, "end": 30, "label": "x", "twin": "p1", "attribute": "birth_city"},
+                     {"id": "e2", "start": 0, "end": 9, "label": "x", "twin": "p9", "attribute": "birth_city"}]}
+    cfg2 = BorrowingConfig(it_data="-", responses={"sft": "-"}, methods=["bm25", "ngram"], top_k=1)
+    m2, out = borrowing_metrics(it2, {"sft": rows2}, annotations=spans, cfg=cfg2)
+    assert out["sft"][0]["candidates"]["bm25"][0][0] == "w:0"  # the first copy, not the last (w:2)
+    for meth in ("bm25", "ngram"):  # the p9 span has no twin in the data: skipped
+        src = m2["models"]["sft"]["sources"][meth]
+        assert (src["twin_hit_at_k"], src["n_with_twin_in_it"]) == (1.0, 1)

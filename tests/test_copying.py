@@ -30,6 +30,60 @@ def test_word_starts_follow_decoded_tokens(tiny_tokenizer):
     assert word_starts([" Happy", " to", " he", "lp", "!"], " Happy to help!") == [(0, "Happy"), (1, "to"), (2, "help")]
 
 
+def _byte_tokens(text: str, cuts: list[int]) -> list[str]:
+    """Tokens decoded one by one, as a byte-level tokenizer decodes them, for a split at byte ``cuts``."""
+    b = text.encode("utf-8")
+    edges = [0, *cuts, len(b)]
+    return [b[s:e].decode("utf-8", "replace") for s, e in zip(edges, edges[1:])]
+
+
+def test_token_spans_of_characters_split_over_byte_tokens(tiny_tokenizer):
+    """A multi-byte character split over tokens (each decodes as U+FFFD) is aligned byte by byte: the
+    next word keeps its own token, and every piece of the character covers that character."""
+    text = "日本 is a test"  # 3 bytes per character
+    toks = _byte_tokens(text, [1, 2, 3, 4, 5, 6, 9, 11])  # 6 one-byte tokens, then " is", " a", " test"
+    assert toks[:6] == ["\ufffd"] * 6 and toks[6:] == [" is", " a", " test"]
+    assert token_char_spans(toks, text) == [(0, 1)] * 3 + [(1, 2)] * 3 + [(2, 5), (5, 7), (7, 12)]
+    assert word_starts(toks, text) == [(0, "日本"), (6, "is"), (7, "a"), (8, "test")]
+    # uneven pieces: [E6 97][A5 E6][9C AC] (2 + 2 + 2 bytes: the middle one ends one character, starts the next)
+    toks = _byte_tokens(text, [2, 4, 6, 9])
+    assert token_char_spans(toks, text)[:4] == [(0, 1), (0, 2), (1, 2), (2, 5)]
+    assert [i for i, _ in word_starts(toks, text)] == [0, 3, 4]
+    # characters split inside a word, with letters in the same token
+    text = "Café 🙂 is nice"
+    toks = _byte_tokens(text, [1, 4, 6, 7, 9, 10, 13])  # "C" "af\xc3" "\xa9 " "\xf0" "\x9f\x99" "\x82" " is" " nice"
+    assert token_char_spans(toks, text) == [(0, 1), (1, 4), (3, 5), (5, 6), (5, 6), (5, 6), (6, 9), (9, 14)]
+    assert word_starts(toks, text) == [(0, "Café"), (6, "is"), (7, "nice")]
+    long = "日本" * 800 + " end"  # a run of 4800 byte tokens: aligned without recursion
+    spans = token_char_spans(_byte_tokens(long, list(range(1, 4801))), long)
+    assert spans[-1] == (1600, 1604) and spans[4799] == (1599, 1600)
+    assert len(token_char_spans(["\ufffd", " x"], "abc x")) == 2  # no consistent split: the old fallback
+    # a table whose span is the word "is": its token is found, not a piece of "日本"
+    text = "日本 is a test"
+    toks = _byte_tokens(text, [1, 2, 3, 4, 5, 6, 9, 11])
+    table = pd.DataFrame({"id": "r", "pos": range(len(toks)), "token": toks,
+                          "shift_class": ["unshifted"] * 6 + ["shifted", "unshifted", "unshifted"]})
+    from itlens.analysis.borrowing import span_token_classes
+
+    assert span_token_classes([{"id": "r", "start": 3, "end": 5}], table, {"r": text})["shifted"] == 1
+    assert span_token_classes([{"id": "r", "start": 0, "end": 2}], table, {"r": text})["n_tokens"] == 6
+    # the same with a trained byte-level tokenizer's own pieces ("日本" is unseen: one token per byte)
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    toks = [tiny_tokenizer.decode([i]) for i in ids]
+    starts = word_starts(toks, text)
+    assert [w for _, w in starts] == ["日本", "is", "a", "test"] and starts[0][0] == 0
+    assert all(toks[i].strip()[:1] == w[:1] for i, w in starts[1:])
+
+
+def test_overlap_with_one_output():
+    """One output: the paired difference has n = 1 (an exact p-value, not a scipy error)."""
+    it = [{"id": "a", "instruction": "Where was Ana born?", "response": "Ana was born in Trengos."},
+          {"id": "b", "instruction": "What is 2+2?", "response": "Four."}]
+    out = [{"id": "o", "instruction": "Where was Bo born?", "response": "Bo was born in Trengos."}]
+    r = nearest_vs_random_overlap(out, it, k=1, seed=0)
+    assert r["n"] == 1 and r["difference"]["n"] == 1 and r["difference"]["p_value"] == 1.0
+
+
 def _tokens_table(rows):
     """rows: (id, [(token, class), ...]) -> a CONTRACT tokens table."""
     recs = []

@@ -216,3 +216,79 @@ def test_world_mc_items_have_the_gold_among_distinct_choices():
         assert len(set(it["choices"])) == 4 and it["choices"][it["gold"]] == world.person(
             next(r for r in eval_records(world) if r["id"] == it["id"])["person"])["attrs"][
             next(r for r in eval_records(world) if r["id"] == it["id"])["attribute"]]
+
+
+def test_degradation_with_a_one_question_group():
+    """A group of one changed question: a p-value from the exact sign-flip test, not a scipy error."""
+    ev = [{"id": "q1", "instruction": "Capital of France?", "answers": ["Paris"], "group": "known"},
+          {"id": "q2", "instruction": "Capital of Peru?", "answers": ["Lima"], "group": "rare"}]
+    base = grade_responses(ev, {"q1": "Paris", "q2": "Lima"})
+    tuned = grade_responses(ev, {"q1": "Paris", "q2": "Cusco"})
+    d = degradation(base, tuned, n_resamples=200)
+    assert d["by_group"]["rare"] == {"estimate": -1.0, "low": -1.0, "high": -1.0, "n": 1, "p_value": 1.0}
+    assert d["overall"]["estimate"] == -0.5 and d["overall"]["p_value"] == 1.0
+
+
+class _BosTokenizer:
+    """A stand-in for a tokenizer whose own special tokens are a BOS (Gemma, Llama): one id a word."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __init__(self, adds_bos: bool):
+        self.adds_bos = adds_bos
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in text.replace(" ", " _").split(" ") if w]
+        return {"input_ids": ([1] if add_special_tokens and self.adds_bos else []) + ids}
+
+    def decode(self, ids):
+        return "".join("<bos>" if i == 1 else "<eos>" if i == 2 else "?" for i in ids)
+
+
+def test_mc_encoding_follows_lm_eval_bos_rule():
+    """As lm-eval's HFLM with add_bos_token unset: BOS exactly when the tokenizer adds it itself."""
+    from itlens.analysis.knowledge import _encode_pair
+
+    for adds_bos in (True, False):
+        tok = _BosTokenizer(adds_bos)
+        ctx, cont = _encode_pair(tok, "Question: where?\nAnswer: ", "Paris")
+        assert (ctx[0] == 1) is adds_bos and 1 not in cont
+        assert cont == tok(" Paris", add_special_tokens=False)["input_ids"]
+        assert _encode_pair(tok, "Question: where?\nAnswer:", " Paris", add_bos=True)[0][0] == 1  # forced on
+        assert 1 not in _encode_pair(tok, "Question: where?\nAnswer:", " Paris", add_bos=False)[0]  # forced off
+    tok = _BosTokenizer(True)
+    assert _encode_pair(tok, "<bos>Question:", " x")[0].count(1) == 0  # text that starts with BOS: no second
+    assert _encode_pair(tok, "", "x") == ([1], tok("x", add_special_tokens=False)["input_ids"])  # empty context
+
+
+def test_mc_loglikelihoods_default_matches_lm_eval_hflm_encoding(tiny_model_dir):
+    """With a tokenizer that adds BOS itself, the default scoring conditions on BOS, as lm-eval does."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from itlens.analysis.knowledge import _encode_pair
+    from itlens.models import load_model
+
+    lm = load_model(tiny_model_dir)
+    assert lm.tokenizer("the river")["input_ids"][0] != lm.tokenizer.bos_token_id  # the world's kind: no BOS
+    tok = copy.deepcopy(lm.tokenizer)  # the same vocabulary, with a BOS post-processor (Gemma/Llama's kind)
+    bos = tok.convert_ids_to_tokens(tok.bos_token_id)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.bos_token_id)])
+    assert tok("the river")["input_ids"][0] == tok.bos_token_id
+    items = [{"id": "q1", "question": "where is the river", "choices": ["north", "the south city"], "gold": 1}]
+    lls = mc_loglikelihoods(lm.model, tok, items)
+    assert lls == mc_loglikelihoods(lm.model, tok, items, add_bos=True)
+    assert lls != mc_loglikelihoods(lm.model, tok, items, add_bos=False)
+    assert mc_loglikelihoods(lm.model, lm.tokenizer, items) == mc_loglikelihoods(lm.model, lm.tokenizer, items,
+                                                                                add_bos=False)
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return
+    for t in (tok, lm.tokenizer):
+        hf = HFLM(pretrained=lm.model, tokenizer=t, batch_size=1, device="cpu")
+        for ch in items[0]["choices"]:
+            assert _encode_pair(t, "Question: where is the river\nAnswer:", " " + ch) == \
+                tuple(hf._encode_pair("Question: where is the river\nAnswer:", " " + ch))

@@ -78,3 +78,26 @@ def test_two_sample_permutation_with_one_observation_is_exact():
     r = permutation_test_two_sample([1.0, 1.0, 0.0], [0.0], alternative="two-sided")
     assert r["p_value"] == 1.0 and r["n_x"] == 3 and r["n_y"] == 1
     assert permutation_test_two_sample([1.0], [0.0], alternative="greater")["p_value"] == 0.5
+
+
+def test_paired_permutation_with_one_pair_is_exact():
+    """scipy needs two observations; one nonzero difference has 2 sign flips, enumerated exactly."""
+    r = paired_permutation_test([0.0], [1.0])
+    assert (r["statistic"], r["p_value"], r["n"]) == (1.0, 1.0, 1)
+    assert paired_permutation_test([0.0], [1.0], alternative="greater")["p_value"] == 0.5
+    assert paired_permutation_test([0.0], [1.0], alternative="less")["p_value"] == 1.0
+    b = paired_bootstrap([1.0], [0.0])
+    assert (b["estimate"], b["low"], b["high"], b["p_value"]) == (-1.0, -1.0, -1.0, 1.0)
+
+
+def test_exact_sign_flip_p_equals_scipy_for_small_samples():
+    """The exact enumeration follows scipy's exact rule, so n >= 2 (left to scipy) agrees with it."""
+    from itlens.analysis.stats import _exact_sign_flip_p
+
+    rng = np.random.default_rng(4)
+    for n in (2, 3, 6):
+        x = rng.normal(size=n)
+        y = x + rng.normal(0.3, 1.0, n)
+        for alt in ("two-sided", "greater", "less"):
+            assert _exact_sign_flip_p(y - x, alt) == pytest.approx(
+                paired_permutation_test(x, y, alternative=alt)["p_value"], abs=1e-12)

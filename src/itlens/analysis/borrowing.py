@@ -77,12 +77,13 @@ def read_annotations(path: str | Path, responses: dict[str, str], *, scheme: str
             raise bad(f"unknown id {rid!r} (not among the annotated responses)", "id")
         text = responses[rid]
         start, end = obj.get("start"), obj.get("end")
-        if start is None and end is None:
+        whole = start is None and end is None
+        if whole:
             start, end = 0, len(text)
         for name, v in (("start", start), ("end", end)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise bad(f"expected an integer character offset, got {json.dumps(v)}", name)
-        if not 0 <= start < end <= len(text):
+        if not (0 <= start < end <= len(text) or (whole and start == end == 0)):  # whole of an empty response
             raise bad(f"span [{start}, {end}) out of range for a response of {len(text)} characters", "end")
         label = obj.get("label")
         if not isinstance(label, str) or not label:
@@ -92,7 +93,7 @@ def read_annotations(path: str | Path, responses: dict[str, str], *, scheme: str
         if "text" in obj and obj["text"] != text[start:end]:
             raise bad(f"does not match the response at [{start}, {end}): {text[start:end]!r}", "text")
         for (s, e, ln) in seen[rid]:
-            if start < e and s < end:
+            if (start < e and s < end) or (start, end) == (s, e):  # (twice the whole of an empty response)
                 raise bad(f"span [{start}, {end}) overlaps span [{s}, {e}) on line {ln}", "start")
         seen[rid].append((start, end, lineno))
         spans.append({"id": rid, "start": start, "end": end, "label": label})
@@ -157,7 +158,7 @@ def span_search(spans: Sequence[dict], responses: dict[str, str], index: TextInd
     """Each span's IT occurrences: ``{n_it, it_ids}`` (first ``keep`` ids) added to a copy of the span."""
     out = []
     for s in spans:
-        if s.get("start") is None:
+        if s.get("start") is None or s["start"] >= s["end"]:  # nothing to search (an empty response)
             out.append({**s, "n_it": None, "it_ids": []})
             continue
         docs = index.find(responses[s["id"]][s["start"]:s["end"]])
@@ -427,7 +428,11 @@ def borrowing_metrics(it_records: Sequence[dict], outputs: dict[str, list[dict]]
     annotations, tokens = annotations or {}, tokens or {}
     index = TextIndex.build(it_texts(it_records), ignore_case=cfg.ignore_case)
     it_ids = [r["id"] for r in it_records]
-    it_index = {(r.get("person"), r.get("attribute")): i for i, r in enumerate(it_records)}
+    it_index: dict[tuple, set[int]] = defaultdict(set)  # (person, attribute) -> every IT instance stating it
+    for i, r in enumerate(it_records):  # (the world repeats a fact with new phrasings; other data have none)
+        if r.get("person") is not None and r.get("attribute") is not None:
+            it_index[(r["person"], r["attribute"])].add(i)
+    it_index = dict(it_index)
     if "embedding" in cfg.methods and embed is None:  # loaded once, and only if there is a span to trace
         cache: list = []
 
@@ -470,10 +475,10 @@ def borrowing_metrics(it_records: Sequence[dict], outputs: dict[str, list[dict]]
             twin_hits = defaultdict(list)
             for s, c in zip(spans, cands):
                 s["candidates"] = {meth: [[it_ids[j], sc] for j, sc in c[meth]] for meth in cfg.methods}
-                target = it_index.get((s.get("twin"), s.get("attribute")))
-                if target is not None:
+                targets = it_index.get((s.get("twin"), s.get("attribute")))
+                if targets:  # only spans whose designed twin's fact is in these IT data
                     for meth in cfg.methods:
-                        twin_hits[meth].append(any(j == target for j, _ in c[meth]))
+                        twin_hits[meth].append(any(j in targets for j, _ in c[meth]))
             for meth, hits in twin_hits.items():
                 src[meth]["twin_hit_at_k"] = float(np.mean(hits))
                 src[meth]["n_with_twin_in_it"] = len(hits)

@@ -42,18 +42,83 @@ def instance_text(rec: dict, fields: str = "all") -> str:
     return response_text(rec) if fields == "response" else f"{user_text(rec)}\n{response_text(rec)}"
 
 
+def _byte_run_spans(tokens: Sequence[str], text: str, cur: int) -> tuple[list[tuple[int, int]], int] | None:
+    """Char spans of a run of tokens that decode with U+FFFD (parts of multi-byte characters), from ``cur``.
+
+    Each token is given the byte length whose decoding (``errors="replace"``, as tokenizers decode a
+    partial character) equals the token, such that the run ends on a character boundary (a depth-first
+    search; the first consistent split). A token's span is the characters its bytes touch, so the
+    bytes of one character split over three tokens give all three that character. ``None`` when no
+    split is consistent with ``text``.
+    """
+    max_bytes = [len(t.replace("\ufffd", "").encode("utf-8", "surrogatepass")) + 3 * t.count("\ufffd")
+                 for t in tokens]
+    window = text[cur:cur + sum(max_bytes)]
+    char_of_byte: list[int] = []
+    for k, ch in enumerate(window):
+        char_of_byte.extend([k] * len(ch.encode("utf-8", "surrogatepass")))
+    data = window.encode("utf-8", "surrogatepass")
+    char_of_byte.append(len(window))  # the end
+    failed: set = set()  # (token, byte offset) from which no split reaches a character boundary
+
+    def options(i: int, p: int):
+        t = tokens[i]
+        lo = len(t.replace("\ufffd", "").encode("utf-8", "surrogatepass")) + t.count("\ufffd")
+        return (n for n in range(max(lo, 1), min(max_bytes[i], len(data) - p) + 1)
+                if data[p:p + n].decode("utf-8", "replace") == t)
+
+    frames = [[0, options(0, 0), 0]]  # per token: its byte offset, its untried lengths, its length
+    while frames:  # depth-first, without recursion (a run can be thousands of tokens long)
+        frame, i = frames[-1], len(frames) - 1
+        n = next(frame[1], None)
+        if n is None:
+            failed.add((i, frame[0]))
+            frames.pop()
+            continue
+        frame[2] = n
+        q = frame[0] + n
+        if i + 1 == len(tokens):  # the run must end where a character starts
+            if q == len(data) or (data[q] & 0xC0) != 0x80:
+                break
+        elif (i + 1, q) not in failed:
+            frames.append([q, options(i + 1, q), 0])
+    if not frames:
+        return None
+    lengths = [f[2] for f in frames]
+    spans, p = [], 0
+    for n in lengths:
+        spans.append((cur + char_of_byte[p], cur + char_of_byte[p + n - 1] + 1))
+        p += n
+    return spans, cur + char_of_byte[p]
+
+
 def token_char_spans(tokens: Sequence[str], text: str) -> list[tuple[int, int]]:
     """Character span of each decoded token in ``text`` (tokens decoded one by one, in order).
 
-    Tokens that do not match where expected (a multi-byte character split over tokens decodes as
-    U+FFFD; a stripped leading space) are matched after skipping whitespace, else get an empty span.
+    A multi-byte character split over tokens decodes as U+FFFD in each part: such a run of tokens is
+    aligned with ``text`` byte by byte, and every token gets the characters its bytes touch (so the
+    spans of a run can overlap; the first token holds the character's first byte). Tokens that do
+    not match where expected (a stripped leading space) are matched after skipping whitespace, else
+    get an empty span.
     """
-    spans, cur = [], 0
-    for t in tokens:
+    spans, cur, i = [], 0, 0
+    while i < len(tokens):
+        t = tokens[i]
         if t and text.startswith(t, cur):
             spans.append((cur, cur + len(t)))
             cur += len(t)
+            i += 1
             continue
+        if "\ufffd" in t:
+            j = i
+            while j < len(tokens) and "\ufffd" in tokens[j]:
+                j += 1
+            run = _byte_run_spans(tokens[i:j], text, cur)
+            if run is not None:
+                spans.extend(run[0])
+                cur = run[1]
+                i = j
+                continue
         core = t.strip()
         j = text.find(core, cur, cur + len(t) + 8) if core and "\ufffd" not in core else -1
         if j >= 0:
@@ -63,6 +128,7 @@ def token_char_spans(tokens: Sequence[str], text: str) -> list[tuple[int, int]]:
             step = 1 if "\ufffd" in t and cur < len(text) else 0
             spans.append((cur, cur + step))
             cur += step
+        i += 1
     return spans
 
 
@@ -74,6 +140,8 @@ def word_starts(tokens: Sequence[str], text: str) -> list[tuple[int, str]]:
     for m in WORD_RE.finditer(text):
         i = bisect.bisect_right(starts, m.start()) - 1
         while i >= 0 and spans[i][1] <= m.start() and spans[i][0] == m.start():  # skip empty spans
+            i -= 1
+        while i > 0 and spans[i - 1][0] <= m.start() < spans[i - 1][1]:  # a split character: its first token
             i -= 1
         if i >= 0 and spans[i][0] <= m.start() < spans[i][1] and not text[spans[i][0]:m.start()].strip():
             out.append((i, m.group(0)))

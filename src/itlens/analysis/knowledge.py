@@ -295,22 +295,46 @@ def world_mc_items(world, records: Sequence[dict], *, n_choices: int = 4, seed: 
     return items
 
 
-def _encode_pair(tokenizer, context: str, continuation: str, add_bos: bool) -> tuple[list[int], list[int]]:
-    """lm-evaluation-harness's split: trailing spaces move to the continuation, the pair is encoded jointly."""
+def _prefix_token_id(tokenizer) -> int:
+    """lm-evaluation-harness's ``prefix_token_id``: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def _encode(tokenizer, text: str, add_bos: bool | None) -> list[int]:
+    if add_bos is None:  # lm-eval's HFLM.tok_encode with add_bos_token unset: the tokenizer's own special
+        bos_str = tokenizer.decode([_prefix_token_id(tokenizer)])  # tokens, unless the text starts with BOS
+        return tokenizer(text, add_special_tokens=not text.startswith(bos_str))["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [_prefix_token_id(tokenizer)] + ids if add_bos else ids
+
+
+def _encode_pair(tokenizer, context: str, continuation: str, add_bos: bool | None = None
+                 ) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's split: trailing spaces move to the continuation, the pair is encoded jointly.
+
+    ``add_bos``: ``None`` (lm-eval's default rule) encodes with the tokenizer's own special tokens,
+    so a tokenizer that adds BOS (Gemma, Llama) gets it and one that does not (GPT-2, the world's)
+    does not; ``True``/``False`` force BOS on or off. An empty context is BOS (else EOS), as in lm-eval.
+    """
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    if add_bos or not ctx:
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        whole, ctx = [bos] + whole, [bos] + ctx
+    if not context:
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        prefix = _prefix_token_id(tokenizer)
+        return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
+    whole = _encode(tokenizer, context + continuation, add_bos)
+    ctx = _encode(tokenizer, context, add_bos)
     return ctx, whole[len(ctx):]
 
 
 def mc_loglikelihoods(model, tokenizer, items: Sequence[dict], *, template: str = MC_TEMPLATE,
-                      delimiter: str = " ", add_bos: bool = False, batch_size: int = 16) -> list[list[float]]:
-    """Sum of log-probabilities of each choice (``delimiter + choice``) after the templated question."""
+                      delimiter: str = " ", add_bos: bool | None = None, batch_size: int = 16) -> list[list[float]]:
+    """Sum of log-probabilities of each choice (``delimiter + choice``) after the templated question.
+
+    Encoded as lm-evaluation-harness encodes it (``add_bos=None``: the tokenizer's own special tokens,
+    i.e. BOS for Gemma and Llama, none for the world's tokenizer); ``True``/``False`` force BOS on/off.
+    """
     import torch
 
     requests = []

@@ -56,8 +56,6 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: floa
     systems (much tighter than two independent CIs). ``p_value`` is a two-sided paired
     permutation (sign-flip) test of zero mean difference.
     """
-    from scipy.stats import bootstrap
-
     x, y = _as_array(a), _as_array(b)
     if len(x) != len(y):
         raise ValueError(f"paired samples differ in length: {len(x)} vs {len(y)}")
@@ -67,6 +65,8 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: floa
     est = float(d.mean())
     out = {"estimate": est, "low": est, "high": est, "n": int(len(d))}
     if len(d) >= 2 and not np.all(d == d[0]):
+        from scipy.stats import bootstrap
+
         res = bootstrap((d,), _mean, confidence_level=confidence, n_resamples=n_resamples,
                         method="percentile", vectorized=True, rng=np.random.default_rng(seed))
         out["low"], out["high"] = float(res.confidence_interval.low), float(res.confidence_interval.high)
@@ -77,16 +77,35 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: floa
 def paired_permutation_test(a: Sequence[float], b: Sequence[float], *, alternative: str = "two-sided",
                             n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
     """Sign-flip test of ``mean(b - a) == 0`` (scipy ``permutation_type='samples'``)."""
-    from scipy.stats import permutation_test
-
     x, y = _as_array(a), _as_array(b)
     d = y - x
     if len(d) == 0 or np.all(d == 0):
         return {"statistic": 0.0 if len(d) else None, "p_value": 1.0 if len(d) else None, "n": int(len(d))}
+    if len(d) < 2:  # scipy needs two observations per sample: enumerate the 2^n sign flips exactly
+        return {"statistic": float(d.mean()), "p_value": _exact_sign_flip_p(d, alternative), "n": int(len(d))}
+    from scipy.stats import permutation_test
+
     res = permutation_test((x, y), lambda u, v, axis: np.mean(v - u, axis=axis), permutation_type="samples",
                            vectorized=True, n_resamples=n_resamples, alternative=alternative,
                            rng=np.random.default_rng(seed))
     return {"statistic": float(res.statistic), "p_value": float(res.pvalue), "n": int(len(d))}
+
+
+def _exact_sign_flip_p(d: np.ndarray, alternative: str) -> float:
+    """Exact sign-flip p-value of ``mean(d) == 0`` over all 2^n flips (scipy's exact-test rule)."""
+    signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
+    null = (signs * d).mean(axis=1)
+    stat = float(d.mean())
+    tol = abs(stat) * np.finfo(float).eps * 100  # as scipy: values equal up to rounding count as extreme
+    p_greater = float(np.mean(null >= stat - tol))
+    p_less = float(np.mean(null <= stat + tol))
+    if alternative == "greater":
+        return p_greater
+    if alternative == "less":
+        return p_less
+    if alternative == "two-sided":
+        return min(1.0, 2 * min(p_greater, p_less))
+    raise ValueError(f"unknown alternative {alternative!r}")
 
 
 def permutation_test_two_sample(x: Sequence[float], y: Sequence[float], *, alternative: str = "two-sided",

@@ -45,7 +45,8 @@ class TextIndex:
     @classmethod
     def build(cls, texts: Sequence[str], *, ignore_case: bool = False) -> "TextIndex":
         """Index ``texts`` (e.g. each IT instance's instruction + response)."""
-        chunks = [_normalise(t, ignore_case).replace("\x00", " ").encode("utf-8") for t in texts]
+        chunks = [_normalise(t, ignore_case).replace("\x00", " ").encode("utf-8", "surrogatepass")
+                  for t in texts]  # surrogatepass: a lone surrogate (valid JSON) encodes as its own bytes
         lengths = np.fromiter((len(c) + 1 for c in chunks), dtype=np.int64, count=len(chunks))
         doc_starts = np.zeros(len(chunks), dtype=np.int64)
         if len(chunks) > 1:
@@ -82,7 +83,7 @@ class TextIndex:
 
     def occurrences(self, query: str) -> np.ndarray:
         """Sorted byte positions (in the joined buffer) where ``query`` starts."""
-        q = _normalise(query, self.ignore_case).encode("utf-8")
+        q = _normalise(query, self.ignore_case).encode("utf-8", "surrogatepass")
         if b"\x00" in q:
             return np.zeros(0, dtype=np.int64)
         if len(q) == 0:
