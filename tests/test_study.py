@@ -205,3 +205,48 @@ def test_a_stage_run_in_a_worker_is_reported_as_run_not_reused(tmp_path):
     again = StageRunner(tmp_path, log=lambda m: None)  # a later study run: now it is reused
     again.run(st)
     assert again.cached == {"gen-s0-base": True}
+
+
+def test_cache_keys_follow_file_contents_not_their_spelling_nor_display_options(tmp_path, tiny_model_dir,
+                                                                               monkeypatch):
+    """Editing the IT data, the eval prompts or the frame reruns what reads them; spelling a path another
+    way, changing shift.views or dropping a context reruns nothing."""
+    import yaml
+
+    from itlens.stages import StageRunner
+    from itlens.study import load_study_config, plan_study
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "it.jsonl").write_text("".join(json.dumps({"id": f"x:{i}", "instruction": f"q{i}",
+                                                           "response": f"a{i}"}) + "\n" for i in range(3)))
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"id": "e:0", "instruction": "q"}) + "\n")
+    (tmp_path / "frame.txt").write_text("# Query:\n{instruction}\n# Answer:\n")
+    base = {"name": "real", "seeds": [0], "base": str(tiny_model_dir), "it_data": "it.jsonl",
+            "eval_data": "eval.jsonl", "frame": "frame.txt", "variants": {"lft": {"method": "lora"}}}
+
+    def hashes(**over) -> dict[str, str]:
+        path = tmp_path / "study.yaml"
+        path.write_text(yaml.safe_dump({**base, **over}))
+        runner = StageRunner(tmp_path / "out", log=lambda m: None)
+        for st in plan_study(load_study_config(path), tmp_path / "out").stages:
+            runner.plan(st)
+        return runner.hashes
+
+    def changed(a: dict, b: dict) -> set[str]:
+        return {k for k in a if k in b and a[k] != b[k]}
+
+    ref = hashes()
+    assert changed(ref, hashes(it_data=str(tmp_path / "it.jsonl"), eval_data=str(tmp_path / "eval.jsonl"),
+                               frame=str(tmp_path / "frame.txt"))) == set()
+    assert changed(ref, hashes(shift={"views": 7})) == set()
+    only_frame = hashes(shift={"base_contexts": ["frame"]})
+    assert set(only_frame) < set(ref) and changed(ref, only_frame) == {"analysis-s0"}  # reads every context
+    with (tmp_path / "it.jsonl").open("a") as f:
+        f.write(json.dumps({"id": "x:9", "instruction": "q9", "response": "a9"}) + "\n")
+    assert changed(ref, hashes()) == {k for k in ref if k != "gen-s0-base"}  # the base never saw the IT data
+    ref = hashes()
+    (tmp_path / "frame.txt").write_text("Q: {instruction}\nA:\n")
+    assert changed(ref, hashes()) == {"gen-s0-base", "shift-s0-lft-frame", "analysis-s0"}
+    ref = hashes()
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"id": "e:0", "instruction": "another q"}) + "\n")
+    assert changed(ref, hashes()) == {k for k in ref if k.startswith(("gen-", "shift-", "analysis-"))}

@@ -27,7 +27,7 @@ from itlens.io import atomic_write_json, atomic_write_text, read_records
 from itlens.stages import Stage, StageRunner
 
 STAGE_VERSIONS: dict[str, int] = {"world": 1, "geo": 1, "pretrain": 1, "tune": 1, "generate": 1, "shift": 1,
-                                   "analysis": 1, "judge": 1}
+                                   "analysis": 2, "judge": 1}
 """The code version of each kind of stage, part of its cache key. Bump one when that stage's code changes
 what it writes: cached stages of that kind, and every stage downstream of them, are recomputed; the rest
 (pretraining and tuning, the costly ones) are reused. A change that writes the same bytes needs no bump."""
@@ -313,6 +313,13 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
     gcfg = sections["generate"]
     eval_path = (data_dir / "eval.jsonl") if data_dir is not None else Path(cfg.eval_data)
     frame_path = cfg.frame or (str(data_dir / "frame.txt") if data_dir is not None else "")
+    # the user's own files enter the keys by content (a file edited in place reruns what reads it; the
+    # folder's spelling does not matter); files made by the world/geo stage are covered by its hash
+    from itlens.transforms import sha256_file
+
+    digest = {k: sha256_file(f)[:16] for k, f in (("it_data", cfg.it_data if data_dir is None else None),
+                                                   ("eval", None if data_stage else cfg.eval_data),
+                                                   ("frame", cfg.frame or None)) if f}
 
     for seed in cfg.seeds:
         # ---- base model
@@ -351,7 +358,8 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                 tune(tcfg, work / "model")
 
             stages.append(Stage(sname, {"v": V["tune"], "variant": key_dict(spec), "tune": tdict, "seed": seed,
-                                        "base": str(base_dirs[seed]) if name is None else None},
+                                        "base": str(base_dirs[seed]) if name is None else None,
+                                        **({"it_data": digest["it_data"]} if "it_data" in digest else {})},
                                 run_tune, deps=base_deps + (["world"] if world_dir is not None and name else []),
                                 label=f"tune {vname} ({spec.method}, seed {seed})"))
             tuned_dirs[(seed, vname)] = out / sname / "model"
@@ -393,7 +401,8 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                 + data_stage
             stages.append(Stage(sname, {"v": V["generate"], "generate": key_dict(gcfg), "mode": "frame" if is_base else "chat",
                                         **({"frames": "per-attribute"} if is_base and base_frames else {}),
-                                        "eval": str(eval_path) if world_dir is None else None,
+                                        "eval": digest.get("eval"),
+                                        **({"frame": digest["frame"]} if is_base and "frame" in digest else {}),
                                         "model": str(model_dir) if (is_base and not name) else None},
                                 run_gen, deps=deps, label=f"generate answers: {mname} (seed {seed})"))
             responses[(seed, mname)] = out / sname / "responses.jsonl"
@@ -414,7 +423,11 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                                         batch_size=cfg.shift.batch_size)
                     write_shift(res, work)
 
-                stages.append(Stage(sname, {"v": V["shift"], "shift": key_dict(cfg.shift), "ctx": ctx},
+                # views (figures only) and the list of contexts (one stage each) do not change a stage's output
+                shift_key = {k: v for k, v in key_dict(cfg.shift).items() if k not in ("views", "base_contexts")}
+                stages.append(Stage(sname, {"v": V["shift"], "shift": shift_key, "ctx": ctx,
+                                            **({"frame": digest["frame"]} if ctx == "frame" and "frame" in digest
+                                               else {})},
                                     run_shift, deps=[f"gen-s{seed}-{vname}", f"tuned-s{seed}-{vname}"],
                                     label=f"token shift: {vname} vs base, {ctx} context (seed {seed})"))
                 shift_dirs[(seed, vname, ctx)] = out / sname
