@@ -250,3 +250,33 @@ def test_cache_keys_follow_file_contents_not_their_spelling_nor_display_options(
     ref = hashes()
     (tmp_path / "eval.jsonl").write_text(json.dumps({"id": "e:0", "instruction": "another q"}) + "\n")
     assert changed(ref, hashes()) == {k for k in ref if k.startswith(("gen-", "shift-", "analysis-"))}
+
+
+def test_the_resolved_config_runs_again_from_the_same_cache(micro_run, tmp_path):
+    """config.resolved.yaml is a config: read back, it plans the very same stages (all cached); its
+    tune_resolved is a record, and an edited one is refused rather than silently ignored."""
+    import yaml
+
+    from itlens.errors import InputError
+    from itlens.stages import StageRunner
+    from itlens.study import load_study_config, plan_study
+
+    resolved = micro_run / "config.resolved.yaml"
+    runner = StageRunner(micro_run, log=lambda m: None)
+    assert all(runner.plan(st) for st in plan_study(load_study_config(resolved), micro_run).stages)
+    data = yaml.safe_load(resolved.read_text())
+    name = next(iter(data["variants"]))
+    data["variants"][name]["tune_resolved"]["learning_rate"] = 0.5
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError, match=f"variants.{name}.tune_resolved"):
+        load_study_config(edited)
+
+
+def test_compare_lists_values_per_seed_and_item():
+    from itlens.report import compare_metrics
+
+    a = {"f": {"by_seed": [0.1, 0.2], "n": 3, "seeds": [0, 1]}, "x": [{"acc": 0.5}]}
+    b = {"f": {"by_seed": [0.1, 0.3], "n": 3, "seeds": [0, 1, 2]}, "x": [{"acc": 0.6}]}
+    assert compare_metrics(a, b) == [("f.by_seed[1]", 0.2, 0.3), ("f.seeds", [0, 1], [0, 1, 2]), ("x[0].acc", 0.5, 0.6)]
+    assert compare_metrics(a, a) == []

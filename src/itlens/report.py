@@ -179,9 +179,14 @@ def compare_metrics(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, 
     keys = sorted(set(a) | set(b)) if isinstance(a, dict) and isinstance(b, dict) else []
     for k in keys:
         va, vb = a.get(k), b.get(k)
-        path = f"{prefix}.{k}" if prefix else str(k)
+        path = f"{prefix}[{k}]" if isinstance(k, int) else f"{prefix}.{k}" if prefix else str(k)
         if isinstance(va, dict) or isinstance(vb, dict):
             out.extend(compare_metrics(va if isinstance(va, dict) else {}, vb if isinstance(vb, dict) else {}, path))
+        elif isinstance(va, list) and isinstance(vb, list) and len(va) == len(vb):  # per seed, per item: by index
+            out.extend(compare_metrics(dict(enumerate(va)), dict(enumerate(vb)), path))
+        elif isinstance(va, list) or isinstance(vb, list):
+            if va != vb:
+                out.append((path, va, vb))
         elif va != vb and (isinstance(va, (int, float, bool, str)) or isinstance(vb, (int, float, bool, str))
                            or va is None or vb is None):
             out.append((path, va, vb))

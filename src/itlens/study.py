@@ -48,6 +48,9 @@ class VariantSpec:
         "help": "Counterfactual: remove the IT instances about eval people's designed twins."})
     tune: dict = dataclasses.field(default_factory=dict, metadata={
         "help": "TuneConfig overrides for this variant (e.g. learning_rate, epochs, lora.r)."})
+    tune_resolved: Optional[dict] = dataclasses.field(default=None, metadata={KEY_OMITS_DEFAULT: True, "help": (
+        "Written by the study into config.resolved.yaml: the variant's complete TuneConfig, for the record. "
+        "Read back (to run a resolved config again) it must equal what 'tune' resolves to; edit 'tune'.")})
 
 
 @dataclasses.dataclass
@@ -220,7 +223,11 @@ def resolve_sections(cfg: StudyConfig, file: str | None = None) -> dict[str, Any
     for name, v in cfg.variants.items():
         merged = _merge(cfg.tune, v.tune)
         merged["method"] = v.method
-        from_dict(TuneConfig, merged, file=file, prefix=f"variants.{name}.tune")
+        resolved = from_dict(TuneConfig, merged, file=file, prefix=f"variants.{name}.tune")
+        full = to_dict(resolved)  # an older itlens wrote fewer fields: only the ones written must agree
+        if v.tune_resolved is not None and any(k not in full or full[k] != x for k, x in v.tune_resolved.items()):
+            raise InputError("is written by the study (the variant's complete TuneConfig) and differs from what "
+                             "'tune' resolves to; change 'tune' instead", file=file, key=f"variants.{name}.tune_resolved")
     if cfg.judge is not None:
         from itlens.judge import JudgeConfig
 
@@ -357,7 +364,8 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                                               "output_dir": str(work / "model"), "progress": False})
                 tune(tcfg, work / "model")
 
-            stages.append(Stage(sname, {"v": V["tune"], "variant": key_dict(spec), "tune": tdict, "seed": seed,
+            variant_key = {k: v for k, v in key_dict(spec).items() if k != "tune_resolved"}  # a record, not an input
+            stages.append(Stage(sname, {"v": V["tune"], "variant": variant_key, "tune": tdict, "seed": seed,
                                         "base": str(base_dirs[seed]) if name is None else None,
                                         **({"it_data": digest["it_data"]} if "it_data" in digest else {})},
                                 run_tune, deps=base_deps + (["world"] if world_dir is not None and name else []),
