@@ -15,7 +15,6 @@ benchmark's own (tens of minutes). Writes ``benchmarks/results/all.json`` (``--o
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys

