@@ -90,6 +90,13 @@ def test_read_records_validation(tmp_path):
         read_records(p, "instruction")
     p.write_text('{"id": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     assert read_records(p, "instruction")[0]["id"] == "m"
+    # a lone UTF-16 surrogate (half an escaped emoji) is valid JSON but not text; a whole pair is fine
+    p.write_text('{"id": "a", "instruction": "q", "response": "ok \\ud83d\\ude00"}\n'
+                 '{"id": "b", "messages": [{"role": "user", "content": "bad \\ud83d"}]}\n')
+    with pytest.raises(InputError, match=r"d.jsonl:2: field 'messages': contains a lone UTF-16 surrogate"):
+        read_records(p, "instruction")
+    p.write_text('{"id": "a", "instruction": "q", "response": "ok \\ud83d\\ude00"}\n')
+    assert read_records(p, "instruction")[0]["response"] == "ok \U0001f600"
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):

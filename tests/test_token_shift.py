@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -538,3 +539,51 @@ def test_summary_aggregates_equal_plain_pandas_groupbys(seed):
     no_ids = t.drop(columns="token_id")  # grouped by the strings themselves
     assert token_counts(no_ids, ["shifted"], stopwords={"a"}, top=125) == s["top_shifted"]
     assert token_shift_rates(no_ids).equals(got)
+
+
+def test_a_tokenizer_that_appends_eos_gives_the_base_frame_no_eos(tiny_tokenizer, frame_file):
+    """The frame continues with the response: an eos the tokenizer appends to every text must not sit
+    between them (the base would read a new document), just as the tuned side drops it."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from itlens.analysis.token_shift import _encode_all
+
+    eos_tok = copy.deepcopy(tiny_tokenizer)
+    eos = eos_tok.eos_token
+    eos_tok._tokenizer.post_processor = TemplateProcessing(single=f"$A {eos}",
+                                                           special_tokens=[(eos, eos_tok.eos_token_id)])
+    recs = _records(3, 4)
+    cfg = ShiftConfig(base_context="frame")
+    frame = load_frame(frame_file)
+    assert eos_tok(["x"])["input_ids"][0][-1] == eos_tok.eos_token_id  # the tokenizer does append it
+    with_eos = _encode_all(eos_tok, recs, cfg, frame)
+    plain = _encode_all(tiny_tokenizer, recs, cfg, frame)
+    for a, b in zip(with_eos, plain):
+        assert a.base_ids == b.base_ids and a.base_start == b.base_start
+        assert a.response_ids == b.response_ids and a.base_ids[a.base_start - 1] != eos_tok.eos_token_id
+
+
+def test_a_response_token_straddling_the_template_is_warned_about_in_the_frame_context(models, tiny_tokenizer,
+                                                                                       frame_file):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)  # a template whose generation prompt ends mid-word: " ci" + "ty ..."
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %} ci{% endif %}")
+    base, tuned = models
+    recs = [{"id": "a", "instruction": "where is the city?", "response": "ty is far.", "model": "m"},
+            {"id": "b", "instruction": "where is the city?", "response": " the city.", "model": "m"}]
+    with pytest.warns(UserWarning, match="1 of 2 responses start inside the chat template's last token"):
+        compute_shift(base, tuned, recs, tokenizer=tok, base_context="frame", frame=frame_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # both read the same sequence: nothing to warn about
+        compute_shift(base, tuned, recs, tokenizer=tok, base_context="template")
+
+
+def test_figure12_draws_tokens_that_look_like_tex(tmp_path):
+    from itlens.analysis.shift_figures import plot_figure12
+
+    summary = {"top_shifted_marginal": [("$$", 5), ("}$", 3), ("$x$", 2), ("a_b^c", 1)]}
+    assert plot_figure12({"sft": summary}, tmp_path / "f12.png").stat().st_size > 1000

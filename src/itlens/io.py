@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -176,7 +177,32 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", file=path, line=lineno) from None
             if not isinstance(obj, dict):
                 raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=path, line=lineno)
+            if "\\ud" in line.lower():  # a \uD800-\uDFFF escape: valid JSON, but maybe not text
+                _check_surrogates(obj, path, lineno)
             yield lineno, obj
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_surrogates(obj: dict, path: Path, lineno: int) -> None:
+    """A lone UTF-16 surrogate (half of an escaped emoji pair) cannot be encoded as UTF-8 nor tokenized."""
+    def walk(value, field: str) -> None:
+        if isinstance(value, str):
+            m = _SURROGATE.search(value)
+            if m:
+                raise InputError(f"contains a lone UTF-16 surrogate (\\u{ord(m.group()):04x}), which is not text: "
+                                 "fix the JSON escape (a pair such as \\ud83d\\ude00 is fine)",
+                                 file=path, line=lineno, field=field)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v, field)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, field)
+
+    for key, value in obj.items():
+        walk(value, key)
 
 
 def _require_str(obj: dict, field: str, path: Path, lineno: int, *, allow_empty: bool = False) -> str:

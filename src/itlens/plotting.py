@@ -13,7 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from itlens.io import atomic_write_bytes  # noqa: E402
 
-plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})
+# text.parse_math off: labels are user text (tokens such as "$$" or "}$", model names), never TeX math
+plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9,
+                     "text.parse_math": False})
 
 # The paper's Figure 1 / AlignTDS colours for shift classes.
 CLASS_COLORS = {"unshifted": "#1f77b4", "marginal": "#9b6400", "shifted": "#d62728"}

@@ -282,6 +282,7 @@ class _Encoded:
     response_ids: list[int]
     offsets: np.ndarray  # start character of each response token in the response text
     response: str  # the response text (its sentences are found while the device works: _sentence_index)
+    straddles: bool = False  # the first response token also holds the end of the chat template's text
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -361,7 +362,13 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
     base_prefixes = None
     if cfg.base_context == "frame":
         frames = [frame_prompt(frame_text, r) for r in records]
-        base_prefixes = _tokenize(tokenizer, frames, frames)["input_ids"]
+        enc = _tokenize(tokenizer, frames, frames, offsets=True)
+        base_prefixes = []
+        for ids, spans in zip(enc["input_ids"], enc["offset_mapping"]):
+            n = len(ids)  # the frame continues with the response: no appended eos (a zero-width last token)
+            while n > 1 and spans[n - 1][1] <= spans[n - 1][0]:
+                n -= 1
+            base_prefixes.append(list(ids[:n]))
     out = []
     for i, (rec, prompt, response) in enumerate(zip(records, prompts, responses)):
         ids = joint["input_ids"][i]
@@ -383,7 +390,8 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
         else:
             base_ids, base_start = list(base_prefixes[i]) + response_ids, len(base_prefixes[i])
         out.append(_Encoded(i if indices is None else indices[i], rec["id"], ids, start, base_ids, base_start,
-                            response_ids, offsets, response))
+                            response_ids, offsets, response,
+                            straddles=bool(start < len(spans) and spans[start, 0] < len(prompt))))
     return out
 
 
@@ -591,7 +599,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     # scores every world-th one. The columns that need only the token ids are built once every batch
     # is queued.
     timings = {"encode_s": 0.0, "encode_overlapped_s": 0.0}
-    status = {"ok": 0, "truncated": 0, "skipped": 0, "empty": 0}
+    status = {"ok": 0, "truncated": 0, "skipped": 0, "empty": 0, "straddles": 0}
     batches: list[list[_Encoded]] = []
 
     def encode(idx: list[int]) -> list[_Encoded]:
@@ -603,6 +611,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
                 continue
             fit = _truncate(e, max_length)
             status[fit] += 1
+            status["straddles"] += int(e.straddles and cfg.base_context == "frame")
             if fit != "skipped":
                 kept.append(e)
         timings["encode_overlapped_s" if batches else "encode_s"] += time.perf_counter() - t
@@ -655,6 +664,11 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         warnings.warn(f"{status['truncated'] + status['skipped']} of {len(records)} responses did not fit in "
                       f"{max_length} tokens and were truncated ({status['skipped']} left with no tokens)",
                       stacklevel=2)
+    if status["straddles"]:
+        warnings.warn(f"{status['straddles']} of {len(records)} responses start inside the chat template's last "
+                      "token (a response with leading whitespace after a template ending in whitespace): that "
+                      "token is a response row, and in the frame context the base reads it whole, template "
+                      "characters included. Strip the responses (itlens generate does) to avoid it.", stacklevel=2)
 
     t0 = time.perf_counter()
     tokens = _build_frame(static, dynamic, cfg)
