@@ -206,3 +206,47 @@ def test_generate_config_sizes_must_be_positive(tiny_model_dir, tmp_path):
     assert not (tmp_path / "r.jsonl").exists()
     with pytest.raises(InputError, match="key 'max_new_tokens'"):
         generate_responses(str(tiny_model_dir), [{"id": "a", "instruction": "x"}], max_new_tokens=0)
+
+
+@pytest.fixture()
+def bos_model_dir(tiny_tokenizer, tmp_path):
+    """A tiny model whose tokenizer starts every text with BOS, as Gemma's and Llama's do."""
+    import copy
+
+    from conftest import make_tiny_llama
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None  # a base model's tokenizer: itlens gives it its default template
+    bos = tok.bos_token
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.bos_token_id)])
+    return make_tiny_llama(tok, tmp_path / "bos-model", seed=0)
+
+
+def test_a_model_whose_tokenizer_starts_with_bos_reads_bos_first_everywhere(bos_model_dir, tiny_model_dir):
+    """Generation (chat and frame), TRL's rendering of training examples and the token-shift analysis
+    all put exactly one BOS first when the tokenizer's own encoding does; none when it does not."""
+    from itlens.analysis.token_shift import ShiftConfig, _encode_all
+    from itlens.models import load_tokenizer
+    from itlens.study import _bos_key
+    from itlens.templates import adds_bos, chat_prompt, encode_prompt
+
+    rec = {"id": "a", "instruction": "where is the city?", "response": "the city.", "model": "m"}
+    for model_dir, has_bos in ((bos_model_dir, True), (tiny_model_dir, False)):
+        tok = load_tokenizer(model_dir)
+        bos = tok.bos_token_id
+        assert adds_bos(tok) is has_bos and _bos_key(str(model_dir)) == ({"bos": 1} if has_bos else {})
+        frame = load_frame(None)
+        for text in (chat_prompt(tok, rec), frame_prompt(frame, rec)):
+            ids = encode_prompt(tok, text)
+            assert (ids[0] == bos) is has_bos and ids[1] != bos
+        msgs = [{"role": "user", "content": rec["instruction"]}, {"role": "assistant", "content": rec["response"]}]
+        trained = tok.apply_chat_template(msgs, tokenize=True)
+        trained = trained["input_ids"] if isinstance(trained, dict) or hasattr(trained, "keys") else trained
+        assert (trained[0] == bos) is has_bos and trained[1] != bos
+        for ctx in ("frame", "template"):
+            e = _encode_all(tok, [rec], ShiftConfig(base_context=ctx), frame)[0]
+            for ids in (e.tuned_ids, e.base_ids):
+                assert (ids[0] == bos) is has_bos and ids[1] != bos
+        out = generate_responses(load_model(model_dir), [rec], mode="frame", frame=None, max_new_tokens=4)
+        assert out[0]["model"] and isinstance(out[0]["response"], str)

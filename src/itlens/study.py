@@ -299,7 +299,8 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
             build_geo(geo_cfg, work)
             label_known(work, cfg.base, batch_size=probe_batch)
 
-        stages.append(Stage("geo", {"v": V["geo"], "geo": key_dict(geo_cfg), "probe": cfg.base, "batch": probe_batch},
+        stages.append(Stage("geo", {"v": V["geo"], "geo": key_dict(geo_cfg), "probe": cfg.base, "batch": probe_batch,
+                                    **_bos_key(cfg.base)},
                             run_geo, label=f"geography data, Known/Unknown probed with {cfg.base}"))
     data_dir = world_dir or geo_dir  # where named IT datasets (it, it_<style>), eval.jsonl and frame.txt are
     if geo_dir is None and cfg.eval_data and (Path(cfg.eval_data).parent / "facts.json").is_file():
@@ -324,6 +325,10 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
     # folder's spelling does not matter); files made by the world/geo stage are covered by its hash
     from itlens.transforms import sha256_file
 
+    # a real base whose tokenizer starts texts with BOS (Gemma, Llama): prompts, the default chat template
+    # and the probe now start with it (earlier versions left it out); the flag keeps stages made without it
+    # from being reused
+    enc = _bos_key(cfg.base) if world_dir is None and cfg.base else {}
     digest = {k: sha256_file(f)[:16] for k, f in (("it_data", cfg.it_data if data_dir is None else None),
                                                    ("eval", None if data_stage else cfg.eval_data),
                                                    ("frame", cfg.frame or None)) if f}
@@ -367,7 +372,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
             variant_key = {k: v for k, v in key_dict(spec).items() if k != "tune_resolved"}  # a record, not an input
             stages.append(Stage(sname, {"v": V["tune"], "variant": variant_key, "tune": tdict, "seed": seed,
                                         "base": str(base_dirs[seed]) if name is None else None,
-                                        **({"it_data": digest["it_data"]} if "it_data" in digest else {})},
+                                        **({"it_data": digest["it_data"]} if "it_data" in digest else {}), **enc},
                                 run_tune, deps=base_deps + (["world"] if world_dir is not None and name else []),
                                 label=f"tune {vname} ({spec.method}, seed {seed})"))
             tuned_dirs[(seed, vname)] = out / sname / "model"
@@ -411,6 +416,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                                         **({"frames": "per-attribute"} if is_base and base_frames else {}),
                                         "eval": digest.get("eval"),
                                         **({"frame": digest["frame"]} if is_base and "frame" in digest else {}),
+                                        **enc,
                                         "model": str(model_dir) if (is_base and not name) else None},
                                 run_gen, deps=deps, label=f"generate answers: {mname} (seed {seed})"))
             responses[(seed, mname)] = out / sname / "responses.jsonl"
@@ -433,7 +439,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 
                 # views (figures only) and the list of contexts (one stage each) do not change a stage's output
                 shift_key = {k: v for k, v in key_dict(cfg.shift).items() if k not in ("views", "base_contexts")}
-                stages.append(Stage(sname, {"v": V["shift"], "shift": shift_key, "ctx": ctx,
+                stages.append(Stage(sname, {"v": V["shift"], "shift": shift_key, "ctx": ctx, **enc,
                                             **({"frame": digest["frame"]} if ctx == "frame" and "frame" in digest
                                                else {})},
                                     run_shift, deps=[f"gen-s{seed}-{vname}", f"tuned-s{seed}-{vname}"],
@@ -471,6 +477,14 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                 judge_dirs[(seed, mname)] = out / sname
 
     return StudyPlan(stages, world_dir, base_dirs, tuned_dirs, responses, shift_dirs, analysis_dirs, judge_dirs)
+
+
+def _bos_key(base: str) -> dict:
+    """``{"bos": 1}`` when ``base``'s tokenizer starts texts with BOS, else ``{}`` (cache keys)."""
+    from itlens.models import load_tokenizer
+    from itlens.templates import adds_bos
+
+    return {"bos": 1} if adds_bos(load_tokenizer(base)) else {}
 
 
 def _frame_groups(prompts: list[dict], frames: dict[str, str], default: str) -> list[tuple[Optional[str], list[dict]]]:

@@ -12,10 +12,34 @@ from itlens.tokenizer import default_chat_template
 DEFAULT_FRAME = "base_frame.txt"
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own encoding starts every text with BOS (Gemma and Llama do; GPT-2 and the
+    world's tokenizer do not). Such a model was trained with BOS first and reads text poorly without it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
 def ensure_chat_template(tokenizer) -> None:
-    """Give a tokenizer without a chat template (a base model's) the project's default one."""
+    """Give a tokenizer without a chat template (a base model's) the project's default one, which starts
+    with BOS when the tokenizer's own encoding does (so TRL's training, generation and the token-shift
+    analysis all read the BOS the model was pretrained with)."""
     if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = default_chat_template()
+        template = default_chat_template()
+        tokenizer.chat_template = ("{{ bos_token }}" + template) if adds_bos(tokenizer) else template
+
+
+def encode_prompt(tokenizer, text: str, *, bos: bool | None = None) -> list[int]:
+    """Token ids of a rendered prompt (chat template or frame) to generate from: the text's own tokens,
+    with BOS first when the tokenizer's encoding adds it and the text does not already start with it.
+    No other special token is added (a tokenizer that appends EOS must not end a prompt with it).
+    ``bos``: :func:`adds_bos`, when the caller has it already."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if (adds_bos(tokenizer) if bos is None else bos) and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
 
 
 def chat_prompt(tokenizer, record: dict) -> str:
