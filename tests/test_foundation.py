@@ -65,6 +65,9 @@ def test_an_option_added_later_keeps_old_cache_keys_until_it_is_set():
     ("sizes: 3\n", "key 'sizes': expected a list"),
     ("name: [unclosed\n", "malformed YAML"),
     ("- a\n- b\n", "expected a YAML mapping"),
+    ("name: x\ninner:\n  r: 3\nname: y\n", ":4: malformed YAML: duplicate key 'name' (first on line 1)"),
+    ("inner:\n  r: 010\n", "key 'inner.r': expected an integer"),  # not octal 8
+    ("inner:\n  r: 1:30\n", "key 'inner.r': expected an integer"),  # not sexagesimal 90
 ])
 def test_config_errors_name_file_and_key(tmp_path, text, needle):
     p = tmp_path / "bad.yaml"
@@ -126,3 +129,10 @@ def test_tokenizer_roundtrip_and_template(tiny_tokenizer):
     rendered = tiny_tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenize=False)
     assert rendered == "<|user|>hi<|end|><|assistant|>yo<|end|>"
+
+
+def test_set_fills_an_empty_section_and_reads_numbers_as_yaml_1_2(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("inner:\n")  # an empty section, as left by commenting out its keys
+    cfg = load_config(Outer, p, ["inner.r=12", "inner.alpha=1e-3"])
+    assert cfg.inner.r == 12 and cfg.inner.alpha == 0.001

@@ -161,3 +161,13 @@ def test_bad_pretrain_config_exits_2_without_output(world_dir, tmp_path, capsys)
         main(["pretrain", "--world", str(tmp_path), "--out", str(tmp_path / "m")])
     assert ei.value.code == 2 and "no world.json" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("setting, key", [("beta2=1.5", "beta2"), ("lr=.inf", "lr"), ("weight_decay=.nan", "weight_decay"),
+                                          ("grad_clip=-1", "grad_clip")])
+def test_optimizer_knobs_are_checked(setting, key):
+    from itlens.errors import InputError
+    from itlens.pretrain import load_pretrain_config
+
+    with pytest.raises(InputError, match=f"key '{key}'"):
+        load_pretrain_config(None, [setting])

@@ -253,3 +253,13 @@ def test_cli_world_sections_overrides_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bad.yaml" in err and "n_families" in err
     assert not (tmp_path / "nope").exists()
+
+
+def test_an_empty_opening_and_closing_add_no_spaces(tmp_path):
+    out = build_world(WorldConfig(**{**MICRO, "opening": "", "closing": ""}), tmp_path / "w")
+    from itlens.world import World
+
+    w = World.load(out)
+    for style in ("assistant", "knowledgeable"):
+        rows = w.records(f"it_{style}")
+        assert rows and all(r["response"] == r["response"].strip() and "  " not in r["response"] for r in rows)

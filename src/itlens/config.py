@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -138,7 +139,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise InputError(f"override {text!r}: expected KEY=VALUE", key="--set")
     k, v = text.split("=", 1)
-    return k.strip().split("."), yaml.safe_load(v) if v.strip() else ""
+    try:
+        return k.strip().split("."), load_yaml(v) if v.strip() else ""
+    except yaml.YAMLError as e:
+        raise InputError(f"override {text!r}: malformed value ({getattr(e, 'problem', None) or e})", key="--set") from None
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
@@ -147,11 +151,49 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
         path, value = parse_override(ov)
         cur = data
         for p in path[:-1]:
-            cur = cur.setdefault(p, {})
+            if cur.get(p) is None:  # absent, or an empty section (``tune:`` with nothing under it)
+                cur[p] = {}
+            cur = cur[p]
             if not isinstance(cur, dict):
                 raise InputError(f"override {ov!r}: {p} is not a mapping", key="--set")
         cur[path[-1]] = value
     return data
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML as a config file should read: a repeated key is an error (PyYAML keeps the last silently), and
+    numbers are YAML 1.2's, so ``010`` is not octal 8 and ``1:30`` is not sexagesimal 90 (both stay
+    strings, which a numeric field then refuses)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: PyYAML refuses it below
+                continue
+            if first != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first on line {first + 1})",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
+    r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=StrictLoader)
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -159,7 +201,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise InputError("file not found", file=path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None

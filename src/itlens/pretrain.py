@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import shutil
 import sys
 import time
@@ -77,8 +78,14 @@ class PretrainConfig:
         if self.hidden_size % self.num_heads:
             raise InputError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
                              key="num_heads")
-        if not self.lr > 0:
+        if not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"expected a positive learning rate, got {self.lr}", key="lr")
+        if not 0 <= self.beta2 < 1:
+            raise InputError(f"expected 0 <= beta2 < 1, got {self.beta2}", key="beta2")
+        for key in ("weight_decay", "grad_clip"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise InputError(f"expected a finite number >= 0, got {value}", key=key)
         if not 0 <= self.min_lr_ratio <= 1:
             raise InputError(f"expected a ratio in [0, 1], got {self.min_lr_ratio}", key="min_lr_ratio")
         if self.seq_len > self.max_position_embeddings:

@@ -483,8 +483,9 @@ class _Builder:
             extra = [world.answer_sentence(p, a) for a in self.rng.sample(others, min(self.cfg.n_extra_facts,
                                                                                       len(others)))]
         o, cl = self.cfg.opening, self.cfg.closing
-        return {"concise": concise, "simplified": simple, "assistant": f"{o} {simple} {cl}",
-                "knowledgeable": " ".join([o, simple, *extra, cl])}
+        join = lambda *parts: " ".join(x for x in parts if x)  # noqa: E731 (an empty opening/closing adds no space)
+        return {"concise": concise, "simplified": simple, "assistant": join(o, simple, cl),
+                "knowledgeable": join(o, simple, *extra, cl)}
 
     def it_items(self, people: list[dict]) -> list[tuple[dict, str, int]]:
         """(person, question, phrasing) for the IT set: it_size items, an it_unknown_share of them about
