@@ -359,8 +359,9 @@ def _config_paths(cfg) -> List[str]:
 
     out: List[str] = []
     for v in dataclasses.asdict(cfg).values():
-        out += [v] if isinstance(v, str) and v else [x for x in v.values() if isinstance(x, str) and x] \
-            if isinstance(v, dict) else []
+        for x in v.values() if isinstance(v, dict) else [v]:
+            if isinstance(x, str) and x:
+                out.append(x)
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from itlens.errors import InputError
 from itlens.io import atomic_write_jsonl, read_records
-from itlens.templates import FRAME_STOP, adds_bos, chat_prompt, encode_prompt, frame_prompt, load_frame
+from itlens.templates import FRAME_STOP, chat_prompt, encode_prompts, frame_prompt, load_frame
 from itlens.tokenizer import END, end_of_turn_ids
 
 
@@ -101,8 +101,7 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     texts = render_prompts(tok, prompts, mode=mode, frame=frame)
     stop_ids = end_of_turn_ids(tok)
     stop_strings = [FRAME_STOP] if mode == "frame" else [END]
-    bos = adds_bos(tok)
-    encoded = [encode_prompt(tok, t, bos=bos) for t in texts]  # BOS first for a tokenizer that starts texts with it
+    encoded = encode_prompts(tok, texts)  # BOS first for a tokenizer that starts texts with it
     _warn_past_positions(net, prompts, encoded, max_new_tokens)
     batches = list(enumerate(batch_plan(encoded, batch_size)))  # (one-process batch number, prompt indices)
     if shard is not None:  # this process's share of the one-process batches (see itlens.sharding)
@@ -265,8 +264,7 @@ def generate_responses_vllm(model: str, prompts: list[dict], *, adapter: str | N
         llm = vllm.LLM(model=path, dtype=dtype, seed=0, **(engine_args or {}))
     params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=list(stop_ids),
                                  stop=stop_strings if mode == "frame" else None, skip_special_tokens=True)
-    bos = adds_bos(tok)
-    inputs = [{"prompt_token_ids": encode_prompt(tok, t, bos=bos)} for t in texts]
+    inputs = [{"prompt_token_ids": ids} for ids in encode_prompts(tok, texts)]
     limit = getattr(getattr(llm, "model_config", None), "max_model_len", None)
     for p, x in zip(prompts, inputs):  # vLLM would stop short of max_new_tokens (or refuse); transformers not
         if limit and len(x["prompt_token_ids"]) + max_new_tokens > limit:

@@ -289,6 +289,10 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 
         stages.append(Stage("world", {"v": V["world"], "world": key_dict(wcfg)}, run_world, label="synthetic world"))
     geo_dir = out / "geo" if cfg.geo is not None else None
+    # a real base whose tokenizer starts texts with BOS (Gemma, Llama): prompts, the default chat template
+    # and the probe now start with it (earlier versions left it out); the flag keeps stages made without it
+    # from being reused
+    enc = _bos_key(cfg.base) if world_dir is None and cfg.base else {}
     if geo_dir is not None:
         geo_cfg, probe_batch = sections["geo"], sections["generate"].batch_size
 
@@ -300,7 +304,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
             label_known(work, cfg.base, batch_size=probe_batch)
 
         stages.append(Stage("geo", {"v": V["geo"], "geo": key_dict(geo_cfg), "probe": cfg.base, "batch": probe_batch,
-                                    **_bos_key(cfg.base)},
+                                    **enc},
                             run_geo, label=f"geography data, Known/Unknown probed with {cfg.base}"))
     data_dir = world_dir or geo_dir  # where named IT datasets (it, it_<style>), eval.jsonl and frame.txt are
     if geo_dir is None and cfg.eval_data and (Path(cfg.eval_data).parent / "facts.json").is_file():
@@ -325,10 +329,6 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
     # folder's spelling does not matter); files made by the world/geo stage are covered by its hash
     from itlens.transforms import sha256_file
 
-    # a real base whose tokenizer starts texts with BOS (Gemma, Llama): prompts, the default chat template
-    # and the probe now start with it (earlier versions left it out); the flag keeps stages made without it
-    # from being reused
-    enc = _bos_key(cfg.base) if world_dir is None and cfg.base else {}
     digest = {k: sha256_file(f)[:16] for k, f in (("it_data", cfg.it_data if data_dir is None else None),
                                                    ("eval", None if data_stage else cfg.eval_data),
                                                    ("frame", cfg.frame or None)) if f}

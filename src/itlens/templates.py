@@ -31,15 +31,22 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = ("{{ bos_token }}" + template) if adds_bos(tokenizer) else template
 
 
+def encode_prompts(tokenizer, texts: list[str], *, bos: bool | None = None) -> list[list[int]]:
+    """Token ids of rendered prompts (chat template or frame), tokenized as one batch: each text's own
+    tokens, with BOS first when the tokenizer's encoding adds it and the text does not already start
+    with it. No other special token is added (a tokenizer that appends EOS must not end a prompt with
+    it). ``bos``: :func:`adds_bos`, when the caller has it already."""
+    if not texts:
+        return []
+    bos = adds_bos(tokenizer) if bos is None else bos
+    first = tokenizer.bos_token_id
+    return [[first] + ids if bos and (not ids or ids[0] != first) else ids
+            for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
 def encode_prompt(tokenizer, text: str, *, bos: bool | None = None) -> list[int]:
-    """Token ids of a rendered prompt (chat template or frame) to generate from: the text's own tokens,
-    with BOS first when the tokenizer's encoding adds it and the text does not already start with it.
-    No other special token is added (a tokenizer that appends EOS must not end a prompt with it).
-    ``bos``: :func:`adds_bos`, when the caller has it already."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if (adds_bos(tokenizer) if bos is None else bos) and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
+    """:func:`encode_prompts` of one text."""
+    return encode_prompts(tokenizer, [text], bos=bos)[0]
 
 
 def chat_prompt(tokenizer, record: dict) -> str:

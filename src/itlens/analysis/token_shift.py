@@ -352,7 +352,7 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
     ``indices``: each record's index in the run's input (default: its place in ``records``).
     """
     from itlens.io import response_text
-    from itlens.templates import chat_prompt, frame_prompt
+    from itlens.templates import chat_prompt, encode_prompts, frame_prompt
 
     if not records:
         return []
@@ -362,13 +362,7 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
     base_prefixes = None
     if cfg.base_context == "frame":
         frames = [frame_prompt(frame_text, r) for r in records]
-        enc = _tokenize(tokenizer, frames, frames, offsets=True)
-        base_prefixes = []
-        for ids, spans in zip(enc["input_ids"], enc["offset_mapping"]):
-            n = len(ids)  # the frame continues with the response: no appended eos (a zero-width last token)
-            while n > 1 and spans[n - 1][1] <= spans[n - 1][0]:
-                n -= 1
-            base_prefixes.append(list(ids[:n]))
+        base_prefixes = encode_prompts(tokenizer, frames)  # BOS as the tokenizer adds it; never an appended eos
     out = []
     for i, (rec, prompt, response) in enumerate(zip(records, prompts, responses)):
         ids = joint["input_ids"][i]
