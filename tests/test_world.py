@@ -144,6 +144,8 @@ def test_eval_cloze_and_frame(world, micro_dir):
     qa_only = [p for p in world.people if p["role"] == "qa_only"]
     assert sum(p["name"] in frame for p in qa_only) == 3
     assert not any(p["name"] in frame for p in world.people if p["in_eval"] or p["in_it"])
+    # no twin's fact in the base's prompt: it would be borrowable in context
+    assert not any(p["name"] in frame for p in world.people if p["twin"] is not None)
     # the corpus's Q/A documents use exactly the frame's format
     qa_docs = [d["text"] for d in world.records("corpus") if d["kind"] == "qa"]
     assert qa_docs and all(t.startswith("# Query:\n") and "\n\n# Answer:\n" in t for t in qa_docs)
@@ -216,6 +218,7 @@ def test_scrambling_keeps_known_names_out_of_the_vocabulary(world, micro_dir, tm
     ("n_bios: many\n", "key 'n_bios': expected an integer"),
     ("world:\n  it_style: fancy\n", "key 'world.it_style': expected one of"),
     ("world: [1, 2]\n", "key 'world': expected a mapping"),
+    ("world:\n  n_families: 2\n  frame_examples: 3\n", "key 'world.frame_examples': expected at most n_families"),
 ])
 def test_bad_world_configs_are_input_errors(tmp_path, text, needle):
     p = tmp_path / "bad.yaml"
@@ -263,3 +266,13 @@ def test_an_empty_opening_and_closing_add_no_spaces(tmp_path):
     for style in ("assistant", "knowledgeable"):
         rows = w.records(f"it_{style}")
         assert rows and all(r["response"] == r["response"].strip() and "  " not in r["response"] for r in rows)
+
+
+def test_frame_people_are_never_twins_even_when_every_qa_only_person_is_one(tmp_path):
+    """With every held-out twin a placebo (qa_only), the frame falls back to qa_it people without a twin."""
+    w = World.load(build_world(WorldConfig(**{**MICRO, "heldout_twin_in_it_share": 0.0}), tmp_path / "w"))
+    frame = w.frame_text()
+    in_frame = [p for p in w.people if p["name"] in frame]
+    assert len(in_frame) == 3
+    assert all(p["twin"] is None and p["role"] == "qa_it" for p in in_frame)
+    assert all(p["twin"] is not None for p in w.people if p["role"] == "qa_only")

@@ -26,7 +26,7 @@ from itlens.geo import ATTRIBUTES as GEO_ATTRIBUTES
 from itlens.io import atomic_write_json, atomic_write_text, read_records
 from itlens.stages import Stage, StageRunner
 
-STAGE_VERSIONS: dict[str, int] = {"world": 1, "geo": 1, "pretrain": 1, "tune": 1, "generate": 1, "shift": 1,
+STAGE_VERSIONS: dict[str, int] = {"world": 2, "geo": 1, "pretrain": 1, "tune": 1, "generate": 1, "shift": 1,
                                    "analysis": 2, "judge": 1}
 """The code version of each kind of stage, part of its cache key. Bump one when that stage's code changes
 what it writes: cached stages of that kind, and every stage downstream of them, are recomputed; the rest

@@ -112,8 +112,8 @@ class WorldConfig:
     eval_describe: bool = field(default=True, metadata={
         "help": "Evaluation also asks 'describe X' of every evaluated person (answers: all values)."})
     frame_examples: int = field(default=3, metadata={
-        "help": "Exchanges in frame.txt (the base model's in-context frame); the last is a describe one when "
-                "qa_describe is on."})
+        "help": "Exchanges in frame.txt (the base model's in-context frame), about qa_only people who are no "
+                "one's twin (at most n_families); the last is a describe one when qa_describe is on."})
     templates: str = field(default="world_templates.yaml", metadata={
         "help": "Sentence/question templates file (prompts/ name or a path)."})
 
@@ -133,6 +133,9 @@ class WorldConfig:
             v = getattr(self, key)
             if not 0.0 <= v <= 1.0:
                 bad(key, f"expected a probability in [0, 1], got {v}")
+        if self.frame_examples > self.n_families:
+            bad("frame_examples", f"expected at most n_families ({self.n_families}): the frame's people are "
+                                  "qa_only/qa_it people without a first-name twin, one per family")
         if self.n_qa_docs == 0 and self.frame_examples > 0:
             bad("frame_examples", "the frame's examples come from Q/A documents: set n_qa_docs >= 1 or 0 examples")
         if self.it_unknown_share > 0 and self.n_unknown_pairs == 0 and self.it_size > 0:
@@ -458,9 +461,16 @@ class _Builder:
         return docs
 
     def frame(self, world: World, people: list[dict]) -> str:
+        """The base model's few-shot frame: Q/A exchanges about people who are neither evaluated nor anyone's
+        first-name twin (a twin's fact in the base's prompt would be borrowable in context and confound the
+        borrowing baseline). qa_only people first (not in IT); qa_it people only if those run out."""
         c = self.cfg
-        pool = [p for p in people if p["role"] == "qa_only"]
+        free = [p for p in people if p["twin"] is None]
+        pool = [p for p in free if p["role"] == "qa_only"]
         chosen = self.rng.sample(pool, min(c.frame_examples, len(pool)))
+        if len(chosen) < c.frame_examples:
+            spare = [p for p in free if p["role"] == "qa_it"]
+            chosen += self.rng.sample(spare, min(c.frame_examples - len(chosen), len(spare)))
         parts = []
         for i, p in enumerate(chosen):
             last = i == len(chosen) - 1
