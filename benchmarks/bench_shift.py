@@ -247,9 +247,15 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    from itlens.plotting import plt, save_fig
+    from itlens.plotting import STYLE, save_fig, subplots
+    import matplotlib
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    with matplotlib.rc_context(STYLE):
+        _plot(rows, path, title, save_fig, subplots)
+
+
+def _plot(rows, path, title, save_fig, subplots) -> None:
+    fig, (a1, a2) = subplots(1, 2, figsize=(9, 3.2))
     xs = [r["response_tokens"] for r in rows]
     for key, label in (("per_token_s", "per-token loop (AlignTDS)"), ("engine_s", "itlens one pass"),
                        ("bare_forward_s", "two bare forward passes")):

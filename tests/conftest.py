@@ -40,6 +40,21 @@ def make_tiny_llama(tokenizer, out_dir: Path, *, seed: int = 0, hidden: int = 32
     return out_dir
 
 
+def gpt2_like_tokenizer():
+    """A base tokenizer with only <|endoftext|> (as GPT-2's), no pad and no chat template: like Llama-2,
+    Mistral and Gemma bases, its vocabulary lacks the default template's <|user|>/<|end|> markers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(tiny_corpus(), trainers.BpeTrainer(
+        vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from itlens.tokenizer import train_tokenizer
@@ -67,3 +82,21 @@ def it_records() -> list[dict]:
         a = " ".join(rng.choice(WORDS) for _ in range(8)) + "."
         rows.append({"id": f"toy:{i}", "instruction": f"what {q}?", "response": f"Happy to help! {a}"})
     return rows
+
+
+@pytest.fixture()
+def hub_model_id(tiny_model_dir, tmp_path, monkeypatch) -> str:
+    """``acme/tiny-llama``: the tiny model as a hub model in a local HF cache (a snapshot folder named by
+    its commit hash, as ``snapshot_download`` leaves it)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-llama"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return "acme/tiny-llama"

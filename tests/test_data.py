@@ -169,3 +169,38 @@ def test_shipped_study_configs_validate(name):
     cfg = load_config(StudyConfig, CONFIGS_DIR / name)
     resolve_sections(cfg, file=name)
     assert {"lft", "sft", "neftune"} <= set(cfg.variants)
+
+
+@pytest.mark.parametrize("kw,key,needle", [({"limit": -1}, "--limit", "got -1"),
+                                           ({"sample": 99}, "--sample", "larger than the dataset (3 records)"),
+                                           ({"sample": 0}, "--sample", "positive")])
+def test_convert_option_errors_name_the_option(kw, key, needle):
+    with pytest.raises(InputError) as e:
+        load_records("dolly", FIX / "dolly.jsonl", **kw)
+    assert f"key '{key}'" in str(e.value) and needle in str(e.value)
+
+
+def test_hub_dataset_ids_with_a_dot_are_ids_not_files(monkeypatch):
+    import itlens.data as data
+
+    asked = []
+    monkeypatch.setattr(data, "_load_hub_dataset",
+                        lambda hub_id, split: asked.append(hub_id) or [{"instruction": "q", "output": "a"}])
+    assert load_records("alpaca", "teknium/OpenHermes-2.5")[0]["response"] == "a"
+    assert asked == ["teknium/OpenHermes-2.5"]
+    for missing in ("data/it.jsonl", "nowhere/x.JSON", "a/b/c"):
+        with pytest.raises(InputError, match="file not found"):
+            load_records("alpaca", missing)
+
+
+@pytest.mark.parametrize("turns", [[{"role": "assistant", "content": "hello"}],
+                                   [{"role": "system", "content": "be nice"}, {"role": "assistant", "content": "hi"}]])
+def test_a_conversation_without_a_user_turn_is_an_input_error_naming_file_and_line(turns, tmp_path):
+    p = tmp_path / "t.jsonl"
+    ok = {"id": "a", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    p.write_text(json.dumps(ok) + "\n" + json.dumps({"id": "b", "messages": turns}) + "\n")
+    with pytest.raises(InputError, match=r"t.jsonl:2: field 'messages': expected a user turn"):
+        load_records("tulu", p)
+    p.write_text(json.dumps({"conversations": [{"from": "gpt", "value": t["content"]} for t in turns]}) + "\n")
+    with pytest.raises(InputError, match=r"t.jsonl:1: field 'conversations': expected a user turn"):
+        load_records("evol", p)

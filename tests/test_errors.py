@@ -149,12 +149,28 @@ def _out_cases(tmp: Path):
     (tmp / "nofid").mkdir()
     (tmp / "nofid" / "metrics.json").write_text('{"findings": [{"holds": true}]}')
     yield ("metrics.json finding without id", ["report", "nofid"], "key 'findings[0]'", [tmp / "nofid" / "metrics.json"])
+    for name, text, key in (("noclaim", '{"findings": [{"id": "F1", "holds": true}]}', None),
+                            ("nullev", '{"findings": [{"id": "F1", "claim": "c", "evidence": null}]}',
+                             "findings[0].evidence"),
+                            ("badholds", '{"findings": [{"id": "F1", "claim": "c", "holds": "yes"}]}',
+                             "findings[0].holds"),
+                            ("badrow", '{"findings": [], "models": {"base": 3}}', "models.base")):
+        (tmp / name).mkdir()
+        (tmp / name / "metrics.json").write_text(text)
+        if key is None:  # a finding without a claim still renders
+            continue
+        yield (f"metrics.json {name}", ["report", name], f"key '{key}'", [tmp / name / "metrics.json"])
+    (tmp / "noclaim" / "figures").mkdir()
+    (tmp / "noclaim" / "figures" / "index.json").write_text('{"file": "x.png"}')
+    yield ("damaged figure index", ["report", "noclaim"], "index.json: expected a JSON list",
+           [tmp / "noclaim" / "figures" / "index.json"])
 
 
 @pytest.mark.parametrize("case", [
     "--out is a file", "--out holds the input", "--out is the working folder", "--out file is a folder",
     "--out under a file", "--out is the input file", "input is a folder", "damaged metrics.json",
-    "metrics.json finding without id"])
+    "metrics.json finding without id", "metrics.json nullev", "metrics.json badholds", "metrics.json badrow",
+    "damaged figure index"])
 def test_bad_output_paths_and_damaged_results_are_input_errors(case, tmp_path, monkeypatch, capsys):
     """Checked before any work: exit 2, one line, nothing written, nothing replaced."""
     from itlens.cli import main

@@ -136,3 +136,93 @@ def test_set_fills_an_empty_section_and_reads_numbers_as_yaml_1_2(tmp_path):
     p.write_text("inner:\n")  # an empty section, as left by commenting out its keys
     cfg = load_config(Outer, p, ["inner.r=12", "inner.alpha=1e-3"])
     assert cfg.inner.r == 12 and cfg.inner.alpha == 0.001
+
+
+def test_itlens_figures_leave_the_callers_matplotlib_alone(tmp_path):
+    """A notebook that imports itlens and draws its figures keeps its own backend and rcParams."""
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+matplotlib.rcParams.update({{"font.size": 13.0, "axes.grid": False, "text.parse_math": True}})
+before = (matplotlib.get_backend(), dict(matplotlib.rcParams))
+import itlens.report, itlens.study
+from itlens.analysis.knowledge import plot_accuracy
+p = plot_accuracy({{"base": {{"acc": 0.5}}, "$$x$$": {{"acc": 0.7}}}}, {str(tmp_path / "acc.png")!r})
+assert p.read_bytes()[:4] == b"\\x89PNG"
+after = (matplotlib.get_backend(), dict(matplotlib.rcParams))
+assert after == before, [(k, before[1][k], after[1][k]) for k in before[1] if before[1][k] != after[1][k]]
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_conversation_needs_a_user_message_before_its_last_one(tmp_path):
+    p = tmp_path / "d.jsonl"
+    ok = {"id": "a", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    for turns in ([{"role": "assistant", "content": "hello"}],
+                  [{"role": "system", "content": "be nice"}, {"role": "assistant", "content": "hello"}]):
+        p.write_text(json.dumps(ok) + "\n" + json.dumps({"id": "b", "messages": turns}) + "\n")
+        with pytest.raises(InputError, match=r"d.jsonl:2: field 'messages': expected a user message"):
+            read_records(p, "instruction")
+    p.write_text(json.dumps({"id": "c", "messages": [{"role": "assistant", "content": "hi, ask me"}] + ok["messages"]})
+                 + "\n")
+    assert read_records(p, "instruction")[0]["id"] == "c"  # an assistant opener is fine when a user turn follows
+
+
+def _set_loaders():
+    from pathlib import Path
+
+    from itlens.analysis.borrowing import BorrowingConfig
+    from itlens.analysis.copying import CopyingConfig
+    from itlens.analysis.knowledge import KnowledgeConfig
+    from itlens.analysis.token_shift import ShiftConfig
+    from itlens.generate import GenerateConfig
+    from itlens.geo import load_geo_config
+    from itlens.judge.config import JudgeConfig
+    from itlens.pretrain import load_pretrain_config
+    from itlens.study import StudyConfig, resolve_sections
+    from itlens.tune import load_tune_config
+    from itlens.world import load_world_config
+
+    mini = Path(__file__).resolve().parents[1] / "configs" / "mini.yaml"
+    return {"tune": lambda o: load_tune_config(None, o), "generate": lambda o: load_config(GenerateConfig, None, o),
+            "data simplify": lambda o: load_config(JudgeConfig, None, o),
+            "judge": lambda o: load_config(JudgeConfig, None, o), "geo": lambda o: load_geo_config(None, o),
+            "study": lambda o: resolve_sections(load_config(StudyConfig, mini, o), file=str(mini)),
+            "shift": lambda o: load_config(ShiftConfig, None, o),
+            "knowledge": lambda o: load_config(KnowledgeConfig, None, ["eval=e.jsonl", "responses.base=r.jsonl"] + o),
+            "copying": lambda o: load_config(CopyingConfig, None, ["it_data=i.jsonl", "responses.m=r.jsonl"] + o),
+            "borrowing": lambda o: load_config(BorrowingConfig, None, ["it_data=i.jsonl", "responses.m=r.jsonl"] + o),
+            "world": lambda o: load_world_config(None, o), "pretrain": lambda o: load_pretrain_config(None, o)}
+
+
+def test_every_set_example_in_the_cli_help_is_a_key_of_that_commands_config():
+    import re
+
+    import typer.main
+
+    from itlens.cli import app
+
+    loaders = _set_loaders()
+    root, seen = typer.main.get_command(app), set()
+
+    def walk(group, prefix=""):
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):
+                walk(cmd, f"{prefix}{name} ")
+                continue
+            opt = next((p for p in cmd.params if "--set" in getattr(p, "opts", [])), None)
+            if opt is None:
+                continue
+            example = re.search(r"--set (\S+)", opt.help).group(1)
+            key, value = example.split("=", 1)
+            loaders[f"{prefix}{name}"]([example])  # a wrong key is an InputError naming it
+            with pytest.raises(InputError, match=re.escape(key.split(".")[-1])):
+                loaders[f"{prefix}{name}"]([f"{key}x={value}"])  # (and the loader does check keys)
+            seen.add(f"{prefix}{name}")
+
+    walk(root)
+    assert seen == set(loaders)
+    flt = root.commands["data"].commands["filter"]
+    helps = " ".join(p.help or "" for p in flt.params)
+    assert "judge.jsonl" in helps and "--field mean" in helps

@@ -250,3 +250,114 @@ def test_a_model_whose_tokenizer_starts_with_bos_reads_bos_first_everywhere(bos_
                 assert (ids[0] == bos) is has_bos and ids[1] != bos
         out = generate_responses(load_model(model_dir), [rec], mode="frame", frame=None, max_new_tokens=4)
         assert out[0]["model"] and isinstance(out[0]["response"], str)
+
+
+def test_chat_generation_stops_at_the_end_of_turn_text_when_it_is_not_a_token(tiny_tokenizer, tmp_path):
+    """A base whose vocabulary lacks <|end|> writes it as several tokens: decoding stops there (a stop
+    string), and the record is what it was when decoding ran on to max_new_tokens and was cut after."""
+    from conftest import gpt2_like_tokenizer, make_tiny_llama
+
+    base = make_tiny_llama(gpt2_like_tokenizer(), tmp_path / "base")
+    rows = [{"id": f"t:{i}", "instruction": "what is the city", "response": "the river is blue."} for i in range(8)]
+    out = tune(TuneConfig(base=str(base), data=str(atomic_write_jsonl(tmp_path / "it.jsonl", rows)), method="full",
+                          max_steps=60, learning_rate=3e-3, warmup=0, lr_scheduler="constant",
+                          effective_batch_size=8, per_device_batch_size=8, progress=False), tmp_path / "sft")
+    lm = load_model(out)
+    assert "<|end|>" not in lm.tokenizer.get_vocab()
+    real, decoded = lm.model.generate, []
+
+    def spy(*a, legacy=False, **k):
+        if legacy:  # what generate did before: no stop strings in chat mode
+            k.pop("stop_strings", None), k.pop("tokenizer", None)
+        o = real(*a, **k)
+        decoded.append(o.shape[1] - k["input_ids"].shape[1])
+        return o
+
+    def both(prompts, batch_size):
+        lm.model.generate = spy
+        now = generate_responses(lm, prompts, max_new_tokens=40, batch_size=batch_size)
+        lm.model.generate = lambda *a, **k: spy(*a, legacy=True, **k)
+        return now, generate_responses(lm, prompts, max_new_tokens=40, batch_size=batch_size)
+
+    now, before = both([{"id": "p", "instruction": "what is the city"}], 1)
+    assert now[0]["response"] == "the river is blue." and now[0]["finish"] == "stop"
+    assert now == before  # byte-identical records (response, n_tokens, finish)
+    assert decoded[0] < 40 and decoded[1] == 40  # only fewer tokens decoded
+    now, before = both([{"id": "p", "instruction": "what is the city"}, {"id": "q", "instruction": "the river"}], 2)
+    assert now == before  # a row that stopped early is padded while its batch-mate goes on: the same records
+    # a vocabulary with <|end|> as a token stops on its id alone; frame mode always watches its string
+    from itlens.generate import decoding_stop_strings
+
+    assert decoding_stop_strings(lm.tokenizer, "chat") == ["<|end|>"]
+    assert decoding_stop_strings(tiny_tokenizer, "chat") is None
+    assert decoding_stop_strings(tiny_tokenizer, "frame") == [FRAME_STOP]
+    assert decoding_stop_strings(lm.tokenizer, "frame") == [FRAME_STOP]
+
+
+def test_training_and_generation_read_the_same_ids_for_a_bos_tokenizer_with_its_own_template(tiny_tokenizer):
+    """A tokenizer that adds BOS and ships a chat template without {{ bos_token }} (zephyr style): TRL renders
+    training examples without special tokens, generation puts BOS first; the template gets BOS put in front
+    so both read the same prompt ids (and a template that renders BOS already is left alone)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from trl.data_utils import _tokenize
+
+    from itlens.templates import chat_prompt, encode_prompt, ensure_chat_template
+    from itlens.tune import to_prompt_completion
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    bos = tok.bos_token
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.bos_token_id)])
+    own = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+           "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.chat_template = own
+    ensure_chat_template(tok)  # what load_tokenizer does before tune and generate
+    rec = {"id": "x", "instruction": "what is the city", "response": "the river."}
+    row = to_prompt_completion([rec])[0]
+    trained = _tokenize(tok, row["prompt"], add_generation_prompt=True)["input_ids"]
+    assert trained == encode_prompt(tok, chat_prompt(tok, rec))
+    assert trained[0] == tok.bos_token_id and trained[1] != tok.bos_token_id
+    full = _tokenize(tok, row["prompt"] + row["completion"])["input_ids"]
+    assert full[:len(trained)] == trained
+    ensure_chat_template(tok)
+    assert tok.chat_template == "{{ bos_token }}" + own  # once
+    tok.chat_template = "{{ bos_token }}" + own.replace("<|end|>", "<|end|>\n")
+    ensure_chat_template(tok)
+    assert tok.chat_template.count("bos_token") == 1
+
+
+def test_a_hub_model_is_named_by_its_hub_id_not_its_snapshot_hash(hub_model_id, tiny_model_dir):
+    lm = load_model(hub_model_id)
+    assert lm.path.endswith("0123456789abcdef0123456789abcdef01234567") and lm.name == "acme/tiny-llama"
+    out = generate_responses(lm, [{"id": "a", "instruction": "where is the city?"}], max_new_tokens=2)
+    assert out[0]["model"] == "acme/tiny-llama"
+    assert load_model(tiny_model_dir).name == tiny_model_dir.name  # a local dir: its folder name
+    from itlens.models import model_label
+
+    assert model_label(str(tiny_model_dir), str(tiny_model_dir)) == tiny_model_dir.name
+
+
+def test_the_cache_key_says_when_tuning_data_changed_meaning(bos_model_dir, tmp_path):
+    """A BOS tokenizer whose own template gets BOS put in front, and multi-turn IT data (every assistant
+    turn trained), enter the study's keys: stages cached by an itlens that did neither are not reused."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from itlens.study import _bos_key, _has_multi_turn
+
+    assert _bos_key(str(bos_model_dir)) == {"bos": 1}  # no template of its own: the default one, as before
+    own = tmp_path / "own-template"
+    shutil.copytree(bos_model_dir, own)
+    tok = AutoTokenizer.from_pretrained(own)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(own)
+    assert _bos_key(str(own)) == {"bos": 1, "template_bos": 1}
+    one = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    two = {"messages": [*one["messages"], {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]}
+    (tmp_path / "one.jsonl").write_text(json.dumps(one) + "\n" + json.dumps({"instruction": "q", "response": "a"}) + "\n")
+    (tmp_path / "two.jsonl").write_text(json.dumps(one) + "\n" + json.dumps(two) + "\n")
+    assert not _has_multi_turn(tmp_path / "one.jsonl") and _has_multi_turn(tmp_path / "two.jsonl")

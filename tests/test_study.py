@@ -154,8 +154,9 @@ def test_report_and_compare_commands(micro_run, tmp_path):
 
 
 def test_recognised_unknown_pools_facts_the_probe_missed():
-    """QA outcomes on held-out 'unknown' facts that the base picks right by multiple choice, pooled over
-    seeds; only where labels come from a probe (items with a SliCK category)."""
+    """QA outcomes on held-out 'unknown' facts that the base picks right by multiple choice, per question
+    averaged over the seeds that recognise it; only where labels come from a probe (items with a SliCK
+    category)."""
     from itlens.study import _recognised_unknown
 
     def seed(qa_lft, mc_base, category=True):
@@ -168,7 +169,7 @@ def test_recognised_unknown_pools_facts_the_probe_missed():
               [("a", "unknown", 1), ("b", "unknown", 1), ("c", "known_heldout", 1), ("d", "unknown", 0)])
     s1 = seed([("a", "unknown", 0)], [("a", "unknown", 1)])
     out = _recognised_unknown({0: s0, 1: s1}, ["base", "lft"])
-    assert out == {"base": [0.0, 0.0, 0.0], "lft": [1.0, 0.0, 0.0]}  # a, b of seed 0; a of seed 1
+    assert out == {"base": [0.0, 0.0], "lft": [0.5, 0.0]}  # a (seeds 0 and 1, averaged), b (seed 0)
     assert _recognised_unknown({0: seed([("a", "unknown", 1)], [("a", "unknown", 1)], category=False)},
                                ["base", "lft"]) == {}  # world data: unknown by construction
     assert _recognised_unknown({0: {"qa": s0["qa"]}}, ["base", "lft"]) == {}  # no multiple choice
@@ -250,6 +251,15 @@ def test_cache_keys_follow_file_contents_not_their_spelling_nor_display_options(
     ref = hashes()
     (tmp_path / "eval.jsonl").write_text(json.dumps({"id": "e:0", "instruction": "another q"}) + "\n")
     assert changed(ref, hashes()) == {k for k in ref if k.startswith(("gen-", "shift-", "analysis-"))}
+    from itlens.study import load_study_config as load, plan_study as plan
+
+    (tmp_path / "it.jsonl").write_text(json.dumps({"id": "m:0", "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    hashes()  # writes study.yaml
+    tune_key = next(st.key for st in plan(load(tmp_path / "study.yaml"), tmp_path / "out").stages
+                    if st.name == "tuned-s0-lft")
+    assert tune_key["turns"] == "all"  # every assistant turn is trained (earlier: only the last)
 
 
 def test_the_resolved_config_runs_again_from_the_same_cache(micro_run, tmp_path):
@@ -280,3 +290,134 @@ def test_compare_lists_values_per_seed_and_item():
     b = {"f": {"by_seed": [0.1, 0.3], "n": 3, "seeds": [0, 1, 2]}, "x": [{"acc": 0.6}]}
     assert compare_metrics(a, b) == [("f.by_seed[1]", 0.2, 0.3), ("f.seeds", [0, 1], [0, 1, 2]), ("x[0].acc", 0.5, 0.6)]
     assert compare_metrics(a, a) == []
+
+
+# ------------------------------------------------------------------------------------ findings (unit level)
+def _qa(group: str = "known_heldout", **models: list[int]) -> dict:
+    return {"qa": {m: [{"id": f"q{i:03d}", "group": group, "correct": c} for i, c in enumerate(v)]
+                   for m, v in models.items()}}
+
+
+def _findings(items: dict, **findings) -> dict:
+    import dataclasses
+
+    from itlens.study import decide_findings, load_study_config
+
+    cfg = load_study_config(MICRO)
+    cfg = dataclasses.replace(cfg, seeds=sorted(items), findings=dataclasses.replace(cfg.findings, **findings))
+    return {f["id"]: f for f in decide_findings(cfg, items, {})}
+
+
+def test_identical_seeds_add_no_evidence():
+    """The question is the unit: three seeds that answer exactly alike give the one-seed intervals and
+    p-values (pooling answers as new questions made them about sqrt(3) narrower)."""
+    import random
+
+    rng = random.Random(0)
+    models = {m: [int(rng.random() < p) for _ in range(60)] for m, p in
+              (("base", 0.8), ("lft", 0.7), ("sft", 0.6), ("neftune", 0.65))}
+    one, three = _findings({0: _qa(**models)}), _findings({s: _qa(**models) for s in (0, 1, 2)})
+    for fid, key in (("F1", "sft_minus_lft"), ("F1", "sft_minus_base"), ("F4", "neftune_minus_lft")):
+        assert three[fid]["evidence"][key] == one[fid]["evidence"][key]
+        assert one[fid]["evidence"][key]["n"] == 60
+    # seeds that disagree give per-question means, still 60 questions
+    other = {m: [1 - c for c in v] for m, v in models.items()}
+    mixed = _findings({0: _qa(**models), 1: _qa(**other)})
+    assert mixed["F1"]["evidence"]["sft_minus_lft"]["n"] == 60
+    assert mixed["F1"]["evidence"]["sft_minus_lft"]["estimate"] == 0.0
+
+
+def test_f1_needs_sft_below_the_base_and_lft_not_below_it():
+    lft, sft = [1] * 40, [1] * 28 + [0] * 12  # SFT 30 pp below LFT, significant
+    holds = _findings({0: _qa(base=[1] * 40, lft=lft, sft=sft, neftune=lft)})["F1"]
+    assert holds["holds"] is True
+    # SFT above a weak base: it did not degrade what the base knew
+    weak_base = _findings({0: _qa(base=[1] * 20 + [0] * 20, lft=lft, sft=sft, neftune=lft)})["F1"]
+    assert weak_base["holds"] is False and weak_base["evidence"]["sft_minus_lft"]["high"] < 0
+    # LFT itself far below the base: it did not keep it
+    lft_loses = _findings({0: _qa(base=[1] * 40, lft=[1] * 34 + [0] * 6, sft=[1] * 14 + [0] * 26,
+                                  neftune=lft)})["F1"]
+    assert lft_loses["holds"] is False and lft_loses["evidence"]["sft_minus_base"]["high"] < 0
+
+
+def test_findings_with_nothing_to_test_are_not_measured():
+    """Evaluation data without a known_heldout group: F1, F2 and F4 say null, not yes or no."""
+    items = _qa(group="all", base=[1, 0], lft=[1, 1], sft=[0, 0], neftune=[1, 0])
+    items["facts"] = {m: [{"id": "q000", "group": "all", "has_wrong": 1, "stated": 1}] for m in ("lft", "sft")}
+    f = _findings({0: items}, style_long="sft", style_simple="lft")
+    assert (f["F1"]["holds"], f["F2"]["holds"], f["F4"]["holds"]) == (None, None, None)
+
+
+def test_f3_counts_twins_in_the_models_own_data_and_needs_sft_above_lft():
+    def spans(n_borrowed: int, n: int, in_data: bool = True) -> list[dict]:
+        return [{"id": f"e{i}", "group": "known_heldout", "attribute": "city", "value": f"v{i}" if i >= n_borrowed
+                 else f"t{i}", "twin_value": f"t{i}", "twin_in_it": True, "twin_in_data": in_data,
+                 "borrowed": i < n_borrowed} for i in range(n)]
+
+    qa = _qa(base=[1], lft=[1], sft=[1], neftune=[1])
+    # SFT borrows 20 of 20 where its data held the twin; 40 more spans whose twin it never saw don't count
+    items = {0: {**qa, "borrowing": {"sft": spans(20, 20) + spans(0, 40, in_data=False), "lft": spans(1, 20),
+                                     "base": spans(1, 20)}}}
+    f3 = _findings(items)["F3"]
+    assert f3["evidence"]["n_sft"] == 20 and f3["evidence"]["rate_sft"] == 1.0 and f3["holds"] is True
+    # LFT borrows as much: above chance, but not the paper's contrast
+    items[0]["borrowing"]["lft"] = spans(20, 20)
+    f3 = _findings(items)["F3"]
+    assert f3["evidence"]["sft"]["p_value"] < 0.05 and f3["holds"] is False
+
+
+def test_a_changed_config_removes_the_old_results_before_any_stage_runs(micro_run, tmp_path, monkeypatch):
+    """A run of a changed config that dies leaves no metrics.json or report.html of the old config."""
+    from itlens import study
+    from itlens.stages import StageRunner
+
+    out = tmp_path / "copy"
+    shutil.copytree(micro_run, out)
+    cfg = study.load_study_config(MICRO)
+
+    def die(self, st):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(StageRunner, "run", die)
+    with pytest.raises(RuntimeError):  # the same config: the old results still describe it
+        study.run_study(cfg, out, log=lambda m: None)
+    assert (out / "metrics.json").is_file() and (out / "report.html").is_file()
+    import dataclasses
+
+    with pytest.raises(RuntimeError):
+        study.run_study(dataclasses.replace(cfg, findings=dataclasses.replace(cfg.findings, alpha=0.001)), out,
+                        log=lambda m: None)
+    assert not (out / "metrics.json").exists() and not (out / "report.html").exists()
+    assert "alpha: 0.001" in (out / "config.resolved.yaml").read_text()
+
+
+def test_study_inference_runs_on_generate_device(micro_run, tmp_path, monkeypatch):
+    """generate.device (auto: cuda when available) is where the study's generation loads its models; the
+    stage's output is the same (here the 'cuda' load is redirected to the CPU)."""
+    import dataclasses
+
+    import torch
+
+    from itlens import models, study
+    from itlens.generate import GenerateConfig
+
+    seen = []
+    real = models.load_model
+
+    def load(*args, device="cpu", **kwargs):
+        seen.append(device)
+        return real(*args, device="cpu", **kwargs)
+
+    monkeypatch.setattr(models, "load_model", load)
+    cfg = study.load_study_config(MICRO)
+    cfg = dataclasses.replace(cfg, generate={**(cfg.generate or {}), "device": "cuda"})
+    plan = study.plan_study(cfg, micro_run)
+    for name in ("gen-s0-base", "gen-s0-lft"):
+        work = tmp_path / name
+        work.mkdir()
+        next(st for st in plan.stages if st.name == name).run(work)
+        assert (work / "responses.jsonl").read_bytes() == (micro_run / name / "responses.jsonl").read_bytes()
+    assert seen and set(seen) == {"cuda"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert study._inference_device(GenerateConfig()) == "cuda"
+    assert study._inference_device(GenerateConfig(device="cpu")) == "cpu"

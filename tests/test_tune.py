@@ -414,3 +414,62 @@ def test_json_list_errors_name_the_position_and_ids_are_checked(tmp_path):
         load_instruction_records(str(p))
     p.write_text(json.dumps([{"instruction": "q", "response": "a"}, {"instruction": "r", "response": "b"}]))
     assert [r["id"] for r in load_instruction_records(str(p))] == ["it:0", "it:1"]  # ids made up when absent
+
+
+def test_an_adapter_tuned_on_a_relative_base_loads_from_anywhere_and_after_its_folder_moves(
+        tiny_model_dir, tiny_model_dir_b, it_records, tmp_path, monkeypatch):
+    """`itlens tune --base base` (a path relative to the working folder) records an absolute base, and
+    itlens_model.json the base relative to the adapter, so a study folder moved as a whole still loads;
+    the base found that way is still checked by its fingerprint."""
+    import shutil
+
+    from itlens.models import load_model
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copytree(tiny_model_dir, proj / "base")
+    atomic_write_jsonl(proj / "it.jsonl", it_records[:8])
+    monkeypatch.chdir(proj)
+    out = tune(_cfg("base", "it.jsonl", method="lora", max_steps=1, effective_batch_size=4), "lft")
+    cfg = json.loads((proj / "lft" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((proj / "base").resolve())
+    assert json.loads((proj / "lft" / "itlens_model.json").read_text())["base_relative"] == "../base"
+    monkeypatch.chdir(tmp_path)  # `itlens generate --model proj/lft` from elsewhere
+    assert load_model(proj / out).adapter is not None
+    moved = tmp_path / "elsewhere" / "proj"
+    shutil.move(str(proj), str(moved))  # the recorded absolute base is gone now
+    lm = load_model(moved / "lft")
+    assert lm.path == str((moved / "base").resolve()) and lm.name == "lft"
+    shutil.rmtree(moved / "base")
+    shutil.copytree(tiny_model_dir_b, moved / "base")  # another base in its place: refused
+    with pytest.raises(InputError, match="another base"):
+        load_model(moved / "lft")
+    shutil.rmtree(moved / "base")
+    with pytest.raises(InputError, match="base model .* is not found"):
+        load_model(moved / "lft")
+
+
+def test_every_assistant_turn_of_a_multi_turn_record_is_trained(tiny_model_dir, it_records, tmp_path):
+    from itlens.tune import to_prompt_completion
+
+    rec = {"id": "tulu:1", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "what is the city"}, {"role": "assistant", "content": "the river is blue."},
+        {"role": "user", "content": "and the mountain"}, {"role": "assistant", "content": "north of the city."}]}
+    rows = to_prompt_completion([rec])
+    assert [r["prompt"] for r in rows] == [rec["messages"][:2], rec["messages"][:4]]
+    assert [r["completion"] for r in rows] == [[rec["messages"][2]], [rec["messages"][4]]]
+    # single-turn records give exactly the rows they always gave
+    single = it_records[:2] + [{"id": "m", "messages": rec["messages"][:3]}]
+    assert to_prompt_completion(single) == [
+        {"prompt": [{"role": "user", "content": r["instruction"]}],
+         "completion": [{"role": "assistant", "content": r["response"]}]} for r in it_records[:2]] + [
+        {"prompt": rec["messages"][:2], "completion": [rec["messages"][2]]}]
+
+    trainer, tok, info = build_trainer(_cfg(tiny_model_dir, "unused", method="full", max_steps=1,
+                                            effective_batch_size=1, per_device_batch_size=1),
+                                       tmp_path / "work", records=[rec])
+    assert info["records"] == 1 and info["examples"] == 2 and len(trainer.train_dataset) == 2
+    trained = [tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100])
+               for ex in trainer.train_dataset]
+    assert trained == ["the river is blue.<|end|>", "north of the city.<|end|>"]

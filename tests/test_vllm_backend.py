@@ -97,3 +97,45 @@ def test_generate_cli_with_the_vllm_backend_writes_the_transformers_answers(vllm
           "--mode", "frame", "--set", "backend=vllm", "--set", "max_new_tokens=12",
           "--set", "vllm_args.enforce_eager=true", "--set", "vllm_args.gpu_memory_utilization=0.2"])
     assert read_records(tmp_path / "out.jsonl", "response") == _reference(vllm_model_dir, prompts, "frame")
+
+
+class _FakeVllm:
+    """Stands in for the vllm module and an engine: records the SamplingParams, answers with set token ids."""
+
+    def __init__(self, answer_ids):
+        import types
+
+        self.params, self.answer_ids = [], answer_ids
+        self.module = types.SimpleNamespace(SamplingParams=lambda **k: self.params.append(k) or k)
+
+    def generate(self, inputs, params, use_tqdm=False):
+        import types
+
+        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=self.answer_ids)]) for _ in inputs]
+
+
+def test_vllm_backend_stop_strings_and_model_label_without_vllm(tmp_path, tiny_model_dir, hub_model_id,
+                                                                 monkeypatch):
+    """vLLM watches the end-of-turn text in chat mode when it is not a token (Llama-2/Gemma/GPT-2 vocabularies)
+    and the frame's stop in frame mode; a hub model's records are labelled by its hub id (checked with a
+    stand-in engine, so it runs where vLLM is not installed)."""
+    import sys
+
+    from conftest import gpt2_like_tokenizer
+
+    from itlens.models import load_tokenizer
+    from itlens.templates import FRAME_STOP
+
+    gpt2_dir = make_tiny_llama(gpt2_like_tokenizer(), tmp_path / "gpt2like")
+    tok = load_tokenizer(gpt2_dir)
+    fake = _FakeVllm(tok("the river.<|end|> and more", add_special_tokens=False)["input_ids"])
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    prompts = [{"id": "a", "instruction": "where is the city?"}]
+    got = generate_responses_vllm(str(gpt2_dir), prompts, mode="chat", max_new_tokens=40, llm=fake)
+    assert fake.params[-1]["stop"] == ["<|end|>"] and got[0]["response"] == "the river."
+    assert got[0]["model"] == "gpt2like"
+    generate_responses_vllm(str(gpt2_dir), prompts, mode="frame", max_new_tokens=40, llm=fake)
+    assert fake.params[-1]["stop"] == [FRAME_STOP]
+    got = generate_responses_vllm(hub_model_id, prompts, mode="chat", max_new_tokens=40, llm=fake)
+    assert fake.params[-1]["stop"] is None  # <|end|> is a token there: its stop id suffices
+    assert got[0]["model"] == "acme/tiny-llama"

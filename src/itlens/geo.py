@@ -389,7 +389,7 @@ def probe_frame_files(geo_dir: str | Path) -> dict[str, list[Path]]:
 
 def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, list[str | Path]], *,
                 max_new_tokens: int = 16, batch_size: int = 16, samples: int = 0, temperature: float = 0.5,
-                seed: int = 0) -> dict[tuple[str, str], dict]:
+                seed: int = 0, device: str = "cpu") -> dict[tuple[str, str], dict]:
     """Ask ``model`` every ``{instruction, person, attribute, answers}`` fact in each few-shot frame
     (greedy), then ``samples`` more times at ``temperature`` (frames rotate; seeded); return
     ``{(person, attribute): {"p_correct", "p_sampled", "category", "known", "answers_given", "samples_given"}}``.
@@ -397,14 +397,14 @@ def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, l
     ``category`` is SliCK's (:func:`itlens.analysis.knowledge.slick_category`); ``known`` is any
     category but Unknown. ``frames``: one list for every fact, or one list per attribute. Only the
     first line of an answer is scored (a base model goes on with made-up exchanges). ``model``:
-    anything :func:`itlens.generate.generate_responses` accepts (a LoadedModel or a path).
+    anything :func:`itlens.generate.generate_responses` accepts (a LoadedModel, or a path loaded on ``device``).
     """
     from itlens.analysis.knowledge import slick_category
     from itlens.generate import generate_responses
     from itlens.models import LoadedModel, load_model
 
     if not isinstance(model, LoadedModel):
-        model = load_model(model)  # once, not once per frame
+        model = load_model(model, device=device)  # once, not once per frame
     greedy: list[list[bool]] = [[] for _ in facts]
     sampled: list[list[bool]] = [[] for _ in facts]
     given: list[list[str]] = [[] for _ in facts]
@@ -440,7 +440,7 @@ def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, l
 
 
 def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_size: int = 16,
-                samples: int | None = None, temperature: float | None = None) -> dict:
+                samples: int | None = None, temperature: float | None = None, device: str = "cpu") -> dict:
     """Probe every fact (IT and eval) with ``model`` and rewrite the records with the labels.
 
     ``samples``/``temperature``: the probe's sampled answers per fact (default: the data's own config,
@@ -468,7 +468,7 @@ def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_s
     samples = built.get("probe_samples", 0) if samples is None else samples
     temperature = built.get("probe_temperature", 0.5) if temperature is None else temperature
     labels = probe_known(model, facts, frames, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         samples=samples, temperature=temperature, seed=built.get("seed", 0))
+                         samples=samples, temperature=temperature, seed=built.get("seed", 0), device=device)
     for r in eval_rows:
         lab = labels[(r["person"], r["attribute"])]
         r.update(known=lab["known"], category=lab["category"],

@@ -266,6 +266,9 @@ def _validate_instruction(obj: dict, path: Path, lineno: int) -> None:
         if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
             raise InputError("the last message must be a non-empty assistant response", file=path,
                              line=lineno, field="messages")
+        if all(m["role"] != "user" for m in msgs[:-1]):
+            raise InputError("expected a user message before the last (assistant) message", file=path,
+                             line=lineno, field="messages")
         return
     _require_str(obj, "instruction", path, lineno)
     if "input" in obj and not isinstance(obj["input"], str):

@@ -66,8 +66,9 @@ def torch_dtype(name: str):
 
 
 def resolve_model(name_or_path: str | Path) -> str:
-    """A local dir as is; ``packaged:NAME`` (a model shipped in a PyPI package) from the itlens cache;
-    a hub id only when it is already in the local HF cache (no downloads)."""
+    """A local dir as an absolute path (so what records it, an adapter's ``base_model_name_or_path``
+    among them, holds from any working folder); ``packaged:NAME`` (a model shipped in a PyPI package)
+    from the itlens cache; a hub id only when it is already in the local HF cache (no downloads)."""
     if str(name_or_path).startswith("packaged:"):
         from itlens.packaged_models import resolve_packaged
 
@@ -76,7 +77,7 @@ def resolve_model(name_or_path: str | Path) -> str:
     if p.is_dir():
         if not (p / "config.json").is_file() and not is_adapter_dir(p):
             raise InputError("not a model directory (no config.json or adapter_config.json)", file=p)
-        return str(p)
+        return str(p.resolve())
     name = str(name_or_path)
     if p.exists() or name.startswith((".", "/")) or name.count("/") > 1:
         raise InputError("model directory not found", file=name)
@@ -176,6 +177,28 @@ def read_tune_meta(path: str | Path) -> dict:
     return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
 
+def relative_base(base: str | Path, model_dir: str | Path) -> str | None:
+    """``base`` (a local model dir) relative to ``model_dir`` (a tuned model's folder), POSIX-style, as
+    ``itlens tune`` records it (``base_relative``) so a folder moved together with its base still
+    finds it; None when there is no such path (another drive)."""
+    import os
+
+    try:
+        return Path(os.path.relpath(Path(base).resolve(), Path(model_dir).resolve())).as_posix()
+    except ValueError:
+        return None
+
+
+def model_label(name_or_path: str | Path, path: str | Path) -> str:
+    """What records call a model loaded from ``name_or_path`` (resolved to ``path``): the hub id as
+    the user gave it for a hub model (``path`` is then a snapshot folder named by its hash), else the
+    folder's name (a local dir, an adapter dir, a ``packaged:`` model)."""
+    given = str(name_or_path)
+    if not given.startswith("packaged:") and not Path(given).exists() and not Path(given).is_absolute():
+        return given
+    return Path(str(path)).name
+
+
 def load_model(name_or_path: str | Path, *, adapter: str | Path | None = None, dtype: str = "float32",
                merge: bool = False, device: str = "cpu", name: str | None = None) -> LoadedModel:
     """Load a causal LM for inference (eval mode).
@@ -195,17 +218,29 @@ def load_model(name_or_path: str | Path, *, adapter: str | Path | None = None, d
     if adapter is not None:
         model = attach_adapter(model, adapter, merge=merge, base_path=path)
     model.to(device).eval()
-    label = name or Path(str(adapter if adapter is not None else path)).name
+    label = name or (Path(str(adapter)).name if adapter is not None else model_label(name_or_path, path))
     return LoadedModel(model=model, tokenizer=tokenizer, name=label, path=path,
                        adapter=str(adapter) if adapter is not None else None)
 
 
 def _adapter_base(adapter: str | Path) -> str:
-    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    """The base an adapter dir names (``adapter_config.json``). When that path is gone (the study
+    folder was moved, or an older itlens recorded a path relative to the folder it was run from), the
+    base at the path ``itlens tune`` recorded relative to the adapter (``itlens_model.json``:
+    ``base_relative``) is used; :func:`attach_adapter` then checks it by its fingerprint."""
+    cfg_file = Path(adapter) / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     base = cfg.get("base_model_name_or_path")
     if not base:
         raise InputError("adapter does not name its base model; pass the base with --model and the adapter "
-                         "with --adapter", file=Path(adapter) / "adapter_config.json", field="base_model_name_or_path")
+                         "with --adapter", file=cfg_file, field="base_model_name_or_path")
+    if not Path(base).exists():
+        rel = read_tune_meta(adapter).get("base_relative")
+        if isinstance(rel, str) and rel and (Path(adapter) / rel).is_dir():
+            return resolve_model(Path(adapter) / rel)
+        if Path(base).is_absolute() or base.startswith(".") or base.count("/") > 1:  # a path, not a hub id
+            raise InputError(f"the adapter's base model {base!r} is not found (moved?); pass the base with "
+                             "--model and the adapter with --adapter", file=cfg_file, field="base_model_name_or_path")
     return resolve_model(base)
 
 

@@ -3,19 +3,36 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 from pathlib import Path
 
-import matplotlib
+from itlens.io import atomic_write_bytes
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+# itlens's figure style, applied only while its own figures are drawn (rc_context): importing itlens or
+# making a report never changes the caller's matplotlib backend or settings (a notebook keeps its own).
+# text.parse_math off: labels are user text (tokens such as "$$" or "}$", model names), never TeX math.
+STYLE = {"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9, "text.parse_math": False}
 
-from itlens.io import atomic_write_bytes  # noqa: E402
 
-# text.parse_math off: labels are user text (tokens such as "$$" or "}$", model names), never TeX math
-plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9,
-                     "text.parse_math": False})
+def styled(fn):
+    """Run a figure-making function under :data:`STYLE` (matplotlib is imported only when it runs)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context(STYLE):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, **kwargs):
+    """``plt.subplots`` without pyplot: a standalone Figure (no backend, no global figure registry)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
 
 # The paper's Figure 1 / AlignTDS colours for shift classes.
 CLASS_COLORS = {"unshifted": "#1f77b4", "marginal": "#9b6400", "shifted": "#d62728"}
@@ -24,7 +41,6 @@ CLASS_COLORS = {"unshifted": "#1f77b4", "marginal": "#9b6400", "shifted": "#d627
 def fig_to_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
     return buf.getvalue()
 
 

@@ -71,12 +71,12 @@ def _finding_html(f: dict) -> str:
     holds = f.get("holds")
     cls, word = ("holds", "holds") if holds is True else ("fails", "does not hold") if holds is False \
         else ("na", "not measured")
-    ev = f.get("evidence", {})
+    ev = f.get("evidence") or {}
     test = ev.get("test", "")
     summary = ev.get("summary", "")
     paper = ev.get("paper", "")
     rest = {k: v for k, v in ev.items() if k not in ("test", "summary", "paper")}
-    return (f'<div class="finding" id="{_esc(f["id"])}"><h3>{_esc(f["id"])}: {_esc(f["claim"])} '
+    return (f'<div class="finding" id="{_esc(f["id"])}"><h3>{_esc(f["id"])}: {_esc(f.get("claim", ""))} '
             f'<span class="verdict {cls}">{word}</span></h3>'
             + (f"<p>{_esc(summary)}</p>" if summary else "")
             + (f'<p class="muted">Test: {_esc(test)}</p>' if test else "")
@@ -119,10 +119,36 @@ def read_metrics(study_dir: str | Path) -> dict:
     for i, f in enumerate(findings):
         if not isinstance(f, dict) or not isinstance(f.get("id"), str):
             raise InputError("expected an object with a string 'id'", file=path, key=f"findings[{i}]")
+        if not isinstance(f.get("claim", ""), str):
+            raise InputError("expected a string", file=path, key=f"findings[{i}].claim")
+        if f.get("holds") not in (True, False, None):
+            raise InputError("expected true, false or null", file=path, key=f"findings[{i}].holds")
+        if not isinstance(f.get("evidence", {}), dict):
+            raise InputError("expected an object", file=path, key=f"findings[{i}].evidence")
     for key in ("study", "models"):
         if not isinstance(metrics.get(key, {}), dict):
             raise InputError("expected an object", file=path, key=key)
+    for name, row in metrics.get("models", {}).items():
+        if not isinstance(row, dict):
+            raise InputError("expected an object of metrics", file=path, key=f"models.{name}")
     return metrics
+
+
+def _read_figure_index(path: Path) -> list[dict]:
+    """``figures/index.json``: the report's figure list (absent: none)."""
+    if not path.is_file():
+        return []
+    try:
+        figures = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError("not valid JSON: the file is damaged; rerun the study to rewrite it", file=path) from None
+    if not isinstance(figures, list):
+        raise InputError(f"expected a JSON list, got {type(figures).__name__}", file=path)
+    for i, fig in enumerate(figures):
+        if not isinstance(fig, dict) or not isinstance(fig.get("file"), str) or "/" in fig["file"] \
+                or "\\" in fig["file"] or fig["file"].startswith("."):
+            raise InputError("expected an object with a plain 'file' name", file=path, key=f"[{i}]")
+    return figures
 
 
 def render_report(study_dir: str | Path) -> Path:
@@ -130,8 +156,7 @@ def render_report(study_dir: str | Path) -> Path:
     study_dir = Path(study_dir)
     metrics = read_metrics(study_dir)
     cfg_text = (study_dir / "config.resolved.yaml").read_text() if (study_dir / "config.resolved.yaml").is_file() else ""
-    index_path = study_dir / "figures" / "index.json"
-    figures = json.loads(index_path.read_text()) if index_path.is_file() else []
+    figures = _read_figure_index(study_dir / "figures" / "index.json")
     versions = json.loads((study_dir / "versions.json").read_text()) if (study_dir / "versions.json").is_file() else {}
 
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>itlens report: "

@@ -24,6 +24,7 @@ from itlens.config import KEY_OMITS_DEFAULT, from_dict, key_dict, load_config, t
 from itlens.errors import InputError
 from itlens.geo import ATTRIBUTES as GEO_ATTRIBUTES
 from itlens.io import atomic_write_json, atomic_write_text, read_records
+from itlens.plotting import styled
 from itlens.stages import Stage, StageRunner
 
 STAGE_VERSIONS: dict[str, int] = {"world": 2, "geo": 1, "pretrain": 1, "tune": 1, "generate": 1, "shift": 1,
@@ -301,7 +302,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 
             _set_threads(cfg.threads)
             build_geo(geo_cfg, work)
-            label_known(work, cfg.base, batch_size=probe_batch)
+            label_known(work, cfg.base, batch_size=probe_batch, device=_inference_device(sections["generate"]))
 
         stages.append(Stage("geo", {"v": V["geo"], "geo": key_dict(geo_cfg), "probe": cfg.base, "batch": probe_batch,
                                     **enc},
@@ -332,6 +333,8 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
     digest = {k: sha256_file(f)[:16] for k, f in (("it_data", cfg.it_data if data_dir is None else None),
                                                    ("eval", None if data_stage else cfg.eval_data),
                                                    ("frame", cfg.frame or None)) if f}
+    # multi-turn IT data trains every assistant turn (earlier itlens trained only the last): its key says so
+    multi_turn = bool(cfg.it_data) and data_dir is None and _has_multi_turn(Path(cfg.it_data))
 
     for seed in cfg.seeds:
         # ---- base model
@@ -372,7 +375,8 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
             variant_key = {k: v for k, v in key_dict(spec).items() if k != "tune_resolved"}  # a record, not an input
             stages.append(Stage(sname, {"v": V["tune"], "variant": variant_key, "tune": tdict, "seed": seed,
                                         "base": str(base_dirs[seed]) if name is None else None,
-                                        **({"it_data": digest["it_data"]} if "it_data" in digest else {}), **enc},
+                                        **({"it_data": digest["it_data"]} if "it_data" in digest else {}),
+                                        **({"turns": "all"} if multi_turn else {}), **enc},
                                 run_tune, deps=base_deps + (["world"] if world_dir is not None and name else []),
                                 label=f"tune {vname} ({spec.method}, seed {seed})"))
             tuned_dirs[(seed, vname)] = out / sname / "model"
@@ -399,10 +403,13 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                     for frame, group in groups:
                         rows += generate_responses_vllm(str(model_dir), group, mode="frame" if is_base else "chat",
                                                         frame=frame, max_new_tokens=gcfg.max_new_tokens,
-                                                        model_name=mname, engine_args=gcfg.vllm_args)
+                                                        model_name=mname, dtype=gcfg.dtype,
+                                                        engine_args=gcfg.vllm_args)
                 else:
-                    lm = load_model(str(base_dirs[seed]), dtype=gcfg.dtype, name="base") if is_base \
-                        else _load_variant_model(base_dirs[seed], tuned_dirs[(seed, mname)], mname, dtype=gcfg.dtype)
+                    dev = _inference_device(gcfg)
+                    lm = load_model(str(base_dirs[seed]), dtype=gcfg.dtype, name="base", device=dev) if is_base \
+                        else _load_variant_model(base_dirs[seed], tuned_dirs[(seed, mname)], mname, dtype=gcfg.dtype,
+                                                 device=dev)
                     for frame, group in groups:
                         rows += generate_responses(lm, group, mode="frame" if is_base else "chat", frame=frame,
                                                    max_new_tokens=gcfg.max_new_tokens, batch_size=gcfg.batch_size,
@@ -452,7 +459,8 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
         def run_analysis(work: Path, seed=seed) -> None:
             _set_threads(cfg.threads)
             run_seed_analyses(cfg, seed, world_dir, base_dirs, tuned_dirs, responses, shift_dirs, work,
-                              frame_path=frame_path, eval_path=eval_path, geo_dir=facts_dir)
+                              frame_path=frame_path, eval_path=eval_path, geo_dir=facts_dir,
+                              device=_inference_device(gcfg))
 
         deps = [f"gen-s{seed}-{m}" for m in ["base", *cfg.variants]] + \
             [f"shift-s{seed}-{v}-{c}" for v in cfg.variants for c in cfg.shift.base_contexts]
@@ -480,11 +488,31 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 
 
 def _bos_key(base: str) -> dict:
-    """``{"bos": 1}`` when ``base``'s tokenizer starts texts with BOS, else ``{}`` (cache keys)."""
-    from itlens.models import load_tokenizer
-    from itlens.templates import adds_bos
+    """``{"bos": 1}`` when ``base``'s tokenizer starts texts with BOS, else ``{}`` (cache keys);
+    ``template_bos`` too when its own chat template gets the BOS put in front (``ensure_chat_template``)."""
+    from transformers import AutoTokenizer
 
-    return {"bos": 1} if adds_bos(load_tokenizer(base)) else {}
+    from itlens.models import resolve_model
+    from itlens.templates import _renders_bos_first, adds_bos
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(base))  # as shipped: its own template, if any, unpatched
+    if not adds_bos(tok):
+        return {}
+    own = getattr(tok, "chat_template", None)
+    if isinstance(own, str) and own and tok.bos_token and not _renders_bos_first(tok):
+        return {"bos": 1, "template_bos": 1}
+    return {"bos": 1}
+
+
+def _has_multi_turn(path: Path) -> bool:
+    """Whether a JSONL of IT records holds a conversation with more than one assistant turn."""
+    from itlens.io import iter_jsonl
+
+    for _, rec in iter_jsonl(path):
+        msgs = rec.get("messages") if isinstance(rec, dict) else None
+        if isinstance(msgs, list) and sum(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs) > 1:
+            return True
+    return False
 
 
 def _frame_groups(prompts: list[dict], frames: dict[str, str], default: str) -> list[tuple[Optional[str], list[dict]]]:
@@ -555,7 +583,14 @@ def run_study(cfg: StudyConfig, out: str | Path, *, dry_run: bool = False, log=p
             log(f"{'cached ' if cached else 'to run '} {st.name:<34} {st.label}")
         return out / "report.html"
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.resolved.yaml", to_yaml(_resolved(cfg)))
+    resolved = to_yaml(_resolved(cfg))
+    old = out / "config.resolved.yaml"
+    if old.is_file() and old.read_text(encoding="utf-8") != resolved:
+        # a changed config: the old results no longer describe it, and a run that dies before the end must
+        # not leave them next to the new config (the report would show one config and the other's findings)
+        for stale in ("metrics.json", "report.html"):
+            (out / stale).unlink(missing_ok=True)
+    atomic_write_text(old, resolved)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if cfg.workers > 1 and len(cfg.seeds) > 1:
@@ -636,14 +671,24 @@ def _resolved(cfg: StudyConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ analyses
-def _load_variant_model(base_dir: Path, model_dir: Path, name: str, dtype: str = "float32"):
+def _inference_device(gcfg) -> str:
+    """Where the study runs inference (generation, the geo probe, cloze and multiple choice):
+    ``generate.device``, auto = cuda when available. (Tuning and token shift pick their own.)"""
+    if gcfg.device != "auto":
+        return gcfg.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_variant_model(base_dir: Path, model_dir: Path, name: str, dtype: str = "float32", device: str = "cpu"):
     """A tuned variant for inference: the base with its LoRA adapter, or the fully tuned model."""
     from itlens.models import load_model
 
     adapter = _adapter_or_none(model_dir)
     if adapter:
-        return load_model(str(base_dir), adapter=adapter, name=name, dtype=dtype)
-    return load_model(str(model_dir), name=name, dtype=dtype)
+        return load_model(str(base_dir), adapter=adapter, name=name, dtype=dtype, device=device)
+    return load_model(str(model_dir), name=name, dtype=dtype, device=device)
 
 
 def stated_facts(eval_records: list[dict], responses: dict[str, str], world) -> list[dict]:
@@ -682,7 +727,7 @@ def stated_facts(eval_records: list[dict], responses: dict[str, str], world) -> 
 
 def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], base_dirs, tuned_dirs, responses,
                       shift_dirs, work: Path, *, eval_path: Path, frame_path: str = "",
-                      geo_dir: Optional[Path] = None) -> None:
+                      geo_dir: Optional[Path] = None, device: str = "cpu") -> None:
     """Knowledge, copying and borrowing for every model of one seed; writes analysis.json and items.json."""
     from itlens.analysis.knowledge import accuracy_summary, degradation, grade_responses, load_fact_source
     from itlens.analysis.token_shift import read_shift
@@ -725,8 +770,8 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
             from itlens.probes import cloze_accuracy
 
             for m in models:
-                lm = load_model(str(base_dirs[seed]), name="base") if m == "base" \
-                    else _load_variant_model(base_dirs[seed], tuned_dirs[(seed, m)], m)
+                lm = load_model(str(base_dirs[seed]), name="base", device=device) if m == "base" \
+                    else _load_variant_model(base_dirs[seed], tuned_dirs[(seed, m)], m, device=device)
                 if cloze is not None:
                     res = cloze_accuracy(lm.model, lm.tokenizer, world, cloze, return_hits=True)
                     items.setdefault("cloze", {})[m] = [int(h) for h in res.pop("hits")]
@@ -912,13 +957,34 @@ PAPER_EVIDENCE = {
 }
 
 
-def _pooled(items: dict, kind: str, model: str, group: Optional[str] = None, field: str = "correct") -> list[float]:
-    out: list[float] = []
+def _per_question(items: dict, kind: str, model: str, group: Optional[str] = None,
+                  field: str = "correct", keep: Optional[dict] = None) -> dict[str, float]:
+    """Each question's outcome averaged over seeds, by item id.
+
+    The question is the unit of every test: seeds ask the same questions again, so pooling their answers
+    as new questions would count one question K times and narrow the intervals by about sqrt(K) (identical
+    seeds would "add evidence"). ``keep`` (seed -> set of ids) limits each seed to some items.
+    """
+    acc: dict[str, list[float]] = {}
     for s in sorted(items):
         for r in (items[s].get(kind, {}).get(model) or []):
-            if group is None or r.get("group") == group:
-                out.append(float(r[field]))
-    return out
+            if (group is None or r.get("group") == group) and (keep is None or r["id"] in keep.get(s, ())):
+                acc.setdefault(r["id"], []).append(float(r[field]))
+    return {i: sum(v) / len(v) for i, v in acc.items()}
+
+
+def _paired(*per_q: dict[str, float]) -> list[list[float]]:
+    """The values of several models on the questions all of them answered, in one (sorted id) order."""
+    ids = sorted(set.intersection(*(set(d) for d in per_q)))
+    return [[d[i] for i in ids] for d in per_q]
+
+
+def _cloze_per_item(items: dict, model: str) -> list[float]:
+    """Cloze hits averaged over seeds, by position (every seed probes the same world's cloze records)."""
+    rows = [items[s]["cloze"][model] for s in sorted(items)]
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(f"cloze results of {model!r} differ in length across seeds")
+    return [sum(float(r[i]) for r in rows) / len(rows) for i in range(len(rows[0]))]
 
 
 def _entity_noun(cfg: StudyConfig) -> str:
@@ -928,23 +994,21 @@ def _entity_noun(cfg: StudyConfig) -> str:
 
 
 def _recognised_unknown(items: dict, models: list[str]) -> dict[str, list[float]]:
-    """Per model, QA correctness (pooled over seeds) on held-out facts that the base's generation probe
+    """Per model, QA correctness (per question, over seeds) on held-out facts that the base's generation probe
     labels Unknown but that the base picks right by multiple choice: knowledge the probe missed.
 
     Only where the Known labels come from a probe (eval items with SliCK categories, as geo data): in
     the synthetic world "unknown" facts are unknown by construction and an MC hit is a guess. Empty
     when there are none.
     """
-    out: dict[str, list[float]] = {m: [] for m in models}
+    keep: dict = {}
     for s in sorted(items):
         qa, mc = items[s].get("qa", {}), items[s].get("mc", {})
         if not mc.get("base") or not all(qa.get(m) for m in models):
             continue
-        recognised = {r["id"] for r in mc["base"] if r.get("group") == "unknown" and r["correct"]
-                      and "category" in r}
-        for m in models:
-            out[m] += [float(r["correct"]) for r in qa[m] if r["id"] in recognised]
-    return out if out[models[0]] else {}
+        keep[s] = {r["id"] for r in mc["base"] if r.get("group") == "unknown" and r["correct"] and "category" in r}
+    per_q = _paired(*(_per_question(items, "qa", m, keep=keep) for m in models))
+    return dict(zip(models, per_q)) if per_q[0] else {}
 
 
 def _accuracy_by_category(items: dict, models: list[str]) -> dict[str, dict]:
@@ -968,7 +1032,7 @@ def _finding(fid: str, holds: Optional[bool], test: str, summary: str, **evidenc
 
 
 def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
-    """F1-F4, each decided by its stated test on per-item outcomes pooled over seeds."""
+    """F1-F4, each decided by its stated test; the unit is the question (its outcome averaged over seeds)."""
     from itlens.analysis.stats import match_rate_permutation_test, paired_bootstrap, permutation_test_two_sample
 
     fc = finding_roles(cfg)
@@ -980,23 +1044,19 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
 
     # F1: knowledge kept by LFT, lost by SFT (held-out Known facts never in the IT data)
     if fc.lft in cfg.variants and fc.sft in cfg.variants and items[cfg.seeds[0]].get("qa"):
-        base = _pooled(items, "qa", "base", "known_heldout")
-        lft = _pooled(items, "qa", fc.lft, "known_heldout")
-        sft = _pooled(items, "qa", fc.sft, "known_heldout")
+        base, lft, sft = _paired(*(_per_question(items, "qa", m, "known_heldout") for m in ("base", fc.lft, fc.sft)))
         diff = paired_bootstrap(lft, sft, confidence=conf, n_resamples=nb)
         deg_l = paired_bootstrap(base, lft, confidence=conf, n_resamples=nb)
         deg_s = paired_bootstrap(base, sft, confidence=conf, n_resamples=nb)
         extra: dict[str, Any] = {}  # cloze and multiple-choice comparisons, where measured
         if items[cfg.seeds[0]].get("cloze"):
-            cb = [float(x) for s in cfg.seeds for x in items[s]["cloze"]["base"]]
-            cl = [float(x) for s in cfg.seeds for x in items[s]["cloze"][fc.lft]]
-            cs = [float(x) for s in cfg.seeds for x in items[s]["cloze"][fc.sft]]
+            cb, cl, cs = (_cloze_per_item(items, m) for m in ("base", fc.lft, fc.sft))
             extra = {"cloze_sft_minus_lft": paired_bootstrap(cl, cs, confidence=conf, n_resamples=nb),
                      "cloze_lft_minus_base": paired_bootstrap(cb, cl, confidence=conf, n_resamples=nb),
                      "cloze_sft_minus_base": paired_bootstrap(cb, cs, confidence=conf, n_resamples=nb)}
         mc_text = ""
         if items[cfg.seeds[0]].get("mc"):  # recognition of the same held-out Known facts, format-free
-            mb, ml, ms = (_pooled(items, "mc", m, "known_heldout") for m in ("base", fc.lft, fc.sft))
+            mb, ml, ms = _paired(*(_per_question(items, "mc", m, "known_heldout") for m in ("base", fc.lft, fc.sft)))
             extra["mc_sft_minus_lft"] = paired_bootstrap(ml, ms, confidence=conf, n_resamples=nb)
             extra["mc_sft_minus_base"] = paired_bootstrap(mb, ms, confidence=conf, n_resamples=nb)
             mc_text = (f"; multiple choice (recognition): base {_pct(mb)}, LFT {_pct(ml)}, SFT {_pct(ms)}, "
@@ -1014,16 +1074,18 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
                             f"the base recognises (MC), QA base {_pct(latent['base'])}, LFT {_pct(latent[fc.lft])}, "
                             f"SFT {_pct(latent[fc.sft])}, SFT-LFT = {_pp(latent_diff)}; Known by either probe: "
                             f"SFT-LFT = {_pp(either_diff)}")
-        holds = diff["high"] is not None and diff["high"] < 0 and diff["p_value"] < alpha
+        below = lambda d: bool(d["high"] < 0 and d["p_value"] < alpha)  # noqa: E731 (significantly below)
+        # both halves of the claim: SFT below LFT and below the base, LFT not below the base
+        holds = None if not diff["n"] else below(diff) and below(deg_s) and not below(deg_l)
         by_cat = _accuracy_by_category(items, ["base", fc.lft, fc.sft])
         cat_text = ("; by the base's SliCK category (n, base / LFT / SFT): " + ", ".join(
             f"{c} ({v['n']}) {_r(v['base'])} / {_r(v[fc.lft])} / {_r(v[fc.sft])}" for c, v in by_cat.items())
             if by_cat else "")
         out.append(_finding(
             "F1", holds,
-            f"paired bootstrap ({nb} resamples) and sign-flip test on held-out Known questions, pooled over "
-            f"seeds: holds iff SFT accuracy is below LFT accuracy with the {conf:.0%} CI of SFT-LFT below 0 and "
-            f"p < {alpha}",
+            f"paired bootstrap ({nb} resamples) and sign-flip test on held-out Known questions (each question's "
+            f"accuracy averaged over seeds): holds iff SFT is below LFT and below the base (each {conf:.0%} CI "
+            f"below 0, p < {alpha}) and LFT is not significantly below the base",
             f"QA accuracy on held-out Known {noun}: base {_pct(base)}, LFT {_pct(lft)}, SFT {_pct(sft)}; "
             f"SFT-LFT = {_pp(diff)}{mc_text}{cat_text}.",
             sft_minus_lft=diff, lft_minus_base=deg_l, sft_minus_base=deg_s,
@@ -1033,17 +1095,17 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
 
     # F2: pattern copying (long 'knowledgeable' responses vs simplified): answers with a hallucinated fact
     if fc.style_long and fc.style_simple and items[cfg.seeds[0]].get("facts"):
-        long_w = _pooled(items, "facts", fc.style_long, "known_heldout", "has_wrong")
-        simp_w = _pooled(items, "facts", fc.style_simple, "known_heldout", "has_wrong")
-        long_s = _pooled(items, "facts", fc.style_long, "known_heldout", "stated")
-        simp_s = _pooled(items, "facts", fc.style_simple, "known_heldout", "stated")
+        long_w, simp_w = _paired(*(_per_question(items, "facts", m, "known_heldout", "has_wrong")
+                                   for m in (fc.style_long, fc.style_simple)))
+        long_s, simp_s = _paired(*(_per_question(items, "facts", m, "known_heldout", "stated")
+                                   for m in (fc.style_long, fc.style_simple)))
         d = paired_bootstrap(simp_w, long_w, confidence=conf, n_resamples=nb)
-        holds = d["low"] is not None and d["low"] > 0 and d["p_value"] < alpha
+        holds = None if not d["n"] else bool(d["low"] > 0 and d["p_value"] < alpha)
         out.append(_finding(
             "F2", holds,
             f"paired bootstrap on answers about held-out Known {noun} that state at least one wrong fact (exact, "
             f"against the {'facts' if noun == 'countries' else 'world'}), {fc.style_long} minus "
-            f"{fc.style_simple}, pooled over seeds: holds iff the long-style model has more such answers with "
+            f"{fc.style_simple}, each question averaged over seeds: holds iff the long-style model has more such answers with "
             f"the {conf:.0%} CI above 0 and p < {alpha}",
             f"answers with a hallucinated fact: {fc.style_long} {_pct(long_w)} vs {fc.style_simple} "
             f"{_pct(simp_w)} (facts stated per answer {_mean_of(long_s) or 0:.2f} vs {_mean_of(simp_s) or 0:.2f}); "
@@ -1057,7 +1119,7 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
     if fc.sft in cfg.variants and items[cfg.seeds[0]].get("borrowing"):
         def hall(model: str) -> list[dict]:
             return [h for s in cfg.seeds for h in items[s]["borrowing"].get(model, [])
-                    if h.get("twin_value") is not None and (h.get("group") == "unknown" or h.get("twin_in_it"))]
+                    if h.get("twin_value") is not None and h.get("twin_in_data", h.get("twin_in_it"))]
 
         hs, hl, hb = hall(fc.sft), hall(fc.lft) if fc.lft in cfg.variants else [], hall("base")
         test = match_rate_permutation_test([h["value"] for h in hs], [h["twin_value"] for h in hs],
@@ -1065,12 +1127,14 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
         vs_lft = permutation_test_two_sample([float(h["borrowed"]) for h in hs], [float(h["borrowed"]) for h in hl],
                                              alternative="greater", n_resamples=nb)
         rate = lambda xs: (sum(h["borrowed"] for h in xs) / len(xs)) if xs else None  # noqa: E731
-        holds = None if not hs else bool(test["p_value"] is not None and test["p_value"] < alpha)
+        # above chance, and (where there is an LFT variant) more often than LFT: the paper's 87% vs 13.9%
+        above_lft = not hl or (vs_lft["p_value"] is not None and vs_lft["p_value"] < alpha)
+        holds = None if not hs else bool(test["p_value"] is not None and test["p_value"] < alpha and above_lft)
         out.append(_finding(
             "F3", holds,
             f"permutation test ({nb} resamples): wrong values of {fc.sft} about {noun} whose {twin} is in the "
-            f"IT data, compared with the twin's value, against twin values shuffled within attribute; holds iff "
-            f"p < {alpha}",
+            f"data it was tuned on, compared with the twin's value, against twin values shuffled within attribute, "
+            f"and a two-sample permutation test against {fc.lft}'s rate: holds iff both p < {alpha}",
             f"{fc.sft}: {_r(rate(hs))} of {len(hs)} wrong values equal the similar IT instance's value (chance "
             f"{_r(test['null_mean'])}); {fc.lft}: {_r(rate(hl))} of {len(hl)}; base: {_r(rate(hb))} of {len(hb)}.",
             sft=test, sft_vs_lft=vs_lft, rate_sft=rate(hs), rate_lft=rate(hl), rate_base=rate(hb),
@@ -1081,18 +1145,20 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
     # F4: improvements vs plain LFT
     imps = [v for v in fc.improvements if v in cfg.variants]
     if fc.lft in cfg.variants and imps and items[cfg.seeds[0]].get("qa"):
-        lft = _pooled(items, "qa", fc.lft, "known_heldout")
+        lft_q = _per_question(items, "qa", fc.lft, "known_heldout")
         comps = {}
         better = []
         for v in imps:
-            d = paired_bootstrap(lft, _pooled(items, "qa", v, "known_heldout"), confidence=conf, n_resamples=nb)
+            d = paired_bootstrap(*_paired(lft_q, _per_question(items, "qa", v, "known_heldout")), confidence=conf,
+                                 n_resamples=nb)
             comps[f"{v}_minus_lft"] = d
             if d["low"] is not None and d["low"] > 0 and d["p_value"] < alpha:
                 better.append(v)
-        holds = not better
+        holds = None if any(not c["n"] for c in comps.values()) else not better
         out.append(_finding(
             "F4", holds,
-            f"paired bootstrap on held-out Known questions, each improvement minus {fc.lft}, pooled over seeds: "
+            f"paired bootstrap on held-out Known questions, each improvement minus {fc.lft}, each question "
+            f"averaged over seeds: "
             f"holds iff no improvement is better with its {conf:.0%} CI above 0 and p < {alpha}",
             "; ".join(f"{v}-{fc.lft} = {_pp(comps[f'{v}_minus_lft'])}" for v in imps)
             + (f"; better than LFT: {', '.join(better)}" if better else "; none is better than LFT"),
@@ -1130,11 +1196,12 @@ def _pp(d: dict, scale: float = 100, unit: str = " pp") -> str:
 
 
 # ------------------------------------------------------------------------------------------ figures
+@styled
 def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) -> None:
     """Redraw the paper's figures from this study into ``out/figures`` (+ ``index.json``) and token views."""
     from itlens.analysis import shift_figures
     from itlens.analysis.token_shift import read_shift
-    from itlens.plotting import plt, save_fig
+    from itlens.plotting import save_fig, subplots
 
     fig_dir = out / "figures"
     if fig_dir.exists():
@@ -1155,7 +1222,7 @@ def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) ->
             ("qa_acc_unknown", "QA, Unknown (any answer is a guess)")]
     keys = [k for k in keys if any(rows[m].get(k[0]) is not None for m in models)]
     if keys:
-        fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(models) + 2), 3.2))
+        fig, ax = subplots(figsize=(max(5, 1.3 * len(models) + 2), 3.2))
         w = 0.8 / len(keys)
         for j, (k, label) in enumerate(keys):
             ax.bar([i + (j - (len(keys) - 1) / 2) * w for i in range(len(models))],
@@ -1174,7 +1241,7 @@ def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) ->
 
     # token shift: class shares per variant and base context
     ctxs = cfg.shift.base_contexts
-    fig, axes = plt.subplots(1, len(ctxs), figsize=(4.5 * len(ctxs), 3.2), squeeze=False)
+    fig, axes = subplots(1, len(ctxs), figsize=(4.5 * len(ctxs), 3.2), squeeze=False)
     from itlens.plotting import CLASS_COLORS
 
     for ax, ctx in zip(axes[0], ctxs):
@@ -1206,12 +1273,21 @@ def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) ->
         f"Seed {s0}, {primary} context.", "LLaMa-2 7B: SFT 'also' ~157, LFT 'also' ~35, 'However', 'typically'.")
     sized = {v: spec for v, spec in cfg.variants.items() if spec.size}
     if sized:
-        series: dict[str, dict] = {}
+        # one series per recipe (everything but the size): variants that differ in learning rate, epochs ...
+        # are different curves, never points of one
+        groups: dict[str, list[tuple[str, int]]] = {}
         for v, spec in cfg.variants.items():
-            key = f"{spec.method}_{spec.data}"
+            recipe = json.dumps({k: x for k, x in key_dict(spec).items() if k not in ("size", "tune_resolved")},
+                                sort_keys=True, default=str)
             size = spec.size or int(json.loads((plan.tuned_dirs[(s0, v)].parent / "data_provenance.json")
                                                .read_text())["n"])
-            series.setdefault(key, {})[size] = summaries[v]
+            group = groups.setdefault(recipe, [])
+            if any(sz == size for _, sz in group):  # same recipe and size under two names: its own curve
+                groups[recipe + v] = [(v, size)]
+            else:
+                group.append((v, size))
+        series = {f"{cfg.variants[g[0][0]].method}: {', '.join(v for v, _ in g)}": {sz: summaries[v] for v, sz in g}
+                  for g in groups.values()}
         shift_figures.plot_figure1(series, fig_dir / "figure1.png")
         add("figure1.png", "Token distribution shift", "Figure 1: shift against IT dataset size",
             "Mean KL, base probability of the tuned top-1 token and its 0-based base rank.",
@@ -1245,9 +1321,10 @@ def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) ->
     if plan.judge_dirs:
         from itlens.judge.figures import write_judge_figures
 
+        judge_reference = resolve_sections(cfg)["judge"].paper_reference  # the paper's rows on the radars
         for m in models:
             summ = _read_json(plan.judge_dirs[(s0, m)] / "summary.json")
-            for p in write_judge_figures(summ, fig_dir / f"judge-{m}"):
+            for p in write_judge_figures(summ, fig_dir / f"judge-{m}", paper_reference=judge_reference):
                 rel = p.relative_to(fig_dir)
                 add(str(rel), "Judge", f"Judge radar: {m}", p.stem)
     atomic_write_json(fig_dir / "index.json", index)

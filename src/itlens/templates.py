@@ -25,10 +25,30 @@ def adds_bos(tokenizer) -> bool:
 def ensure_chat_template(tokenizer) -> None:
     """Give a tokenizer without a chat template (a base model's) the project's default one, which starts
     with BOS when the tokenizer's own encoding does (so TRL's training, generation and the token-shift
-    analysis all read the BOS the model was pretrained with)."""
-    if not getattr(tokenizer, "chat_template", None):
+    analysis all read the BOS the model was pretrained with).
+
+    A tokenizer with its own template that does not render BOS although its encoding adds it (zephyr /
+    TinyLlama-Chat style) gets ``{{ bos_token }}`` put in front: TRL tokenizes the rendered chat without
+    special tokens, while generation and the token-shift analysis add BOS to the prompt, so without it
+    training and generation would read different ids. Calling this again changes nothing."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         template = default_chat_template()
         tokenizer.chat_template = ("{{ bos_token }}" + template) if adds_bos(tokenizer) else template
+    elif isinstance(template, str) and adds_bos(tokenizer) and tokenizer.bos_token \
+            and not _renders_bos_first(tokenizer):
+        tokenizer.chat_template = "{{ bos_token }}" + template
+
+
+def _renders_bos_first(tokenizer) -> bool:
+    """Whether the chat template's text starts with the BOS token (True when it cannot be rendered
+    with one user turn, so a template we cannot check is left as it is)."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template's own checks (raise_exception) or a jinja error
+        return True
+    return not isinstance(text, str) or text.startswith(tokenizer.bos_token)
 
 
 def encode_prompts(tokenizer, texts: list[str], *, bos: bool | None = None) -> list[list[int]]:

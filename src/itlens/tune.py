@@ -206,9 +206,26 @@ def _load_hf_rows(dataset_id: str, split: str) -> list[dict]:
 
 
 def to_prompt_completion(records: list[dict]) -> list[dict]:
-    """Records -> TRL conversational prompt-completion rows (loss on the assistant turn only)."""
-    return [{"prompt": to_messages(r, with_response=False),
-             "completion": [{"role": "assistant", "content": response_text(r)}]} for r in records]
+    """Records -> TRL conversational prompt-completion rows (loss on the completion only).
+
+    Every assistant turn is trained, as open-instruct does: a record with k assistant turns gives k
+    rows, each with the turns before it as the prompt and that turn as the completion, in record
+    order (a single-turn record gives one row, as before). An assistant turn before any user turn
+    (a conversation the assistant opens) answers no prompt and is not trained.
+    """
+    rows = []
+    for r in records:
+        if "messages" not in r:
+            rows.append({"prompt": to_messages(r, with_response=False),
+                         "completion": [{"role": "assistant", "content": response_text(r)}]})
+            continue
+        msgs = to_messages(r)
+        asked = False
+        for k, m in enumerate(msgs):
+            asked = asked or m["role"] == "user"
+            if m["role"] == "assistant" and asked:
+                rows.append({"prompt": msgs[:k], "completion": [{"role": "assistant", "content": m["content"]}]})
+    return rows
 
 
 def example_lengths(tokenizer, rows: list[dict]) -> list[int]:
@@ -397,7 +414,9 @@ def build_trainer(cfg: TuneConfig, work_dir: Path, *, records: list[dict] | None
         raise InputError("the base must be a full model, not a LoRA adapter (merge it first)", file=base)
     records = records if records is not None else load_instruction_records(cfg.data, cfg.data_split)
     tokenizer = load_tokenizer(base)  # gets the project's chat template when the base has none
-    rows = to_prompt_completion(records)
+    rows = to_prompt_completion(records)  # one row per assistant turn
+    if not rows:
+        raise InputError("no assistant turn that answers a user turn; nothing to train on", file=cfg.data)
     lengths = example_lengths(tokenizer, rows)
     truncated, dropped = count_overlong(tokenizer, rows, cfg.max_length, lengths)
     if dropped == len(rows):
@@ -431,8 +450,8 @@ def build_trainer(cfg: TuneConfig, work_dir: Path, *, records: list[dict] | None
                              processing_class=tokenizer, callbacks=cbs,
                              peft_config=lora_config(cfg) if cfg.method == "lora" else None)
     trainer.remove_callback(PrinterCallback)  # StepLog reports instead of raw dicts on stdout
-    info = {"base": base, "base_fingerprint": fingerprint, "examples": len(rows), "truncated": truncated,
-            "dropped": dropped, "world_size": world_size,
+    info = {"base": base, "base_fingerprint": fingerprint, "records": len(records), "examples": len(rows),
+            "truncated": truncated, "dropped": dropped, "world_size": world_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "equal_fit": equal_fit}
     return trainer, tokenizer, info
 
@@ -446,7 +465,7 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
     """
     import torch
 
-    from itlens.models import TUNE_META, is_adapter_dir, load_model, resolve_model
+    from itlens.models import TUNE_META, is_adapter_dir, load_model, relative_base, resolve_model
     from itlens.tokenizer import end_of_turn_ids
 
     cfg.validate()
@@ -516,7 +535,7 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
     runtime = result.metrics.get("train_runtime", wall)
     fit = info["equal_fit"]
     summary = {
-        "method": cfg.method, "base": info["base"], "examples": info["examples"],
+        "method": cfg.method, "base": info["base"], "records": info["records"], "examples": info["examples"],
         "truncated": info["truncated"], "dropped": info["dropped"], "world_size": info["world_size"],
         "gradient_accumulation_steps": info["gradient_accumulation_steps"],
         "steps": trainer.state.global_step, "epochs": round(float(trainer.state.epoch or 0), 4),
@@ -553,9 +572,13 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
         atomic_write_json(tmp / "train_summary.json", summary)
         meta = {"base": info["base"], "base_fingerprint": info["base_fingerprint"], "method": cfg.method,
                 "merged": summary["merged"], "config_hash": key}
-        atomic_write_json(tmp / TUNE_META, meta)
+        local_base = Path(cfg.base).is_dir()  # base_relative: a moved folder (base beside it) still loads
+        atomic_write_json(tmp / TUNE_META, {**meta, **({"base_relative": relative_base(info["base"], out)}
+                                                       if local_base else {})})
         if cfg.merge_adapter and cfg.method == "lora":
-            atomic_write_json(tmp / "adapter" / TUNE_META, meta)
+            atomic_write_json(tmp / "adapter" / TUNE_META,
+                              {**meta, **({"base_relative": relative_base(info["base"], out / "adapter")}
+                                          if local_base else {})})
     if not cfg.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return out

@@ -34,6 +34,7 @@ from itlens.analysis.stats import match_rate_permutation_test, permutation_test_
 from itlens.analysis.text_index import TextIndex
 from itlens.errors import InputError
 from itlens.io import atomic_write_json, atomic_write_jsonl, iter_jsonl, read_records, response_text, user_text
+from itlens.plotting import styled
 
 SCHEMES: dict[str, tuple[str, ...] | None] = {
     "span": None,  # any non-empty label (e.g. "hallucination")
@@ -330,15 +331,18 @@ def counterfactual_borrowing(cases: Sequence[dict], it_records: Sequence[dict],
 
 
 # ------------------------------------------------------------------------------------ figures
+@styled
 def plot_label_bars(shares: dict[str, dict[str, float]], path: str | Path, *, title: str) -> Path:
     """Figure 6 / Figure 8 style: one 100% stacked horizontal bar per model."""
-    from itlens.plotting import plt, save_fig
+    import matplotlib
+
+    from itlens.plotting import save_fig, subplots
 
     names = list(shares)
     labels = list(dict.fromkeys(lab for s in shares.values() for lab in s))
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.2))
+    fig, ax = subplots(figsize=(7, 0.6 * len(names) + 1.2))
     left = np.zeros(len(names))
-    cmap = plt.get_cmap("tab10")
+    cmap = matplotlib.colormaps["tab10"]
     for j, lab in enumerate(labels):
         vals = np.array([shares[n].get(lab, 0.0) * 100 for n in names])
         ax.barh(names, vals, left=left, label=lab, color=cmap(j))
@@ -353,13 +357,14 @@ def plot_label_bars(shares: dict[str, dict[str, float]], path: str | Path, *, ti
     return save_fig(fig, path)
 
 
+@styled
 def plot_borrowing_rates(models: dict[str, dict], path: str | Path) -> Path:
     """Borrowing rate (twin's value) per model and condition, with the permutation null's 95% range."""
-    from itlens.plotting import plt, save_fig
+    from itlens.plotting import save_fig, subplots
 
     conds = ("known_twin_in_it", "known_twin_not_in_it", "unknown")
     names = list(models)
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(names) + 1), 3.2))
+    fig, ax = subplots(figsize=(max(4, 1.6 * len(names) + 1), 3.2))
     w = 0.27
     for j, c in enumerate(conds):
         xs = np.arange(len(names)) + (j - 1) * w

@@ -25,6 +25,7 @@ import numpy as np
 from itlens.analysis.stats import paired_bootstrap
 from itlens.errors import InputError
 from itlens.io import atomic_write_json, atomic_write_text, read_records, response_text, user_text
+from itlens.plotting import styled
 
 WORD_RE = re.compile(r"\w+(?:['\u2019]\w+)*")
 SENTENCE_RE = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -303,11 +304,12 @@ def table11_markdown(lengths: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@styled
 def plot_lengths(lengths: dict[str, dict], path: str | Path) -> Path:
-    from itlens.plotting import plt, save_fig
+    from itlens.plotting import save_fig, subplots
 
     names = [n for n, s in lengths.items() if s["n"]]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    fig, axes = subplots(1, 2, figsize=(8, 3))
     for ax, key, label in ((axes[0], "tokens_mean", "mean length (tokens)"), (axes[1], "chars_mean", "mean length (chars)")):
         ax.barh(names, [lengths[n][key] for n in names], color=["#7f7f7f" if n == "IT data" else "#1f77b4" for n in names])
         ax.set_xlabel(label)
@@ -316,12 +318,13 @@ def plot_lengths(lengths: dict[str, dict], path: str | Path) -> Path:
     return save_fig(fig, path)
 
 
+@styled
 def plot_tone(tone: dict[str, dict], path: str | Path) -> Path:
     """Share of words starting with shifted / marginal / unshifted tokens found in the IT data, per model."""
-    from itlens.plotting import CLASS_COLORS, plt, save_fig
+    from itlens.plotting import CLASS_COLORS, save_fig, subplots
 
     names = list(tone)
-    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(names) + 1), 3))
+    fig, ax = subplots(figsize=(max(4, 1.5 * len(names) + 1), 3))
     w = 0.27
     for j, c in enumerate(CLASSES):
         vals = [tone[n][c]["share_in_it"] or 0.0 for n in names]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 from itlens.analysis.stats import bootstrap_ci, paired_bootstrap
 from itlens.errors import InputError
 from itlens.io import atomic_write_json, atomic_write_jsonl, read_records
+from itlens.plotting import styled
 
 LABELS = ("correct", "wrong", "abstained")
 SLICK_CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
@@ -345,6 +346,7 @@ def mc_loglikelihoods(model, tokenizer, items: Sequence[dict], *, template: str 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lls: list[float] = []
     model.eval()
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for start in range(0, len(requests), batch_size):
             chunk = requests[start:start + batch_size]
@@ -354,13 +356,14 @@ def mc_loglikelihoods(model, tokenizer, items: Sequence[dict], *, template: str 
             mask = torch.zeros_like(ids)
             for i, s in enumerate(seqs):
                 ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             # normalise only the rows that predict a continuation token (a 262k vocabulary makes the
             # full [batch, length, vocab] log-softmax the dominant cost)
             rows = torch.cat([torch.full((len(k),), i) for i, (_, k) in enumerate(chunk)])
             cols = torch.cat([torch.arange(len(c) - 1, len(c) + len(k) - 1) for c, k in chunk])
             target = torch.tensor([t for _, k in chunk for t in k])
-            lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(1, target[:, None])[:, 0]
+            lp = torch.log_softmax(logits[rows.to(device), cols.to(device)].float(), dim=-1) \
+                .gather(1, target[:, None].to(device))[:, 0].cpu()
             sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows, lp.double())
             lls.extend(float(x) for x in sums)
     out, cursor = [], 0
@@ -426,16 +429,17 @@ def mc_lm_eval(model_dir: str | Path, items_path: str | Path, *, template: str =
 
 
 # ------------------------------------------------------------------------------------ figure
+@styled
 def plot_accuracy(models: dict[str, dict], path: str | Path, *, by: str = "group") -> Path:
     """Grouped bars: QA accuracy (bootstrap 95% CI) per model and eval group (or SliCK category)."""
     import numpy as np
 
-    from itlens.plotting import plt, save_fig
+    from itlens.plotting import save_fig, subplots
 
     key = f"by_{by}"
     cats = sorted({c for m in models.values() for c in m.get(key, {})}) or ["all"]
     names = list(models)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) * max(1, len(cats)) / 2 + 2), 3.2))
+    fig, ax = subplots(figsize=(max(4.0, 1.2 * len(names) * max(1, len(cats)) / 2 + 2), 3.2))
     width = 0.8 / len(cats)
     for j, c in enumerate(cats):
         vals, lo, hi = [], [], []

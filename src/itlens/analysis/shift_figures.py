@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from itlens.io import atomic_write_text
-from itlens.plotting import CLASS_COLORS, plt, save_fig
+from itlens.plotting import CLASS_COLORS, save_fig, styled, subplots
 
 FIG1_PANELS = (("kl", "KL Divergence"), ("base_prob", "Base Probability"), ("base_rank", "Base Rank"))
 
@@ -22,6 +22,7 @@ def _is_lora(name: str) -> bool:
     return "lft" in n or "lora" in n
 
 
+@styled
 def plot_figure1(series: Mapping[str, Mapping[int | str, dict]], path: str | Path) -> Path:
     """Figure 1: mean KL / base probability / 0-based base rank against IT dataset size.
 
@@ -30,7 +31,7 @@ def plot_figure1(series: Mapping[str, Mapping[int | str, dict]], path: str | Pat
     are dashed with squares, the others solid with stars.
     """
     sizes = sorted({int(k) for runs in series.values() for k in runs})
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = subplots(1, 3, figsize=(12, 3.6))
     for (key, title), ax in zip(FIG1_PANELS, axes):
         for name, runs in series.items():
             pts = sorted((int(k), s["figure1"][key]) for k, s in runs.items() if s["figure1"][key] is not None)
@@ -46,6 +47,7 @@ def plot_figure1(series: Mapping[str, Mapping[int | str, dict]], path: str | Pat
     return save_fig(fig, path)
 
 
+@styled
 def plot_figure4(groups: Mapping[str, dict], path: str | Path) -> Path:
     """Figure 4: per-sentence KL over the first 5% of tokens vs the remaining 95%, with Diff%.
 
@@ -54,7 +56,7 @@ def plot_figure4(groups: Mapping[str, dict], path: str | Path) -> Path:
     labels = list(groups)
     first = [groups[k]["sentence_kl"]["first"] or 0.0 for k in labels]
     rest = [groups[k]["sentence_kl"]["rest"] or 0.0 for k in labels]
-    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(labels) + 1), 3.6))
+    fig, ax = subplots(figsize=(max(4, 1.4 * len(labels) + 1), 3.6))
     x = range(len(labels))
     w = 0.38
     ax.bar([i - w / 2 for i in x], first, w, label="first 5%", color="#1b7837")
@@ -72,11 +74,12 @@ def plot_figure4(groups: Mapping[str, dict], path: str | Path) -> Path:
     return save_fig(fig, path)
 
 
+@styled
 def plot_figure12(summaries: Mapping[str, dict], path: str | Path, *, top_n: int = 40,
                   key: str = "top_shifted_marginal") -> Path:
     """Figure 12: frequency of the most common shifted + marginal tokens, one panel per model."""
     names = list(summaries)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), max(3.0, 0.16 * top_n + 1)), squeeze=False)
+    fig, axes = subplots(1, len(names), figsize=(4.2 * len(names), max(3.0, 0.16 * top_n + 1)), squeeze=False)
     for ax, name in zip(axes[0], names):
         rows = summaries[name][key][:top_n][::-1]  # largest at the top
         ax.barh(range(len(rows)), [c for _, c in rows], color=CLASS_COLORS["shifted"])
@@ -88,9 +91,10 @@ def plot_figure12(summaries: Mapping[str, dict], path: str | Path, *, top_n: int
     return save_fig(fig, path)
 
 
+@styled
 def plot_position_curve(summaries: Mapping[str, dict], path: str | Path) -> Path:
     """Shifted share and mean KL by relative position in the response (10 bins), one line per model."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (a1, a2) = subplots(1, 2, figsize=(9, 3.4))
     for name, s in summaries.items():
         bins = s["by_rel_pos"]
         xs = [(b["bin"] + 0.5) / 10 for b in bins]

@@ -12,18 +12,21 @@ from pathlib import Path
 
 from itlens.judge.paper import paper_reference as lookup_paper_row
 from itlens.judge.scoring import ASPECTS, TASK_TYPES
-from itlens.plotting import plt, save_fig
+from itlens.plotting import save_fig, styled, subplots
 
 LABELS = {"helpfulness": "Helpfulness", "clarity": "Clarity", "factuality": "Factuality", "depth": "Depth",
           "engagement": "Engagement", "coding": "Coding", "info-seek": "Info-Seek", "math": "Math",
           "procedure": "Procedure", "reasoning": "Reasoning", "role-play": "Role-Play", "writing": "Writing"}
 
 
+@styled
 def radar_chart(series: dict[str, dict[str, float | None]], axes: list[str], *, title: str = "",
                 reference: dict[str, dict[str, float | None]] | None = None, rlim: tuple[float, float] = (1, 5)):
     """A radar (first axis at the top, clockwise). ``series``/``reference``: label -> {axis: value}."""
+    import matplotlib
+
     angles = [2 * math.pi * i / len(axes) for i in range(len(axes))]
-    fig, ax = plt.subplots(figsize=(5.2, 5.2), subplot_kw={"projection": "polar"})
+    fig, ax = subplots(figsize=(5.2, 5.2), subplot_kw={"projection": "polar"})
     ax.set_theta_offset(math.pi / 2)
     ax.set_theta_direction(-1)
     ax.set_xticks(angles)
@@ -31,7 +34,7 @@ def radar_chart(series: dict[str, dict[str, float | None]], axes: list[str], *, 
     ax.set_ylim(*rlim)
     ax.set_rlabel_position(180 / len(axes))  # ring labels between the first two axes
     ax.set_yticks([rlim[0] + 0.5 * k for k in range(int((rlim[1] - rlim[0]) / 0.5) + 1)])
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
 
     def draw(label, values, style, color):
         ys = [values.get(a) for a in axes]
@@ -47,6 +50,7 @@ def radar_chart(series: dict[str, dict[str, float | None]], axes: list[str], *, 
     return fig
 
 
+@styled
 def write_judge_figures(summary: dict, out_dir: str | Path, paper_reference: list[str] = ()) -> list[Path]:
     """``radar_aspects.png`` and (with >= 3 task types) ``radar_task_types.png`` for a judge summary."""
     out_dir = Path(out_dir)
