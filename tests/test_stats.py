@@ -101,3 +101,23 @@ def test_exact_sign_flip_p_equals_scipy_for_small_samples():
         for alt in ("two-sided", "greater", "less"):
             assert _exact_sign_flip_p(y - x, alt) == pytest.approx(
                 paired_permutation_test(x, y, alternative=alt)["p_value"], abs=1e-12)
+
+
+def test_match_rate_clusters_make_repeated_answers_one_unit():
+    """The same answers repeated (one question under three seeds) are no new evidence with clusters;
+    without them the test reads the copies as independent and its p-value shrinks."""
+    rng = np.random.default_rng(3)
+    refs = [f"r{int(x)}" for x in rng.integers(0, 6, 40)]
+    vals = [r if i < 8 else f"r{int(x)}" for i, (r, x) in enumerate(zip(refs, rng.integers(0, 6, 40)))]
+    strata = [i % 2 for i in range(40)]
+    one = match_rate_permutation_test(vals, refs, strata=strata, n_resamples=1999)
+    same = match_rate_permutation_test(vals, refs, strata=strata, clusters=list(range(40)), n_resamples=1999)
+    assert same == one  # one item per cluster: the plain test, same draws
+    k = 3
+    rep = match_rate_permutation_test(vals * k, refs * k, strata=strata * k, n_resamples=1999)
+    clustered = match_rate_permutation_test(vals * k, refs * k, strata=strata * k,
+                                            clusters=[i for _ in range(k) for i in range(40)], n_resamples=1999)
+    assert clustered["observed"] == one["observed"] == rep["observed"]
+    assert abs(clustered["p_value"] - one["p_value"]) < 0.02 and rep["p_value"] < one["p_value"] / 2
+    with pytest.raises(ValueError, match="cluster"):
+        match_rate_permutation_test(["a", "b"], ["a", "c"], clusters=[0, 0])

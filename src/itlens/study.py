@@ -1123,7 +1123,8 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
 
         hs, hl, hb = hall(fc.sft), hall(fc.lft) if fc.lft in cfg.variants else [], hall("base")
         test = match_rate_permutation_test([h["value"] for h in hs], [h["twin_value"] for h in hs],
-                                           strata=[h["attribute"] for h in hs], n_resamples=nb)
+                                           strata=[h["attribute"] for h in hs], clusters=[(h["id"], h["attribute"], h["twin_value"]) for h in hs],
+                                           n_resamples=nb)  # a question's answers under several seeds: one unit
         vs_lft = permutation_test_two_sample([float(h["borrowed"]) for h in hs], [float(h["borrowed"]) for h in hl],
                                              alternative="greater", n_resamples=nb)
         rate = lambda xs: (sum(h["borrowed"] for h in xs) / len(xs)) if xs else None  # noqa: E731

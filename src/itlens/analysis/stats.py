@@ -132,12 +132,17 @@ def permutation_test_two_sample(x: Sequence[float], y: Sequence[float], *, alter
 
 
 def match_rate_permutation_test(values: Sequence, references: Sequence, strata: Sequence | None = None, *,
-                                n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+                                clusters: Sequence | None = None, n_resamples: int = DEFAULT_RESAMPLES,
+                                seed: int = 0) -> dict:
     """Is ``values[i] == references[i]`` more frequent than chance?
 
     Chance is estimated by shuffling the references among items of the same stratum (for borrowing:
     the same attribute), which keeps both marginal distributions and breaks only the pairing. The
     p-value is one-sided, ``(1 + #{null >= observed}) / (1 + n_resamples)``.
+    ``clusters``: items that share one reference (the same question answered under several seeds) are
+    shuffled as one: references move between clusters, so repeated answers to one question do not
+    count as independent evidence. Every item of a cluster must have the same reference and stratum.
+    With one item per cluster the test is the plain one (same draws).
     Returns ``{observed, null_mean, null_low, null_high (95% of the null), p_value, n}``.
     """
     vals = list(values)
@@ -154,15 +159,28 @@ def match_rate_permutation_test(values: Sequence, references: Sequence, strata: 
     r = np.array([codes.setdefault(x, len(codes)) for x in refs])
     observed = float(np.mean(v == r))
     rng = np.random.default_rng(seed)
+    # one unit per cluster (per item without clusters), holding the cluster's reference and stratum
+    unit_of: dict = {}
+    item_unit = np.array([unit_of.setdefault(c, len(unit_of)) for c in (clusters if clusters is not None
+                                                                        else range(n))])
+    if len(item_unit) != n:
+        raise ValueError(f"clusters has {len(item_unit)} entries for {n} items")
+    unit_ref = np.empty(len(unit_of), dtype=r.dtype)
+    unit_stratum: list = [None] * len(unit_of)
+    seen = np.zeros(len(unit_of), dtype=bool)
+    for i, u in enumerate(item_unit):
+        if seen[u] and (unit_ref[u] != r[i] or unit_stratum[u] != strata[i]):
+            raise ValueError("items of one cluster differ in reference or stratum")
+        unit_ref[u], unit_stratum[u], seen[u] = r[i], strata[i], True
     groups = {}
-    for i, s in enumerate(strata):
-        groups.setdefault(s, []).append(i)
-    perm_refs = np.empty((n_resamples, n), dtype=r.dtype)
+    for u, s in enumerate(unit_stratum):
+        groups.setdefault(s, []).append(u)
+    perm_units = np.empty((n_resamples, len(unit_of)), dtype=r.dtype)
     for idx in groups.values():
         idx = np.asarray(idx)
-        block = np.tile(r[idx], (n_resamples, 1))
-        perm_refs[:, idx] = rng.permuted(block, axis=1)
-    null = np.mean(perm_refs == v[None, :], axis=1)
+        block = np.tile(unit_ref[idx], (n_resamples, 1))
+        perm_units[:, idx] = rng.permuted(block, axis=1)
+    null = np.mean(perm_units[:, item_unit] == v[None, :], axis=1)
     p = (1 + int(np.sum(null >= observed - 1e-12))) / (1 + n_resamples)
     return {"observed": observed, "null_mean": float(null.mean()), "null_low": float(np.quantile(null, 0.025)),
             "null_high": float(np.quantile(null, 0.975)), "p_value": float(p), "n": n}
