@@ -204,3 +204,21 @@ def test_a_conversation_without_a_user_turn_is_an_input_error_naming_file_and_li
     p.write_text(json.dumps({"conversations": [{"from": "gpt", "value": t["content"]} for t in turns]}) + "\n")
     with pytest.raises(InputError, match=r"t.jsonl:1: field 'conversations': expected a user turn"):
         load_records("evol", p)
+
+
+def test_own_ids_must_be_real_ids_and_list_text_tags_are_lists(tmp_path):
+    """tulu's own `id` of true or "" used to become 'tulu:True' / 'tulu:'; a just-eval export that stores
+    task_types as the text of a list used to be split into "['reasoning'" and "'math']"."""
+    row = json.loads((FIX / "tulu.jsonl").read_text().splitlines()[0])
+    for bad in (True, "", "  "):
+        f = tmp_path / "tulu.jsonl"
+        f.write_text(json.dumps({**row, "id": bad}) + "\n")
+        with pytest.raises(InputError, match=r"tulu.jsonl:1: field 'id': expected a non-empty string or integer"):
+            load_records("tulu", f)
+    ev = json.loads((FIX / "just_eval.jsonl").read_text().splitlines()[1])
+    f = tmp_path / "just_eval.jsonl"
+    f.write_text(json.dumps({**ev, "task_types": "['reasoning', 'math']"}) + "\n")
+    assert load_records("just-eval", f)[0]["task_types"] == ["reasoning", "math"]
+    f.write_text(json.dumps({**ev, "task_types": "['reasoning', "}) + "\n")
+    with pytest.raises(InputError, match=r"field 'task_types': expected a list of strings"):
+        load_records("just-eval", f)

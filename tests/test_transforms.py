@@ -138,3 +138,20 @@ def test_a_variant_written_over_its_source_records_the_source_hash(tmp_path):
     subset_file(src, src, 5, seed=0)  # in place
     prov = json.loads(provenance_path(src).read_text())
     assert prov["source_sha256"] == before and prov["output_sha256"] == sha256_file(src) != before
+
+
+def test_the_judges_output_filters_with_field_mean_and_its_errors_say_how(tmp_path):
+    """judge.jsonl rows have `scores` and `mean`: `--field mean` reads them; the default field and a
+    failed item get a one-line hint instead of a bare type error."""
+    from itlens.transforms import read_scores
+
+    f = tmp_path / "judge.jsonl"
+    rows = [{"id": "x1", "model": "m", "scores": {"helpfulness": 5}, "mean": 4.6},
+            {"id": "x2", "model": "m", "scores": {"helpfulness": 2}, "mean": 2.0}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_scores(f, field="mean") == {"x1": 4.6, "x2": 2.0}
+    with pytest.raises(InputError, match=r"judge.jsonl:1: field 'score': .*use --field mean"):
+        read_scores(f)
+    f.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], {**rows[1], "mean": None}]))
+    with pytest.raises(InputError, match=r"judge.jsonl:2: field 'mean': .*judge failed on this item"):
+        read_scores(f, field="mean")

@@ -50,10 +50,18 @@ def _text(row: dict, field: str, at: Where, *, optional: bool = False, allow_emp
 
 
 def _tags(row: dict, fields: tuple[str, ...], at: Where) -> list[str] | None:
-    """A list of tags from the first present field (a list of strings or a comma-separated string)."""
+    """A list of tags from the first present field (a list of strings, a comma-separated string, or a list
+    stored as its Python/JSON text, "['reasoning', 'math']", as some dataset exports do)."""
     for field in fields:
         if field in row and row[field] is not None:
             value = row[field]
+            if isinstance(value, str) and value.strip().startswith("["):  # a list stored as its text
+                import ast
+
+                try:
+                    value = ast.literal_eval(value.strip())
+                except (ValueError, SyntaxError):
+                    raise at.error(f"expected a list of strings, got the text {value[:60]!r}", field) from None
             if isinstance(value, str):
                 return [t.strip() for t in value.split(",") if t.strip()]
             if isinstance(value, list) and all(isinstance(t, str) for t in value):
@@ -314,8 +322,9 @@ def load_records(fmt: str, source: str | Path | None = None, *, split: str | Non
             break
         rec = spec.convert(row, at)
         own = row.get(spec.own_id) if spec.own_id else None
-        if spec.own_id and own is not None and not isinstance(own, (str, int)):
-            raise at.error("expected a string or integer id", spec.own_id)
+        if spec.own_id and own is not None and (isinstance(own, bool) or not isinstance(own, (str, int))
+                                                or (isinstance(own, str) and not own.strip())):
+            raise at.error(f"expected a non-empty string or integer id, got {own!r}", spec.own_id)
         rid = f"{spec.prefix}:{own if own is not None else index}"
         if rid in seen:
             raise at.error(f"duplicate id {rid!r}", spec.own_id or "id")

@@ -37,7 +37,7 @@ def subset(records: list[dict], n: int, *, seed: int = 0) -> list[dict]:
 
 
 def read_scores(path: str | Path, field: str = "score") -> dict[str, float]:
-    """``{id: score}`` from a JSONL of ``{"id", "score"}`` rows (the judge's output)."""
+    """``{id: score}`` from a JSONL of ``{"id", field}`` rows (the judge's ``judge.jsonl`` with ``field="mean"``)."""
     scores: dict[str, float] = {}
     first: dict[str, int] = {}
     for lineno, obj in iter_jsonl(path):
@@ -47,7 +47,12 @@ def read_scores(path: str | Path, field: str = "score") -> dict[str, float]:
         if rid in first:
             raise InputError(f"duplicate id {rid!r} (first on line {first[rid]})", file=path, line=lineno, field="id")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InputError(f"expected a finite number, got {value!r}", file=path, line=lineno, field=field)
+            hint = ""
+            if field not in obj and isinstance(obj.get("scores"), dict) and "mean" in obj:
+                hint = " (this is the judge's judge.jsonl: use --field mean)"
+            elif field == "mean" and value is None and isinstance(obj.get("scores"), dict):
+                hint = " (the judge failed on this item; rerun itlens judge with the same --out to retry failures)"
+            raise InputError(f"expected a finite number, got {value!r}{hint}", file=path, line=lineno, field=field)
         first[rid], scores[rid] = lineno, float(value)
     return scores
 
