@@ -105,3 +105,26 @@ def test_a_shard_scores_only_its_batches(tiny_model_dir, tiny_model_dir_b, it_re
     rows = [generate_responses(lm, prompts, max_new_tokens=4, batch_size=2, shard=(r, 2)) for r in range(2)]
     assert [len(x) for x in rows] == [3, 2]
     assert {r["id"] for x in rows for r in x} == {p["id"] for p in prompts}
+
+
+def test_merge_records_refuses_lost_or_duplicated_records():
+    """A record returned by two shards used to pass: the id map had already folded it."""
+    from itlens.sharding import merge_records
+
+    a, b, c = ({"id": i, "v": i} for i in "abc")
+    assert merge_records([[b], [a, c]], ["a", "b", "c"]) == [a, b, c]
+    for parts, order in (([[a, b], [a]], ["a", "b"]), ([[a], [b], [b, c]], ["a", "b", "c"]), ([[a], []], ["a", "b"])):
+        with pytest.raises(RuntimeError, match="lost or duplicated"):
+            merge_records(parts, order)
+
+
+def test_the_index_benchmark_row_compares_phrase_scans_with_phrase_queries():
+    """The brute-force baseline of the phrase-query ratio is the phrase scans only (single-word scans,
+    a different workload, used to be averaged in)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from run_all import table_rows
+
+    r = {"n_instances": 10, "scan_mismatches": 0, "scan_ms_mean": 30.0, "scan_ms_phrase_mean": 10.0,
+         "query_ms_mean": 0.5, "build_s": 1.0}
+    row = table_rows("index", r)[0]
+    assert (row["baseline"], row["itlens"], row["ratio"]) == (10.0, 0.5, 20.0)

@@ -473,3 +473,47 @@ def test_every_assistant_turn_of_a_multi_turn_record_is_trained(tiny_model_dir, 
     trained = [tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100])
                for ex in trainer.train_dataset]
     assert trained == ["the river is blue.<|end|>", "north of the city.<|end|>"]
+
+
+@pytest.mark.parametrize("effective, per_device, world, plan", [
+    (32, 8, 1, (8, 4)), (32, 8, 8, (4, 1)), (32, 8, 2, (8, 2)), (4, 8, 1, (4, 1)), (24, 16, 1, (12, 2)),
+    (32, 8, 3, None)])
+def test_every_optimizer_step_sees_exactly_the_effective_batch(effective, per_device, world, plan, monkeypatch):
+    """Over 8 GPUs at 8 per device the accumulation used to round up to 1 and make the batch 64 (and 48
+    on 3 GPUs): the per-device batch is lowered instead, and a batch that cannot be split is refused."""
+    from itlens.tune import batch_plan, sft_config
+
+    cfg = TuneConfig(base="b", data="d", effective_batch_size=effective, per_device_batch_size=per_device)
+    if plan is None:
+        with pytest.raises(InputError, match="effective_batch_size"):
+            batch_plan(cfg, world)
+        return
+    assert batch_plan(cfg, world) == plan
+    assert plan[0] * plan[1] * world == effective
+    args = sft_config(cfg, Path("unused"), world_size=world)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == plan
+
+
+def test_the_training_arguments_exist_before_the_model_is_loaded(tiny_model_dir, it_file, tmp_path, monkeypatch):
+    """Under DeepSpeed ZeRO-3 the live training arguments make from_pretrained load the model partitioned;
+    built after the load, every rank held the whole fp32 model first."""
+    import transformers
+
+    from itlens import tune as tune_mod
+
+    order = []
+    real_cfg, real_load = tune_mod.sft_config, transformers.AutoModelForCausalLM.from_pretrained
+
+    def cfg_spy(*a, **k):
+        order.append("args")
+        return real_cfg(*a, **k)
+
+    def load_spy(*a, **k):
+        order.append("model")
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(tune_mod, "sft_config", cfg_spy)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load_spy)
+    trainer, _, info = tune_mod.build_trainer(_cfg(tiny_model_dir, it_file, method="full"), tmp_path / "w")
+    assert order[:2] == ["args", "model"] and trainer.args is not None
+    assert info["per_device_batch_size"] == 4 and info["gradient_accumulation_steps"] == 2

@@ -60,7 +60,7 @@ def merge_records(parts: list[list[dict]], order: list[str]) -> list[dict]:
     """Records from every shard, in the input order given by ``order`` (unique ids)."""
     by_id = {r["id"]: r for part in parts for r in part}
     missing = [i for i in order if i not in by_id]
-    if missing or len(by_id) != len(order):
+    if missing or len(by_id) != len(order) or sum(map(len, parts)) != len(order):
         raise RuntimeError(f"sharded run lost or duplicated records (missing {missing[:3]}, "
                            f"{len(by_id)} merged for {len(order)} inputs)")
     return [by_id[i] for i in order]

@@ -83,7 +83,9 @@ class TuneConfig:
         "help": "Examples per optimizer step over all processes (paper: 32); reached with gradient "
                 "accumulation over per_device_batch_size."})
     per_device_batch_size: int = dataclasses.field(default=8, metadata={
-        "help": "Examples per forward pass on one process (what fits in memory)."})
+        "help": "Most examples per forward pass on one process (what fits in memory); lowered to the largest "
+                "divisor of effective_batch_size / processes so every optimizer step sees exactly "
+                "effective_batch_size examples (train_summary.json records what was used)."})
     max_length: int = dataclasses.field(default=512, metadata={
         "help": "Max tokens of prompt + response; longer examples are truncated (counted, with a warning)."})
     lr_scheduler: str = dataclasses.field(default="cosine", metadata={
@@ -359,8 +361,20 @@ def _stopped_by_equal_fit(cfg: TuneConfig, checkpoint: str | None) -> int | None
 
 
 # ------------------------------------------------------------------------------------------ train
-def _grad_accumulation(cfg: TuneConfig, world_size: int) -> int:
-    return max(1, math.ceil(cfg.effective_batch_size / (cfg.per_device_batch_size * world_size)))
+def batch_plan(cfg: TuneConfig, world_size: int) -> tuple[int, int]:
+    """(examples per forward pass on one process, gradient accumulation steps) giving exactly
+    ``effective_batch_size`` examples per optimizer step over ``world_size`` processes.
+
+    ``per_device_batch_size`` is the most that fits; where it does not divide the per-process share it is
+    lowered to the largest divisor that does (32 over 8 GPUs at 8 per device: 4 per device, no
+    accumulation; rounding the accumulation up instead had made it 64, halving the optimizer steps).
+    """
+    if cfg.effective_batch_size % world_size:
+        raise InputError(f"{cfg.effective_batch_size} examples per step cannot be split evenly over "
+                         f"{world_size} processes: use a multiple of {world_size}", key="effective_batch_size")
+    share = cfg.effective_batch_size // world_size
+    per_device = max(d for d in range(1, min(cfg.per_device_batch_size, share) + 1) if share % d == 0)
+    return per_device, share // per_device
 
 
 def sft_config(cfg: TuneConfig, work_dir: Path, *, world_size: int = 1):
@@ -369,14 +383,14 @@ def sft_config(cfg: TuneConfig, work_dir: Path, *, world_size: int = 1):
     from trl import SFTConfig
 
     epochs = cfg.equal_fit.max_epochs if cfg.equal_fit.enabled else cfg.epochs
+    per_device, accumulation = batch_plan(cfg, world_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing -> activation_checkpointing
         return SFTConfig(
             output_dir=str(work_dir), num_train_epochs=epochs, max_steps=cfg.max_steps,
             learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup,
             weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-            per_device_train_batch_size=cfg.per_device_batch_size,
-            gradient_accumulation_steps=_grad_accumulation(cfg, world_size),
+            per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
             max_length=cfg.max_length, completion_only_loss=True, packing=False,
             neftune_noise_alpha=cfg.neftune_alpha if cfg.method == "neftune" else None,
             seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
@@ -427,6 +441,10 @@ def build_trainer(cfg: TuneConfig, work_dir: Path, *, records: list[dict] | None
                       f"and are truncated ({dropped} of them lose their whole response and are dropped)",
                       stacklevel=2)
 
+    # the training arguments first, and kept alive: under DeepSpeed ZeRO-3 they are what makes
+    # from_pretrained load the model partitioned (zero3_init_flag), not whole on every rank
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = sft_config(cfg, work_dir, world_size=world_size)
     set_seed(cfg.seed)  # LoRA init happens inside SFTTrainer, before Trainer seeds
     with _quiet_progress():
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -438,8 +456,6 @@ def build_trainer(cfg: TuneConfig, work_dir: Path, *, records: list[dict] | None
                           f"({positions}) and max_length={cfg.max_length} keeps them: training runs past the "
                           f"positions the model was made for (lower max_length to {positions})", stacklevel=2)
     fingerprint = model_fingerprint(model)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args = sft_config(cfg, work_dir, world_size=world_size)
     StepLog, EqualFit = _callbacks_module()
     step_log = StepLog(work_dir / "train_log.jsonl", cfg.progress)
     equal_fit = EqualFit(cfg.equal_fit) if cfg.equal_fit.enabled else None
@@ -452,6 +468,7 @@ def build_trainer(cfg: TuneConfig, work_dir: Path, *, records: list[dict] | None
     trainer.remove_callback(PrinterCallback)  # StepLog reports instead of raw dicts on stdout
     info = {"base": base, "base_fingerprint": fingerprint, "records": len(records), "examples": len(rows),
             "truncated": truncated, "dropped": dropped, "world_size": world_size,
+            "per_device_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "equal_fit": equal_fit}
     return trainer, tokenizer, info
 
@@ -537,7 +554,9 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
     summary = {
         "method": cfg.method, "base": info["base"], "records": info["records"], "examples": info["examples"],
         "truncated": info["truncated"], "dropped": info["dropped"], "world_size": info["world_size"],
+        "per_device_batch_size": info["per_device_batch_size"],
         "gradient_accumulation_steps": info["gradient_accumulation_steps"],
+        "effective_batch_size": info["per_device_batch_size"] * info["gradient_accumulation_steps"] * info["world_size"],
         "steps": trainer.state.global_step, "epochs": round(float(trainer.state.epoch or 0), 4),
         "resumed_from_step": int(last.rsplit("-", 1)[1]) if last else None,
         "train_runtime_s": round(runtime, 3), "tokens": tokens,
