@@ -356,8 +356,10 @@ def test_the_cache_key_says_when_tuning_data_changed_meaning(bos_model_dir, tmp_
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     tok.save_pretrained(own)
     assert _bos_key(str(own)) == {"bos": 1, "template_bos": 1}
-    one = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-    two = {"messages": [*one["messages"], {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]}
-    (tmp_path / "one.jsonl").write_text(json.dumps(one) + "\n" + json.dumps({"instruction": "q", "response": "a"}) + "\n")
+    one = {"id": "c:0", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    two = {"id": "c:1", "messages": [*one["messages"], {"role": "user", "content": "q2"},
+                                     {"role": "assistant", "content": "b"}]}
+    (tmp_path / "one.jsonl").write_text(json.dumps(one) + "\n"
+                                        + json.dumps({"id": "c:2", "instruction": "q", "response": "a"}) + "\n")
     (tmp_path / "two.jsonl").write_text(json.dumps(one) + "\n" + json.dumps(two) + "\n")
     assert not _has_multi_turn(tmp_path / "one.jsonl") and _has_multi_turn(tmp_path / "two.jsonl")

@@ -505,14 +505,12 @@ def _bos_key(base: str) -> dict:
 
 
 def _has_multi_turn(path: Path) -> bool:
-    """Whether a JSONL of IT records holds a conversation with more than one assistant turn."""
-    from itlens.io import iter_jsonl
+    """Whether the IT records give tuning more rows than records: a conversation with several assistant
+    turns (:func:`itlens.tune.to_prompt_completion` trains each)."""
+    from itlens.tune import to_prompt_completion
 
-    for _, rec in iter_jsonl(path):
-        msgs = rec.get("messages") if isinstance(rec, dict) else None
-        if isinstance(msgs, list) and sum(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs) > 1:
-            return True
-    return False
+    records = read_records(path, "instruction")
+    return len(to_prompt_completion(records)) > len(records)
 
 
 def _frame_groups(prompts: list[dict], frames: dict[str, str], default: str) -> list[tuple[Optional[str], list[dict]]]:
@@ -1123,8 +1121,9 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
 
         hs, hl, hb = hall(fc.sft), hall(fc.lft) if fc.lft in cfg.variants else [], hall("base")
         test = match_rate_permutation_test([h["value"] for h in hs], [h["twin_value"] for h in hs],
-                                           strata=[h["attribute"] for h in hs], clusters=[(h["id"], h["attribute"], h["twin_value"]) for h in hs],
-                                           n_resamples=nb)  # a question's answers under several seeds: one unit
+                                           strata=[h["attribute"] for h in hs], n_resamples=nb,
+                                           # a question's answers under several seeds move as one unit
+                                           clusters=[(h["id"], h["attribute"], h["twin_value"]) for h in hs])
         vs_lft = permutation_test_two_sample([float(h["borrowed"]) for h in hs], [float(h["borrowed"]) for h in hl],
                                              alternative="greater", n_resamples=nb)
         rate = lambda xs: (sum(h["borrowed"] for h in xs) / len(xs)) if xs else None  # noqa: E731

@@ -592,12 +592,13 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
         meta = {"base": info["base"], "base_fingerprint": info["base_fingerprint"], "method": cfg.method,
                 "merged": summary["merged"], "config_hash": key}
         local_base = Path(cfg.base).is_dir()  # base_relative: a moved folder (base beside it) still loads
-        atomic_write_json(tmp / TUNE_META, {**meta, **({"base_relative": relative_base(info["base"], out)}
-                                                       if local_base else {})})
+
+        def meta_for(folder: Path) -> dict:
+            return {**meta, **({"base_relative": relative_base(info["base"], folder)} if local_base else {})}
+
+        atomic_write_json(tmp / TUNE_META, meta_for(out))
         if cfg.merge_adapter and cfg.method == "lora":
-            atomic_write_json(tmp / "adapter" / TUNE_META,
-                              {**meta, **({"base_relative": relative_base(info["base"], out / "adapter")}
-                                          if local_base else {})})
+            atomic_write_json(tmp / "adapter" / TUNE_META, meta_for(out / "adapter"))
     if not cfg.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return out
