@@ -32,6 +32,15 @@ def test_bench_shift_engine_agrees_with_the_per_token_loop():
     assert prof["wall_ms"] > 0 and prof["device_busy_ms"] is None and prof["top"]  # CPU: no device time
 
 
+def test_peak_tflops_matches_whole_model_names():
+    import bench_gpu
+
+    peak = bench_gpu.peak_tflops
+    assert (peak("NVIDIA L40"), peak("NVIDIA L40S"), peak("NVIDIA L4")) == (181.0, 362.0, 121.0)
+    assert (peak("NVIDIA H100 80GB HBM3"), peak("NVIDIA H100 PCIe"), peak("NVIDIA GH200 480GB")) == (989.0, 756.0, 989.0)
+    assert peak("NVIDIA H200") == 989.0 and peak("Tesla T4") is None and peak(None) is None
+
+
 def test_bench_gpu_tiny_writes_every_part(tmp_path):
     import bench_gpu
 

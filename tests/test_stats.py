@@ -50,6 +50,28 @@ def test_permutation_tests():
     assert paired_permutation_test(y, y + 0.5 + rng.normal(0, 0.1, 80), n_resamples=999)["p_value"] < 0.01
 
 
+def test_two_sample_clusters_move_as_units():
+    """The same answers repeated under three seeds are no new evidence once clustered by question; unclustered,
+    the repeats shrink the p-value (what F3's SFT-vs-LFT test did before)."""
+    rng = np.random.default_rng(4)
+    x, y = (rng.random(30) < 0.45).astype(float), (rng.random(30) < 0.25).astype(float)
+    one = permutation_test_two_sample(x, y, alternative="greater", clusters_x=range(30), clusters_y=range(30),
+                                      n_resamples=999)
+    three = permutation_test_two_sample(np.tile(x, 3), np.tile(y, 3), alternative="greater",
+                                        clusters_x=list(range(30)) * 3, clusters_y=list(range(30)) * 3,
+                                        n_resamples=999)
+    assert three["p_value"] == one["p_value"] and three["statistic"] == pytest.approx(one["statistic"])
+    assert (three["clusters_x"], three["clusters_y"], three["n_x"]) == (30, 30, 90)
+    pooled = permutation_test_two_sample(np.tile(x, 3), np.tile(y, 3), alternative="greater", n_resamples=999)
+    assert pooled["p_value"] < one["p_value"] / 3
+    # few clusters: every split is enumerated, so the p-value is exact
+    exact = permutation_test_two_sample([1.0, 1.0, 1.0], [0.0, 0.0], alternative="greater",
+                                        clusters_x=["a", "a", "b"], clusters_y=["a", "c"])
+    assert exact["p_value"] == pytest.approx(1 / 6)  # 4 units, 2 in x: only {a, b} of C(4, 2) is as extreme
+    with pytest.raises(ValueError, match="clusters"):
+        permutation_test_two_sample([1.0, 0.0], [0.0], clusters_x=["a"])
+
+
 def test_match_rate_permutation_test_finds_designed_copying():
     rng = np.random.default_rng(3)
     vocab = [f"v{i}" for i in range(10)]

@@ -340,6 +340,28 @@ def test_f1_needs_sft_below_the_base_and_lft_not_below_it():
     assert lft_loses["holds"] is False and lft_loses["evidence"]["sft_minus_base"]["high"] < 0
 
 
+def test_the_no_change_halves_of_f1_and_f4_must_be_shown_within_the_margin():
+    """'LFT keeps' and 'improvements do not beat LFT' are non-inferiority / non-superiority tests: a small
+    significant loss inside findings.margin still keeps, and a study too small to tell does not pass."""
+    n = 400
+    base, sft = [1] * n, [1] * 300 + [0] * 100
+    lft = [1] * 392 + [0] * 8  # 2 pp below the base, significantly (p < 0.05), well inside 5 pp
+    f1 = _findings({0: _qa(base=base, lft=lft, sft=sft, neftune=lft)})["F1"]
+    assert f1["evidence"]["lft_minus_base"]["p_value"] < 0.05 and f1["holds"] is True
+    assert f1["evidence"]["margin"] == 0.05
+    assert _findings({0: _qa(base=base, lft=lft, sft=sft, neftune=lft)}, margin=0.01)["F1"]["holds"] is False
+    # F4: NEFTune and LFT disagree on 24 of 400 questions, net zero: shown within 5 pp
+    lft4 = [1] * 12 + [0] * 12 + [1] * 376
+    nef4 = [0] * 12 + [1] * 12 + [1] * 376
+    big = _findings({0: _qa(base=base, lft=lft4, sft=sft, neftune=nef4)})["F4"]
+    assert big["evidence"]["neftune_minus_lft"]["estimate"] == 0 and big["holds"] is True
+    # the same disagreement on 20 questions: no better, but the CI reaches far past 5 pp, so it is not shown
+    small = _findings({0: _qa(base=[1] * 20, lft=[1] * 5 + [0] * 5 + [1] * 10, sft=[0] * 20,
+                              neftune=[0] * 5 + [1] * 5 + [1] * 10)})["F4"]
+    assert small["evidence"]["neftune_minus_lft"]["p_value"] > 0.05 and small["holds"] is False
+    assert "not shown within +5% of LFT: neftune" in small["evidence"]["summary"]
+
+
 def test_findings_with_nothing_to_test_are_not_measured():
     """Evaluation data without a known_heldout group: F1, F2 and F4 say null, not yes or no."""
     items = _qa(group="all", base=[1, 0], lft=[1, 1], sft=[0, 0], neftune=[1, 0])
@@ -364,6 +386,11 @@ def test_f3_counts_twins_in_the_models_own_data_and_needs_sft_above_lft():
     items[0]["borrowing"]["lft"] = spans(20, 20)
     f3 = _findings(items)["F3"]
     assert f3["evidence"]["sft"]["p_value"] < 0.05 and f3["holds"] is False
+    # the same answers under three seeds are the same questions: the SFT-vs-LFT test does not tighten
+    items[0]["borrowing"] = {"sft": spans(8, 20), "lft": spans(4, 20), "base": spans(1, 20)}
+    one = _findings(items)["F3"]["evidence"]["sft_vs_lft"]
+    three = _findings({s: items[0] for s in (0, 1, 2)})["F3"]["evidence"]["sft_vs_lft"]
+    assert three["p_value"] == one["p_value"] > 0.05 and three["n_x"] == 3 * one["n_x"]
 
 
 def test_a_changed_config_removes_the_old_results_before_any_stage_runs(micro_run, tmp_path, monkeypatch):

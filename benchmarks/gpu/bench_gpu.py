@@ -44,14 +44,15 @@ from itlens.io import atomic_write_json, atomic_write_jsonl  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets. Longest match first.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0,
-                    "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+                    "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0}
 
 
 def peak_tflops(gpu_name: str | None) -> float | None:
+    """Dense bf16 peak of a GPU named like ``torch.cuda.get_device_name`` ("NVIDIA L40" is not an L4)."""
     if not gpu_name:
         return None
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if key in gpu_name:
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # longest first: "H100 PCIe" before "H100"
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", gpu_name):
             return PEAK_BF16_TFLOPS[key]
     return None
 

@@ -88,6 +88,12 @@ class FindingsConfig:
 
     alpha: float = dataclasses.field(default=0.05, metadata={"help": "Significance level of every test."})
     n_boot: int = dataclasses.field(default=2000, metadata={"help": "Bootstrap / permutation resamples."})
+    margin: float = dataclasses.field(default=0.05, metadata={
+        "help": "The accuracy change (a fraction: 0.05 = 5 pp) too small to matter. The 'no change' halves of "
+                "F1 (LFT keeps the base's knowledge) and F4 (improvements do not beat LFT) must be shown: the "
+                "CI of LFT-base must lie above -margin, and each improvement-LFT's CI below +margin "
+                "(non-inferiority / non-superiority), so a study too small to tell does not pass for lack of "
+                "evidence."})
     lft: str = dataclasses.field(default="", metadata={
         "help": "The LoRA variant (F1, F3, F4 baseline); empty: the first variant with method lora."})
     sft: str = dataclasses.field(default="", metadata={
@@ -99,6 +105,15 @@ class FindingsConfig:
         "help": "F2: a variant tuned on long, detailed responses (the world's 'knowledgeable' style)."})
     style_simple: str = dataclasses.field(default="", metadata={
         "help": "F2: the same method tuned on the simplified responses (the paper's LIMA-Simple remedy)."})
+
+    def validate(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise InputError(f"expected 0 < alpha < 1, got {self.alpha}", key="findings.alpha")
+        if self.n_boot < 1:
+            raise InputError(f"expected n_boot >= 1, got {self.n_boot}", key="findings.n_boot")
+        if not 0 <= self.margin < 1:
+            raise InputError(f"expected 0 <= margin < 1 (a fraction: 0.05 = 5 pp), got {self.margin}",
+                             key="findings.margin")
 
 
 @dataclasses.dataclass
@@ -1073,8 +1088,9 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
                             f"SFT {_pct(latent[fc.sft])}, SFT-LFT = {_pp(latent_diff)}; Known by either probe: "
                             f"SFT-LFT = {_pp(either_diff)}")
         below = lambda d: bool(d["high"] < 0 and d["p_value"] < alpha)  # noqa: E731 (significantly below)
-        # both halves of the claim: SFT below LFT and below the base, LFT not below the base
-        holds = None if not diff["n"] else below(diff) and below(deg_s) and not below(deg_l)
+        # both halves of the claim: SFT below LFT and below the base; LFT within the margin of the base
+        keeps = bool(deg_l["low"] is not None and deg_l["low"] > -fc.margin)
+        holds = None if not diff["n"] else below(diff) and below(deg_s) and keeps
         by_cat = _accuracy_by_category(items, ["base", fc.lft, fc.sft])
         cat_text = ("; by the base's SliCK category (n, base / LFT / SFT): " + ", ".join(
             f"{c} ({v['n']}) {_r(v['base'])} / {_r(v[fc.lft])} / {_r(v[fc.sft])}" for c, v in by_cat.items())
@@ -1083,10 +1099,10 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
             "F1", holds,
             f"paired bootstrap ({nb} resamples) and sign-flip test on held-out Known questions (each question's "
             f"accuracy averaged over seeds): holds iff SFT is below LFT and below the base (each {conf:.0%} CI "
-            f"below 0, p < {alpha}) and LFT is not significantly below the base",
+            f"below 0, p < {alpha}) and LFT keeps the base's knowledge (LFT-base CI above -{fc.margin:.0%})",
             f"QA accuracy on held-out Known {noun}: base {_pct(base)}, LFT {_pct(lft)}, SFT {_pct(sft)}; "
             f"SFT-LFT = {_pp(diff)}{mc_text}{cat_text}.",
-            sft_minus_lft=diff, lft_minus_base=deg_l, sft_minus_base=deg_s,
+            sft_minus_lft=diff, lft_minus_base=deg_l, sft_minus_base=deg_s, margin=fc.margin,
             **({"by_category": by_cat} if by_cat else {}), **extra))
     else:
         out.append(_finding("F1", None, "needs an LFT and an SFT variant and the knowledge analysis", "not measured"))
@@ -1120,11 +1136,14 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
                     if h.get("twin_value") is not None and h.get("twin_in_data", h.get("twin_in_it"))]
 
         hs, hl, hb = hall(fc.sft), hall(fc.lft) if fc.lft in cfg.variants else [], hall("base")
+        question = lambda h: (h["id"], h["attribute"], h["twin_value"])  # noqa: E731 (one unit over seeds)
         test = match_rate_permutation_test([h["value"] for h in hs], [h["twin_value"] for h in hs],
                                            strata=[h["attribute"] for h in hs], n_resamples=nb,
                                            # a question's answers under several seeds move as one unit
-                                           clusters=[(h["id"], h["attribute"], h["twin_value"]) for h in hs])
+                                           clusters=[question(h) for h in hs])
         vs_lft = permutation_test_two_sample([float(h["borrowed"]) for h in hs], [float(h["borrowed"]) for h in hl],
+                                             clusters_x=[question(h) for h in hs],
+                                             clusters_y=[question(h) for h in hl],
                                              alternative="greater", n_resamples=nb)
         rate = lambda xs: (sum(h["borrowed"] for h in xs) / len(xs)) if xs else None  # noqa: E731
         # above chance, and (where there is an LFT variant) more often than LFT: the paper's 87% vs 13.9%
@@ -1134,7 +1153,8 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
             "F3", holds,
             f"permutation test ({nb} resamples): wrong values of {fc.sft} about {noun} whose {twin} is in the "
             f"data it was tuned on, compared with the twin's value, against twin values shuffled within attribute, "
-            f"and a two-sample permutation test against {fc.lft}'s rate: holds iff both p < {alpha}",
+            f"and a two-sample permutation test against {fc.lft}'s rate (a question's answers under several seeds "
+            f"move as one unit in both): holds iff both p < {alpha}",
             f"{fc.sft}: {_r(rate(hs))} of {len(hs)} wrong values equal the similar IT instance's value (chance "
             f"{_r(test['null_mean'])}); {fc.lft}: {_r(rate(hl))} of {len(hl)}; base: {_r(rate(hb))} of {len(hb)}.",
             sft=test, sft_vs_lft=vs_lft, rate_sft=rate(hs), rate_lft=rate(hl), rate_base=rate(hb),
@@ -1147,22 +1167,26 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
     if fc.lft in cfg.variants and imps and items[cfg.seeds[0]].get("qa"):
         lft_q = _per_question(items, "qa", fc.lft, "known_heldout")
         comps = {}
-        better = []
+        better, unclear = [], []
         for v in imps:
             d = paired_bootstrap(*_paired(lft_q, _per_question(items, "qa", v, "known_heldout")), confidence=conf,
                                  n_resamples=nb)
             comps[f"{v}_minus_lft"] = d
             if d["low"] is not None and d["low"] > 0 and d["p_value"] < alpha:
-                better.append(v)
-        holds = None if any(not c["n"] for c in comps.values()) else not better
+                better.append(v)  # significantly better (by any amount)
+            if d["high"] is not None and d["high"] >= fc.margin:
+                unclear.append(v)  # not shown to stay within the margin
+        holds = None if any(not c["n"] for c in comps.values()) else not unclear
+        verdict = (f"; better than LFT: {', '.join(better)}" if better else "; none is significantly better than LFT")
+        if unclear:
+            verdict += f"; not shown within +{fc.margin:.0%} of LFT: {', '.join(unclear)}"
         out.append(_finding(
             "F4", holds,
             f"paired bootstrap on held-out Known questions, each improvement minus {fc.lft}, each question "
-            f"averaged over seeds: "
-            f"holds iff no improvement is better with its {conf:.0%} CI above 0 and p < {alpha}",
-            "; ".join(f"{v}-{fc.lft} = {_pp(comps[f'{v}_minus_lft'])}" for v in imps)
-            + (f"; better than LFT: {', '.join(better)}" if better else "; none is better than LFT"),
-            **comps))
+            f"averaged over seeds (non-superiority): holds iff every improvement's {conf:.0%} CI lies below "
+            f"+{fc.margin:.0%}",
+            "; ".join(f"{v}-{fc.lft} = {_pp(comps[f'{v}_minus_lft'])}" for v in imps) + verdict,
+            margin=fc.margin, **comps))
     else:
         out.append(_finding("F4", None, "needs an LFT variant and at least one improvement variant",
                             "not measured"))

@@ -109,13 +109,21 @@ def _exact_sign_flip_p(d: np.ndarray, alternative: str) -> float:
 
 
 def permutation_test_two_sample(x: Sequence[float], y: Sequence[float], *, alternative: str = "two-sided",
+                                clusters_x: Sequence | None = None, clusters_y: Sequence | None = None,
                                 n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
-    """Test ``mean(x) - mean(y) == 0`` for two independent samples (scipy, label shuffling)."""
+    """Test ``mean(x) - mean(y) == 0`` for two independent samples (scipy, label shuffling).
+
+    ``clusters_x`` / ``clusters_y``: items that are not independent (one question answered under several
+    seeds) carry the same cluster key and move between the samples as one unit; the statistic stays the
+    difference of item means. Keys are per sample: a key in both samples names two units.
+    """
     from scipy.stats import permutation_test
 
     u, v = _as_array(x), _as_array(y)
     if len(u) == 0 or len(v) == 0:
         return {"statistic": None, "p_value": None, "n_x": int(len(u)), "n_y": int(len(v))}
+    if clusters_x is not None or clusters_y is not None:
+        return _cluster_permutation_two_sample(u, v, clusters_x, clusters_y, alternative, n_resamples, seed)
     if min(len(u), len(v)) < 2:  # scipy needs two observations per sample: enumerate the n splits exactly
         pooled = np.concatenate([u, v])
         stat = float(u.mean() - v.mean())
@@ -129,6 +137,54 @@ def permutation_test_two_sample(x: Sequence[float], y: Sequence[float], *, alter
                            permutation_type="independent", vectorized=True, n_resamples=n_resamples,
                            alternative=alternative, rng=np.random.default_rng(seed))
     return {"statistic": float(res.statistic), "p_value": float(res.pvalue), "n_x": int(len(u)), "n_y": int(len(v))}
+
+
+def _cluster_permutation_two_sample(u: np.ndarray, v: np.ndarray, clusters_x: Sequence | None,
+                                    clusters_y: Sequence | None, alternative: str, n_resamples: int,
+                                    seed: int) -> dict:
+    """Two-sample test whose exchangeable units are clusters: each cluster's sum and size move together.
+
+    Exact (every split of the clusters) when there are at most ``n_resamples`` splits, else Monte Carlo
+    with the ``(1 + hits) / (1 + n_resamples)`` p-value.
+    """
+    from itertools import combinations
+    from math import comb
+
+    if alternative not in ("two-sided", "greater", "less"):
+        raise ValueError(f"alternative must be two-sided, greater or less, not {alternative!r}")
+    keys_x = list(clusters_x) if clusters_x is not None else list(range(len(u)))
+    keys_y = list(clusters_y) if clusters_y is not None else list(range(len(v)))
+    if len(keys_x) != len(u) or len(keys_y) != len(v):
+        raise ValueError(f"clusters have {len(keys_x)} and {len(keys_y)} entries for {len(u)} and {len(v)} items")
+    unit: dict = {}
+    ids = np.array([unit.setdefault(("x", k), len(unit)) for k in keys_x]
+                   + [unit.setdefault(("y", k), len(unit)) for k in keys_y])
+    values = np.concatenate([u, v])
+    sums = np.bincount(ids, weights=values, minlength=len(unit))
+    sizes = np.bincount(ids, minlength=len(unit)).astype(float)
+    k_total = len(unit)
+    k_x = sum(1 for key in unit if key[0] == "x")
+    stat = float(u.mean() - v.mean())
+    if comb(k_total, k_x) <= n_resamples:  # every split, exactly
+        masks = np.zeros((comb(k_total, k_x), k_total), dtype=bool)
+        for row, chosen in enumerate(combinations(range(k_total), k_x)):
+            masks[row, list(chosen)] = True
+        exact = True
+    else:
+        rng = np.random.default_rng(seed)
+        order = rng.permuted(np.tile(np.arange(k_total), (n_resamples, 1)), axis=1)
+        masks = np.zeros((n_resamples, k_total), dtype=bool)
+        np.put_along_axis(masks, order[:, :k_x], True, axis=1)
+        exact = False
+    in_x = masks @ sums / (masks @ sizes)
+    in_y = (~masks) @ sums / ((~masks) @ sizes)
+    null = in_x - in_y
+    tol = 1e-12 * max(1.0, abs(stat))
+    hits = {"greater": np.sum(null >= stat - tol), "less": np.sum(null <= stat + tol),
+            "two-sided": np.sum(np.abs(null) >= abs(stat) - tol)}[alternative]
+    p = hits / len(null) if exact else (1 + hits) / (1 + len(null))
+    return {"statistic": stat, "p_value": float(p), "n_x": int(len(u)), "n_y": int(len(v)),
+            "clusters_x": int(k_x), "clusters_y": int(k_total - k_x)}
 
 
 def match_rate_permutation_test(values: Sequence, references: Sequence, strata: Sequence | None = None, *,
