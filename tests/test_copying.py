@@ -183,3 +183,36 @@ def test_run_copying_end_to_end_and_cli(tmp_path, tiny_tokenizer):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "tokens.parquet" in bad.stderr
     assert not (tmp_path / "o3").exists()
+
+
+def test_bad_copying_settings_and_token_tables_are_input_errors(tmp_path, capsys):
+    """Resample, neighbour and token counts below 1, a share outside (0, 1], and a tokens.parquet that is
+    damaged or lacks the columns: key errors, exit 2, no output (were: tracebacks from scipy, random.sample
+    and pyarrow, or silently accepted)."""
+    from itlens.cli import main
+    from itlens.errors import InputError
+    from itlens.io import atomic_write_jsonl
+
+    world = mini_world()
+    it_path = atomic_write_jsonl(tmp_path / "it.jsonl", it_records(world))
+    rows = [{"id": r["id"], "instruction": r["instruction"], "response": answer(world, r, r["answers"][0]),
+             "model": "sft"} for r in eval_records(world)]
+    resp_path = atomic_write_jsonl(tmp_path / "sft.jsonl", rows)
+    cfg = {"it_data": str(it_path), "responses": {"sft": str(resp_path)}}
+    for key, value in (("n_resamples", 0), ("nearest_k", -1), ("nearest_k", 0), ("top_tokens", 0),
+                       ("phrase_min_share", 5.0), ("phrase_min_share", 0.0)):
+        with pytest.raises(InputError, match=f"key '{key}'"):
+            from_dict(CopyingConfig, {**cfg, key: value})
+    damaged, columns = tmp_path / "damaged", tmp_path / "columns"
+    damaged.mkdir(), columns.mkdir()
+    (damaged / "tokens.parquet").write_bytes(b"junk")
+    pd.DataFrame({"id": ["a"]}).to_parquet(columns / "tokens.parquet")
+    for shift in (damaged, columns):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["copying", "--it", str(it_path), "--responses", f"sft={resp_path}", "--shift", f"sft={shift}",
+                  "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert f"{shift / 'tokens.parquet'}: key 'shift.sft': not a token table" in err
+        assert not (tmp_path / "o").exists()

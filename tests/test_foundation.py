@@ -226,3 +226,18 @@ def test_every_set_example_in_the_cli_help_is_a_key_of_that_commands_config():
     flt = root.commands["data"].commands["filter"]
     helps = " ".join(p.help or "" for p in flt.params)
     assert "judge.jsonl" in helps and "--field mean" in helps
+
+
+def test_set_without_a_key_a_config_folder_and_a_line_cut_short_say_what_is_wrong(tmp_path):
+    """`--set =3` and `--set a..b=3` name the override (were: "unknown key" with no key, or key 'a.'); a
+    folder given as the config says so (was: "file not found"); a JSONL line cut short is reported at its
+    last column (was: column 1, the start of the next line)."""
+    for text in ("=3", " =3", "inner..r=3", "inner.=3"):
+        with pytest.raises(InputError, match=r"key '--set': override .* expected KEY=VALUE"):
+            load_config(Outer, None, [text])
+    with pytest.raises(InputError, match="is a folder, expected a YAML file"):
+        load_config(Outer, tmp_path)
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"id": "a", "instruction": "q", "response": "r"}\n{"id": "b", "instruction": "q",\n')
+    with pytest.raises(InputError, match=r"d.jsonl:2: malformed JSON: .* \(column 32\)"):
+        read_records(p, "instruction")

@@ -363,3 +363,56 @@ def test_the_cache_key_says_when_tuning_data_changed_meaning(bos_model_dir, tmp_
                                         + json.dumps({"id": "c:2", "instruction": "q", "response": "a"}) + "\n")
     (tmp_path / "two.jsonl").write_text(json.dumps(one) + "\n" + json.dumps(two) + "\n")
     assert not _has_multi_turn(tmp_path / "one.jsonl") and _has_multi_turn(tmp_path / "two.jsonl")
+
+
+def _broken_model_dirs(model_dir, tmp_path):
+    """Folders a user may point at that look like models but are not loadable ones."""
+    import json
+    import shutil
+
+    def copy(name, *files):
+        d = tmp_path / name
+        d.mkdir()
+        for f in files:
+            shutil.copy(model_dir / f, d / f)
+        return d
+
+    tok = [f.name for f in model_dir.iterdir() if f.name.startswith("tokenizer")]
+    bad_config = copy("bad-config", "model.safetensors", *tok)
+    (bad_config / "config.json").write_text("{not json")
+    no_weights = copy("no-weights", "config.json", *tok)
+    cut_weights = copy("cut-weights", "config.json", *tok)
+    (cut_weights / "model.safetensors").write_bytes(b"junk")
+    no_tokenizer = copy("no-tokenizer", "config.json", "model.safetensors")
+    wrong_type = copy("wrong-type", "model.safetensors", *tok)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (wrong_type / "config.json").write_text(json.dumps({**cfg, "hidden_size": "big"}))
+    adapter = tmp_path / "bad-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{not json")
+    return {"bad-config": (bad_config, "cannot load the model"), "no-weights": (no_weights, "cannot load the model"),
+            "cut-weights": (cut_weights, "cannot load the model"), "no-tokenizer": (no_tokenizer, "no tokenizer"),
+            "wrong-type": (wrong_type, "cannot load the model"),
+            "bad-adapter": (adapter, "adapter_config.json:1: malformed JSON")}
+
+
+def test_a_folder_that_is_not_a_loadable_model_is_an_input_error(tiny_model_dir, tmp_path, capsys):
+    """A damaged config.json, missing or cut weights, no tokenizer, a damaged adapter_config.json: one line
+    naming the folder (or file), exit 2, no traceback and no output (was: a traceback and exit 1)."""
+    from itlens.cli import main
+
+    prompts = atomic_write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "where is the river?"}])
+    for name, (folder, needle) in _broken_model_dirs(tiny_model_dir, tmp_path).items():
+        with pytest.raises(InputError, match=needle):
+            load_model(str(folder))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--model", str(folder), "--prompts", str(prompts), "--out", str(tmp_path / "r.jsonl")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err, (name, err)
+        assert err.strip().splitlines()[-1].startswith(f"itlens: error: {folder}"), (name, err)
+        assert not (tmp_path / "r.jsonl").exists()
+    with pytest.raises(InputError, match="adapter_config.json:1: malformed JSON"):  # not "another base"
+        load_model(str(tiny_model_dir), adapter=tmp_path / "bad-adapter")
+    with pytest.raises(InputError, match="is a file, expected a model directory"):
+        load_model(str(prompts))

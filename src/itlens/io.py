@@ -171,8 +171,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 raise InputError("line is not UTF-8", file=path, line=lineno) from None
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
+            try:  # without the line's end, so a line cut short is reported at its last column, not column 1
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", file=path, line=lineno) from None
             if not isinstance(obj, dict):

@@ -57,6 +57,20 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def read_adapter_config(adapter: str | Path) -> dict:
+    """An adapter dir's ``adapter_config.json``; a damaged one is an InputError naming it and its line."""
+    cfg_file = Path(adapter) / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", file=cfg_file, line=e.lineno) from None
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text", file=cfg_file) from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"expected a JSON object, got {type(cfg).__name__}", file=cfg_file)
+    return cfg
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -79,7 +93,9 @@ def resolve_model(name_or_path: str | Path) -> str:
             raise InputError("not a model directory (no config.json or adapter_config.json)", file=p)
         return str(p.resolve())
     name = str(name_or_path)
-    if p.exists() or name.startswith((".", "/")) or name.count("/") > 1:
+    if p.exists():
+        raise InputError("is a file, expected a model directory", file=name)
+    if name.startswith((".", "/")) or name.count("/") > 1:
         raise InputError("model directory not found", file=name)
     from huggingface_hub import snapshot_download
 
@@ -90,11 +106,60 @@ def resolve_model(name_or_path: str | Path) -> str:
                          "(put the model in a local directory or the HF cache first)", file=name) from None
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer of a model or adapter dir, with a chat template and left padding for generation."""
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _load_errors() -> tuple:
+    """What transformers raises for a folder that is not a loadable model or tokenizer: a malformed or
+    incomplete config.json (or one with a value of the wrong type), no weights, unreadable weights, no
+    tokenizer files. Not RuntimeError: that is also out-of-memory, an internal error."""
+    errors: tuple = (OSError, ValueError, KeyError)
+    try:
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors += (StrictDataclassError,)
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        pass
+    return errors
+
+
+def load_causal_lm(path: str | Path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` of a resolved model dir; a folder that is not a loadable
+    model (damaged config.json, missing or truncated weights) is an InputError naming it, not a traceback."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except _load_errors() as e:
+        raise InputError(f"cannot load the model: {_first_line(e)}", file=path) from None
+
+
+def load_raw_tokenizer(path: str | Path):
+    """``AutoTokenizer.from_pretrained`` of a resolved model dir, with the same error rule as :func:`load_causal_lm`."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(path))
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not Path(path).is_dir():
+        raise InputError("tokenizer folder not found", file=path)
+    if not any((Path(path) / f).is_file() for f in files):
+        raise InputError(f"no tokenizer in this folder (none of {', '.join(files)})", file=path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except _load_errors() as e:
+        raise InputError(f"cannot load the tokenizer: {_first_line(e)}", file=path) from None
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model or adapter dir, with a chat template and left padding for generation."""
+    tok = load_raw_tokenizer(resolve_model(path))
     ensure_chat_template(tok)
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -174,7 +239,13 @@ def _checkpoint_embeddings(model, base_path):
 
 def read_tune_meta(path: str | Path) -> dict:
     f = Path(path) / TUNE_META
-    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", file=f, line=e.lineno) from None
+    return meta if isinstance(meta, dict) else {}
 
 
 def relative_base(base: str | Path, model_dir: str | Path) -> str | None:
@@ -206,13 +277,11 @@ def load_model(name_or_path: str | Path, *, adapter: str | Path | None = None, d
     ``name_or_path`` may itself be an adapter dir: its base is read from ``adapter_config.json``.
     ``adapter`` puts a LoRA adapter on the base; ``merge`` folds it in (``merge_and_unload``).
     """
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model(name_or_path)
     if adapter is None and is_adapter_dir(path):
         adapter, path = path, _adapter_base(path)
     with quiet_progress():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        model = load_causal_lm(path, dtype=torch_dtype(dtype))
     tok_src = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() else path
     tokenizer = load_tokenizer(tok_src)
     if adapter is not None:
@@ -229,7 +298,7 @@ def _adapter_base(adapter: str | Path) -> str:
     base at the path ``itlens tune`` recorded relative to the adapter (``itlens_model.json``:
     ``base_relative``) is used; :func:`attach_adapter` then checks it by its fingerprint."""
     cfg_file = Path(adapter) / "adapter_config.json"
-    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    cfg = read_adapter_config(adapter)
     base = cfg.get("base_model_name_or_path")
     if not base:
         raise InputError("adapter does not name its base model; pass the base with --model and the adapter "
@@ -255,6 +324,7 @@ def attach_adapter(model, adapter: str | Path, *, merge: bool = False, base_path
     adapter = Path(adapter)
     if not is_adapter_dir(adapter):
         raise InputError("not a LoRA adapter directory (no adapter_config.json)", file=adapter)
+    read_adapter_config(adapter)  # a damaged file is that, not "an adapter for another base"
     want = read_tune_meta(adapter).get("base_fingerprint")
     if want:
         have = base_fingerprint(model, base_path)

@@ -201,9 +201,10 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
     """Pretrain the world's base model into ``out_dir`` (resuming from ``out_dir/checkpoint`` when it
     matches); returns ``out_dir``. A finished run with the same config and world is reused as is."""
     import torch
-    from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     from itlens.env_info import machine, versions
+    from itlens.models import load_raw_tokenizer
 
     cfg.validate()
     world_dir, out_dir = Path(world_dir), Path(out_dir)
@@ -225,7 +226,7 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (device.type == "cuda" or cpu_has_bf16()))
-    tokenizer = AutoTokenizer.from_pretrained(world_dir / "tokenizer")
+    tokenizer = load_raw_tokenizer(world_dir / "tokenizer")
     docs = world.records("corpus")
     doc_ids = [[tokenizer.bos_token_id] + ids
                for ids in tokenizer([d["text"] for d in docs], add_special_tokens=False)["input_ids"]]

@@ -8,6 +8,7 @@ tuned model can be traced back to the exact data it saw.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -47,12 +48,13 @@ def read_scores(path: str | Path, field: str = "score") -> dict[str, float]:
         if rid in first:
             raise InputError(f"duplicate id {rid!r} (first on line {first[rid]})", file=path, line=lineno, field="id")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            got = "no such field" if field not in obj else f"got {value!r}"
             hint = ""
             if field not in obj and isinstance(obj.get("scores"), dict) and "mean" in obj:
                 hint = " (this is the judge's judge.jsonl: use --field mean)"
             elif field == "mean" and value is None and isinstance(obj.get("scores"), dict):
                 hint = " (the judge failed on this item; rerun itlens judge with the same --out to retry failures)"
-            raise InputError(f"expected a finite number, got {value!r}{hint}", file=path, line=lineno, field=field)
+            raise InputError(f"expected a finite number, {got}{hint}", file=path, line=lineno, field=field)
         first[rid], scores[rid] = lineno, float(value)
     return scores
 
@@ -127,6 +129,8 @@ def subset_file(src: str | Path, out: str | Path, n: int, seed: int = 0) -> Path
 
 def filter_file(src: str | Path, out: str | Path, scores: str | Path, threshold: float,
                 field: str = "score") -> Path:
+    if not math.isfinite(threshold):  # NaN would keep nothing, inf nothing or everything
+        raise InputError(f"expected a finite number, got {threshold}", key="threshold")
     records = read_records(src, "instruction")
     try:
         kept = filter_by_score(records, read_scores(scores, field), threshold)
@@ -143,6 +147,14 @@ def filter_file(src: str | Path, out: str | Path, scores: str | Path, threshold:
 def simplify_file(src: str | Path, out: str | Path, rewriter: Rewriter | None = None,
                   rewriter_name: str | None = None) -> Path:
     records = read_records(src, "instruction")
+    for (lineno, _), r in zip(iter_jsonl(src), records):  # each record's own line, before any rewriter call
+        simple = r.get("response_simple")
+        if simple is not None and not isinstance(simple, str):
+            raise InputError(f"expected a string, got {json.dumps(simple)[:40]}", file=src, line=lineno,
+                             field="response_simple")
+        if rewriter is None and not (simple or "").strip():
+            raise InputError("record has no response_simple and no rewriter was given (pass --rewriter-config "
+                             "for an LLM rewriter)", file=src, line=lineno, field="response_simple")
     try:
         simple = simplify(records, rewriter)
     except InputError as e:

@@ -418,10 +418,10 @@ def build_trainer(cfg: TuneConfig, work_dir: Path, *, records: list[dict] | None
     """An ``SFTTrainer`` for ``cfg`` plus facts about the data: (trainer, tokenizer, info)."""
     import datasets
     import torch
-    from transformers import AutoModelForCausalLM, PrinterCallback, set_seed
+    from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
-    from itlens.models import is_adapter_dir, load_tokenizer, model_fingerprint, resolve_model
+    from itlens.models import is_adapter_dir, load_causal_lm, load_tokenizer, model_fingerprint, resolve_model
 
     base = resolve_model(cfg.base)
     if is_adapter_dir(base):
@@ -447,7 +447,7 @@ def build_trainer(cfg: TuneConfig, work_dir: Path, *, records: list[dict] | None
     args = sft_config(cfg, work_dir, world_size=world_size)
     set_seed(cfg.seed)  # LoRA init happens inside SFTTrainer, before Trainer seeds
     with _quiet_progress():
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = load_causal_lm(base, dtype=torch.float32)
     positions = getattr(model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and 0 < positions < cfg.max_length:  # trained past the model's positions?
         past = sum(n > positions for n in lengths)

@@ -369,6 +369,11 @@ class CopyingConfig:
         unknown = sorted(set(self.shift) - set(self.responses))
         if unknown:
             raise InputError(f"no responses for {unknown}", key="shift")
+        for key in ("nearest_k", "top_tokens", "n_resamples"):
+            if getattr(self, key) < 1:
+                raise InputError(f"expected an integer >= 1, got {getattr(self, key)}", key=key)
+        if not 0 < self.phrase_min_share <= 1:
+            raise InputError(f"expected a share in (0, 1], got {self.phrase_min_share}", key="phrase_min_share")
 
 
 def copying_metrics(it_records: Sequence[dict], outputs: dict[str, list[dict]], *, tokens: dict[str, Any] | None = None,
@@ -391,20 +396,28 @@ def copying_metrics(it_records: Sequence[dict], outputs: dict[str, list[dict]], 
     return m
 
 
-def run_copying(cfg: CopyingConfig, out_dir: str | Path) -> dict:
-    """``itlens copying``: writes ``copying.json``, ``table11.md`` and figures; returns the metrics."""
+def read_shift_tokens(d: str | Path, *, key: str):
+    """The token table of an ``itlens shift`` output dir (or its ``tokens.parquet``): the columns the tone
+    and span analyses read. A missing, damaged or foreign file is an InputError naming it and ``key``."""
     import pandas as pd
 
+    path = Path(d) / "tokens.parquet" if Path(d).is_dir() else Path(d)
+    if not path.is_file():
+        raise InputError("no tokens.parquet (run `itlens shift` first)", file=path, key=key)
+    try:
+        return pd.read_parquet(path, columns=["id", "pos", "token", "shift_class"])
+    except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InputError(f"not a token table written by `itlens shift` ({first})", file=path, key=key) from None
+
+
+def run_copying(cfg: CopyingConfig, out_dir: str | Path) -> dict:
+    """``itlens copying``: writes ``copying.json``, ``table11.md`` and figures; returns the metrics."""
     from itlens.io import atomic_dir
 
     it_records = read_records(cfg.it_data, "instruction")
     outputs = {n: read_records(p, "response") for n, p in cfg.responses.items()}
-    tokens = {}
-    for name, d in cfg.shift.items():
-        path = Path(d) / "tokens.parquet" if Path(d).is_dir() else Path(d)
-        if not path.is_file():
-            raise InputError("no tokens.parquet (run `itlens shift` first)", file=path, key=f"shift.{name}")
-        tokens[name] = pd.read_parquet(path, columns=["id", "pos", "token", "shift_class"])
+    tokens = {name: read_shift_tokens(d, key=f"shift.{name}") for name, d in cfg.shift.items()}
     tokenizer = None
     if cfg.tokenizer:
         from itlens.models import load_tokenizer

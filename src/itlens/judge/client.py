@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -131,7 +132,9 @@ class ChatClient:
                 if env:
                     secret = os.environ.get(env)
                     if not secret:
-                        raise InputError(f"environment variable {env} is not set (it must hold the API key)",
+                        # a name with lower-case letters may be a key pasted in its place: not echoed
+                        named = env if re.fullmatch(r"[A-Z_][A-Z0-9_]*", env) else "named by api_key_env"
+                        raise InputError(f"environment variable {named} is not set (it must hold the API key)",
                                          key="api_key_env")
                     self._secret = secret
                 # Endpoints without auth (a local vLLM) still need a non-empty string for the client.
@@ -213,6 +216,12 @@ class LocalChatModel:
 
         from itlens.templates import ensure_chat_template
 
+        from itlens.models import resolve_model
+
+        try:
+            model = resolve_model(model)  # a local dir or an offline hub id: no "cannot connect to the hub"
+        except InputError as e:
+            raise InputError(f"cannot load a local judge model: {e.message}", file=e.file, key="model") from None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)

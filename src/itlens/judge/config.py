@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -96,6 +97,11 @@ class JudgeConfig:
             raise InputError(f"expected a number in (0, 1), got {self.confidence}", key="confidence")
         if not self.model.strip():
             raise InputError("must not be empty", key="model")
+        if self.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            # most likely the key itself: never echo it (it would land in logs and config.resolved.yaml)
+            raise InputError("expected the NAME of the environment variable that holds the API key (letters, "
+                             "digits and '_'), not the key itself; the value given is not shown",
+                             key="api_key_env")
         from itlens.judge.paper import paper_reference
 
         for label in self.paper_reference:
