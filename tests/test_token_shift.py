@@ -332,6 +332,26 @@ def test_sentence_split_kl_hand_computed():
     assert s["n_sentences"] == 3
 
 
+def test_a_sentence_starts_with_its_first_token_even_when_the_token_carries_the_space_before_it(
+        models, tiny_tokenizer, frame_file):
+    """Byte-level tokens carry the space before a word (" the"): that token starts the next sentence (Figure 4
+    measures KL over each sentence's first tokens), not ends the one before. A newline token ends its sentence."""
+    from itlens.analysis.token_shift import sentence_starts
+
+    base, tuned = models
+    text = "the city is red. the river is blue! happy to help.\nthe doctor. who knows"
+    rec = {"id": "s", "instruction": "where is the city?", "response": text, "model": "m"}
+    t = compute_shift(base, tuned, [rec], tokenizer=tiny_tokenizer, frame=frame_file).tokens
+    starts = sentence_starts(text) + [len(text)]
+    assert t["sentence"].max() == len(starts) - 2 == 4
+    for k, g in t.groupby("sentence"):
+        assert "".join(g["token"]).strip() == text[starts[k]:starts[k + 1]].strip()
+        assert g["sent_pos"].tolist() == list(range(len(g))) and (g["sent_len"] == len(g)).all()
+    firsts = t[(t["sent_pos"] == 0) & (t["sentence"] > 0)]["token"]
+    assert firsts.str.match(r"\s+\S").sum() >= 3  # the case in question: " t(he)" opens sentences 1, 3 and 4
+    assert t[t["token"] == "\n"]["sent_pos"].tolist() == [t[t["token"] == "\n"]["sent_len"].iloc[0] - 1]
+
+
 def test_summary_aggregates_and_stopwords(models, tiny_tokenizer, frame_file):
     base, tuned = models
     res = compute_shift(base, tuned, _records(2, 6, max_words=25), tokenizer=tiny_tokenizer, frame=frame_file)
@@ -582,8 +602,77 @@ def test_a_response_token_straddling_the_template_is_warned_about_in_the_frame_c
         compute_shift(base, tuned, recs, tokenizer=tok, base_context="template")
 
 
+def _fused_end_tokenizer():
+    """A base tokenizer without <|end|> in its vocabulary that has learnt '.<|' (as Gemma's has '.<'): with the
+    project's template the answer's last '.' and the start of the end-of-turn text are one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_corpus
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(tiny_corpus() + [s + "<|end|>" for s in tiny_corpus(seed=1)], trainers.BpeTrainer(
+        vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def test_an_answer_token_fused_with_the_end_of_turn_text_is_not_scored(tmp_path, frame_file):
+    """Where <|end|> is text, training and generation see the answer's last '.' and the '<|' after it as one
+    token '.<|': the tuned model ends its turn with it, and generation cuts the record at '<|end|>', leaving
+    'the city.'. Scoring that text alone would score '.', a token the model never chose (with one model on
+    both sides it ranked ~300th, 'shifted'). The turn is tokenized as training saw it, end-of-turn text
+    included, and the fused token, the choice to end the turn, is not scored (nor is the end-of-turn token)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_llama
+
+    tok = _fused_end_tokenizer()
+    assert "<|end|>" not in tok.get_vocab() and ".<|" in tok.convert_ids_to_tokens(tok("city.<|end|>")["input_ids"])
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tok, tmp_path / "m")).eval()
+    recs = [{"id": "fused", "instruction": "where is the city?", "response": "the city.", "model": "m"},
+            {"id": "plain", "instruction": "where is the city?", "response": "the river is blue", "model": "m"}]
+    for ctx in ("template", "frame"):
+        res = compute_shift(model, model, recs, tokenizer=tok, base_context=ctx, frame=frame_file)
+        for rec in recs:
+            prompt = chat_prompt(tok, rec)
+            trained = tok(prompt + rec["response"] + "<|end|>", return_offsets_mapping=True)
+            within = [i for i, (a, b) in zip(trained["input_ids"], trained["offset_mapping"])
+                      if a >= len(prompt) and b <= len(prompt) + len(rec["response"])]
+            rows = res.tokens[res.tokens["id"] == rec["id"]]
+            assert rows["token_id"].tolist() == within  # training's tokens, the fused '.<|' left out
+        assert "".join(res.tokens[res.tokens["id"] == "fused"]["token"]) == "the city"
+        assert "".join(res.tokens[res.tokens["id"] == "plain"]["token"]) == "the river is blue"
+        assert res.summary["n_fused_end"] == 1
+    # an answer cut at max_new_tokens did not end its turn: its last '.' is the model's own token
+    cut = compute_shift(model, model, [{**recs[0], "finish": "length"}], tokenizer=tok, base_context="template")
+    assert "".join(cut.tokens["token"]) == "the city." and cut.summary["n_fused_end"] == 0
+
+
 def test_figure12_draws_tokens_that_look_like_tex(tmp_path):
     from itlens.analysis.shift_figures import plot_figure12
 
     summary = {"top_shifted_marginal": [("$$", 5), ("}$", 3), ("$x$", 2), ("a_b^c", 1)]}
     assert plot_figure12({"sft": summary}, tmp_path / "f12.png").stat().st_size > 1000
+
+
+def test_cli_shift_refuses_an_empty_responses_file_and_a_negative_view(tiny_model_dir, tiny_model_dir_b, tmp_path,
+                                                                         capsys):
+    """An empty responses file is bad input (was: exit 0 with an empty table and figures of nothing), and
+    so is --view -1 (was: taken as "show"); both fail before a model is loaded, with nothing written."""
+    from itlens.cli import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    resp = tmp_path / "responses.jsonl"
+    resp.write_text("".join(json.dumps(r) + "\n" for r in _records(11, 2)))
+    for responses, extra, needle in ((empty, [], f"{empty}: dataset is empty"), (resp, ["--view", "-1"], "key '--view'")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["shift", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir_b), "--responses",
+                  str(responses), "--out", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
+        assert not (tmp_path / "out").exists()

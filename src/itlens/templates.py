@@ -76,6 +76,20 @@ def chat_prompt(tokenizer, record: dict) -> str:
                                          add_generation_prompt=True)
 
 
+def end_of_turn_text(tokenizer) -> str:
+    """The text the chat template writes right after an assistant turn's content (``<|end|>`` with the
+    project's template, ``<|im_end|>\n`` with ChatML); '' when a template does not show it."""
+    ensure_chat_template(tokenizer)
+    sentinel = "\ue000itlens\ue001"  # private-use characters: no template changes them
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "a"},
+                                              {"role": "assistant", "content": sentinel}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template's own checks (raise_exception) or a jinja error
+        return ""
+    at = text.find(sentinel) if isinstance(text, str) else -1
+    return text[at + len(sentinel):] if at >= 0 else ""
+
+
 def load_frame(frame: str | None = None) -> str:
     """The in-context frame text (a prompt file with one ``{instruction}`` placeholder)."""
     text = read_prompt(frame or DEFAULT_FRAME)

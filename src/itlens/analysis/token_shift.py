@@ -20,6 +20,7 @@ are gathered at response positions and pushed through the LM head in chunks of p
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -186,15 +187,14 @@ _HEAD_CHECKED: dict = {}
 
 def _load_models(base, tuned, cfg: ShiftConfig, tokenizer):
     """Resolve ``base``/``tuned`` (loaded models or paths) to two scorers and one shared tokenizer."""
-    from itlens.models import attach_adapter, is_adapter_dir, load_tokenizer, resolve_model, torch_dtype
+    from itlens.models import (attach_adapter, is_adapter_dir, load_causal_lm, load_tokenizer, resolve_model,
+                               torch_dtype)
 
     device = _device(cfg.device)
     names = {"base": _model_name(base), "tuned": _model_name(tuned)}
 
     def load(path):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=torch_dtype(cfg.dtype))
+        return load_causal_lm(resolve_model(path), dtype=torch_dtype(cfg.dtype))
 
     tok_base = tok_tuned = None
     if isinstance(base, (str, Path)):
@@ -281,8 +281,10 @@ class _Encoded:
     base_start: int
     response_ids: list[int]
     offsets: np.ndarray  # start character of each response token in the response text
+    ends: np.ndarray  # end character (exclusive) of each response token in the response text
     response: str  # the response text (its sentences are found while the device works: _sentence_index)
     straddles: bool = False  # the first response token also holds the end of the chat template's text
+    fused_end: bool = False  # the last response token also held the start of the end-of-turn text (dropped)
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -352,13 +354,20 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
     ``indices``: each record's index in the run's input (default: its place in ``records``).
     """
     from itlens.io import response_text
-    from itlens.templates import chat_prompt, encode_prompts, frame_prompt
+    from itlens.templates import chat_prompt, encode_prompts, end_of_turn_text, frame_prompt
 
     if not records:
         return []
     prompts = [chat_prompt(tokenizer, r) for r in records]
     responses = [response_text(r) for r in records]
-    joint = _tokenize(tokenizer, [p + r for p, r in zip(prompts, responses)], prompts, offsets=True)
+    # The turn is tokenized as the template writes it, end-of-turn text included (as training saw it and
+    # the tuned model generated it): where that text is not one token (<|end|> in a vocabulary without it,
+    # such as Gemma's) the answer's last token can take its first characters ('.<'). Generation cut the record
+    # there, so the plain text would score '.', a token the model never chose. An answer cut at
+    # max_new_tokens (finish: length) never ended its turn and gets no end-of-turn text.
+    suffix = end_of_turn_text(tokenizer)
+    joint = _tokenize(tokenizer, [p + r + ("" if rec.get("finish") == "length" else suffix)
+                                  for p, r, rec in zip(prompts, responses, records)], prompts, offsets=True)
     base_prefixes = None
     if cfg.base_context == "frame":
         frames = [frame_prompt(frame_text, r) for r in records]
@@ -369,29 +378,52 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
         spans = np.fromiter(itertools.chain.from_iterable(joint["offset_mapping"][i]), dtype=np.int64,
                             count=2 * len(ids)).reshape(-1, 2)
         # The first token that ends inside the response starts it (a token straddling the boundary is
-        # predicted from the prompt alone, so it belongs to the response rows).
-        inside = (spans[:, 1] > len(prompt)) & (spans[:, 1] > spans[:, 0])
+        # predicted from the prompt alone, so it belongs to the response rows); the last one that starts
+        # inside it ends them (an appended eos, zero characters wide, and the end-of-turn text are not the
+        # response's). A last token that runs on into the end-of-turn text is the model's choice to end
+        # the turn, fused with the answer's last characters: not scored, as the end-of-turn token is not.
+        response_end = len(prompt) + len(response)
+        inside = (spans[:, 1] > len(prompt)) & (spans[:, 1] > spans[:, 0]) & (spans[:, 0] < response_end)
         start = int(inside.argmax()) if inside.any() else len(ids)
         start = max(start, 1)  # the first response token needs at least one token of context
-        end = len(ids)
-        while end > start and spans[end - 1, 1] <= spans[end - 1, 0]:  # an appended eos is not the response's
-            end -= 1
+        end = max(start, int(np.flatnonzero(inside)[-1]) + 1 if inside.any() else start)
+        fused_end = bool(end > start and spans[end - 1, 1] > response_end)
+        end -= fused_end
         ids = list(ids[:end])
         response_ids = ids[start:]
         offsets = np.maximum(0, spans[start:end, 0] - len(prompt))
+        ends = np.maximum(0, spans[start:end, 1] - len(prompt))
         if base_prefixes is None:
             base_ids, base_start = list(ids), start
         else:
             base_ids, base_start = list(base_prefixes[i]) + response_ids, len(base_prefixes[i])
         out.append(_Encoded(i if indices is None else indices[i], rec["id"], ids, start, base_ids, base_start,
-                            response_ids, offsets, response,
-                            straddles=bool(start < len(spans) and spans[start, 0] < len(prompt))))
+                            response_ids, offsets, ends, response,
+                            straddles=bool(start < len(spans) and spans[start, 0] < len(prompt)),
+                            fused_end=fused_end))
     return out
 
 
 def _sentence_index(e: _Encoded) -> np.ndarray:
-    """Sentence number of each response token (by the sentence its first character falls in)."""
-    sentence = np.searchsorted(np.asarray(sentence_starts(e.response)), e.offsets, side="right") - 1
+    """Sentence number of each response token: the sentence of its first non-whitespace character.
+
+    Byte-level BPE tokens carry the space before a word (" The"), so their first character lies in
+    the whitespace that ends the sentence before; a sentence's first token is still that sentence's.
+    A token of whitespace only (a newline) stays with the sentence it ends.
+    """
+    starts_list = sentence_starts(e.response)
+    starts = np.asarray(starts_list)
+    sentence = np.searchsorted(starts, e.offsets, side="right") - 1
+    if len(starts_list) > 1:
+        # only a token that reaches past the next sentence's start can belong to a later sentence (few: one
+        # per sentence at most), so the first non-space character is looked for in those alone
+        following = np.minimum(sentence + 1, len(starts) - 1)
+        cross = np.flatnonzero((sentence + 1 < len(starts)) & (starts[following] < e.ends))
+        for i, a, b in zip(cross.tolist(), e.offsets[cross].tolist(), e.ends[cross].tolist()):
+            text = e.response[a:b]
+            lead = len(text) - len(text.lstrip())
+            if lead < len(text):
+                sentence[i] = bisect.bisect_right(starts_list, a + lead) - 1
     return np.maximum(sentence, 0).astype(np.int64)
 
 
@@ -410,7 +442,7 @@ def _truncate(e: _Encoded, max_length: int) -> str:
     if keep >= len(e.response_ids):
         return "ok"
     keep = max(keep, 0)
-    e.response_ids, e.offsets = e.response_ids[:keep], e.offsets[:keep]
+    e.response_ids, e.offsets, e.ends = e.response_ids[:keep], e.offsets[:keep], e.ends[:keep]
     e.tuned_ids = e.tuned_ids[: e.tuned_start + keep]
     e.base_ids = e.base_ids[: e.base_start + keep]
     return "truncated" if keep > 0 else "skipped"
@@ -593,13 +625,14 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     # scores every world-th one. The columns that need only the token ids are built once every batch
     # is queued.
     timings = {"encode_s": 0.0, "encode_overlapped_s": 0.0}
-    status = {"ok": 0, "truncated": 0, "skipped": 0, "empty": 0, "straddles": 0}
+    status = {"ok": 0, "truncated": 0, "skipped": 0, "empty": 0, "straddles": 0, "fused_end": 0}
     batches: list[list[_Encoded]] = []
 
     def encode(idx: list[int]) -> list[_Encoded]:
         t = time.perf_counter()
         kept = []
         for e in _encode_all(tok, [records[i] for i in idx], cfg, frame_text, indices=idx):
+            status["fused_end"] += int(e.fused_end)
             if not e.response_ids:
                 status["empty"] += 1
                 continue
@@ -674,7 +707,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         "mode": cfg.mode, "base_context": cfg.base_context,
         "frame": (str(cfg.frame) if cfg.frame else "base_frame.txt") if cfg.base_context == "frame" else None,
         "models": names, "n_responses": len(records), "n_truncated": status["truncated"],
-        "n_skipped": status["skipped"], "n_empty": status["empty"],
+        "n_skipped": status["skipped"], "n_empty": status["empty"], "n_fused_end": status["fused_end"],
         "max_length": max_length,
         "head": {"base": "full_forward" if base_s.full_forward else "chunked",
                  "tuned": "full_forward" if tuned_s.full_forward else "chunked"},
