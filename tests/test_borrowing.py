@@ -385,3 +385,114 @@ def test_twin_hits_only_where_a_twin_exists_and_count_every_copy_of_its_fact():
     for meth in ("bm25", "ngram"):  # the p9 span has no twin in the data: skipped
         src = m2["models"]["sft"]["sources"][meth]
         assert (src["twin_hit_at_k"], src["n_with_twin_in_it"]) == (1.0, 1)
+
+
+def _tiny_geo():
+    """Aland (evaluated, probe-labelled Unknown), its most similar IT country Borland (same continent),
+    and two more IT countries."""
+    from itlens.geo import GeoFacts
+
+    def country(cid, name, capital, currency, continent, split):
+        return {"id": cid, "name": name, "split": split, "facts": {
+            "capital": {"value": capital, "answers": [capital]},
+            "currency": {"value": currency, "answers": [currency]},
+            "continent": {"value": continent, "answers": [continent]}}}
+
+    facts = GeoFacts({"attributes": ["capital", "currency", "continent"], "countries": [
+        country("AA", "Aland", "Arvik", "Krona", "Europe", "eval"),
+        country("BB", "Borland", "Brisk", "Euro", "Europe", "it"),
+        country("CC", "Corland", "Cresk", "Mark", "Europe", "it"),
+        country("DD", "Dorland", "Drask", "Yen", "Asia", "it")]})
+    recs = [{"id": f"geo-eval:{k}", "instruction": f"{a} of Aland?", "person": "AA", "attribute": a,
+             "answers": [facts.person("AA")["attrs"][a]], "group": "unknown", "twin": "BB", "twin_in_it": True,
+             "twin_value": facts.person("BB")["attrs"][a]} for k, a in enumerate(("capital", "currency", "continent"))]
+    return facts, recs
+
+
+def test_geo_unknown_right_values_are_no_hallucinations_and_a_shared_twin_value_is_no_borrowing():
+    """Geo's "unknown" is a probe's label of a real fact: a right answer is right (the world's Unknown
+    people, never in pretraining, keep "any value is a guess"), and where the most similar IT country
+    shares the true value (its continent) a wrong value cannot be borrowed from it."""
+    facts, recs = _tiny_geo()
+    right = {r["id"]: f"It is {r['answers'][0]}." for r in recs}
+    assert world_hallucinations(recs, right, facts) == []  # was: 3 hallucinations, the continent "borrowed"
+    wrong = {recs[0]["id"]: "It is Brisk.", recs[1]["id"]: "It is Mark.", recs[2]["id"]: "It is Asia."}
+    h = {s["attribute"]: s for s in world_hallucinations(recs, wrong, facts)}
+    assert h["capital"]["borrowed"] and not h["currency"]["borrowed"]
+    assert h["continent"]["twin_value"] is None and not h["continent"]["borrowed"]  # the twin's is the true one
+    rates = borrowing_rates(list(h.values()), facts, n_resamples=100)
+    assert rates["unknown"]["n"] == 2 and rates["unknown"]["observed"] == 0.5
+
+
+def test_no_annotated_span_is_no_share(tmp_path):
+    """An empty annotation file has no label shares (null), not shares of 0 that sum to nothing."""
+    assert label_shares([], "fig8") == {"from_it": None, "not_from_it": None}
+    it = tmp_path / "it.jsonl"
+    it.write_text(json.dumps({"id": "it-0", "instruction": "Where?", "response": "Hooptown."}) + "\n")
+    responses, ann = {}, {}
+    for name, lines in (("sft", ['{"id": "r2", "start": 0, "end": 5, "label": "from_it"}']), ("lft", [])):
+        responses[name] = tmp_path / f"{name}.jsonl"
+        responses[name].write_text("".join(json.dumps({"id": k, "instruction": "Q?", "response": v, "model": name})
+                                           + "\n" for k, v in RESP.items()))
+        ann[name] = tmp_path / f"ann-{name}.jsonl"
+        ann[name].write_text("".join(x + "\n" for x in lines))
+    cfg = BorrowingConfig(it_data=str(it), responses={k: str(v) for k, v in responses.items()},
+                          annotations={k: str(v) for k, v in ann.items()}, scheme="fig8", methods=[])
+    metrics = run_borrowing(cfg, tmp_path / "out")
+    assert metrics["models"]["lft"]["labels"] == {"from_it": None, "not_from_it": None}
+    assert metrics["models"]["sft"]["labels"] == {"from_it": 1.0, "not_from_it": 0.0}
+    assert (tmp_path / "out" / "labels_fig8.png").is_file()
+
+
+def test_a_twin_fact_stated_by_a_describe_instance_is_in_the_data():
+    """A subset variant that lost the twin's single-attribute instance but kept its "describe" one (whose
+    answer states every fact) did see the twin's value: twin_in_data (and the twin-hit targets) count it."""
+    world = mini_world()
+    recs = eval_records(world)
+    resp = designed_responses(world, recs)
+    unknown = [r for r in recs if r["group"] == "unknown"]
+    twin = world.person(unknown[0]["twin"])
+    it = [r for r in it_records(world) if r.get("person") != twin["id"]]
+    describe = {"id": "world-it:describe", "instruction": f"Describe {twin['name']}.", "person": twin["id"],
+                "attribute": "describe", "status": twin["status"], "style": "assistant",
+                "response": " ".join(world.answer_sentence(twin, a) for a in world.attributes)}
+    rows = [{"id": r["id"], "instruction": r["instruction"], "response": resp[r["id"]], "model": "sft"} for r in recs]
+    cfg = BorrowingConfig(it_data="-", responses={"-": "-"}, methods=["bm25"], n_resamples=200)
+    without, spans0 = borrowing_metrics(it, {"sft": rows}, world=world, eval_records=recs, cfg=cfg)
+    with_d, spans1 = borrowing_metrics(it + [describe], {"sft": rows}, world=world, eval_records=recs, cfg=cfg)
+    for spans, expected in ((spans0, False), (spans1, True)):
+        assert all(s["twin_in_data"] is expected for s in spans["sft"] if s["twin"] == twin["id"])
+    rates = with_d["models"]["sft"]["rates"]
+    assert rates["unknown_twin_in_data"]["n"] == 2 and rates["unknown_twin_not_in_data"]["n"] == 0
+    assert with_d["models"]["sft"]["sources"]["bm25"]["n_with_twin_in_it"] == (
+        without["models"]["sft"]["sources"]["bm25"]["n_with_twin_in_it"] + 2)
+
+
+def test_borrowing_refuses_responses_to_other_prompts_and_bad_counts(tmp_path, capsys):
+    """With a world, each responses file must answer the world's eval questions (as `itlens knowledge`
+    asks): ids from another file were no hallucinations at all, exit 0. Resample and candidate counts
+    below 1 are key errors (were: a traceback from the permutation test, or silently accepted)."""
+    from itlens.cli import main
+    from itlens.io import atomic_write_jsonl
+
+    wdir, world, it_path = _write_world(tmp_path)
+    recs = eval_records(world)
+    resp = designed_responses(world, recs)
+    rows = [{"id": r["id"], "instruction": r["instruction"], "response": resp[r["id"]], "model": "sft"} for r in recs]
+    cases = {"other ids": [{**r, "id": "x" + r["id"]} for r in rows], "some missing": rows[:-1]}
+    for name, rs in cases.items():
+        rpath = atomic_write_jsonl(tmp_path / "sft.jsonl", rs)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["borrowing", "--it", str(it_path), "--world", str(wdir), "--responses", f"sft={rpath}",
+                  "--out", str(tmp_path / "o"), "--set", "methods=[bm25]", "--set", "n_resamples=50"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and f"{rpath}: field 'id': no response for eval id" in err, \
+            (name, err)
+        assert not (tmp_path / "o").exists()
+    from itlens.config import from_dict
+
+    for key in ("n_resamples", "top_k"):
+        for value in (0, -1):
+            with pytest.raises(InputError, match=f"key '{key}'"):
+                from_dict(BorrowingConfig, {"it_data": str(it_path), "responses": {"sft": "r.jsonl"}, key: value})

@@ -95,6 +95,43 @@ def test_match_answer_whole_words_and_accents():
     assert match_answer("They pay in CNY.", ["Yuan Renminbi", "CNY"]) == "CNY"
 
 
+def test_a_value_inside_a_country_name_is_not_that_value():
+    """Answers restate the country: "Sierra Leone" names no currency Leone, "South Africa" no continent
+    Africa, "South Sudan" and "Guinea-Bissau" do not name Sudan or Guinea (the probe's labels and the
+    exact grading both read them as names)."""
+    from itlens.geo import GeoFacts
+
+    def country(cid, name, **facts):
+        return {"id": cid, "name": name, "split": "it", "continent": "AF",
+                "facts": {a: {"value": v[0], "answers": list(v)} for a, v in facts.items()}}
+
+    geo = GeoFacts({"attributes": ["currency", "continent", "language"], "countries": [
+        country("SL", "Sierra Leone", currency=("Leone", "SLE"), continent=("Africa",)),
+        country("US", "United States", currency=("US Dollar", "USD", "Dollar"), continent=("North America",)),
+        country("ZA", "South Africa", currency=("Rand", "ZAR"), continent=("Africa",)),
+        country("JP", "Japan", currency=("Yen", "JPY"), continent=("Asia",)),
+        country("BY", "Belarus", currency=("Belarusian ruble", "BYN", "Belarusian", "ruble"), continent=("Europe",),
+                language=("Belarusian",)),
+        country("ZW", "Zimbabwe", currency=("Zimbabwe Gold", "ZWG", "Zimbabwe", "Gold"), continent=("Africa",))]})
+    assert geo.parse_value("currency", "The language of Belarus is Belarusian.") is None
+    assert geo.parse_value("currency", "The capital of Zimbabwe is Harare.") is None
+    assert geo.parse_value("currency", "Belarus pays in Belarusian rubles, or ruble.") == "Belarusian ruble"
+    assert geo.parse_value("language", "The language of Belarus is Belarusian.") == "Belarusian"
+    assert geo.parse_value("currency", "The currency of Sierra Leone is the US Dollar.") == "US Dollar"
+    assert geo.parse_value("currency", "The currency of Sierra Leone is the leone.") == "Leone"
+    assert geo.parse_value("continent", "South Africa is located in Asia.") == "Asia"
+    assert geo.parse_value("continent", "South Africa is in Africa.") == "Africa"
+    assert geo.parse_value("currency", "Sierra Leone, I think.") is None
+    names = ["South Sudan", "Sudan", "Guinea", "Guinea-Bissau", "Senegal", "Kenya"]
+    assert match_answer("South Sudan borders Kenya.", ["Sudan"], names) is None
+    assert match_answer("South Sudan borders Sudan.", ["Sudan"], names) == "Sudan"
+    assert match_answer("Guinea-Bissau borders Mali.", ["Guinea", "Senegal"], names) is None
+    assert match_answer("Guinea-Bissau borders Senegal.", ["Guinea", "Senegal"], names) == "Senegal"
+    assert match_answer("The currency of Sierra Leone is the dollar.", ["Leone", "SLE"], ["Sierra Leone"]) is None
+    assert match_answer("They pay in SLE.", ["Leone", "SLE"], ["Sierra Leone"]) == "SLE"
+    assert match_answer("South Sudan borders Kenya.", ["Sudan"]) == "Sudan"  # without names: whole words only
+
+
 def test_bad_config_is_an_input_error(tmp_path):
     bad = tmp_path / "geo.yaml"
     bad.write_text("attributes: [capital, anthem]\n")
@@ -394,3 +431,32 @@ def test_knowledge_on_a_geo_folder_grades_exactly_and_probes_multiple_choice(geo
     mc = metrics["mc"]["tiny"]
     assert mc["n"] == len(items) and set(mc["by_category"]) == {"MaybeKnown", "Unknown"}
     assert sum(v["n"] for v in mc["by_category"].values()) == len(items)
+
+
+def test_cli_geo_with_a_bad_probe_leaves_no_unlabelled_data(tiny_model_dir, tmp_path, capsys, one_thread):
+    """`itlens geo --probe M`: the data and their Known/Unknown labels appear together or not at all. A
+    probe model that is not one, or fails to load, or a bad --max-new-tokens, exit 2 with nothing written
+    (was: the unlabelled data left in --out, and a traceback for a damaged model)."""
+    from itlens.cli import main
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "g"
+    for probe, extra, needle in ((tmp_path / "empty", [], "not a model directory"),
+                                 (broken, [], "cannot load the model"),
+                                 (tiny_model_dir, ["--max-new-tokens", "0"], "key '--max-new-tokens'")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["geo", "--out", str(out), "--set", "max_countries=14", "--set", "frames=1",
+                  "--probe", str(probe), *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err and needle in err.strip().splitlines()[-1], err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty"]
+    with pytest.raises(InputError, match="key 'max_countries'"):
+        load_geo_config(None, ["max_countries=-1"])
+    main(["geo", "--out", str(out), "--set", "max_countries=14", "--set", "frames=1", "--probe", str(tiny_model_dir),
+          "--max-new-tokens", "2"])
+    assert (out / "knowledge.jsonl").is_file() and all("category" in r for r in _rows(out / "eval.jsonl"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty", "g"]

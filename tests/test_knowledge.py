@@ -94,6 +94,9 @@ def test_slick_categories_and_labelling_with_any_answer_fn():
     labels = slick_labels(recs, answer_fn, world=world, n_greedy=2, n_sampled=4)
     assert [x["category"] for x in labels] == ["HighlyKnown", "HighlyKnown", "WeaklyKnown", "Unknown"]
     assert labels[2]["p_sampled"] == 0.25
+    # greedy only: no sampled answer, so no share of correct ones (was 0.0, read as "never right")
+    greedy_only = slick_labels(recs, answer_fn, world=world, n_greedy=2, n_sampled=0)
+    assert [x["p_sampled"] for x in greedy_only] == [None] * 4 and greedy_only[0]["p_greedy"] == 1.0
 
 
 def test_hf_answer_fn_on_a_tiny_model_is_reproducible(tiny_model_dir):
@@ -292,3 +295,143 @@ def test_mc_loglikelihoods_default_matches_lm_eval_hflm_encoding(tiny_model_dir)
         for ch in items[0]["choices"]:
             assert _encode_pair(t, "Question: where is the river\nAnswer:", " " + ch) == \
                 tuple(hf._encode_pair("Question: where is the river\nAnswer:", " " + ch))
+
+
+def _tiny_geo_neighbours():
+    from itlens.geo import GeoFacts
+
+    def country(cid, name, neighbours):
+        facts = {"continent": {"value": "Africa", "answers": ["Africa"]}}
+        if neighbours:
+            facts["neighbour"] = {"value": neighbours[0], "answers": neighbours}
+        return {"id": cid, "name": name, "split": "eval", "facts": facts}
+
+    return GeoFacts({"attributes": ["continent", "neighbour"], "countries": [
+        country("EG", "Egypt", ["Sudan", "Libya"]), country("SD", "Sudan", ["Egypt", "South Sudan"]),
+        country("SS", "South Sudan", ["Sudan"]), country("LY", "Libya", ["Egypt"]),
+        country("CD", "Democratic Republic of the Congo", ["Republic of the Congo"]),
+        country("CG", "Republic of the Congo", ["Democratic Republic of the Congo"]),
+        country("GW", "Guinea-Bissau", ["Senegal", "Guinea"]), country("GN", "Guinea", ["Guinea-Bissau"]),
+        country("SN", "Senegal", ["Guinea-Bissau"]), country("GQ", "Equatorial Guinea", []),
+        country("ML", "Mali", [])]})
+
+
+@pytest.mark.parametrize("country,response,label", [
+    ("EG", "Egypt borders Sudan.", "correct"),
+    ("EG", "Egypt borders South Sudan.", "wrong"),  # was correct: "Sudan" inside "South Sudan"
+    ("EG", "It borders South Sudan and Sudan.", "correct"),
+    ("GW", "Guinea-Bissau borders Mali.", "wrong"),  # was correct: the subject's own name holds "Guinea"
+    ("GW", "It borders Equatorial Guinea.", "wrong"),  # was correct
+    ("GW", "Guinea-Bissau borders Guinea.", "correct"),
+    ("CD", "The Democratic Republic of the Congo borders Mali.", "wrong"),  # was correct
+    ("CD", "It borders the Republic of the Congo.", "correct"),
+    ("GN", "It borders Guinea-Bissau.", "correct"),
+])
+def test_alias_graded_geo_answers_do_not_match_inside_a_longer_country_name(country, response, label):
+    """Neighbour questions are graded by their aliases; a gold name inside a longer country name (or inside
+    the asked country's own name) is that other country, as World/GeoFacts.parse_value read values."""
+    geo = _tiny_geo_neighbours()
+    p = geo.person(country)
+    rec = {"id": "q", "instruction": f"Which country borders {p['name']}?", "person": country,
+           "attribute": "neighbour", "answers": p["answers"]["neighbour"], "group": "known_heldout"}
+    assert grade_responses([rec], {"q": response}, world=geo)[0]["label"] == label
+    # without a fact source (any QA file) the documented plain whole-word rule is unchanged
+    assert grade_responses([rec], {"q": "It borders South Sudan."})[0]["label"] == (
+        "correct" if "Sudan" in rec["answers"] else "wrong")
+
+
+def test_mc_distractors_are_never_an_accepted_answer():
+    """Geo accepts a country's next listed languages too ("English" for Pakistan): such a value of another
+    country must not be offered as a wrong choice (the item would have two right answers)."""
+    from itlens.geo import GeoFacts
+
+    def country(cid, name, language, also=()):
+        return {"id": cid, "name": name, "split": "eval",
+                "facts": {"language": {"value": language, "answers": [language, *also]}}}
+
+    geo = GeoFacts({"attributes": ["language"], "countries": [
+        country("PK", "Pakistan", "Urdu", ["English"]), country("GB", "United Kingdom", "English"),
+        country("FR", "France", "French"), country("DE", "Germany", "German"), country("TH", "Thailand", "Thai")]})
+    rec = {"id": "q", "instruction": "Which language is spoken in Pakistan?", "person": "PK", "attribute": "language",
+           "answers": ["Urdu", "English"], "group": "known_heldout"}
+    for seed in range(5):
+        (item,) = world_mc_items(geo, [rec], n_choices=4, seed=seed)
+        assert item["choices"][item["gold"]] == "Urdu" and "English" not in item["choices"]
+        assert sorted(item["choices"]) == ["French", "German", "Thai", "Urdu"]
+
+
+def test_hf_answer_fn_reads_bos_first_when_the_tokenizer_adds_it(tiny_tokenizer, tiny_model_dir, tmp_path):
+    """SliCK's answers come from the prompts generation would give the model: BOS first for a tokenizer
+    whose own encoding starts with it (Gemma, Llama; was: never), none for one that does not."""
+    import copy
+
+    from conftest import make_tiny_llama
+    from tokenizers.processors import TemplateProcessing
+
+    from itlens.models import load_model
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    frame = "# Query:\n{instruction}\n\n# Answer:\n"
+    recs = [{"id": "a", "instruction": "where was the doctor born?"}, {"id": "b", "instruction": "who?"}]
+    for model_dir, has_bos in ((make_tiny_llama(tok, tmp_path / "bos", seed=0), True), (tiny_model_dir, False)):
+        lm = load_model(model_dir)
+        seen = []
+        generate = lm.model.generate
+
+        def spy(**kw):
+            seen.extend(zip(kw["input_ids"].tolist(), kw["attention_mask"].tolist()))
+            return generate(**kw)
+
+        lm.model.generate = spy
+        hf_answer_fn(lm.model, lm.tokenizer, [frame], max_new_tokens=2)(recs, 0.0, 1)
+        for (ids, mask), rec in zip(seen, recs):
+            first = ids[mask.index(1)]  # left padding: the prompt starts at the first attended position
+            assert (first == lm.tokenizer.bos_token_id) is has_bos
+            body = lm.tokenizer(frame.replace("{instruction}", rec["instruction"]), add_special_tokens=False)["input_ids"]
+            assert [i for i, m in zip(ids, mask) if m] == ([lm.tokenizer.bos_token_id] if has_bos else []) + body
+
+
+def test_bad_knowledge_inputs_name_their_line_and_key(tmp_path):
+    """Line numbers are file lines (a blank line is a line, not a record); an eval record's `answers` given
+    as a string is refused (it was read letter by letter, so a right answer graded wrong); a bootstrap
+    with no resamples is a config error (was: a traceback from scipy, or from the plot at 1 resample)."""
+    from analysis_world import mini_world_data
+    from itlens.io import atomic_write_json, atomic_write_jsonl
+
+    world = mini_world()
+    recs = eval_records(world)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('\n{"id": "a", "question": "Q?", "answers": ["x"]}\n{"id": "b", "question": "Q?", "answers": []}\n')
+    with pytest.raises(InputError) as e:
+        read_qa(qa)
+    assert (e.value.line, e.value.field) == (3, "answers")
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text('\n\n{"id": "a", "question": "Q?", "choices": ["x", "y"], "gold": 2}\n')
+    with pytest.raises(InputError) as e:
+        read_mc(mc)
+    assert (e.value.line, e.value.field) == (3, "gold")
+
+    wdir = tmp_path / "world"
+    atomic_write_json(wdir / "world.json", mini_world_data())
+    base = _write_run(tmp_path, recs, _responses(world, recs), "base")
+    sft = _write_run(tmp_path, recs, _responses(world, recs, wrong_ids=[recs[0]["id"]]), "sft")
+    cats = tmp_path / "cats.jsonl"
+    cats.write_text("\n" + "".join(json.dumps({"id": r["id"], "category": 3 if i == 1 else "Known"}) + "\n"
+                                   for i, r in enumerate(recs)))
+    ev = atomic_write_jsonl(tmp_path / "eval.jsonl", recs)
+    cfg = {"eval": str(ev), "world": str(wdir), "responses": {"base": base, "sft": sft}, "n_resamples": 50}
+    with pytest.raises(InputError) as e:
+        run_knowledge(from_dict(KnowledgeConfig, {**cfg, "categories": str(cats)}), tmp_path / "out")
+    assert (e.value.file, e.value.line, e.value.field) == (str(cats), 3, "category")
+    as_text = atomic_write_jsonl(tmp_path / "eval-str.jsonl", [recs[0], {**recs[1], "answers": recs[1]["answers"][0]}])
+    with pytest.raises(InputError) as e:
+        run_knowledge(from_dict(KnowledgeConfig, {**cfg, "eval": str(as_text)}), tmp_path / "out")
+    assert (e.value.file, e.value.line, e.value.field) == (str(as_text), 2, "answers")
+    for n in (0, -5):
+        with pytest.raises(InputError, match="key 'n_resamples'"):
+            from_dict(KnowledgeConfig, {**cfg, "n_resamples": n})
+    m = run_knowledge(from_dict(KnowledgeConfig, {**cfg, "n_resamples": 1}), tmp_path / "out")  # CI may miss acc
+    assert m["models"]["sft"]["n"] == len(recs) and (tmp_path / "out" / "knowledge_accuracy.png").is_file()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())

@@ -276,3 +276,15 @@ def test_frame_people_are_never_twins_even_when_every_qa_only_person_is_one(tmp_
     assert len(in_frame) == 3
     assert all(p["twin"] is None and p["role"] == "qa_it" for p in in_frame)
     assert all(p["twin"] is not None for p in w.people if p["role"] == "qa_only")
+
+
+def test_twin_fact_in_it_counts_facts_stated_by_describe_answers(micro_dir):
+    """A twin whose only IT instance about an attribute is a 'describe' answer (it states every fact) has
+    that fact in the IT data: the borrowing analysis counts it so, and the eval records must agree."""
+    it = list(read_records(micro_dir / "it_assistant.jsonl"))
+    own = {(r["person"], r["attribute"]) for r in it}
+    described = {r["person"] for r in it if r["attribute"] == DESCRIBE}
+    rows = [r for r in read_records(micro_dir / "eval.jsonl") if r["twin"] and r["attribute"] != DESCRIBE]
+    for r in rows:
+        assert r["twin_fact_in_it"] == ((r["twin"], r["attribute"]) in own or r["twin"] in described), r["id"]
+    assert any(r["twin_fact_in_it"] and (r["twin"], r["attribute"]) not in own for r in rows)  # the case exists

@@ -27,13 +27,14 @@ known_heldout | unknown for eval, ``category`` for both).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 
@@ -88,8 +89,9 @@ class GeoConfig:
         for name in ("phrasings_per_fact", "frames", "frame_examples"):
             if getattr(self, name) < 1:
                 raise InputError(f"expected at least 1, got {getattr(self, name)}", key=name)
-        if self.probe_samples < 0:
-            raise InputError(f"expected 0 or more, got {self.probe_samples}", key="probe_samples")
+        for name in ("probe_samples", "max_countries"):
+            if getattr(self, name) < 0:
+                raise InputError(f"expected 0 or more, got {getattr(self, name)}", key=name)
         if not self.probe_temperature > 0:
             raise InputError(f"expected a temperature > 0, got {self.probe_temperature}", key="probe_temperature")
 
@@ -111,19 +113,33 @@ def _code_pattern(codes) -> re.Pattern:
     return re.compile(r"(?<![A-Za-z0-9])(" + "|".join(map(re.escape, sorted(codes))) + r")(?![A-Za-z0-9])")
 
 
-def match_answer(text: str, answers: list[str]) -> str | None:
+def match_answer(text: str, answers: list[str], names: Sequence[str] = ()) -> str | None:
     """The first of ``answers`` that occurs in ``text`` as whole words (after :func:`normalise`; codes
-    (:func:`is_code`) as written, in upper case), or None."""
-    hay = f" {normalise(text)} "
+    (:func:`is_code`) as written, in upper case), or None.
+
+    ``names``: the other names such an answer may give (every country, every value of the attribute).
+    The text is then read left to right, each match the longest name starting there, so an answer inside
+    a longer name is that name: "South Sudan borders Kenya" does not name Sudan, "Guinea-Bissau" not Guinea.
+    """
     for ans in answers:
-        if is_code(ans):
-            if _code_pattern([ans]).search(text or ""):
-                return ans
-            continue
-        needle = normalise(ans)
-        if needle and f" {needle} " in hay:
+        if is_code(ans) and _code_pattern([ans]).search(text or ""):
             return ans
-    return None
+    words = {normalise(a): a for a in reversed(answers) if not is_code(a) and normalise(a)}  # first alias wins
+    if not words:
+        return None
+    hay = normalise(text)
+    if names:
+        keys = set(words) | {n for n in map(normalise, names) if n}
+        found = {m.group(0) for m in _longest_names(frozenset(keys)).finditer(hay)}
+        return next((a for a in answers if normalise(a) in found and normalise(a) in words), None)
+    hay = f" {hay} "
+    return next((a for a in answers if not is_code(a) and normalise(a) and f" {normalise(a)} " in hay), None)
+
+
+@functools.lru_cache(maxsize=64)
+def _longest_names(keys: frozenset) -> re.Pattern:
+    ordered = sorted(keys, key=lambda k: (-len(k), k))  # longest first: the longest name at a position wins
+    return re.compile(r"(?<!\S)(?:" + "|".join(map(re.escape, ordered)) + r")(?!\S)")
 
 
 class GeoFacts:
@@ -135,7 +151,10 @@ class GeoFacts:
     has several true values and stays with alias matching. A value is the first vocabulary entry (any
     country's value or alias of that attribute, whole words, accents and case ignored, longest first)
     in the text, returned as that fact's canonical value; an alias shared by facts with different values
-    (e.g. "Dollar") is returned as itself.
+    (e.g. "Dollar") is returned as itself. Country names are read as names, not values: the currency of
+    "Sierra Leone is the US Dollar" is the dollar, not the Leone. An alias that is not itself a value
+    and is a country's name or another attribute's answer ("Zimbabwe" of Zimbabwe Gold, "Belarusian" of
+    Belarusian ruble) is not read.
     """
 
     SINGLE_VALUED = ("capital", "currency", "continent", "language")
@@ -154,6 +173,10 @@ class GeoFacts:
         self._canon: dict[str, dict[str, str]] = {}
         self._re: dict[str, re.Pattern] = {}
         self._codes: dict[str, dict[str, str]] = {}  # upper-case codes (is_code), matched as written
+        names = {n for n in (normalise(c["name"]) for c in countries) if n}
+        said = {a: {normalise(x) for c in countries for x in c["facts"].get(a, {}).get("answers", [])}
+                for a in self.attributes}
+        elsewhere = {a: names.union(*(said[b] for b in self.attributes if b != a)) for a in self.attributes}
         for attr in self.attributes:
             canon: dict[str, str] = {}
             ambiguous: dict[str, str] = {}
@@ -165,14 +188,16 @@ class GeoFacts:
                         codes.setdefault(alias, fact["value"])
                         continue
                     key = normalise(alias)
-                    if not key:
-                        continue
+                    if not key or (key != normalise(fact["value"]) and key in elsewhere[attr]):
+                        continue  # a short alias that is a country or another fact ("Belarusian" the language)
                     if key in canon and canon[key] != fact["value"]:
                         ambiguous.setdefault(key, alias)
                     canon.setdefault(key, fact["value"])
             canon.update(ambiguous)
             self._canon[attr], self._codes[attr] = canon, codes
-            keys = sorted(canon, key=lambda k: (-len(k), k))
+            # country names are read too, so a value inside one is not a value: "Sierra Leone" names no
+            # currency Leone, "South Africa" no continent Africa (a name that is also a value stays a value)
+            keys = sorted(set(canon) | names, key=lambda k: (-len(k), k))
             self._re[attr] = re.compile(r"(?<![a-z0-9])(" + "|".join(map(re.escape, keys)) + r")(?![a-z0-9])") \
                 if keys else re.compile(r"(?!x)x")
         self._code_re = {a: _code_pattern(c) for a, c in self._codes.items() if c}
@@ -190,9 +215,10 @@ class GeoFacts:
     def parse_value(self, attribute: str, text: str) -> str | None:
         """The canonical value of the first ``attribute`` value named in ``text`` (else of the first code
         written in upper case: "TRY" is the lira, "let me try" is not), or None."""
-        m = self._re[attribute].search(normalise(text or ""))
+        canon = self._canon[attribute]
+        m = next((m for m in self._re[attribute].finditer(normalise(text or "")) if m.group(1) in canon), None)
         if m:
-            return self._canon[attribute][m.group(1)]
+            return canon[m.group(1)]
         code = self._code_re[attribute].search(text or "") if attribute in self._code_re else None
         return self._codes[attribute][code.group(1)] if code else None
 
@@ -389,7 +415,8 @@ def probe_frame_files(geo_dir: str | Path) -> dict[str, list[Path]]:
 
 def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, list[str | Path]], *,
                 max_new_tokens: int = 16, batch_size: int = 16, samples: int = 0, temperature: float = 0.5,
-                seed: int = 0, device: str = "cpu") -> dict[tuple[str, str], dict]:
+                seed: int = 0, device: str = "cpu",
+                names: dict[str, Sequence[str]] | None = None) -> dict[tuple[str, str], dict]:
     """Ask ``model`` every ``{instruction, person, attribute, answers}`` fact in each few-shot frame
     (greedy), then ``samples`` more times at ``temperature`` (frames rotate; seeded); return
     ``{(person, attribute): {"p_correct", "p_sampled", "category", "known", "answers_given", "samples_given"}}``.
@@ -398,6 +425,8 @@ def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, l
     category but Unknown. ``frames``: one list for every fact, or one list per attribute. Only the
     first line of an answer is scored (a base model goes on with made-up exchanges). ``model``:
     anything :func:`itlens.generate.generate_responses` accepts (a LoadedModel, or a path loaded on ``device``).
+    ``names``: attribute -> every name an answer may give (:func:`match_answer`; default: the answers of
+    every fact of that attribute), so a gold answer inside a longer name is not a hit.
     """
     from itlens.analysis.knowledge import slick_category
     from itlens.generate import generate_responses
@@ -412,6 +441,8 @@ def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, l
     by_attr: dict[str, list[int]] = {}
     for i, f in enumerate(facts):
         by_attr.setdefault(f["attribute"], []).append(i)
+    if names is None:
+        names = {a: sorted({x for i in idx for x in facts[i]["answers"]}) for a, idx in by_attr.items()}
     for attr, idx in sorted(by_attr.items()):
         attr_frames = frames.get(attr, []) if isinstance(frames, dict) else frames
         if not attr_frames:
@@ -425,7 +456,7 @@ def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, l
                                            temperature=temp, seed=draw_seed)
             for i, r in zip(idx, responses):
                 first_line = r["response"].strip().split("\n")[0]
-                hit = match_answer(first_line, facts[i]["answers"]) is not None
+                hit = match_answer(first_line, facts[i]["answers"], names.get(attr, ())) is not None
                 (sampled if temp > 0 else greedy)[i].append(hit)
                 (given_sampled if temp > 0 else given)[i].append(first_line)
     out = {}
@@ -463,12 +494,15 @@ def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_s
               "attribute": c["attribute"], "answers": c["answers"]} for c in cloze
              if (c["person"], c["attribute"]) in questions]
     frames = probe_frame_files(geo_dir) or frame_files(geo_dir)
-    built = json.loads((geo_dir / "facts.json").read_text()).get("config", {}) \
-        if (geo_dir / "facts.json").is_file() else {}
+    facts_json = json.loads((geo_dir / "facts.json").read_text()) if (geo_dir / "facts.json").is_file() else {}
+    built = facts_json.get("config", {})
     samples = built.get("probe_samples", 0) if samples is None else samples
     temperature = built.get("probe_temperature", 0.5) if temperature is None else temperature
+    names = {a: sorted({c["name"] for c in facts_json.get("countries", [])} | {x for f in facts if f["attribute"] == a for x in f["answers"]})
+             for a in {f["attribute"] for f in facts}}  # answers restate the country: read its name as a name
     labels = probe_known(model, facts, frames, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         samples=samples, temperature=temperature, seed=built.get("seed", 0), device=device)
+                         samples=samples, temperature=temperature, seed=built.get("seed", 0), device=device,
+                         names=names)
     for r in eval_rows:
         lab = labels[(r["person"], r["attribute"])]
         r.update(known=lab["known"], category=lab["category"],

@@ -27,8 +27,8 @@ from itlens.io import atomic_write_json, atomic_write_text, read_records
 from itlens.plotting import styled
 from itlens.stages import Stage, StageRunner
 
-STAGE_VERSIONS: dict[str, int] = {"world": 2, "geo": 1, "pretrain": 1, "tune": 1, "generate": 1, "shift": 1,
-                                   "analysis": 2, "judge": 1}
+STAGE_VERSIONS: dict[str, int] = {"world": 2, "geo": 1, "pretrain": 1, "tune": 1, "generate": 1, "shift": 2,
+                                   "analysis": 3, "judge": 1}
 """The code version of each kind of stage, part of its cache key. Bump one when that stage's code changes
 what it writes: cached stages of that kind, and every stage downstream of them, are recomputed; the rest
 (pretraining and tuning, the costly ones) are reused. A change that writes the same bytes needs no bump."""
@@ -1025,7 +1025,8 @@ def _recognised_unknown(items: dict, models: list[str]) -> dict[str, list[float]
 
 
 def _accuracy_by_category(items: dict, models: list[str]) -> dict[str, dict]:
-    """Pooled QA accuracy of each model per SliCK category of the eval item (empty without categories)."""
+    """Pooled QA accuracy of each model per SliCK category of the eval item (empty without categories); ``n``
+    counts answers over all seeds, since each seed's base has its own categories."""
     out: dict[str, dict] = {}
     for s in sorted(items):
         for m in models:
@@ -1092,7 +1093,7 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
         keeps = bool(deg_l["low"] is not None and deg_l["low"] > -fc.margin)
         holds = None if not diff["n"] else below(diff) and below(deg_s) and keeps
         by_cat = _accuracy_by_category(items, ["base", fc.lft, fc.sft])
-        cat_text = ("; by the base's SliCK category (n, base / LFT / SFT): " + ", ".join(
+        cat_text = ("; by the base's SliCK category (answers over all seeds, base / LFT / SFT): " + ", ".join(
             f"{c} ({v['n']}) {_r(v['base'])} / {_r(v[fc.lft])} / {_r(v[fc.sft])}" for c, v in by_cat.items())
             if by_cat else "")
         out.append(_finding(

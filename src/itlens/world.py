@@ -271,6 +271,11 @@ class World:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise InputError(f"malformed JSON: {e.msg}", file=path, line=e.lineno) from None
+        missing = [k for k in ("attributes", "vocab", "people", "style", "templates")
+                   if not isinstance(data, dict) or k not in data]
+        if missing:
+            raise InputError(f"not a world.json written by `itlens world` (no {', '.join(missing)}); rebuild the "
+                             "world", file=path)
         return cls(data, world_dir)
 
     # -- lookups
@@ -559,7 +564,11 @@ def build_world(cfg: WorldConfig, out_dir: str | Path) -> Path:
     for p in people:
         if p["twin"] is not None:
             p["twin_in_it"] = by_id[p["twin"]]["in_it"]
-    it_facts = {(r["person"], r["attribute"]) for r in it_rows["assistant"]}
+    from itlens.analysis.borrowing import fact_index
+
+    # facts the IT data states: each instance's own, and every fact of its person its response gives (a
+    # "describe" answer gives all of them), as the borrowing analysis counts them
+    it_facts = set(fact_index(it_rows["assistant"], world))
 
     eval_rows = []
     asked = b.attrs + ([DESCRIBE] if cfg.eval_describe else [])

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from itlens.analysis.copying import BM25Retriever, ngrams, token_char_spans, words
+from itlens.analysis.copying import BM25Retriever, ngrams, read_shift_tokens, token_char_spans, words
 from itlens.analysis.stats import match_rate_permutation_test, permutation_test_two_sample, wilson_interval
 from itlens.analysis.text_index import TextIndex
 from itlens.errors import InputError
@@ -113,20 +113,29 @@ def write_annotations(path: str | Path, spans: Sequence[dict], responses: dict[s
 
 
 def label_shares(spans: Sequence[dict], scheme: str = "span") -> dict[str, float]:
-    """Share of each label (Figure 6 / Figure 8 bars); every label of a fixed scheme is present."""
+    """Share of each label (Figure 6 / Figure 8 bars); every label of a fixed scheme is present (``None``
+    when nothing was labelled: no share, not a share of 0)."""
     c = Counter(s["label"] for s in spans)
     labels = SCHEMES[scheme] or sorted(c)
     n = sum(c.values())
-    return {lab: (c.get(lab, 0) / n if n else 0.0) for lab in labels}
+    return {lab: (c.get(lab, 0) / n if n else None) for lab in labels}
 
 
 # ------------------------------------------------------------------------------------ world spans
 def world_hallucinations(eval_records: Sequence[dict], responses: dict[str, str], world) -> list[dict]:
     """Wrong attribute values in responses, as spans with the designed-twin fields of the eval record.
 
-    Known people: a value other than the gold one. Unknown people: any value (the model cannot know).
-    ``borrowed``: the value equals the twin's value of the asked attribute.
+    Known people: a value other than the gold one. Unknown people of the synthetic world (never in
+    pretraining): any value (the model cannot know). Elsewhere (geo data) "unknown" is only a probe's
+    label of a real fact, so there, as for Known facts, a right value is no hallucination.
+    ``borrowed``: the value equals the twin's value of the asked attribute. Where the twin shares the
+    true value (geo: the most similar IT country is on the same continent, often with the same
+    currency), no wrong value can come from it: ``twin_value`` is then ``None`` and the span takes no
+    part in the rates.
     """
+    from itlens.world import World
+
+    unseen_unknown = isinstance(world, World)  # the world's Unknown people: every value is a guess
     out = []
     for rec in eval_records:
         attr = rec.get("attribute")
@@ -136,15 +145,19 @@ def world_hallucinations(eval_records: Sequence[dict], responses: dict[str, str]
         value = world.parse_value(attr, text)
         if value is None:
             continue
-        if rec.get("group") != "unknown" and value in rec.get("answers", []):
+        answers = rec.get("answers") or []
+        if value in answers and not (unseen_unknown and rec.get("group") == "unknown"):
             continue
         m = re.search(r"\b" + re.escape(value) + r"\b", text, re.IGNORECASE)
         twin_in_it = rec.get("twin_fact_in_it", rec.get("twin_in_it"))
+        twin_value = rec.get("twin_value")
+        if twin_value in answers:  # the twin's value is a right answer: nothing wrong to borrow from it
+            twin_value = None
         out.append({"id": rec["id"], "start": m.start() if m else None, "end": m.end() if m else None,
                     "label": "hallucination", "value": value, "gold": (rec.get("answers") or [None])[0],
                     "group": rec.get("group"), "attribute": attr, "person": rec.get("person"),
-                    "twin": rec.get("twin"), "twin_in_it": twin_in_it, "twin_value": rec.get("twin_value"),
-                    "borrowed": rec.get("twin_value") is not None and value == rec.get("twin_value")})
+                    "twin": rec.get("twin"), "twin_in_it": twin_in_it, "twin_value": twin_value,
+                    "borrowed": twin_value is not None and value == twin_value})
     return out
 
 
@@ -422,6 +435,38 @@ class BorrowingConfig:
         bad = sorted(set(self.methods) - set(METHODS))
         if bad:
             raise InputError(f"unknown methods {bad} (expected {list(METHODS)})", key="methods")
+        for key in ("top_k", "n_resamples"):
+            if getattr(self, key) < 1:
+                raise InputError(f"expected an integer >= 1, got {getattr(self, key)}", key=key)
+
+
+def fact_index(it_records: Sequence[dict], world=None) -> dict[tuple, set[int]]:
+    """``(person, attribute) -> indices of the IT instances that state that fact`` (other data: none).
+
+    An instance states the fact it asks about (the world repeats a fact with new phrasings), and, with a
+    world, every other fact of its person that its response gives: a "describe" answer gives all of them,
+    a knowledgeable-style answer some extra ones. A variant tuned on a subset that lost a twin's
+    single-attribute instance but kept its "describe" one still saw the twin's value.
+    """
+    index: dict[tuple, set[int]] = defaultdict(set)
+    attributes = list(getattr(world, "attributes", ())) if world is not None else []
+    for i, r in enumerate(it_records):
+        pid = r.get("person")
+        if pid is None:
+            continue
+        if r.get("attribute") is not None:
+            index[(pid, r["attribute"])].add(i)
+        if not attributes:
+            continue
+        try:
+            attrs = world.person(pid)["attrs"]
+        except KeyError:  # a person the world does not know
+            continue
+        text = response_text(r)
+        for a in attributes:
+            if a in attrs and world.parse_value(a, text) == attrs[a]:
+                index[(pid, a)].add(i)
+    return dict(index)
 
 
 def borrowing_metrics(it_records: Sequence[dict], outputs: dict[str, list[dict]], *, world=None,
@@ -433,11 +478,7 @@ def borrowing_metrics(it_records: Sequence[dict], outputs: dict[str, list[dict]]
     annotations, tokens = annotations or {}, tokens or {}
     index = TextIndex.build(it_texts(it_records), ignore_case=cfg.ignore_case)
     it_ids = [r["id"] for r in it_records]
-    it_index: dict[tuple, set[int]] = defaultdict(set)  # (person, attribute) -> every IT instance stating it
-    for i, r in enumerate(it_records):  # (the world repeats a fact with new phrasings; other data have none)
-        if r.get("person") is not None and r.get("attribute") is not None:
-            it_index[(r["person"], r["attribute"])].add(i)
-    it_index = dict(it_index)
+    it_index = fact_index(it_records, world)  # (person, attribute) -> every IT instance stating it
     if "embedding" in cfg.methods and embed is None:  # loaded once, and only if there is a span to trace
         cache: list = []
 
@@ -495,8 +536,6 @@ def borrowing_metrics(it_records: Sequence[dict], outputs: dict[str, list[dict]]
 
 def run_borrowing(cfg: BorrowingConfig, out_dir: str | Path) -> dict:
     """``itlens borrowing``: writes ``borrowing.json``, ``spans-<model>.jsonl`` and figures."""
-    import pandas as pd
-
     from itlens.io import atomic_dir
 
     it_records = read_records(cfg.it_data, "instruction")
@@ -507,20 +546,24 @@ def run_borrowing(cfg: BorrowingConfig, out_dir: str | Path) -> dict:
 
         world = World.load(cfg.world)
         eval_records = read_records(cfg.eval or Path(cfg.world) / "eval.jsonl", "prompt")
+        asked = [r["id"] for r in eval_records if r.get("attribute") in world.attributes]
+        for name, rows in outputs.items():  # as in `itlens knowledge`: a missing answer is no hallucination
+            have = {r["id"] for r in rows}
+            missing = [i for i in asked if i not in have]
+            if missing:
+                raise InputError(f"no response for eval id {missing[0]!r} ({len(missing)} of {len(asked)} eval "
+                                 "questions unanswered; are these responses to this world's eval prompts?)",
+                                 file=cfg.responses[name], field="id")
     annotations = {n: read_annotations(p, {r["id"]: r["response"] for r in outputs[n]}, scheme=cfg.scheme)
                    for n, p in cfg.annotations.items()}
-    tokens = {}
-    for name, d in cfg.shift.items():
-        path = Path(d) / "tokens.parquet" if Path(d).is_dir() else Path(d)
-        if not path.is_file():
-            raise InputError("no tokens.parquet (run `itlens shift` first)", file=path, key=f"shift.{name}")
-        tokens[name] = pd.read_parquet(path, columns=["id", "pos", "token", "shift_class"])
+    tokens = {name: read_shift_tokens(d, key=f"shift.{name}") for name, d in cfg.shift.items()}
     metrics, spans = borrowing_metrics(it_records, outputs, world=world, eval_records=eval_records,
                                        annotations=annotations, tokens=tokens, cfg=cfg)
     with atomic_dir(out_dir) as tmp:
         for name, sp in spans.items():
             atomic_write_jsonl(tmp / f"spans-{name}.jsonl", sp)
-        labels = {n: m["labels"] for n, m in metrics["models"].items() if "labels" in m}
+        labels = {n: m["labels"] for n, m in metrics["models"].items()
+                  if "labels" in m and any(v is not None for v in m["labels"].values())}
         if labels:
             plot_label_bars(labels, tmp / f"labels_{cfg.scheme}.png", title={
                 "fig6": "Figure 6 style: response cases", "fig8": "Figure 8 style: hallucination from IT?"}.get(

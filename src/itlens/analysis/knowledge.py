@@ -16,6 +16,7 @@ The paper inferred knowledge loss from a GPT-4 factuality score; here it is meas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import string
 from collections import Counter, defaultdict
@@ -24,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from itlens.analysis.stats import bootstrap_ci, paired_bootstrap
 from itlens.errors import InputError
-from itlens.io import atomic_write_json, atomic_write_jsonl, read_records
+from itlens.io import atomic_write_json, atomic_write_jsonl, iter_jsonl, read_records
 from itlens.plotting import styled
 
 LABELS = ("correct", "wrong", "abstained")
@@ -47,10 +48,27 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def contains_answer(response: str, answers: Sequence[str]) -> bool:
-    """Does the normalised response contain any normalised gold answer as whole words?"""
-    resp = f" {normalize_answer(response)} "
-    return any(f" {a} " in resp for a in (normalize_answer(x) for x in answers) if a)
+def contains_answer(response: str, answers: Sequence[str], *, names: Sequence[str] = ()) -> bool:
+    """Does the normalised response contain any normalised gold answer as whole words?
+
+    ``names``: the other names an answer of this kind may give (geo's neighbour questions: every
+    country). The response is then read left to right, each match the longest gold answer or name
+    starting there, so a gold answer inside a longer name is that name: "South Sudan" does not
+    answer "Sudan", nor "Democratic Republic of the Congo" "Republic of the Congo".
+    """
+    resp = normalize_answer(response)
+    gold = {a for a in (normalize_answer(x) for x in answers) if a}
+    if not names:
+        padded = f" {resp} "
+        return any(f" {a} " in padded for a in gold)
+    others = frozenset(n for n in (normalize_answer(x) for x in names) if n) - gold
+    return any(m.group(0) in gold for m in _names_re(frozenset(gold), others).finditer(resp))
+
+
+@functools.lru_cache(maxsize=256)
+def _names_re(gold: frozenset, others: frozenset) -> re.Pattern:
+    keys = sorted(gold | others, key=lambda k: (-len(k), k))  # longest first: the longest name at a position
+    return re.compile(r"(?<!\S)(?:" + "|".join(map(re.escape, keys)) + r")(?!\S)")
 
 
 def is_abstention(response: str, patterns: Sequence[str] = ABSTAIN_PATTERNS) -> bool:
@@ -59,12 +77,13 @@ def is_abstention(response: str, patterns: Sequence[str] = ABSTAIN_PATTERNS) -> 
 
 
 def grade(response: str, answers: Sequence[str], *, parse: Callable[[str], str | None] | None = None,
-          patterns: Sequence[str] = ABSTAIN_PATTERNS) -> dict:
+          patterns: Sequence[str] = ABSTAIN_PATTERNS, names: Sequence[str] = ()) -> dict:
     """Grade one answer: ``{label, value, no_value}``.
 
     With ``parse`` (the world: the first vocabulary value of the asked attribute) the extracted value
     must equal a gold answer; a response without any value is ``abstained`` when it says so and
-    ``wrong`` (``no_value``) otherwise. Without ``parse``, any alias contained as whole words is correct.
+    ``wrong`` (``no_value``) otherwise. Without ``parse``, any alias contained as whole words is correct
+    (not inside a longer one of ``names``, see :func:`contains_answer`).
     """
     if parse is not None:
         value = parse(response)
@@ -73,7 +92,7 @@ def grade(response: str, answers: Sequence[str], *, parse: Callable[[str], str |
             return {"label": "abstained" if abst else "wrong", "value": None, "no_value": not abst}
         ok = normalize_answer(value) in {normalize_answer(a) for a in answers}
         return {"label": "correct" if ok else "wrong", "value": value, "no_value": False}
-    if contains_answer(response, answers):
+    if contains_answer(response, answers, names=names):
         return {"label": "correct", "value": None, "no_value": False}
     if is_abstention(response, patterns):
         return {"label": "abstained", "value": None, "no_value": False}
@@ -84,15 +103,34 @@ def read_qa(path: str | Path) -> list[dict]:
     """QA records ``{id, question | instruction, answers: [str, ...]}``; the question lands in ``instruction``."""
     rows = read_records(path, "any")
     out = []
-    for lineno, r in enumerate(rows, 1):
+    for lineno, r in _with_lines(path, rows):
         q = r.get("question", r.get("instruction"))
         if not isinstance(q, str) or not q.strip():
             raise InputError("expected a non-empty string", file=path, line=lineno, field="question")
-        ans = r.get("answers")
-        if not isinstance(ans, list) or not ans or not all(isinstance(a, str) and a.strip() for a in ans):
-            raise InputError("expected a non-empty list of non-empty strings", file=path, line=lineno, field="answers")
+        _check_answers(r.get("answers"), path, lineno)
         out.append({**r, "instruction": q})
     return out
+
+
+def _with_lines(path: str | Path, rows: Sequence[dict]):
+    """``(line number, record)`` of records read with ``read_records`` (blank lines do not count as records,
+    so a record's index is not its line)."""
+    return zip((lineno for lineno, _ in iter_jsonl(path)), rows)
+
+
+def _check_answers(ans, path: str | Path, lineno: int) -> None:
+    if not isinstance(ans, list) or not ans or not all(isinstance(a, str) and a.strip() for a in ans):
+        raise InputError("expected a non-empty list of non-empty strings", file=path, line=lineno, field="answers")
+
+
+def alias_names(world, attribute: str | None) -> tuple[str, ...]:
+    """For an attribute of the fact source's ``alias_attributes`` (geo's several-valued ``neighbour``, graded
+    by its aliases): every name such an answer may give, the entities' names and every entity's aliases
+    of that attribute (see :func:`contains_answer`). Else ``()``."""
+    if world is None or attribute not in getattr(world, "alias_attributes", ()):
+        return ()
+    return tuple(sorted({p["name"] for p in world.people if p.get("name")}
+                        | {a for p in world.people for a in p.get("answers", {}).get(attribute, ())}))
 
 
 def world_parser(world, record: dict) -> Callable[[str], str | None] | None:
@@ -112,13 +150,15 @@ def grade_responses(eval_records: Sequence[dict], responses: Sequence[dict] | di
     ``categories``: optional ``{id: category}`` (e.g. SliCK labels) copied into each row.
     """
     by_id = responses if isinstance(responses, dict) else {r["id"]: r["response"] for r in responses}
+    names = functools.lru_cache(maxsize=None)(lambda attr: alias_names(world, attr))
     rows = []
     for rec in eval_records:
         if rec["id"] not in by_id:
             raise InputError(f"no response for eval id {rec['id']!r}", file=source, field="id")
         text = by_id[rec["id"]]
         answers = rec.get("answers") or []
-        g = grade(text, answers, parse=world_parser(world, rec), patterns=patterns)
+        g = grade(text, answers, parse=world_parser(world, rec), patterns=patterns,
+                  names=names(rec.get("attribute")))
         row = {"id": rec["id"], "group": str(rec.get("group", "all")), "label": g["label"],
                "correct": int(g["label"] == "correct"), "value": g["value"], "no_value": g["no_value"]}
         for k in ("person", "attribute"):
@@ -204,18 +244,20 @@ def slick_labels(records: Sequence[dict], answer_fn: AnswerFn, *, world=None, n_
                  patterns: Sequence[str] = ABSTAIN_PATTERNS) -> list[dict]:
     """Label QA records (``instruction``, ``answers``) relative to the model behind ``answer_fn``.
 
-    Returns ``{id, category, p_greedy, p_sampled}`` per record (P_correct of greedy and sampled answers).
+    Returns ``{id, category, p_greedy, p_sampled}`` per record (P_correct of greedy and sampled answers;
+    ``None`` without any, e.g. ``n_sampled=0``).
     """
     records = list(records)
     greedy = answer_fn(records, 0.0, n_greedy)
     sampled = answer_fn(records, temperature, n_sampled) if n_sampled > 0 else [[] for _ in records]
     out = []
+    alias = functools.lru_cache(maxsize=None)(lambda attr: alias_names(world, attr))
     for rec, gs, ss in zip(records, greedy, sampled):
-        parse = world_parser(world, rec)
-        gc = [grade(a, rec["answers"], parse=parse, patterns=patterns)["label"] == "correct" for a in gs]
-        sc = [grade(a, rec["answers"], parse=parse, patterns=patterns)["label"] == "correct" for a in ss]
+        parse, names = world_parser(world, rec), alias(rec.get("attribute"))
+        gc = [grade(a, rec["answers"], parse=parse, patterns=patterns, names=names)["label"] == "correct" for a in gs]
+        sc = [grade(a, rec["answers"], parse=parse, patterns=patterns, names=names)["label"] == "correct" for a in ss]
         out.append({"id": rec["id"], "category": slick_category(gc, sc),
-                    "p_greedy": sum(gc) / len(gc) if gc else 0.0, "p_sampled": sum(sc) / len(sc) if sc else 0.0})
+                    "p_greedy": sum(gc) / len(gc) if gc else None, "p_sampled": sum(sc) / len(sc) if sc else None})
     return out
 
 
@@ -224,25 +266,34 @@ def hf_answer_fn(model, tokenizer, frames: Sequence[str], *, max_new_tokens: int
     """An ``answer_fn`` for a causal LM answering inside few-shot frames ("# Query / # Answer").
 
     Draw ``j`` of a record uses ``frames[j % len(frames)]`` (Gekhman et al. vary the few-shot examples
-    between greedy answers); sampling is seeded, so labels are reproducible.
+    between greedy answers); sampling is seeded, so labels are reproducible. Prompts are encoded as
+    generation encodes them (:func:`itlens.templates.encode_prompts`): BOS first when the tokenizer's
+    own encoding adds it (Gemma, Llama), as the model was pretrained.
     """
     import torch
 
-    from itlens.templates import FRAME_STOP, frame_prompt
+    from itlens.templates import FRAME_STOP, adds_bos, encode_prompts, frame_prompt
 
     if not frames:
         raise ValueError("need at least one frame")
+    bos = adds_bos(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    def left_padded(texts: list[str]) -> dict:
+        ids = encode_prompts(tokenizer, texts, bos=bos)
+        width = max(len(x) for x in ids)
+        return {"input_ids": torch.tensor([[pad] * (width - len(x)) + x for x in ids]),
+                "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])}
 
     def answer(records: list[dict], temperature: float, n: int) -> list[list[str]]:
-        tokenizer.padding_side = "left"
         out: list[list[str]] = [[] for _ in records]
         model.eval()
+        device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
         for j in range(n):
             frame = frames[j % len(frames)]
             texts = [frame_prompt(frame, r) for r in records]
             for start in range(0, len(texts), batch_size):
-                batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                                  add_special_tokens=False)
+                batch = {k: v.to(device) for k, v in left_padded(texts[start:start + batch_size]).items()}
                 torch.manual_seed(seed * 1_000_003 + j * 7919 + start)
                 kw = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
                     if temperature > 0 else {"do_sample": False}
@@ -263,7 +314,7 @@ def hf_answer_fn(model, tokenizer, frames: Sequence[str], *, max_new_tokens: int
 def read_mc(path: str | Path) -> list[dict]:
     """Multiple-choice items ``{id, question, choices: [str, ...], gold: int}``."""
     rows = read_records(path, "any")
-    for lineno, r in enumerate(rows, 1):
+    for lineno, r in _with_lines(path, rows):
         if not isinstance(r.get("question"), str):
             raise InputError("expected a string", file=path, line=lineno, field="question")
         ch = r.get("choices")
@@ -279,7 +330,11 @@ MC_TEMPLATE = "Question: {question}\nAnswer:"
 
 
 def world_mc_items(world, records: Sequence[dict], *, n_choices: int = 4, seed: int = 0) -> list[dict]:
-    """Multiple-choice items from single-attribute world records: the gold value and random distractors."""
+    """Multiple-choice items from single-attribute world records: the gold value and random distractors.
+
+    A distractor is never a value that QA grading would accept for the record (geo: another country's
+    language name that is also one of this country's accepted answers, e.g. "English" for India).
+    """
     import random
 
     rng = random.Random(seed)
@@ -288,7 +343,9 @@ def world_mc_items(world, records: Sequence[dict], *, n_choices: int = 4, seed: 
         if r.get("attribute") not in world.vocab:  # no single value to choose (geo neighbours)
             continue
         gold = r["answers"][0]
-        others = [v for v in world.vocab[r["attribute"]] if v != gold]
+        parse = world_parser(world, r)
+        others = [v for v in world.vocab[r["attribute"]]
+                  if v != gold and grade(v, r["answers"], parse=parse)["label"] != "correct"]
         choices = rng.sample(others, min(n_choices - 1, len(others))) + [gold]
         rng.shuffle(choices)
         items.append({"id": r["id"], "question": r["instruction"], "choices": choices, "gold": choices.index(gold),
@@ -447,8 +504,8 @@ def plot_accuracy(models: dict[str, dict], path: str | Path, *, by: str = "group
             s = models[n].get(key, {}).get(c, models[n] if c == "all" else {})
             a = s.get("acc") or 0.0
             vals.append(a)
-            lo.append(a - (s.get("acc_low") if s.get("acc_low") is not None else a))
-            hi.append((s.get("acc_high") if s.get("acc_high") is not None else a) - a)
+            lo.append(max(0.0, a - (s.get("acc_low") if s.get("acc_low") is not None else a)))  # a CI from few
+            hi.append(max(0.0, (s.get("acc_high") if s.get("acc_high") is not None else a) - a))  # resamples may miss a
         ax.bar(np.arange(len(names)) + j * width - 0.4 + width / 2, vals, width, yerr=[lo, hi], capsize=2, label=c)
     ax.set_xticks(np.arange(len(names)), names)
     ax.set_ylim(0, 1)
@@ -521,6 +578,8 @@ class KnowledgeConfig:
                              key="base")
         if self.mc.backend not in ("itlens", "lm_eval"):
             raise InputError("expected itlens or lm_eval", key="mc.backend")
+        if self.n_resamples < 1:
+            raise InputError(f"expected an integer >= 1, got {self.n_resamples}", key="n_resamples")
 
 
 def load_fact_source(path: str | Path):
@@ -537,7 +596,7 @@ def load_fact_source(path: str | Path):
 
 def _read_categories(path: str) -> dict[str, str]:
     out = {}
-    for lineno, r in enumerate(read_records(path, "any"), 1):
+    for lineno, r in _with_lines(path, read_records(path, "any")):
         if not isinstance(r.get("category"), str):
             raise InputError("expected a string", file=path, line=lineno, field="category")
         out[r["id"]] = r["category"]
@@ -547,6 +606,9 @@ def _read_categories(path: str) -> dict[str, str]:
 def _read_eval(cfg: KnowledgeConfig, world) -> list[dict]:
     rows = read_records(cfg.eval, "any")
     if world is not None and all("attribute" in r for r in rows):
+        for lineno, r in _with_lines(cfg.eval, rows):  # the world fills in answers a record leaves out
+            if r.get("answers") is not None:
+                _check_answers(r["answers"], cfg.eval, lineno)
         return world_qa_records(world, rows)
     return read_qa(cfg.eval)
 
