@@ -79,8 +79,8 @@ def decoding_stop_strings(tokenizer, mode: str) -> list[str] | None:
     """
     if mode == "frame":
         return [FRAME_STOP]
-    end_id = tokenizer.get_vocab().get(END)
-    if end_id is not None and end_id in end_of_turn_ids(tokenizer):
+    end_ids = tokenizer.encode(END, add_special_tokens=False)  # one id when it is a token (not get_vocab():
+    if len(end_ids) == 1 and end_ids[0] in end_of_turn_ids(tokenizer):  # 262k entries built per call)
         return None
     return [END]
 
