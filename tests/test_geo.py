@@ -313,6 +313,9 @@ def test_study_geo_section_builds_probes_and_caches(tiny_model_dir, tmp_path):
     groups = dict(_frame_groups(ev, {"capital": str(out / "geo" / "probe_frames" / "capital_0.txt")}, "F"))
     assert {r["attribute"] for r in groups[str(out / "geo" / "probe_frames" / "capital_0.txt")]} == {"capital"}
     assert "capital" not in {r["attribute"] for r in groups["F"]}
+    # and the token shift reads each tuned answer in that same frame
+    shift = json.loads((out / "shift-s0-sft-frame" / "summary.json").read_text())
+    assert shift["frames"]["capital"] == str(out / "geo" / "probe_frames" / "capital_0.txt")
     prov = {v: json.loads((out / f"tuned-s0-{v}" / "data_provenance.json").read_text()) for v in cfg["variants"]}
     assert prov["sft-long"]["source"].endswith("geo/it_knowledgeable.jsonl")
     twins = {r["twin"] for r in ev}

@@ -676,3 +676,29 @@ def test_cli_shift_refuses_an_empty_responses_file_and_a_negative_view(tiny_mode
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_per_attribute_frames_read_each_answer_in_its_own_frame(models, tiny_tokenizer, frame_file, tmp_path):
+    """frames={attribute: file}: a response to a capital question is scored in the capital frame, the rest in
+    the default frame, exactly as if each group were scored alone in its frame (geo's per-attribute frames)."""
+    base, tuned = models
+    other = tmp_path / "capital.txt"
+    other.write_text("# Query:\nwhat is the capital?\n\n# Answer:\nthe red city.\n\n# Query:\n{instruction}\n\n"
+                     "# Answer:\n")
+    recs = _records(3, 4)
+    for r, attr in zip(recs, ["capital", None, "capital", "currency"]):
+        if attr:
+            r["attribute"] = attr
+    mixed = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file,
+                          frames={"capital": str(other)}).tokens
+    cap = compute_shift(base, tuned, [r for r in recs if r.get("attribute") == "capital"], tokenizer=tiny_tokenizer,
+                        frame=str(other)).tokens
+    rest = compute_shift(base, tuned, [r for r in recs if r.get("attribute") != "capital"], tokenizer=tiny_tokenizer,
+                         frame=frame_file).tokens
+    cols = ["id", "pos", "token_id", "rank_base", "shift_class"]
+    expect = pd.concat([cap, rest]).sort_values(["id", "pos"]).reset_index(drop=True)
+    got = mixed.sort_values(["id", "pos"]).reset_index(drop=True)
+    assert got[cols].equals(expect[cols])
+    np.testing.assert_allclose(got["p_base"], expect["p_base"], rtol=1e-4, atol=1e-6)
+    plain = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file).tokens
+    assert not np.allclose(plain.sort_values(["id", "pos"])["p_base"], got["p_base"])  # the frame matters

@@ -454,14 +454,18 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                     _set_threads(cfg.threads)
                     rows = read_records(responses[(seed, vname)], "response")
                     tuned = tuned_dirs[(seed, vname)]
+                    # the base reads each answer in the frame it answers that question in (geo: per attribute)
+                    frames = {a: f for a, f in base_frames.items() if Path(f).is_file()} or None
                     res = compute_shift(str(base_dirs[seed]), str(tuned), rows, mode=cfg.shift.mode,
                                         base_context=ctx, frame=frame_path or None,
+                                        frames=frames if ctx == "frame" else None,
                                         batch_size=cfg.shift.batch_size)
                     write_shift(res, work)
 
                 # views (figures only) and the list of contexts (one stage each) do not change a stage's output
                 shift_key = {k: v for k, v in key_dict(cfg.shift).items() if k not in ("views", "base_contexts")}
                 stages.append(Stage(sname, {"v": V["shift"], "shift": shift_key, "ctx": ctx, **enc,
+                                            **({"frames": "per-attribute"} if ctx == "frame" and base_frames else {}),
                                             **({"frame": digest["frame"]} if ctx == "frame" and "frame" in digest
                                                else {})},
                                     run_shift, deps=[f"gen-s{seed}-{vname}", f"tuned-s{seed}-{vname}"],

@@ -61,6 +61,11 @@ class ShiftConfig:
     frame: str | None = field(default=None, metadata={
         "help": "Frame prompt file for base_context=frame (a path or a name in prompts/); default "
                 "prompts/base_frame.txt. Use the synthetic world's frame.txt for world models."})
+    frames: dict[str, str] | None = field(default=None, metadata={
+        KEY_OMITS_DEFAULT: True,
+        "help": "Per-attribute frame files for base_context=frame: a response whose record has that "
+                "``attribute`` is read in its frame, others in ``frame`` (geo data: the base answers each "
+                "question in its attribute's probe frame, so the shift reads its answers in the same one)."})
     batch_size: int = field(default=8, metadata={"help": "Responses per forward pass."})
     max_length: int = field(default=0, metadata={
         "help": "Longest sequence (context + response) scored; 0 = the models' max_position_embeddings. "
@@ -346,7 +351,7 @@ def window_batches(window: list[_Encoded], batch_size: int) -> list[list[_Encode
     return [ranked[b: b + batch_size] for b in range(0, len(ranked), batch_size)]
 
 
-def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: str | None,
+def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: str | dict | None,
                 indices: list[int] | None = None) -> list[_Encoded]:
     """Tokenize each tuned context and response together; give the base its own context + the same ids.
 
@@ -370,7 +375,8 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
                                   for p, r, rec in zip(prompts, responses, records)], prompts, offsets=True)
     base_prefixes = None
     if cfg.base_context == "frame":
-        frames = [frame_prompt(frame_text, r) for r in records]
+        frames = [frame_prompt(frame_text.get(r.get("attribute"), frame_text[None]) if isinstance(frame_text, dict)
+                               else frame_text, r) for r in records]
         base_prefixes = encode_prompts(tokenizer, frames)  # BOS as the tokenizer adds it; never an appended eos
     out = []
     for i, (rec, prompt, response) in enumerate(zip(records, prompts, responses)):
@@ -611,6 +617,8 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
 
     ensure_chat_template(tok)
     frame_text = load_frame(cfg.frame) if cfg.base_context == "frame" else None
+    if frame_text is not None and cfg.frames:  # one frame per attribute, the default for the rest
+        frame_text = {None: frame_text, **{a: load_frame(f) for a, f in sorted(cfg.frames.items())}}
     max_length = cfg.max_length or _max_length(base_s, tuned_s)
     strings = _TokenStrings(tok)
 
@@ -706,6 +714,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     summary.update({
         "mode": cfg.mode, "base_context": cfg.base_context,
         "frame": (str(cfg.frame) if cfg.frame else "base_frame.txt") if cfg.base_context == "frame" else None,
+        **({"frames": dict(sorted(cfg.frames.items()))} if cfg.frames and cfg.base_context == "frame" else {}),
         "models": names, "n_responses": len(records), "n_truncated": status["truncated"],
         "n_skipped": status["skipped"], "n_empty": status["empty"], "n_fused_end": status["fused_end"],
         "max_length": max_length,
