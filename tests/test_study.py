@@ -448,3 +448,25 @@ def test_study_inference_runs_on_generate_device(micro_run, tmp_path, monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert study._inference_device(GenerateConfig()) == "cuda"
     assert study._inference_device(GenerateConfig(device="cpu")) == "cpu"
+
+
+def test_a_world_study_refuses_its_own_data_files_and_a_broken_base_tokenizer(tmp_path, tiny_model_dir):
+    """it_data/eval_data beside a world section were silently ignored; a base folder whose tokenizer does
+    not load was a traceback from the cache key (now one line naming the folder)."""
+    import yaml
+
+    from itlens.errors import InputError
+    from itlens.study import _bos_key, load_study_config
+
+    data = yaml.safe_load(MICRO.read_text())
+    data["it_data"] = "mine.jsonl"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError, match="it_data.*'world' builds the IT and eval data"):
+        load_study_config(bad)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    for f in broken.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(InputError, match="no tokenizer in this folder"):
+        _bos_key(str(broken))

@@ -161,6 +161,9 @@ class StudyConfig:
             raise InputError("a study builds either a synthetic 'world' or 'geo' data, not both", key="geo")
         if self.geo is not None and (self.it_data or self.eval_data):
             raise InputError("'geo' builds the IT and eval data: leave it_data and eval_data empty", key="geo")
+        if self.world is not None and (self.it_data or self.eval_data):
+            raise InputError("'world' builds the IT and eval data: leave it_data and eval_data empty (or drop "
+                             "the world section to use your own files)", key="it_data" if self.it_data else "eval_data")
         if self.world is not None and self.pretrain is None and not self.base:
             raise InputError("a world study needs a 'pretrain' section (or a 'base' model)", key="pretrain")
         if not self.seeds:
@@ -509,12 +512,10 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 def _bos_key(base: str) -> dict:
     """``{"bos": 1}`` when ``base``'s tokenizer starts texts with BOS, else ``{}`` (cache keys);
     ``template_bos`` too when its own chat template gets the BOS put in front (``ensure_chat_template``)."""
-    from transformers import AutoTokenizer
-
-    from itlens.models import resolve_model
+    from itlens.models import load_raw_tokenizer, resolve_model
     from itlens.templates import _renders_bos_first, adds_bos
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(base))  # as shipped: its own template, if any, unpatched
+    tok = load_raw_tokenizer(resolve_model(base))  # as shipped: its own template, if any, unpatched
     if not adds_bos(tok):
         return {}
     own = getattr(tok, "chat_template", None)
