@@ -27,7 +27,6 @@ known_heldout | unknown for eval, ``category`` for both).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import random
 import re
@@ -121,25 +120,16 @@ def match_answer(text: str, answers: list[str], names: Sequence[str] = ()) -> st
     The text is then read left to right, each match the longest name starting there, so an answer inside
     a longer name is that name: "South Sudan borders Kenya" does not name Sudan, "Guinea-Bissau" not Guinea.
     """
+    from itlens.analysis.knowledge import names_in
+
     for ans in answers:
         if is_code(ans) and _code_pattern([ans]).search(text or ""):
             return ans
-    words = {normalise(a): a for a in reversed(answers) if not is_code(a) and normalise(a)}  # first alias wins
-    if not words:
-        return None
+    gold = {normalise(a) for a in answers if not is_code(a)} - {""}
     hay = normalise(text)
-    if names:
-        keys = set(words) | {n for n in map(normalise, names) if n}
-        found = {m.group(0) for m in _longest_names(frozenset(keys)).finditer(hay)}
-        return next((a for a in answers if normalise(a) in found and normalise(a) in words), None)
-    hay = f" {hay} "
-    return next((a for a in answers if not is_code(a) and normalise(a) and f" {normalise(a)} " in hay), None)
-
-
-@functools.lru_cache(maxsize=64)
-def _longest_names(keys: frozenset) -> re.Pattern:
-    ordered = sorted(keys, key=lambda k: (-len(k), k))  # longest first: the longest name at a position wins
-    return re.compile(r"(?<!\S)(?:" + "|".join(map(re.escape, ordered)) + r")(?!\S)")
+    found = names_in(hay, frozenset(gold | {n for n in map(normalise, names) if n})) if names \
+        else {g for g in gold if f" {g} " in f" {hay} "}
+    return next((a for a in answers if not is_code(a) and normalise(a) in found), None)
 
 
 class GeoFacts:
@@ -498,8 +488,9 @@ def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_s
     built = facts_json.get("config", {})
     samples = built.get("probe_samples", 0) if samples is None else samples
     temperature = built.get("probe_temperature", 0.5) if temperature is None else temperature
-    names = {a: sorted({c["name"] for c in facts_json.get("countries", [])} | {x for f in facts if f["attribute"] == a for x in f["answers"]})
-             for a in {f["attribute"] for f in facts}}  # answers restate the country: read its name as a name
+    countries = {c["name"] for c in facts_json.get("countries", [])}  # answers restate the country: a name
+    names = {a: sorted(countries | {x for f in facts if f["attribute"] == a for x in f["answers"]})
+             for a in {f["attribute"] for f in facts}}
     labels = probe_known(model, facts, frames, max_new_tokens=max_new_tokens, batch_size=batch_size,
                          samples=samples, temperature=temperature, seed=built.get("seed", 0), device=device,
                          names=names)

@@ -216,6 +216,12 @@ def _require_str(obj: dict, field: str, path: Path, lineno: int, *, allow_empty:
     return v
 
 
+def with_line_numbers(path: str | Path, records: list[dict]):
+    """``(line number, record)`` for records :func:`read_records` read from ``path`` (blank lines are not
+    records, so a record's index is not its line): for errors found after reading."""
+    return zip((lineno for lineno, _ in iter_jsonl(path)), records)
+
+
 def read_records(path: str | Path, kind: str = "any", *, allow_empty_file: bool = False) -> list[dict]:
     """Read and validate a CONTRACT JSONL file.
 

@@ -163,7 +163,8 @@ class StudyConfig:
             raise InputError("'geo' builds the IT and eval data: leave it_data and eval_data empty", key="geo")
         if self.world is not None and (self.it_data or self.eval_data):
             raise InputError("'world' builds the IT and eval data: leave it_data and eval_data empty (or drop "
-                             "the world section to use your own files)", key="it_data" if self.it_data else "eval_data")
+                             "the world section to use your own files)",
+                             key="it_data" if self.it_data else "eval_data")
         if self.world is not None and self.pretrain is None and not self.base:
             raise InputError("a world study needs a 'pretrain' section (or a 'base' model)", key="pretrain")
         if not self.seeds:

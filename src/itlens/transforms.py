@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from itlens.errors import InputError
-from itlens.io import atomic_write_json, atomic_write_jsonl, iter_jsonl, read_records, response_text, user_text
+from itlens.io import (atomic_write_json, atomic_write_jsonl, iter_jsonl, read_records, response_text, user_text,
+                       with_line_numbers)
 
 Rewriter = Callable[[str, str], str]
 """``rewrite(instruction, response) -> simplified response`` (e.g. :class:`itlens.judge.Rewriter`)."""
@@ -147,7 +148,7 @@ def filter_file(src: str | Path, out: str | Path, scores: str | Path, threshold:
 def simplify_file(src: str | Path, out: str | Path, rewriter: Rewriter | None = None,
                   rewriter_name: str | None = None) -> Path:
     records = read_records(src, "instruction")
-    for (lineno, _), r in zip(iter_jsonl(src), records):  # each record's own line, before any rewriter call
+    for lineno, r in with_line_numbers(src, records):  # each record's own line, before any rewriter call
         simple = r.get("response_simple")
         if simple is not None and not isinstance(simple, str):
             raise InputError(f"expected a string, got {json.dumps(simple)[:40]}", file=src, line=lineno,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from itlens.analysis.stats import bootstrap_ci, paired_bootstrap
 from itlens.errors import InputError
-from itlens.io import atomic_write_json, atomic_write_jsonl, iter_jsonl, read_records
+from itlens.io import atomic_write_json, atomic_write_jsonl, read_records, with_line_numbers
 from itlens.plotting import styled
 
 LABELS = ("correct", "wrong", "abstained")
@@ -61,13 +61,18 @@ def contains_answer(response: str, answers: Sequence[str], *, names: Sequence[st
     if not names:
         padded = f" {resp} "
         return any(f" {a} " in padded for a in gold)
-    others = frozenset(n for n in (normalize_answer(x) for x in names) if n) - gold
-    return any(m.group(0) in gold for m in _names_re(frozenset(gold), others).finditer(resp))
+    return bool(names_in(resp, frozenset(gold | {n for n in map(normalize_answer, names) if n})) & gold)
+
+
+def names_in(text: str, names: frozenset) -> set[str]:
+    """The ``names`` that a normalised ``text`` gives, read left to right as whole words, each match the
+    longest name starting there (so "south sudan" gives "south sudan", not "sudan")."""
+    return {m.group(0) for m in _longest_first(names).finditer(text)}
 
 
 @functools.lru_cache(maxsize=256)
-def _names_re(gold: frozenset, others: frozenset) -> re.Pattern:
-    keys = sorted(gold | others, key=lambda k: (-len(k), k))  # longest first: the longest name at a position
+def _longest_first(names: frozenset) -> re.Pattern:
+    keys = sorted(names, key=lambda k: (-len(k), k))
     return re.compile(r"(?<!\S)(?:" + "|".join(map(re.escape, keys)) + r")(?!\S)")
 
 
@@ -103,19 +108,13 @@ def read_qa(path: str | Path) -> list[dict]:
     """QA records ``{id, question | instruction, answers: [str, ...]}``; the question lands in ``instruction``."""
     rows = read_records(path, "any")
     out = []
-    for lineno, r in _with_lines(path, rows):
+    for lineno, r in with_line_numbers(path, rows):
         q = r.get("question", r.get("instruction"))
         if not isinstance(q, str) or not q.strip():
             raise InputError("expected a non-empty string", file=path, line=lineno, field="question")
         _check_answers(r.get("answers"), path, lineno)
         out.append({**r, "instruction": q})
     return out
-
-
-def _with_lines(path: str | Path, rows: Sequence[dict]):
-    """``(line number, record)`` of records read with ``read_records`` (blank lines do not count as records,
-    so a record's index is not its line)."""
-    return zip((lineno for lineno, _ in iter_jsonl(path)), rows)
 
 
 def _check_answers(ans, path: str | Path, lineno: int) -> None:
@@ -314,7 +313,7 @@ def hf_answer_fn(model, tokenizer, frames: Sequence[str], *, max_new_tokens: int
 def read_mc(path: str | Path) -> list[dict]:
     """Multiple-choice items ``{id, question, choices: [str, ...], gold: int}``."""
     rows = read_records(path, "any")
-    for lineno, r in _with_lines(path, rows):
+    for lineno, r in with_line_numbers(path, rows):
         if not isinstance(r.get("question"), str):
             raise InputError("expected a string", file=path, line=lineno, field="question")
         ch = r.get("choices")
@@ -596,7 +595,7 @@ def load_fact_source(path: str | Path):
 
 def _read_categories(path: str) -> dict[str, str]:
     out = {}
-    for lineno, r in _with_lines(path, read_records(path, "any")):
+    for lineno, r in with_line_numbers(path, read_records(path, "any")):
         if not isinstance(r.get("category"), str):
             raise InputError("expected a string", file=path, line=lineno, field="category")
         out[r["id"]] = r["category"]
@@ -606,7 +605,7 @@ def _read_categories(path: str) -> dict[str, str]:
 def _read_eval(cfg: KnowledgeConfig, world) -> list[dict]:
     rows = read_records(cfg.eval, "any")
     if world is not None and all("attribute" in r for r in rows):
-        for lineno, r in _with_lines(cfg.eval, rows):  # the world fills in answers a record leaves out
+        for lineno, r in with_line_numbers(cfg.eval, rows):  # the world fills in answers a record leaves out
             if r.get("answers") is not None:
                 _check_answers(r["answers"], cfg.eval, lineno)
         return world_qa_records(world, rows)

@@ -352,11 +352,13 @@ def window_batches(window: list[_Encoded], batch_size: int) -> list[list[_Encode
 
 
 def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: str | dict | None,
-                indices: list[int] | None = None) -> list[_Encoded]:
+                indices: list[int] | None = None, end_text: str | None = None) -> list[_Encoded]:
     """Tokenize each tuned context and response together; give the base its own context + the same ids.
 
     The tokenizer runs once per side on the whole list (batched in Rust for fast tokenizers).
     ``indices``: each record's index in the run's input (default: its place in ``records``).
+    ``end_text``: the template's end-of-turn text (default: :func:`itlens.templates.end_of_turn_text`,
+    which renders the template; a caller encoding in windows passes it once).
     """
     from itlens.io import response_text
     from itlens.templates import chat_prompt, encode_prompts, end_of_turn_text, frame_prompt
@@ -370,7 +372,7 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
     # such as Gemma's) the answer's last token can take its first characters ('.<'). Generation cut the record
     # there, so the plain text would score '.', a token the model never chose. An answer cut at
     # max_new_tokens (finish: length) never ended its turn and gets no end-of-turn text.
-    suffix = end_of_turn_text(tokenizer)
+    suffix = end_of_turn_text(tokenizer) if end_text is None else end_text
     joint = _tokenize(tokenizer, [p + r + ("" if rec.get("finish") == "length" else suffix)
                                   for p, r, rec in zip(prompts, responses, records)], prompts, offsets=True)
     base_prefixes = None
@@ -613,7 +615,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     cfg.validate()
     records = _read_responses(responses)
     base_s, tuned_s, tok, names = _load_models(base, tuned, cfg, tokenizer)
-    from itlens.templates import ensure_chat_template, load_frame
+    from itlens.templates import end_of_turn_text, ensure_chat_template, load_frame
 
     ensure_chat_template(tok)
     frame_text = load_frame(cfg.frame) if cfg.base_context == "frame" else None
@@ -634,12 +636,13 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     # is queued.
     timings = {"encode_s": 0.0, "encode_overlapped_s": 0.0}
     status = {"ok": 0, "truncated": 0, "skipped": 0, "empty": 0, "straddles": 0, "fused_end": 0}
+    end_text = end_of_turn_text(tok)  # once, not once per window
     batches: list[list[_Encoded]] = []
 
     def encode(idx: list[int]) -> list[_Encoded]:
         t = time.perf_counter()
         kept = []
-        for e in _encode_all(tok, [records[i] for i in idx], cfg, frame_text, indices=idx):
+        for e in _encode_all(tok, [records[i] for i in idx], cfg, frame_text, indices=idx, end_text=end_text):
             status["fused_end"] += int(e.fused_end)
             if not e.response_ids:
                 status["empty"] += 1
