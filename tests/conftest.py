@@ -68,6 +68,14 @@ def tiny_model_dir(tiny_tokenizer, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def untied_model_dir(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A random tiny Llama that writes ordinary tokens: with tied embeddings a random model repeats the
+    prompt's last token, the template's '<|assistant|>', a special token that ends an answer at once."""
+    return make_tiny_llama(tiny_tokenizer, tmp_path_factory.mktemp("tiny-llama-untied"), seed=3,
+                           tie_embeddings=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir_b(tiny_tokenizer, tmp_path_factory) -> Path:
     """A second random model with the same tokenizer (a stand-in 'tuned' model)."""
     return make_tiny_llama(tiny_tokenizer, tmp_path_factory.mktemp("tiny-llama-b"), seed=1)

@@ -186,3 +186,22 @@ def test_bad_output_paths_and_damaged_results_are_input_errors(case, tmp_path, m
     assert ex.value.code == 2 and len(err) == 1 and needle in err[0], (case, ex.value.code, err)
     assert {p: p.read_bytes() for p in kept} == before
     assert sorted(str(p) for p in tmp_path.rglob("*")) == listing  # nothing written, moved or removed
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["data", "subset", "x.jsonl", "--n", "abc", "--out", "y"],
+     "itlens data subset: Invalid value for '--n': Input should be a valid integer"),
+    (["shiftt"], "itlens: No such command 'shiftt'."),
+    (["shift", "--base", "b", "--bogus", "1"], "itlens shift: No such option: --bogus"),
+    (["shift", "--base", "b", "--responses", "r", "--out", "o"], "itlens shift: Missing option '--tuned'."),
+])
+def test_usage_errors_are_one_line_exit_2(argv, needle, capsys):
+    """click's usage errors were its own 4-line block (Usage:, Try ..., blank, Error:)."""
+    from itlens.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"itlens: error: {needle}"), lines
+    assert lines[0].endswith("--help')")

@@ -88,6 +88,10 @@ def test_read_records_validation(tmp_path):
     p.write_text('{"id": "a", "instruction": "q", "response": "r"}\n{oops\n')
     with pytest.raises(InputError, match=r"d.jsonl:2: malformed JSON"):
         read_records(p, "instruction")
+    for constant in ("NaN", "Infinity", "-Infinity"):  # Python's json reads them; no other parser does
+        p.write_text('{"id": "a", "instruction": "q", "response": "r"}\n{"id": "b", "score": %s}\n' % constant)
+        with pytest.raises(InputError, match=rf"d.jsonl:2: malformed JSON: {constant} is not a JSON value"):
+            read_records(p, "any")
     p.write_text("\n")
     with pytest.raises(InputError, match="empty"):
         read_records(p, "instruction")

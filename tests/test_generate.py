@@ -44,13 +44,14 @@ def test_a_tuned_model_answers_and_stops_at_the_end_of_turn(memorised, qa_record
         assert r["model"] == "sft" and r["group"] == "known" and r["mode"] == "chat"  # extras carried
 
 
-def test_batched_equals_one_at_a_time(tiny_model_dir, it_records):
-    lm = load_model(tiny_model_dir)
+def test_batched_equals_one_at_a_time(untied_model_dir, it_records):
+    """Records (text, generated ids, finish) do not depend on batch-mates."""
+    lm = load_model(untied_model_dir)
     prompts = [{"id": r["id"], "instruction": r["instruction"]} for r in it_records[:8]]
     batched = generate_responses(lm, prompts, max_new_tokens=12, batch_size=8)
     single = generate_responses(lm, prompts, max_new_tokens=12, batch_size=1)
-    assert [r["response"] for r in batched] == [r["response"] for r in single]
-    assert all(r["finish"] == "length" for r in batched)  # a random model never closes its turn
+    assert batched == single
+    assert sum(r["finish"] == "length" for r in batched) >= 4 and all(r["response"] for r in batched)
 
 
 def test_greedy_tokens_equal_teacher_forced_argmax_in_fp32(tiny_model_dir, it_records):
@@ -416,3 +417,25 @@ def test_a_folder_that_is_not_a_loadable_model_is_an_input_error(tiny_model_dir,
         load_model(str(tiny_model_dir), adapter=tmp_path / "bad-adapter")
     with pytest.raises(InputError, match="is a file, expected a model directory"):
         load_model(str(prompts))
+
+
+def test_an_answer_ends_at_a_turn_marker_and_records_its_generated_ids(tiny_model_dir, tmp_path):
+    """A model that writes a special token mid-answer (here taught to write '<|user|>' after 'the city') has
+    begun another turn: the answer ends there (before, the token was skipped in the text and decoding went
+    on, joining 'the city' to what followed). Each record carries the ids it generated, which decode to its
+    response."""
+    from itlens.tokenizer import USER, answer_stop_ids
+
+    qa = [("what is red?", f"the city{USER} of the doctor."), ("where is the river?", "north.")]
+    recs = [{"id": f"q:{i}", "instruction": q, "response": a} for i, (q, a) in enumerate(qa)]
+    data = atomic_write_jsonl(tmp_path / "it.jsonl", recs)
+    cfg = TuneConfig(base=str(tiny_model_dir), data=str(data), method="full", epochs=30, learning_rate=1e-2,
+                     effective_batch_size=2, per_device_batch_size=2, max_length=128, warmup=0,
+                     lr_scheduler="constant", save_steps=10_000, progress=False)
+    lm = load_model(tune(cfg, tmp_path / "sft"))
+    assert lm.tokenizer.convert_tokens_to_ids(USER) in answer_stop_ids(lm.tokenizer)
+    out = generate_responses(lm, [{k: v for k, v in r.items() if k != "response"} for r in recs], max_new_tokens=30)
+    assert [r["response"] for r in out] == ["the city", "north."]
+    for r in out:
+        assert r["finish"] == "stop" and len(r["response_token_ids"]) == r["n_tokens"]
+        assert lm.tokenizer.decode(r["response_token_ids"]).strip() == r["response"]

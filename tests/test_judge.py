@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -394,3 +396,130 @@ def test_a_local_judge_model_that_is_not_there_is_named(tmp_path):
 
     with pytest.raises(InputError, match="key 'model': cannot load a local judge model: model directory not found"):
         LocalChatModel(str(tmp_path / "no-such-model"))
+
+
+# ----------------------------------------------------------------------------- review regressions
+class _CountingJudge:
+    """Answers request k (1-based, in arrival order) with every score = k (capped at 5)."""
+
+    def __init__(self):
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, body):
+        with self._lock:
+            self.n += 1
+            k = min(self.n, 5)
+        time.sleep(0.05)  # keep concurrent duplicates in flight together
+        return Reply(scores_json({a: k for a in ASPECTS}))
+
+
+def test_identical_requests_are_sent_once_and_a_rerun_replays_them(tmp_path, api_key):
+    """Two generators giving the same answer to the same prompt: one request, one shared answer (was: two
+    concurrent paid requests, scores that depended on which finished first, a rerun replaying the other one)."""
+    rows = [resp(f"x{i}", "the same answer", model=f"m{i}", instruction="same question?") for i in range(3)]
+    judge = _CountingJudge()
+    with JudgeServer(judge) as srv:
+        cfg = make_cfg(srv, tmp_path)
+        first = score_responses(rows, cfg)
+        assert judge.n == 1
+        again = score_responses(rows, cfg)
+        assert judge.n == 1
+    assert [it["scores"] for it in first.items] == [it["scores"] for it in again.items] == [
+        {a: 1 for a in ASPECTS}] * 3
+    assert again.summary == first.summary
+
+
+@pytest.mark.parametrize("params", [{"extra_headers": {"Authorization": f"Bearer {SECRET}"}},
+                                    {"extra_headers": {"api-key": SECRET}},
+                                    {"extra_query": {"key": SECRET}},
+                                    {"extra_body": {"auth": {"access_token": SECRET}}}])
+def test_a_key_smuggled_into_params_is_refused(tmp_path, params):
+    """params are written to summary.json, config.resolved.yaml and the cache (was: accepted, so the key landed
+    in all three)."""
+    with pytest.raises(InputError, match=r"key 'params\.extra_\w+\.[\w.-]+': params may not carry a credential") as e:
+        from_dict(JudgeConfig, {"params": params, "api_key_env": "", "cache_dir": str(tmp_path)})
+    assert SECRET not in str(e.value)
+    from_dict(JudgeConfig, {"params": {"seed": 1, "extra_body": {"top_k": 40}}, "api_key_env": ""})  # still fine
+    schema = {"type": "object", "properties": {"key": {"type": "string"}, "token": {"type": "integer"}}}
+    from_dict(JudgeConfig, {"params": {"extra_body": {"guided_json": schema}}, "api_key_env": ""})  # not credentials
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000/v1", "localhost:8000", "ftp://host/v1", "http:///v1"])
+def test_a_base_url_that_is_not_an_http_url_fails_before_any_request(url):
+    """(was: every request a connection error, retried with backoff, every item an api failure, exit 0)"""
+    with pytest.raises(InputError, match="key 'base_url': expected an http:// or https:// URL"):
+        from_dict(JudgeConfig, {"base_url": url, "api_key_env": ""})
+    from_dict(JudgeConfig, {"backend": "local", "model": "/some/dir", "base_url": url})  # unused there
+
+
+def test_a_pairwise_failure_carries_the_error_of_its_status(tmp_path, api_key):
+    """A shown first: unparsable; B shown first: HTTP 500. The pair is an api failure and says so (was: the
+    parse error as the api failure's error)."""
+    def judge(body):
+        shown_first = body["messages"][0]["content"].split("[Answer A]\n", 1)[1]
+        return Reply("not json") if shown_first.startswith("<<A>>") else Reply(status=500)
+
+    with JudgeServer(judge) as srv:
+        res = pairwise_compare([resp("p", "<<A>> a", model="A")], [resp("p", "<<B>> b", model="B")],
+                               make_cfg(srv, tmp_path, max_attempts=2))
+    item = res.items[0]
+    assert item["status"] == "api_failure" and "HTTP 500" in item["error"], item
+    assert res.summary["failures"] == {"parse": 0, "api": 1}
+
+
+def test_an_integer_temperature_from_python_hits_the_yaml_runs_cache(tmp_path, api_key):
+    """``JudgeConfig(temperature=0)`` and YAML ``temperature: 0`` (coerced to 0.0) are one judge (was: two cache
+    keys, so a notebook rerun of a CLI run paid for every answer again and could get different ones)."""
+    rows = [resp(f"q{i}", f"answer {i}") for i in range(3)]
+    with JudgeServer() as srv:
+        cfg = make_cfg(srv, tmp_path)
+        assert cfg.temperature == 0.0
+        score_responses(rows, cfg)
+        n = len(srv.requests)
+        again = score_responses(rows, dataclasses.replace(cfg, temperature=0))
+        assert len(srv.requests) == n
+    assert all(it["cached"] for it in again.items)
+
+
+def test_a_cache_entry_that_is_not_an_object_is_ignored(tmp_path, api_key, caplog):
+    """(was: AttributeError: 'NoneType' object has no attribute 'get', the whole run lost)"""
+    rows = [resp("a", "an answer <<score:2>>")]
+    with JudgeServer() as srv:
+        cfg = make_cfg(srv, tmp_path)
+        score_responses(rows, cfg)
+        entry = next((tmp_path / "cache").rglob("*.json"))
+        entry.write_text("null")
+        again = score_responses(rows, cfg)
+        assert len(srv.requests) == 2
+    assert again.items[0]["status"] == "ok" and again.items[0]["scores"]["depth"] == 2
+    assert "ignoring unusable cache entry" in caplog.text
+    assert json.loads(entry.read_text())["content"]  # rewritten with the new answer
+
+
+def test_an_endpoint_wanting_a_key_when_none_is_configured_says_so(tmp_path):
+    """api_key_env '' against an endpoint with auth (was: "endpoint refused the API key from $ (HTTP 401)")."""
+    with JudgeServer(api_key=SECRET) as srv:
+        cfg = make_cfg(srv, tmp_path, api_key_env="")
+        with pytest.raises(InputError, match="key 'api_key_env': endpoint requires an API key \\(HTTP 401\\); "
+                                             "set api_key_env"):
+            score_responses([resp("a", "x")], cfg)
+
+
+def test_a_key_given_twice_in_a_reply_is_invalid_not_last_wins(tmp_path, api_key):
+    """Two "depth" entries: which one the judge meant is unknown (was: json.loads kept the last, silently)."""
+    dup = scores_json()[:-1] + ', "depth": {"reason": "on second thought", "score": 1}}'
+    with pytest.raises(JudgeParseError, match='"depth" is given twice'):
+        parse_multi_aspect(dup)
+    with JudgeServer(ScriptedJudge({"dup": [Reply(dup), Reply(scores_json(depth=2))]})) as srv:
+        item = score_responses([resp("d", "answer <<dup>>")], make_cfg(srv, tmp_path)).items[0]
+    assert item["status"] == "ok" and item["asked"] == 2 and item["scores"]["depth"] == 2
+
+
+def test_an_unknown_model_is_one_input_error_not_an_api_failure_per_item(tmp_path, api_key):
+    """HTTP 404 (a typo in model, or base_url without /v1) is the same for every item (was: every item an api
+    failure and exit 0; in a study, a finished stage that reruns reused)."""
+    with JudgeServer(ScriptedJudge({}, default=lambda body: Reply(status=404))) as srv:
+        with pytest.raises(InputError, match="key 'model': the endpoint has no model 'judge-test' \\(HTTP 404\\)"):
+            score_responses([resp(f"q{i}", "x") for i in range(8)], make_cfg(srv, tmp_path))
+        assert len(srv.requests) <= 8  # not retried

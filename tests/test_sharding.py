@@ -31,7 +31,7 @@ def _launch(commands: list[list[str]], port: int) -> subprocess.CompletedProcess
 
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_shift_and_generations(tiny_model_dir, tiny_model_dir_b, it_records,
-                                                                  tmp_path):
+                                                                  untied_model_dir, tmp_path):
     import pandas as pd
 
     # 11 responses of varied length (one empty) at batch 2: 5 full batches + 1 partial, split 3 / 3.
@@ -44,7 +44,7 @@ def test_two_processes_give_the_one_process_shift_and_generations(tiny_model_dir
                                 for i, r in enumerate(it_records[:7])])
     shift = ["shift", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir_b), "--responses", str(rfile),
              "--batch-size", "2", "--view", "0", "--base-context", "template"]
-    gen = ["generate", "--model", str(tiny_model_dir), "--prompts", str(pfile), "--set", "batch_size=3",
+    gen = ["generate", "--model", str(untied_model_dir), "--prompts", str(pfile), "--set", "batch_size=3",
            "--set", "max_new_tokens=6"]
 
     cli_main([*shift, "--out", str(tmp_path / "shift1")])
@@ -65,10 +65,11 @@ def test_two_processes_give_the_one_process_shift_and_generations(tiny_model_dir
     one_g = (tmp_path / "gen1.jsonl").read_text()
     assert (tmp_path / "gen2.jsonl").read_text() == one_g
     assert [json.loads(x)["id"] for x in one_g.splitlines()] == [f"toy:{i}" for i in range(7)]
+    assert all(json.loads(x)["response_token_ids"] for x in one_g.splitlines())  # answers, not empty ones
 
 
 @pytest.mark.parametrize("ahead", [None, True])
-def test_a_shard_scores_only_its_batches(tiny_model_dir, tiny_model_dir_b, it_records, ahead):
+def test_a_shard_scores_only_its_batches(tiny_model_dir, tiny_model_dir_b, untied_model_dir, it_records, ahead):
     """The in-process half of sharding: shards partition the rows, and merging restores the whole
     (with every response tokenized first, as on a CPU, and tokenized in windows, as on a GPU)."""
     import pandas as pd
@@ -100,11 +101,12 @@ def test_a_shard_scores_only_its_batches(tiny_model_dir, tiny_model_dir_b, it_re
     pd.testing.assert_frame_equal(merged.tokens, whole.tokens, check_exact=True)
     assert merged.summary == whole.summary
 
-    lm = load_model(tiny_model_dir)
+    lm = load_model(untied_model_dir)
     prompts = [{"id": r["id"], "instruction": r["instruction"]} for r in it_records[:5]]
     rows = [generate_responses(lm, prompts, max_new_tokens=4, batch_size=2, shard=(r, 2)) for r in range(2)]
     assert [len(x) for x in rows] == [3, 2]
-    assert {r["id"] for x in rows for r in x} == {p["id"] for p in prompts}
+    one = {r["id"]: r for r in generate_responses(lm, prompts, max_new_tokens=4, batch_size=2)}
+    assert {r["id"]: r for x in rows for r in x} == one and all(r["response"] for r in one.values())
 
 
 def test_merge_records_refuses_lost_or_duplicated_records():

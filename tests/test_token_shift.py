@@ -702,3 +702,92 @@ def test_per_attribute_frames_read_each_answer_in_its_own_frame(models, tiny_tok
     np.testing.assert_allclose(got["p_base"], expect["p_base"], rtol=1e-4, atol=1e-6)
     plain = compute_shift(base, tuned, recs, tokenizer=tiny_tokenizer, frame=frame_file).tokens
     assert not np.allclose(plain.sort_values(["id", "pos"])["p_base"], got["p_base"])  # the frame matters
+
+
+def _one_byte_ids(tok, text: str) -> list[int]:
+    """``text`` as one byte-level token per character (ASCII): the same text, other tokens than BPE's."""
+    ids = [tok.convert_tokens_to_ids("Ġ" if c == " " else c) for c in text]
+    assert tok.decode(ids) == text and ids != tok(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+@pytest.mark.parametrize("base_context", ["template", "frame"])
+def test_responses_are_scored_on_the_ids_their_model_generated(models, tiny_tokenizer, frame_file, base_context):
+    """A record's response_token_ids are scored as generated, after the exact prompt ids generation decoded
+    from, even where re-tokenizing the text gives other tokens (here one byte a token against BPE's merges);
+    ids equal to the text's tokens change nothing; ids that are not the text's under this tokenizer (another
+    model's) are warned about and the text's tokens are scored."""
+    from itlens.templates import encode_prompt
+
+    base, tuned = models
+    tok = tiny_tokenizer
+    recs = _records(11, 3)
+    plain = compute_shift(base, tuned, recs, tokenizer=tok, base_context=base_context, frame=frame_file)
+    split, same, other = (dict(r) for r in recs)
+    split["response_token_ids"] = _one_byte_ids(tok, split["response"])
+    same["response_token_ids"] = tok(same["response"], add_special_tokens=False)["input_ids"]
+    other["response_token_ids"] = [7, 8, 9]
+    with pytest.warns(UserWarning, match="1 of 3 responses carry response_token_ids that are not"):
+        res = compute_shift(base, tuned, [split, same, other], tokenizer=tok, base_context=base_context,
+                            frame=frame_file)
+    assert res.summary["n_generated_ids"] == 2 and res.summary["n_generated_ids_differ"] == 1
+    assert res.summary["n_generated_ids_mismatch"] == 1
+    for rid in (same["id"], other["id"]):  # scored on the text's tokens, as without ids
+        a, b = (r.tokens[r.tokens["id"] == rid].reset_index(drop=True) for r in (plain, res))
+        assert a[["pos", "token_id", "rank_base"]].equals(b[["pos", "token_id", "rank_base"]])
+    rows = res.tokens[res.tokens["id"] == split["id"]]
+    gen = split["response_token_ids"]
+    assert rows["token_id"].tolist() == gen and rows["pos"].tolist() == list(range(len(gen)))
+    assert "".join(rows["token"]) == split["response"]
+    ctx = {"template": encode_prompt(tok, chat_prompt(tok, split)),
+           "frame": encode_prompt(tok, frame_prompt(load_frame(frame_file), split))}
+    for model, prefix, col in ((tuned, ctx["template"], "p_tuned"), (base, ctx[base_context], "p_base")):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prefix + gen])).logits[0].float(), -1)
+        want = logp[len(prefix) - 1: len(prefix) - 1 + len(gen)].gather(1, torch.tensor(gen)[:, None])[:, 0].exp()
+        np.testing.assert_allclose(rows[col], want, rtol=1e-4, atol=1e-7)
+    # each one-character token is its own sentence position: offsets follow the generated tokens
+    assert rows["sentence"].max() == len(sentence_starts_of(split["response"])) - 1
+
+
+def sentence_starts_of(text: str) -> list[int]:
+    from itlens.analysis.token_shift import sentence_starts
+
+    return sentence_starts(text)
+
+
+def test_generated_ids_fused_with_the_end_of_turn_text_drop_the_fused_token(tmp_path):
+    """Generated ids that end in the token holding the response's last '.' and the start of the stop text
+    ('.<|' before 'end|>', as itlens generate records them) are scored without it, and a whitespace token the
+    model wrote before ending its turn is scored (re-tokenizing the stripped text loses it)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = _fused_end_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tok, tmp_path / "m")).eval()
+    rec = {"id": "fused", "instruction": "where is the city?", "response": "the city.", "model": "m"}
+    covering = tok("the city.<|end|>", add_special_tokens=False)["input_ids"]
+    text = [tok.decode(covering[:k]) for k in range(len(covering) + 1)]
+    n = next(k for k, t in enumerate(text) if t.startswith("the city."))
+    assert text[n] != "the city."  # the last id holds '<' too
+    res = compute_shift(model, model, [{**rec, "response_token_ids": covering[:n]}], tokenizer=tok,
+                        base_context="template")
+    assert res.tokens["token_id"].tolist() == covering[:n - 1] and res.summary["n_fused_end"] == 1
+    assert res.summary["n_generated_ids"] == 1
+    newline = tok("the city.\n", add_special_tokens=False)["input_ids"]
+    res = compute_shift(model, model, [{**rec, "response_token_ids": newline}], tokenizer=tok,
+                        base_context="template")
+    assert res.tokens["token_id"].tolist() == newline and res.summary["n_fused_end"] == 0
+    assert res.summary["n_generated_ids_differ"] == 1
+
+
+def test_response_token_ids_must_be_token_ids(models, tiny_tokenizer, tmp_path):
+    from itlens.io import atomic_write_jsonl, read_records
+
+    base, tuned = models
+    rec = {"id": "a", "instruction": "where?", "response": "north.", "model": "m"}
+    for bad, why in (("1 2", "expected a list of token ids, got str"), ([1, -2], "got -2"), ([1, True], "got true")):
+        with pytest.raises(InputError, match=why):
+            compute_shift(base, tuned, [{**rec, "response_token_ids": bad}], tokenizer=tiny_tokenizer)
+        path = atomic_write_jsonl(tmp_path / "r.jsonl", [rec, {**rec, "id": "b", "response_token_ids": bad}])
+        with pytest.raises(InputError, match=r"r\.jsonl:2: field .response_token_ids."):
+            read_records(path, "response")

@@ -530,14 +530,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     # typer >= 0.2x vendors click (typer._click) and raises its own exception classes; match by name
     # so both the vendored and the plain-click versions are handled.
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False, prog_name="itlens")
     except InputError as e:
         _die(str(e), 2)
     except Exception as e:
         names = {c.__name__ for c in type(e).__mro__}
-        if "ClickException" in names:  # usage errors
-            e.show()  # type: ignore[attr-defined]
-            raise SystemExit(2)
+        if "ClickException" in names:  # usage errors: one line, like every other input error
+            ctx = getattr(e, "ctx", None)
+            command = getattr(ctx, "command_path", None) or "itlens"
+            hint = f" (see '{command} --help')" if "UsageError" in names else ""
+            message = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+            _die(f"{command}: {message}{hint}", getattr(e, "exit_code", 2) or 2)
         if "Exit" in names:
             raise SystemExit(getattr(e, "exit_code", 0))
         if "Abort" in names:

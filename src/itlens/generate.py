@@ -16,7 +16,7 @@ from typing import Literal
 from itlens.errors import InputError
 from itlens.io import atomic_write_jsonl, read_records
 from itlens.templates import FRAME_STOP, chat_prompt, encode_prompts, frame_prompt, load_frame
-from itlens.tokenizer import END, end_of_turn_ids
+from itlens.tokenizer import END, answer_stop_ids, end_of_turn_ids
 
 
 @dataclasses.dataclass
@@ -98,7 +98,9 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
 
     ``model`` is a :class:`itlens.models.LoadedModel` or anything :func:`itlens.models.load_model`
     accepts. Each output is the prompt record plus ``response``, ``model``, ``mode``,
-    ``n_tokens`` (generated tokens) and ``finish`` (``stop`` or ``length``). ``shard=(rank, world)``
+    ``n_tokens`` (generated tokens), ``finish`` (``stop`` or ``length``) and ``response_token_ids`` (the
+    generated ids of the answer). An answer ends at the end of turn, eos, any other special token (a
+    turn marker such as ``<|user|>``: :func:`itlens.tokenizer.answer_stop_ids`) or a stop string. ``shard=(rank, world)``
     decodes only that process's batches (every world-th batch of the one-process plan, so each
     prompt meets the same batch-mates and padding as in one process) and returns just those records.
     ``temperature`` > 0 samples instead (full distribution, no top-k/top-p; SliCK probing), seeded per
@@ -117,7 +119,7 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     tok, net = lm.tokenizer, lm.model
     tok.padding_side = "left"
     texts = render_prompts(tok, prompts, mode=mode, frame=frame)
-    stop_ids = end_of_turn_ids(tok)
+    stop_ids = answer_stop_ids(tok)
     stop_strings = [FRAME_STOP] if mode == "frame" else [END]
     watch = decoding_stop_strings(tok, mode)  # stop strings generate itself stops at (else only stop ids)
     encoded = encode_prompts(tok, texts)  # BOS first for a tokenizer that starts texts with it
@@ -188,7 +190,10 @@ def _response_record(prompt: dict, ids: list[int], tok, stop_ids, stop_strings, 
 
     Padding ends a row too (a row that stopped on a stop string is padded while its batch-mates go on),
     and ``n_tokens`` counts only the tokens of the kept answer (not a cut-off stop string), so a record
-    is the same whether its prompt was decoded alone or in a batch.
+    is the same whether its prompt was decoded alone or in a batch. ``response_token_ids`` are those
+    tokens, as generated: the token-shift analysis scores them rather than a re-tokenization of the text
+    (which can split it differently, ``\n\n`` as two ``\n``). Where a stop string was cut, the last of
+    them can hold its first characters too (``.<`` before ``|end|>``).
     """
     pad = getattr(tok, "pad_token_id", None)
     ends = set(stop_ids) | ({pad} if pad is not None else set())
@@ -201,7 +206,8 @@ def _response_record(prompt: dict, ids: list[int], tok, stop_ids, stop_strings, 
     finish = "stop" if n < len(ids) or stopped or len(ids) < max_new_tokens else "length"
     if stopped:
         n = _tokens_covering(tok, ids[:n], text.rstrip())
-    return {**prompt, "response": text.strip(), "model": model, "mode": mode, "n_tokens": n, "finish": finish}
+    return {**prompt, "response": text.strip(), "model": model, "mode": mode, "n_tokens": n, "finish": finish,
+            "response_token_ids": [int(t) for t in ids[:n]]}
 
 
 def _tokens_covering(tok, ids: list[int], text: str) -> int:
@@ -277,7 +283,7 @@ def generate_responses_vllm(model: str, prompts: list[dict], *, adapter: str | N
     path = resolve_model(model)
     tok = load_tokenizer(path)
     texts = render_prompts(tok, prompts, mode=mode, frame=frame)
-    stop_ids = end_of_turn_ids(tok)
+    stop_ids = answer_stop_ids(tok)
     stop_strings = [FRAME_STOP] if mode == "frame" else [END]
     if llm is None:
         llm = vllm.LLM(model=path, dtype=dtype, seed=0, **(engine_args or {}))

@@ -172,14 +172,27 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:  # without the line's end, so a line cut short is reported at its last column, not column 1
-                obj = json.loads(line.rstrip("\r\n"))
+                obj = json.loads(line.rstrip("\r\n"), parse_constant=_not_json_constant)
             except json.JSONDecodeError as e:
                 raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", file=path, line=lineno) from None
+            except _NotJSON as e:
+                raise InputError(f"malformed JSON: {e} is not a JSON value (strict JSON has no NaN or Infinity; "
+                                 "write null)", file=path, line=lineno) from None
             if not isinstance(obj, dict):
                 raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=path, line=lineno)
             if "\\ud" in line.lower():  # a \uD800-\uDFFF escape: valid JSON, but maybe not text
                 _check_surrogates(obj, path, lineno)
             yield lineno, obj
+
+
+class _NotJSON(ValueError):
+    pass
+
+
+def _not_json_constant(name: str):
+    """Python's json reads NaN, Infinity and -Infinity, which no other JSON parser does; a score of NaN
+    would then pass into means and tests silently."""
+    raise _NotJSON(name)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -251,12 +264,28 @@ def read_records(path: str | Path, kind: str = "any", *, allow_empty_file: bool 
             _require_str(obj, "instruction", path, lineno)
             _require_str(obj, "response", path, lineno, allow_empty=True)
             _require_str(obj, "model", path, lineno)
+            problem = token_ids_problem(obj.get("response_token_ids"))
+            if problem:
+                raise InputError(problem, file=path, line=lineno, field="response_token_ids")
         elif kind != "any":
             raise ValueError(f"unknown record kind {kind!r}")
         rows.append(obj)
     if not rows and not allow_empty_file:
         raise InputError("dataset is empty (no records)", file=path)
     return rows
+
+
+def token_ids_problem(value) -> str | None:
+    """What is wrong with a response record's ``response_token_ids`` (None when absent or a list of
+    token ids: non-negative integers)."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        return f"expected a list of token ids, got {type(value).__name__}"
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            return f"expected non-negative integer token ids, got {json.dumps(v)}"
+    return None
 
 
 def _validate_instruction(obj: dict, path: Path, lineno: int) -> None:

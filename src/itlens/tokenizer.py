@@ -72,6 +72,23 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
+def answer_stop_ids(tokenizer) -> list[int]:
+    """Token ids that end a generated answer: :func:`end_of_turn_ids` first, then every other special
+    token of the tokenizer (``<|user|>``, ``<|start_header_id|>``, BOS, padding, ...).
+
+    A model that writes a turn marker has begun a turn of its own. Decoding on would let the text
+    (decoded with special tokens skipped) join the answer to what followed the marker, and the record
+    would no longer be the tokens the model chose for its answer.
+    """
+    ids = end_of_turn_ids(tokenizer)
+    seen = set(ids)
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    for i, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            special.add(int(i))
+    return ids + sorted(i for i in special if isinstance(i, int) and i >= 0 and i not in seen)
+
+
 def save_tokenizer(tokenizer, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import functools
 import io
 import itertools
 import math
+import os
 import re
 import time
 import warnings
@@ -290,6 +291,9 @@ class _Encoded:
     response: str  # the response text (its sentences are found while the device works: _sentence_index)
     straddles: bool = False  # the first response token also holds the end of the chat template's text
     fused_end: bool = False  # the last response token also held the start of the end-of-turn text (dropped)
+    token_ids: str = "text"  # where response_ids come from: the text's tokens ("text"); the record's
+    # response_token_ids, which its tokens equal ("generated"), or differ from ("generated_differ"); or the
+    # text's tokens because the record's ids are not those of its text under this tokenizer ("mismatch")
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -396,20 +400,72 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
         start = max(start, 1)  # the first response token needs at least one token of context
         end = max(start, int(np.flatnonzero(inside)[-1]) + 1 if inside.any() else start)
         fused_end = bool(end > start and spans[end - 1, 1] > response_end)
+        as_trained = list(ids[start:end])  # the answer's tokens as training tokenized the turn, fused one too
         end -= fused_end
         ids = list(ids[:end])
         response_ids = ids[start:]
         offsets = np.maximum(0, spans[start:end, 0] - len(prompt))
         ends = np.maximum(0, spans[start:end, 1] - len(prompt))
+        straddles = bool(start < len(spans) and spans[start, 0] < len(prompt))
+        source = "text"
+        generated = rec.get("response_token_ids")
+        if generated is not None:  # the ids the model generated: scored as they are (see _generated_encoding)
+            if list(generated) == as_trained and not straddles:
+                source = "generated"  # the text's tokens are the generated ones: nothing to redo
+            else:
+                exact = _generated_encoding(tokenizer, prompt, response, list(generated))
+                if exact is None:
+                    source = "mismatch"
+                else:
+                    source = "generated_differ"
+                    prompt_ids, response_ids, offsets, ends, fused_end = exact
+                    ids, start, straddles = prompt_ids + response_ids, len(prompt_ids), False
         if base_prefixes is None:
             base_ids, base_start = list(ids), start
         else:
             base_ids, base_start = list(base_prefixes[i]) + response_ids, len(base_prefixes[i])
         out.append(_Encoded(i if indices is None else indices[i], rec["id"], ids, start, base_ids, base_start,
-                            response_ids, offsets, ends, response,
-                            straddles=bool(start < len(spans) and spans[start, 0] < len(prompt)),
-                            fused_end=fused_end))
+                            response_ids, offsets, ends, response, straddles=straddles, fused_end=fused_end,
+                            token_ids=source))
     return out
+
+
+def _generated_encoding(tokenizer, prompt: str, response: str, generated: list[int]):
+    """The tuned sequence of a response scored on the ids its model generated, where re-tokenizing its text
+    gives other tokens (a GPT-2-style tokenizer reads a generated ``\n``, ``\n`` as one ``\n\n``).
+
+    Returns (prompt ids, response ids, start and end character of each response token in ``response``,
+    whether a last token fused with the stop text was dropped), or None when ``generated`` is not
+    ``response`` under this tokenizer (decoded and stripped, as generation writes it). The prompt ids are
+    the ones generation decoded from (:func:`itlens.templates.encode_prompt`). A last token that runs past
+    the response into non-whitespace text is the one that began the stop text (``.<`` of ``<|end|>``):
+    left out, as in the text path.
+    """
+    from itlens.templates import encode_prompt
+
+    if not generated or max(generated) >= len(tokenizer):
+        return None
+    full = tokenizer.decode(generated, skip_special_tokens=True)
+    lead = len(full) - len(full.lstrip())
+    if not full.startswith(response, lead):
+        return None
+    # the text decoded up to each token; a prefix cut inside a multi-byte character decodes to U+FFFD, so
+    # a token's end is where its prefix stops agreeing with the whole
+    prefixes = tokenizer.batch_decode([generated[:k] for k in range(1, len(generated) + 1)],
+                                      skip_special_tokens=True)
+    ends_full = np.array([len(os.path.commonprefix([t, full])) for t in prefixes], dtype=np.int64)
+    ends_full = np.maximum.accumulate(ends_full)
+    starts_full = np.concatenate([[0], ends_full[:-1]])
+    response_end = lead + len(response)
+    after = full[response_end:]
+    beyond = response_end + len(after) - len(after.lstrip())  # the first non-space character past the response
+    fused_end = beyond < len(full)
+    if fused_end and starts_full[-1] > beyond:
+        return None  # text past the response that the last token does not hold: not what generation writes
+    keep = len(generated) - fused_end
+    offsets = np.clip(starts_full[:keep] - lead, 0, len(response))
+    ends = np.clip(ends_full[:keep] - lead, 0, len(response))
+    return encode_prompt(tokenizer, prompt), list(generated[:keep]), offsets, ends, fused_end
 
 
 def _sentence_index(e: _Encoded) -> np.ndarray:
@@ -635,7 +691,8 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     # scores every world-th one. The columns that need only the token ids are built once every batch
     # is queued.
     timings = {"encode_s": 0.0, "encode_overlapped_s": 0.0}
-    status = {"ok": 0, "truncated": 0, "skipped": 0, "empty": 0, "straddles": 0, "fused_end": 0}
+    status = {"ok": 0, "truncated": 0, "skipped": 0, "empty": 0, "straddles": 0, "fused_end": 0, "text": 0,
+              "generated": 0, "generated_differ": 0, "mismatch": 0}
     end_text = end_of_turn_text(tok)  # once, not once per window
     batches: list[list[_Encoded]] = []
 
@@ -644,6 +701,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         kept = []
         for e in _encode_all(tok, [records[i] for i in idx], cfg, frame_text, indices=idx, end_text=end_text):
             status["fused_end"] += int(e.fused_end)
+            status[e.token_ids] += 1
             if not e.response_ids:
                 status["empty"] += 1
                 continue
@@ -702,6 +760,10 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         warnings.warn(f"{status['truncated'] + status['skipped']} of {len(records)} responses did not fit in "
                       f"{max_length} tokens and were truncated ({status['skipped']} left with no tokens)",
                       stacklevel=2)
+    if status["mismatch"]:
+        warnings.warn(f"{status['mismatch']} of {len(records)} responses carry response_token_ids that are not their "
+                      "response's under this tokenizer (generated by another model?): those are scored on the "
+                      "response text's own tokens", stacklevel=2)
     if status["straddles"]:
         warnings.warn(f"{status['straddles']} of {len(records)} responses start inside the chat template's last "
                       "token (a response with leading whitespace after a template ending in whitespace): that "
@@ -720,6 +782,8 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         **({"frames": dict(sorted(cfg.frames.items()))} if cfg.frames and cfg.base_context == "frame" else {}),
         "models": names, "n_responses": len(records), "n_truncated": status["truncated"],
         "n_skipped": status["skipped"], "n_empty": status["empty"], "n_fused_end": status["fused_end"],
+        "n_generated_ids": status["generated"] + status["generated_differ"],
+        "n_generated_ids_differ": status["generated_differ"], "n_generated_ids_mismatch": status["mismatch"],
         "max_length": max_length,
         "head": {"base": "full_forward" if base_s.full_forward else "chunked",
                  "tuned": "full_forward" if tuned_s.full_forward else "chunked"},
@@ -914,7 +978,7 @@ def _build_frame(static: dict, dynamic: dict, cfg: ShiftConfig):
 
 
 def _read_responses(responses) -> list[dict]:
-    from itlens.io import read_records
+    from itlens.io import read_records, token_ids_problem
 
     if isinstance(responses, (str, Path)):
         return read_records(responses, "response", allow_empty_file=True)
@@ -925,6 +989,9 @@ def _read_responses(responses) -> list[dict]:
                 raise InputError(f"response record {i}: expected a string", field=f)
         if r["id"] in seen:
             raise InputError(f"response record {i}: duplicate id {r['id']!r}", field="id")
+        problem = token_ids_problem(r.get("response_token_ids"))
+        if problem:
+            raise InputError(f"response record {i}: {problem}", field="response_token_ids")
         seen.add(r["id"])
         records.append(r)
     return records

@@ -76,13 +76,24 @@ class ChatClient:
         return done
 
     def complete_many(self, batches: list[list[dict]]) -> list[Completion]:
+        """Identical requests are sent once and share one answer: sent concurrently, they would each be
+        paid for, get different answers, and race for the one cache entry that a rerun then replays."""
         if not batches:
             return []
-        workers = 1 if self.cfg.backend == "local" else min(self.cfg.concurrency, len(batches))
+        slot: dict[str, int] = {}
+        unique: list[list[dict]] = []
+        for messages in batches:
+            key = json.dumps(messages, sort_keys=True)
+            if key not in slot:
+                slot[key] = len(unique)
+                unique.append(messages)
+        workers = 1 if self.cfg.backend == "local" else min(self.cfg.concurrency, len(unique))
         if workers == 1:
-            return [self.complete(m) for m in batches]
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="itlens-judge") as pool:
-            return list(pool.map(self.complete, batches))
+            done = [self.complete(m) for m in unique]
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="itlens-judge") as pool:
+                done = list(pool.map(self.complete, unique))
+        return [done[slot[json.dumps(m, sort_keys=True)]] for m in batches]
 
     def redact(self, text: str) -> str:
         """``text`` with the API key (if any) replaced, for messages that may echo request details."""
@@ -93,8 +104,9 @@ class ChatClient:
     # ------------------------------------------------------------------------------------- cache
     def _request(self, messages: list[dict]) -> dict:
         cfg = self.cfg
+        # float(): JudgeConfig(temperature=0) from Python must hit the answers cached by a YAML run (0.0)
         request = {"v": CACHE_VERSION, "backend": cfg.backend, "model": cfg.model, "messages": messages,
-                   "temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "params": cfg.params}
+                   "temperature": float(cfg.temperature), "max_tokens": cfg.max_tokens, "params": cfg.params}
         if cfg.backend == "openai":
             request["base_url"] = cfg.base_url.rstrip("/")
         else:
@@ -115,7 +127,10 @@ class ChatClient:
         except (OSError, ValueError):
             log.warning("ignoring unreadable cache entry %s", path)
             return None
-        return entry if isinstance(entry.get("content"), str) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            log.warning("ignoring unusable cache entry %s", path)
+            return None
+        return entry
 
     def _cache_put(self, key: str, request: dict, done: Completion) -> None:
         if self.cfg.cache:
@@ -159,8 +174,14 @@ class ChatClient:
                     return done
                 error = done
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+                if not cfg.api_key_env:  # no key was sent: "refused the key from $" would mislead
+                    raise InputError(f"endpoint requires an API key (HTTP {e.status_code}); set api_key_env to "
+                                     "the name of the environment variable that holds it", key="api_key_env") from None
                 raise InputError(self.redact(f"endpoint refused the API key from ${cfg.api_key_env} "
                                              f"(HTTP {e.status_code})"), key="api_key_env") from None
+            except openai.NotFoundError:  # no such model (or no such route) here: the same for every item
+                raise InputError(self.redact(f"the endpoint has no model {cfg.model!r} (HTTP 404); check model "
+                                             "and base_url (it usually ends in /v1)"), key="model") from None
             except openai.RateLimitError as e:
                 error = "HTTP 429 rate limited"
                 retry_after = _retry_after_s(e.response)

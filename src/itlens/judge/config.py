@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from itlens.errors import InputError
 
@@ -26,6 +27,32 @@ def _chat_completion_params() -> set[str]:
     from openai.resources.chat.completions import Completions
 
     return set(inspect.signature(Completions.create).parameters) - {"self"}
+
+_CREDENTIAL_NAMES = ("authorization", "apikey", "secret", "password", "authtoken", "accesstoken")
+_CREDENTIAL_EXACT = ("key", "token", "bearer", "auth")
+"""Parts of (or whole) header and field names, in lower case without '-' and '_', that mark a credential."""
+
+
+_CARRIERS = ("extra_headers", "extra_query", "extra_body")
+"""The params whose entries are sent as headers, query fields or body fields of their own."""
+
+
+def _credential_in(params: dict, prefix: str = "params") -> str | None:
+    """The key path of a credential in ``params`` or in one of its headers, query or body fields (e.g.
+    ``extra_headers.Authorization``): params are written to summary.json, config.resolved.yaml and every
+    cache entry, so no key may travel there. Values deeper down (a JSON schema for guided decoding, whose
+    properties may well be called "key" or "token") are not names of credentials and are not looked at."""
+    for name, value in params.items():
+        path = f"{prefix}.{name}"
+        norm = re.sub(r"[-_]", "", str(name).lower())
+        if norm in _CREDENTIAL_EXACT or any(c in norm for c in _CREDENTIAL_NAMES):
+            return path
+        if prefix == "params" and name in _CARRIERS and isinstance(value, dict):
+            found = _credential_in(value, path)
+            if found:
+                return found
+    return None
+
 
 PAPER_JUDGE_MODEL = "gpt-4-1106-preview"
 
@@ -106,10 +133,21 @@ class JudgeConfig:
 
         for label in self.paper_reference:
             paper_reference(label)  # unknown rows fail now, before any request is paid for
+        if self.backend == "openai":
+            url = urlsplit(self.base_url.strip())
+            if url.scheme not in ("http", "https") or not url.hostname:
+                # else every request fails as a connection error, retried, and each item is an api failure
+                raise InputError("expected an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1",
+                                 key="base_url")
         for key in ("model", "api_key", "authorization"):
             if key in {k.lower() for k in self.params}:
                 raise InputError(f"params may not set {key!r} (use the config field or the env var)",
                                  key=f"params.{key}")
+        credential = _credential_in(self.params)
+        if credential:
+            raise InputError("params may not carry a credential: they are written to summary.json, "
+                             "config.resolved.yaml and the cache; the key goes in the variable named by api_key_env",
+                             key=credential)
         for key in self.params:
             if key in _SET_BY_THE_CLIENT:
                 raise InputError(f"params may not set {key!r}: it is a config field of its own or set by the client",

@@ -105,9 +105,8 @@ def pairwise_compare(responses_a: list[dict], responses_b: list[dict], cfg: Judg
             item["winner"] = item["a_first"] if item["a_first"] == item["b_first"] else "tie"
             item["status"], item["error"] = "ok", None
         else:
-            bad = v_ab if v_ab.status != "ok" else v_ba
             item["status"] = "api_failure" if "api_failure" in statuses else "parse_failure"
-            item["error"] = bad.error
+            item["error"] = (v_ab if v_ab.status == item["status"] else v_ba).error  # the error of that status
         item["judgements"] = {"a_first": v_ab.record(), "b_first": v_ba.record()}
         items.append(item)
     return PairwiseResult(items=items, summary=summarize_pairwise(items, cfg, template), cfg=cfg)

@@ -64,13 +64,23 @@ def load_prompt(name: str, *placeholders: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- parsing
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A key given twice (two "depth" scores) is ambiguous: json.loads would silently keep the last."""
+    obj: dict = {}
+    for k, v in pairs:
+        if k in obj:
+            raise JudgeParseError(f"the key {json.dumps(k)[:60]} is given twice")
+        obj[k] = v
+    return obj
+
+
 def extract_json_object(text: str) -> Any:
     """The JSON object in a reply: from the first ``{`` to the last ``}`` (code fences allowed)."""
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end <= start:
         raise JudgeParseError("the reply contains no JSON object")
     try:
-        return json.loads(text[start:end + 1])
+        return json.loads(text[start:end + 1], object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise JudgeParseError(f"the JSON object is malformed ({e.msg} at character {e.pos})") from None
 
