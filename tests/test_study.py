@@ -470,3 +470,53 @@ def test_a_world_study_refuses_its_own_data_files_and_a_broken_base_tokenizer(tm
         f.unlink()
     with pytest.raises(InputError, match="no tokenizer in this folder"):
         _bos_key(str(broken))
+
+
+def test_a_study_with_a_judge_scores_every_model_and_keeps_no_stage_the_endpoint_failed(micro_run, tmp_path):
+    """The study's judge stages against a real HTTP endpoint on loopback: an endpoint that fails every request
+    is one error line, exit 2, and no judge stage is kept (it was kept with no scores, and a rerun reused it);
+    run again when it answers, the other stages are reused and every model is scored."""
+    import yaml
+
+    from judge_server import JudgeServer, Reply, ScriptedJudge
+
+    out = tmp_path / "micro"
+    shutil.copytree(micro_run, out)
+    cfg = yaml.safe_load(MICRO.read_text())
+    judge = {"model": "judge-test", "api_key_env": "", "max_attempts": 1, "timeout_s": 10, "concurrency": 4,
+             "cache_dir": str(tmp_path / "judge-cache"), "bootstrap_samples": 100}
+    with JudgeServer(ScriptedJudge(default=lambda body: Reply(status=500))) as down:
+        cfg["judge"] = {**judge, "base_url": down.base_url}
+        (tmp_path / "j.yaml").write_text(yaml.safe_dump(cfg))
+        r = run_cli(["study", str(tmp_path / "j.yaml"), "--out", str(out)])
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("itlens: error:")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert "key 'judge': the judge endpoint failed on all" in lines[0] and "HTTP 500" in lines[0], lines[0]
+    assert not any((p / "stage.json").exists() for p in out.glob("judge-s0-*"))
+    with JudgeServer() as up:
+        cfg["judge"] = {**judge, "base_url": up.base_url}
+        (tmp_path / "j.yaml").write_text(yaml.safe_dump(cfg))
+        r = run_cli(["study", str(tmp_path / "j.yaml"), "--out", str(out)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(up.requests) > 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["judge"]) == {"base", "lft", "sft", "neftune", "sft-cf"}
+    for name, per_seed in m["judge"].items():
+        s = per_seed["0"]
+        assert s["n_items"] > 0 and s["n_scored"] == s["n_items"], (name, s["failures"])
+    assert "judge" in (out / "report.html").read_text().lower()
+
+
+def test_the_figure_index_takes_files_inside_the_figures_folder_only(tmp_path):
+    """The judge's radars are in a folder per model (judge-lft/radar.png): the index check refused every study
+    with a judge. A name that leaves the folder stays refused."""
+    from itlens.errors import InputError
+    from itlens.report import _read_figure_index
+
+    path = tmp_path / "index.json"
+    path.write_text(json.dumps([{"file": "shift.png"}, {"file": "judge-lft/radar.png"}]))
+    assert [f["file"] for f in _read_figure_index(path)] == ["shift.png", "judge-lft/radar.png"]
+    for bad in ("../secret.png", "/etc/x.png", "judge/../../x.png", ".hidden.png", "a//b.png", "a\\b.png", ""):
+        path.write_text(json.dumps([{"file": bad}]))
+        with pytest.raises(InputError, match="inside the figures folder"):
+            _read_figure_index(path)

@@ -145,9 +145,11 @@ def _read_figure_index(path: Path) -> list[dict]:
     if not isinstance(figures, list):
         raise InputError(f"expected a JSON list, got {type(figures).__name__}", file=path)
     for i, fig in enumerate(figures):
-        if not isinstance(fig, dict) or not isinstance(fig.get("file"), str) or "/" in fig["file"] \
-                or "\\" in fig["file"] or fig["file"].startswith("."):
-            raise InputError("expected an object with a plain 'file' name", file=path, key=f"[{i}]")
+        # a file inside figures/ (the judge's radars are in a folder per model), never one outside it
+        name = fig.get("file") if isinstance(fig, dict) else None
+        if not isinstance(name, str) or not name or "\\" in name or \
+                any(not part or part.startswith(".") for part in name.split("/")):
+            raise InputError("expected an object with a 'file' inside the figures folder", file=path, key=f"[{i}]")
     return figures
 
 

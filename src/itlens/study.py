@@ -501,7 +501,14 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                     from itlens.judge import score_responses
 
                     rows = read_records(responses[(seed, mname)], "response")
-                    score_responses(rows, jcfg).write(work)
+                    result = score_responses(rows, jcfg)
+                    failed = [it for it in result.items if it["status"] == "api_failure"]
+                    if failed and len(failed) == len(result.items):  # an outage or a wrong endpoint: kept, a
+                        # rerun would reuse a stage with no scores (the answers received are in the judge cache)
+                        raise InputError(f"the judge endpoint failed on all {len(failed)} answers of {mname} (seed "
+                                         f"{seed}); first error: {failed[0].get('error')}. Nothing is kept for this "
+                                         "stage: run the study again when the endpoint answers", key="judge")
+                    result.write(work)
 
                 stages.append(Stage(sname, {"v": V["judge"], "judge": key_dict(jcfg)}, run_judge,
                                     deps=[f"gen-s{seed}-{mname}"], label=f"judge {mname} (seed {seed})"))
