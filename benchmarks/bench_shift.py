@@ -59,16 +59,18 @@ def make_model(tokenizer, args, seed: int):
 
 
 def make_responses(tokenizer, n: int, length: int, seed: int) -> list[dict]:
-    """Responses of exactly ``length`` tokens (cut at a token boundary of a longer random text)."""
+    """Responses of exactly ``length`` tokens (cut at a token boundary of a longer random text), carrying
+    their ``response_token_ids`` as ``itlens generate`` records do (so the engine checks them, as in a study)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         text = " ".join(rng.choice(WORDS) for _ in range(length * 2)).capitalize() + "."
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         text = text[: enc["offset_mapping"][length - 1][1]]
-        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == length
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == length
         out.append({"id": f"bench:{i}", "instruction": f"Tell me about the {rng.choice(WORDS)}.", "response": text,
-                    "model": "random"})
+                    "model": "random", "response_token_ids": ids})
     return out
 
 
@@ -188,6 +190,7 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
         runs.append(("bare",) + timed(lambda: bare_passes(base, tuned, batches, pad, args.device),
                                       args.device))
     result, t_engine, mem_engine = min((r[1:] for r in runs if r[0] == "engine"), key=lambda r: r[1])
+    assert result.summary["n_generated_ids"] == len(recs) and not result.summary["n_generated_ids_differ"]
     _, t_bare, mem_bare = min((r[1:] for r in runs if r[0] == "bare"), key=lambda r: r[1])
     result.timings["score_s"] = min(r[1].timings["score_s"] for r in runs if r[0] == "engine")
     k = min(args.per_token_responses, len(encoded))

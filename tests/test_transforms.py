@@ -60,7 +60,7 @@ def test_filter_keeps_scores_at_or_above_the_threshold():
 @pytest.mark.parametrize("rows, needle", [
     (['{"id": "x1", "score": 5}', '{"id": "x2", "score": 1}', '{"id": "x2", "score": 5}'],
      "scores.jsonl:3: field 'id': duplicate id 'x2' (first on line 2)"),
-    (['{"id": "x1", "score": NaN}'], "scores.jsonl:1: field 'score': expected a finite number"),
+    (['{"id": "x1", "score": NaN}'], "scores.jsonl:1: malformed JSON: NaN is not a JSON value"),
 ])
 def test_a_scores_file_with_repeated_ids_or_nan_is_refused(tmp_path, rows, needle):
     from itlens.transforms import read_scores
@@ -196,3 +196,21 @@ def test_data_variant_errors_name_the_line_and_leave_no_half_output(tmp_path, ca
     with pytest.raises(SystemExit) as e:
         main(["data", "filter", str(src), "--scores", str(scores), "--threshold", "nan", "--out", str(tmp_path / "f.jsonl")])
     assert e.value.code == 2 and "key 'threshold': expected a finite number" in capsys.readouterr().err
+
+
+def test_a_kill_between_data_and_provenance_leaves_no_stale_provenance(tmp_path, monkeypatch):
+    """Rewriting a variant: killed after the new data and before its provenance, the old provenance (5
+    records, another sha256) had stayed beside the new data, vouching for data it does not describe."""
+    from itlens import transforms
+
+    src = atomic_write_jsonl(tmp_path / "it.jsonl", _records(20))
+    out = subset_file(src, tmp_path / "sub.jsonl", 5)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transforms, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        subset_file(src, out, 8)
+    assert len(read_records(out, "instruction")) == 8
+    assert not provenance_path(out).exists()

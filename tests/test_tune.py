@@ -517,3 +517,59 @@ def test_the_training_arguments_exist_before_the_model_is_loaded(tiny_model_dir,
     trainer, _, info = tune_mod.build_trainer(_cfg(tiny_model_dir, it_file, method="full"), tmp_path / "w")
     assert order[:2] == ["args", "model"] and trainer.args is not None
     assert info["per_device_batch_size"] == 4 and info["gradient_accumulation_steps"] == 2
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_skipped_on_resume(tiny_model_dir, it_file, tmp_path, monkeypatch):
+    """Killed while writing checkpoint-4 (before its trainer_state.json): the restart resumes from
+    checkpoint-2; it had picked the cut-short folder and failed on it at every restart."""
+    from transformers import Trainer
+
+    real = Trainer._save_rng_state
+
+    def killed_at_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt
+        return real(self, output_dir)
+
+    cfg = _cfg(tiny_model_dir, it_file, method="full", max_steps=4, save_steps=2)
+    out = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "_save_rng_state", killed_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        tune(cfg, out)
+    assert (work_dir_for(out) / "checkpoint-4").is_dir()
+    monkeypatch.setattr(Trainer, "_save_rng_state", real)
+    tune(cfg, out)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+
+
+def test_data_rewritten_in_place_starts_over_instead_of_resuming(tiny_model_dir, it_records, it_file, tmp_path):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    cfg = _cfg(tiny_model_dir, it_file, method="full", max_steps=4, save_steps=2)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        tune(cfg, out, callbacks=[Crash()])
+    atomic_write_jsonl(it_file, [dict(r, response="Sure. " + r["response"]) for r in it_records])
+    tune(cfg, out)  # same config, other data: checkpoint-2 was trained on the old data
+    assert json.loads((out / "train_summary.json").read_text())["resumed_from_step"] is None
+
+
+@pytest.mark.parametrize("targets,needle", [(["q_prj", "v_proj"], "'q_prj'"), ("q_proj", "'q_proj' matches no")])
+def test_lora_targets_that_name_no_module_are_input_errors(tiny_model_dir, it_records, tmp_path, targets, needle):
+    """peft skipped a listed name that matched nothing: [q_prj, v_proj] trained v_proj alone, silently."""
+    from itlens.tune import LoraSettings
+
+    cfg = _cfg(tiny_model_dir, "unused.jsonl", method="lora", lora=LoraSettings(target_modules=targets))
+    with pytest.raises(InputError, match=needle) as e:
+        build_trainer(cfg, tmp_path / "work", records=it_records[:4])
+    assert "lora.target_modules" in str(e.value)
+    ok = _cfg(tiny_model_dir, "unused.jsonl", method="lora", lora=LoraSettings(target_modules=["q_proj"]))
+    trainer, _, _ = build_trainer(ok, tmp_path / "work2", records=it_records[:4])
+    adapted = {n.rsplit(".", 2)[-2] for n, _ in trainer.model.named_modules() if n.endswith(".lora_A")}
+    assert adapted == {"q_proj"}

@@ -112,10 +112,14 @@ def provenance_path(out: str | Path) -> Path:
 
 def write_variant(records: list[dict], out: str | Path, *, source: str | Path, transform: str,
                   params: dict) -> Path:
-    """Write the dataset and its provenance (both atomically; provenance last, so it vouches for the data)."""
+    """Write the dataset and its provenance (both atomically; provenance last, so it vouches for the data).
+
+    An earlier variant's provenance is removed first: a run killed between the two writes must leave new
+    data with no provenance, not with one that describes the old data."""
     if not records:
         raise InputError(f"{transform} left no records", file=source)
     source_sha256 = sha256_file(source)  # before writing: the output may replace its own source
+    provenance_path(out).unlink(missing_ok=True)
     out = atomic_write_jsonl(out, records)
     atomic_write_json(provenance_path(out), {
         "source": str(source), "source_sha256": source_sha256, "transform": transform,

@@ -409,6 +409,26 @@ def lora_config(cfg: TuneConfig):
                       bias="none", task_type="CAUSAL_LM")
 
 
+def check_target_modules(model, targets: str | list[str]) -> None:
+    """Every listed LoRA target must name a module of ``model``: peft adapts the names that match and
+    silently skips a listed one that matches nothing, so a typo ([q_prj, v_proj]) would train v_proj only.
+    A string other than 'all-linear' is a regex over full module names, as in peft."""
+    import re
+
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(targets, str):
+        if targets != "all-linear" and not any(re.fullmatch(targets, n) for n in names):
+            raise InputError(f"{targets!r} matches no module of the base model (give 'all-linear' or a list of "
+                             "module names such as [q_proj, v_proj])", key="lora.target_modules")
+        return
+    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unknown:
+        known = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if n and type(m).__name__ in ("Linear", "Conv1D")})
+        raise InputError(f"no module of the base model is named {', '.join(map(repr, unknown))} "
+                         f"(its linear layers: {', '.join(known)})", key="lora.target_modules")
+
+
 def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
@@ -455,6 +475,8 @@ def build_trainer(cfg: TuneConfig, work_dir: Path, *, records: list[dict] | None
             warnings.warn(f"{past} of {len(rows)} examples are longer than the model's max_position_embeddings "
                           f"({positions}) and max_length={cfg.max_length} keeps them: training runs past the "
                           f"positions the model was made for (lower max_length to {positions})", stacklevel=2)
+    if cfg.method == "lora":
+        check_target_modules(model, cfg.lora.target_modules)
     fingerprint = model_fingerprint(model)
     StepLog, EqualFit = _callbacks_module()
     step_log = StepLog(work_dir / "train_log.jsonl", cfg.progress)
@@ -512,13 +534,14 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
     key = config_hash({k: v for k, v in key_dict(cfg).items()
                        if k not in ("output_dir", "progress", "resume", "keep_checkpoints", "num_threads")})
     stamp = work / "config_hash"
+    run_key = config_hash(key, _inputs_digest(cfg.data, base))  # same paths, other contents: not resumable
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main and work.exists() and (not cfg.resume or not stamp.is_file() or stamp.read_text() != key):
+    if is_main and work.exists() and (not cfg.resume or not stamp.is_file() or stamp.read_text() != run_key):
         shutil.rmtree(work)  # a different or unresumable run: start over
     _wait_for_all()
     work.mkdir(parents=True, exist_ok=True)
     if is_main:
-        stamp.write_text(key)
+        stamp.write_text(run_key)
 
     try:
         trainer, tokenizer, info = build_trainer(cfg, work, records=records, callbacks=callbacks)
@@ -526,9 +549,7 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
         if is_main and not any(work.glob("checkpoint-*")):  # nothing to resume from: leave nothing behind
             shutil.rmtree(work, ignore_errors=True)
         raise
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(work)) if cfg.resume else None
+    last = _last_complete_checkpoint(work, remove_incomplete=is_main) if cfg.resume else None
     stopped_at = _stopped_by_equal_fit(cfg, last)
     if stopped_at is not None:  # killed after equal fit stopped the run: finish there, train no further
         trainer.args.max_steps = stopped_at
@@ -602,6 +623,42 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
     if not cfg.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _inputs_digest(data: str, base: str) -> dict:
+    """What the resume stamp adds to the config: the data file's sha256 and the base's files (name, size,
+    mtime), so a run whose data or base was rewritten in place starts over instead of resuming checkpoints
+    trained on the old ones. A hub dataset or hub snapshot is named by the config (and its commit) already."""
+    from itlens.transforms import sha256_file
+
+    digest: dict[str, Any] = {"data": sha256_file(data) if Path(data).is_file() else None}
+    if Path(base).is_dir():
+        digest["base"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(base).iterdir()
+                                if f.is_file())
+    return digest
+
+
+def _last_complete_checkpoint(work: Path, *, remove_incomplete: bool) -> str | None:
+    """The newest checkpoint written to the end, or None.
+
+    transformers writes a checkpoint's ``trainer_state.json`` last; a run killed while writing one leaves a
+    folder without it (or with it cut short), which ``get_last_checkpoint`` would pick, and every restart
+    would then fail on it. Such folders are skipped (and removed by the main process)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = []
+    for d in work.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = d.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if d.is_dir() and step.isdigit():
+            found.append((int(step), d))
+    for _, d in sorted(found, reverse=True):
+        try:
+            json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(d)
+        except (OSError, ValueError):
+            if remove_incomplete:
+                shutil.rmtree(d, ignore_errors=True)
+    return None
 
 
 def _wait_for_all() -> None:
