@@ -84,6 +84,9 @@ def _cases(tmp: Path, model_dir: Path):
     yield "eval row without an instruction", cfg_file(realdata_config(tmp, model_dir, eval_data=str(noinst))), \
         "noinst.jsonl:1: field 'instruction'"
     yield "missing base model", cfg_file(realdata_config(tmp, model_dir, base=str(tmp / "no-model"))), "no-model"
+    yield "drop_twin_sources on own data whose eval records name no twin", cfg_file(realdata_config(
+        tmp, model_dir, variants={"cf": {"method": "lora", "drop_twin_sources": True}})), \
+        "key 'variants.cf.drop_twin_sources': needs eval records that name a 'twin'"
     yield "geo with a world", cfg_file({**m, "base": str(model_dir), "geo": {"max_countries": 20}}), "key 'geo'"
     yield "geo with it_data", cfg_file(realdata_config(tmp, model_dir, geo={})), \
         "key 'geo': 'geo' builds the IT and eval data"
@@ -205,3 +208,20 @@ def test_usage_errors_are_one_line_exit_2(argv, needle, capsys):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"itlens: error: {needle}"), lines
     assert lines[0].endswith("--help')")
+
+
+def test_a_dead_worker_is_one_line_saying_how_to_resume(monkeypatch, capsys):
+    """A study worker killed with workers > 1 surfaced as 'internal error: BrokenProcessPool' and a traceback."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    import itlens.cli as cli
+
+    def dies(*a, **k):
+        raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(cli, "app", dies)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["study", "x.yaml", "--out", "y"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run the same command again to resume" in err and "Traceback" not in err

@@ -520,3 +520,59 @@ def test_the_figure_index_takes_files_inside_the_figures_folder_only(tmp_path):
         path.write_text(json.dumps([{"file": bad}]))
         with pytest.raises(InputError, match="inside the figures folder"):
             _read_figure_index(path)
+
+
+def test_real_data_without_gold_answers_decides_nothing_and_its_counterfactual_drops_the_twins(tmp_path,
+                                                                                              tiny_model_dir):
+    """Own files, no fact source: eval questions without gold `answers` were graded wrong, so F1 said 'does not
+    hold' and F4 'holds' on accuracy nobody measured; drop_twin_sources was silently ignored (the counterfactual
+    equalled its plain variant), and a file without twins to drop is refused up front."""
+    import yaml
+
+    from itlens.errors import InputError
+    from itlens.study import load_study_config
+
+    it = [{"id": f"it:{i}", "instruction": f"q{i}", "response": f"a{i}", "person": f"p{i}"} for i in range(8)]
+    ev = [{"id": f"e:{i}", "instruction": f"q{10 + i}", "group": "known_heldout", "twin": f"p{i}"} for i in range(4)]
+    (tmp_path / "it.jsonl").write_text("".join(json.dumps(r) + "\n" for r in it))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ev))
+    cfg = {"name": "real", "seeds": [0], "base": str(tiny_model_dir), "it_data": str(tmp_path / "it.jsonl"),
+           "eval_data": str(tmp_path / "eval.jsonl"), "threads": 1,
+           "tune": {"epochs": 1, "effective_batch_size": 4, "per_device_batch_size": 4, "max_length": 64},
+           "variants": {"lft": {"method": "lora"}, "sft": {"method": "full"}, "neftune": {"method": "neftune"},
+                        "sft-cf": {"method": "full", "drop_twin_sources": True}},
+           "generate": {"max_new_tokens": 4}, "shift": {"views": 1}, "findings": {"n_boot": 50},
+           "analyses": {"borrowing": False}}
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    r = run_cli(["study", str(path), "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    f = {x["id"]: x for x in m["findings"]}
+    assert f["F1"]["holds"] is None and f["F4"]["holds"] is None, (f["F1"], f["F4"])
+    assert "gold answers" in f["F4"]["evidence"]["test"]
+    assert m["models"]["sft"]["qa_acc_known"] is None
+    kept = [json.loads(x)["person"] for x in (out / "tuned-s0-sft-cf" / "data.jsonl").read_text().splitlines()]
+    assert sorted(kept) == ["p4", "p5", "p6", "p7"]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({**r, "twin": ""}) + "\n" for r in ev))
+    with pytest.raises(InputError, match="variants.sft-cf.drop_twin_sources.*name a 'twin'"):
+        load_study_config(path)
+
+
+def test_the_resolved_config_gives_the_same_metrics(micro_run):
+    """config.resolved.yaml carries each variant's tune_resolved (a record): its metrics.json listed it under
+    study.variants, so rerunning the resolved config changed 140 'metrics' for nothing."""
+    from itlens.study import aggregate_metrics, load_study_config, plan_study
+
+    cfg = load_study_config(micro_run / "config.resolved.yaml")
+    assert aggregate_metrics(cfg, plan_study(cfg, micro_run)) == json.loads((micro_run / "metrics.json").read_text())
+
+
+def test_not_measured_findings_name_what_is_missing():
+    """With the roles set but the knowledge analysis off, F2 and F4 blamed the variants."""
+    f = _findings({0: {}}, style_long="sft", style_simple="lft")
+    assert "exact facts" in f["F2"]["evidence"]["test"] and "knowledge analysis" in f["F4"]["evidence"]["test"]
+    assert _findings({0: {}})["F2"]["evidence"]["test"].startswith("needs findings.style_long")
+    f = _findings({0: {"qa": {m: [] for m in ("base", "lft", "sft", "neftune")}}})  # no gold answers
+    assert f["F1"]["holds"] is None and "gold answers" in f["F1"]["evidence"]["test"]

@@ -545,6 +545,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise SystemExit(getattr(e, "exit_code", 0))
         if "Abort" in names:
             _die("aborted", 130)
+        if "BrokenProcessPool" in names:  # a study worker (workers > 1) was killed: its finished stages are kept
+            _die("a worker process died (killed, or out of memory); run the same command again to resume from "
+                 "the finished stages", 1)
         import traceback
 
         traceback.print_exc()

@@ -219,6 +219,11 @@ def preflight(cfg: StudyConfig, file: str | None = None) -> None:
                                  key=f"variants.{name}.data")
         if v.size < 0:
             raise InputError(f"expected a non-negative size, got {v.size}", file=file, key=f"variants.{name}.size")
+        if v.drop_twin_sources and cfg.world is None and cfg.geo is None and \
+                not any(r.get("twin") for r in read_records(cfg.eval_data, "prompt")):
+            # with nothing to drop the counterfactual would silently equal its plain variant
+            raise InputError("needs eval records that name a 'twin' (the IT data's 'person' whose instances are "
+                             f"dropped); {cfg.eval_data} has none", file=file, key=f"variants.{name}.drop_twin_sources")
 
 
 def resolve_sections(cfg: StudyConfig, file: str | None = None) -> dict[str, Any]:
@@ -386,7 +391,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
                 from itlens.tune import TuneConfig, tune
 
                 _set_threads(cfg.threads)
-                data = _variant_data(spec, data_dir, Path(cfg.it_data) if cfg.it_data else None, work)
+                data = _variant_data(spec, data_dir, Path(cfg.it_data) if cfg.it_data else None, work, eval_path)
                 tcfg = from_dict(TuneConfig, {**tdict, "base": str(base_dirs[seed]), "data": str(data),
                                               "output_dir": str(work / "model"), "progress": False})
                 tune(tcfg, work / "model")
@@ -395,6 +400,9 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
             stages.append(Stage(sname, {"v": V["tune"], "variant": variant_key, "tune": tdict, "seed": seed,
                                         "base": str(base_dirs[seed]) if name is None else None,
                                         **({"it_data": digest["it_data"]} if "it_data" in digest else {}),
+                                        # the twins dropped are named by the user's eval data
+                                        **({"eval": digest["eval"]} if spec.drop_twin_sources and "eval" in digest
+                                           else {}),
                                         **({"turns": "all"} if multi_turn else {}), **enc},
                                 run_tune, deps=base_deps + (["world"] if world_dir is not None and name else []),
                                 label=f"tune {vname} ({spec.method}, seed {seed})"))
@@ -487,7 +495,9 @@ def plan_study(cfg: StudyConfig, out: Path) -> StudyPlan:
 
         deps = [f"gen-s{seed}-{m}" for m in ["base", *cfg.variants]] + \
             [f"shift-s{seed}-{v}-{c}" for v in cfg.variants for c in cfg.shift.base_contexts]
-        stages.append(Stage(sname, {"v": V["analysis"], "analyses": key_dict(cfg.analyses)}, run_analysis, deps=deps,
+        no_facts = {"qa": "gold answers only"} if world_dir is None and facts_dir is None else {}  # see qa_records
+        stages.append(Stage(sname, {"v": V["analysis"], "analyses": key_dict(cfg.analyses), **no_facts},
+                            run_analysis, deps=deps,
                             label=f"knowledge, copying and borrowing analyses (seed {seed})"))
         analysis_dirs[seed] = out / sname
 
@@ -555,7 +565,8 @@ def _adapter_or_none(model_dir: Path) -> Optional[str]:
     return str(model_dir) if (model_dir / "adapter_config.json").is_file() else None
 
 
-def _variant_data(spec: VariantSpec, data_dir: Optional[Path], it_data: Optional[Path], work: Path) -> Path:
+def _variant_data(spec: VariantSpec, data_dir: Optional[Path], it_data: Optional[Path], work: Path,
+                  eval_path: Path) -> Path:
     """The IT dataset of one variant, written into the tune stage with its provenance.
 
     ``data_dir``: the study's world or geo folder (named datasets ``it``, ``it_<style>``; eval twins).
@@ -574,8 +585,8 @@ def _variant_data(spec: VariantSpec, data_dir: Optional[Path], it_data: Optional
     else:
         src = Path(spec.data)
     rows = read_records(src, "instruction")
-    if spec.drop_twin_sources and data_dir is not None:
-        rows = _drop_twin_sources(rows, data_dir)
+    if spec.drop_twin_sources:  # the user's own eval data too (it was ignored: the variant equalled its plain one)
+        rows = _drop_twin_sources(rows, eval_path)
     if spec.size:
         rows = transforms.subset(rows, spec.size, seed=0)
     from itlens.io import atomic_write_jsonl
@@ -588,10 +599,10 @@ def _variant_data(spec: VariantSpec, data_dir: Optional[Path], it_data: Optional
     return dest
 
 
-def _drop_twin_sources(rows: list[dict], data_dir: Path) -> list[dict]:
+def _drop_twin_sources(rows: list[dict], eval_path: Path) -> list[dict]:
     """Remove IT instances about any eval record's twin, the designed (world) or most similar (geo) IT
     entity whose values a model may borrow (counterfactual)."""
-    sources = {r["twin"] for r in read_records(data_dir / "eval.jsonl", "prompt") if r.get("twin")}
+    sources = {r["twin"] for r in read_records(eval_path, "prompt") if r.get("twin")}
     return [r for r in rows if r.get("person") not in sources]
 
 
@@ -765,8 +776,11 @@ def run_seed_analyses(cfg: StudyConfig, seed: int, world_dir: Optional[Path], ba
     models = ["base", *cfg.variants]
     outputs = {m: read_records(responses[(seed, m)], "response") for m in models}
     texts = {m: {r["id"]: r["response"] for r in outputs[m]} for m in models}
-    # QA: every eval question but the world's "describe" ones (geo keeps neighbour, graded by its aliases)
-    qa_records = [r for r in eval_records if world_dir is None or r.get("attribute") in world.attributes]
+    # QA: every eval question but the world's "describe" ones (geo keeps neighbour, graded by its aliases);
+    # without a fact source only questions with gold `answers` (the others were graded wrong, and F1/F4 were
+    # decided on an accuracy nobody measured)
+    qa_records = [r for r in eval_records if (r.get("attribute") in world.attributes if world_dir is not None
+                                              else world is not None or r.get("answers"))]
     primary_ctx = cfg.shift.base_contexts[0]
     tokens = {v: read_shift(shift_dirs[(seed, v, primary_ctx)]).tokens for v in cfg.variants}
     it_data = {v: read_records(work.parent / f"tuned-s{seed}-{v}" / "data.jsonl", "instruction")
@@ -906,7 +920,10 @@ def aggregate_metrics(cfg: StudyConfig, plan: StudyPlan) -> dict:
     models = ["base", *cfg.variants]
     metrics: dict[str, Any] = {"study": {"name": cfg.name, "seeds": seeds,
                                          "base": cfg.base or "pretrained on the synthetic world",
-                                         "variants": {v: to_dict(spec) for v, spec in cfg.variants.items()},
+                                         # not tune_resolved, a record: a rerun of config.resolved.yaml
+                                         # (which has it) must give the same metrics.json
+                                         "variants": {v: {k: x for k, x in to_dict(spec).items()
+                                                          if k != "tune_resolved"} for v, spec in cfg.variants.items()},
                                          "base_contexts": cfg.shift.base_contexts, "shift_mode": cfg.shift.mode}}
     if plan.world_dir is not None:
         w = json.loads((plan.world_dir / "world.json").read_text())
@@ -1068,9 +1085,12 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
     twin = "most similar IT country" if noun == "countries" else "designed twin"
     conf = 1 - alpha
     out = []
+    # graded QA answers (none: knowledge off, or eval data without gold answers and no fact source)
+    has_qa = any(items[cfg.seeds[0]].get("qa", {}).values())
+    no_qa = "the knowledge analysis on questions with gold answers (a world, geo facts or eval 'answers')"
 
     # F1: knowledge kept by LFT, lost by SFT (held-out Known facts never in the IT data)
-    if fc.lft in cfg.variants and fc.sft in cfg.variants and items[cfg.seeds[0]].get("qa"):
+    if fc.lft in cfg.variants and fc.sft in cfg.variants and has_qa:
         base, lft, sft = _paired(*(_per_question(items, "qa", m, "known_heldout") for m in ("base", fc.lft, fc.sft)))
         diff = paired_bootstrap(lft, sft, confidence=conf, n_resamples=nb)
         deg_l = paired_bootstrap(base, lft, confidence=conf, n_resamples=nb)
@@ -1119,7 +1139,7 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
             sft_minus_lft=diff, lft_minus_base=deg_l, sft_minus_base=deg_s, margin=fc.margin,
             **({"by_category": by_cat} if by_cat else {}), **extra))
     else:
-        out.append(_finding("F1", None, "needs an LFT and an SFT variant and the knowledge analysis", "not measured"))
+        out.append(_finding("F1", None, f"needs an LFT and an SFT variant and {no_qa}", "not measured"))
 
     # F2: pattern copying (long 'knowledgeable' responses vs simplified): answers with a hallucinated fact
     if fc.style_long and fc.style_simple and items[cfg.seeds[0]].get("facts"):
@@ -1140,8 +1160,10 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
             f"difference {_pp(d)}.",
             long_minus_simple=d, facts_per_answer_long=_mean_of(long_s), facts_per_answer_simple=_mean_of(simp_s)))
     else:
-        out.append(_finding("F2", None, "needs findings.style_long and findings.style_simple variants",
-                            "not measured"))
+        # say what is missing: the roles, or the exact facts the measure counts
+        out.append(_finding("F2", None, "needs the knowledge analysis with exact facts (a world or geo data)"
+                            if fc.style_long and fc.style_simple else
+                            "needs findings.style_long and findings.style_simple variants", "not measured"))
 
     # F3: borrowing from the designed similar IT instance, against chance
     if fc.sft in cfg.variants and items[cfg.seeds[0]].get("borrowing"):
@@ -1178,7 +1200,7 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
 
     # F4: improvements vs plain LFT
     imps = [v for v in fc.improvements if v in cfg.variants]
-    if fc.lft in cfg.variants and imps and items[cfg.seeds[0]].get("qa"):
+    if fc.lft in cfg.variants and imps and has_qa:
         lft_q = _per_question(items, "qa", fc.lft, "known_heldout")
         comps = {}
         better, unclear = [], []
@@ -1202,8 +1224,8 @@ def decide_findings(cfg: StudyConfig, items: dict, metrics: dict) -> list[dict]:
             "; ".join(f"{v}-{fc.lft} = {_pp(comps[f'{v}_minus_lft'])}" for v in imps) + verdict,
             margin=fc.margin, **comps))
     else:
-        out.append(_finding("F4", None, "needs an LFT variant and at least one improvement variant",
-                            "not measured"))
+        out.append(_finding("F4", None, f"needs {no_qa}" if fc.lft in cfg.variants and imps else
+                            "needs an LFT variant and at least one improvement variant", "not measured"))
     return out
 
 
