@@ -496,3 +496,61 @@ def test_borrowing_refuses_responses_to_other_prompts_and_bad_counts(tmp_path, c
         for value in (0, -1):
             with pytest.raises(InputError, match=f"key '{key}'"):
                 from_dict(BorrowingConfig, {"it_data": str(it_path), "responses": {"sft": "r.jsonl"}, key: value})
+
+
+def test_borrowing_on_a_geo_folder(tmp_path):
+    """`--world` takes a geo folder, as `itlens knowledge` and a study's borrowing do (was refused: "not a
+    world directory"): a wrong capital equal to the twin's is a borrowed hallucination found in the IT data."""
+    from itlens.cli import main
+    from itlens.geo import GeoConfig, build_geo
+    from itlens.io import atomic_write_jsonl, read_records
+
+    geo = build_geo(GeoConfig(max_countries=20), tmp_path / "geo")
+    recs = read_records(geo / "eval.jsonl", "prompt")
+    rec = next(r for r in recs if r["attribute"] == "capital" and r.get("twin_value")
+               and r["twin_value"] not in r["answers"])
+    rows = [{"id": r["id"], "instruction": r["instruction"], "model": "sft",
+             "response": f"It is {rec['twin_value'] if r is rec else r['answers'][0]}."} for r in recs]
+    resp = atomic_write_jsonl(tmp_path / "sft.jsonl", rows)
+    main(["borrowing", "--it", str(geo / "it.jsonl"), "--world", str(geo), "--responses", f"sft={resp}",
+          "--set", "methods=[bm25]", "--set", "n_resamples=50", "--out", str(tmp_path / "out")])
+    spans = [json.loads(x) for x in (tmp_path / "out" / "spans-sft.jsonl").read_text().splitlines()]
+    assert [(s["id"], s["value"], s["borrowed"]) for s in spans] == [(rec["id"], rec["twin_value"], True)]
+    assert spans[0]["n_it"] > 0
+    m = json.loads((tmp_path / "out" / "borrowing.json").read_text())["models"]["sft"]
+    assert m["n_hallucinations"] == 1 and m["found_in_it"] == {"n": 1, "share": 1.0}
+
+
+def test_spans_in_an_earlier_turn_of_a_conversation_are_found_and_empty_responses_have_no_ngram_source(tmp_path):
+    """A conversation's earlier assistant turns are IT data (tuning trains on them; were not searched). An
+    empty response has no n-gram to overlap: no ngram candidate (was: a top-1 score of 0 averaged into
+    top1_mean). A shift table of none of the responses is a key error (was: no span token counted)."""
+    it = [{"id": "chat:0", "messages": [{"role": "user", "content": "Name a town."},
+                                        {"role": "assistant", "content": "Hooptown, U.S.A."},
+                                        {"role": "user", "content": "Thanks."},
+                                        {"role": "assistant", "content": "You are welcome."}]},
+          {"id": "it:1", "instruction": "Where is Spokane?", "response": "In Washington."}]
+    rows = [{"id": "r0", "instruction": "Where is Spokane?", "response": "Spokane is Hooptown.", "model": "sft"},
+            {"id": "r1", "instruction": "Say nothing.", "response": "", "model": "sft"}]
+    ann = [{"id": "r0", "start": 11, "end": 19, "label": "from_it"}, {"id": "r1", "start": 0, "end": 0,
+                                                                      "label": "not_from_it"}]
+    cfg = BorrowingConfig(it_data="-", responses={"sft": "-"}, methods=["ngram", "bm25"], scheme="fig8")
+    m, spans = borrowing_metrics(it, {"sft": rows}, annotations={"sft": ann}, cfg=cfg)
+    assert spans["sft"][0]["it_ids"] == ["chat:0"] and m["models"]["sft"]["found_in_it"] == {"n": 1, "share": 1.0}
+    assert spans["sft"][1]["candidates"]["ngram"] == []
+    expected = (2 / 3 + 0 / 2 + 0 / 1) / 3  # r0's 1-, 2- and 3-grams (spokane is hooptown) found in it:1
+    assert spans["sft"][0]["candidates"]["ngram"][0] == ["it:1", pytest.approx(expected)]
+    assert m["models"]["sft"]["sources"]["ngram"]["top1_mean"] == pytest.approx(expected)
+
+    from itlens.cli import main
+    from itlens.io import atomic_write_jsonl
+
+    it_path, resp = atomic_write_jsonl(tmp_path / "it.jsonl", it), atomic_write_jsonl(tmp_path / "sft.jsonl", rows)
+    other = tmp_path / "shift-other"
+    other.mkdir()
+    pd.DataFrame({"id": ["x0"], "pos": [0], "token": ["Spokane"], "shift_class": ["shifted"]}).to_parquet(
+        other / "tokens.parquet")
+    with pytest.raises(SystemExit) as e:
+        main(["borrowing", "--it", str(it_path), "--responses", f"sft={resp}", "--set", f"shift.sft={other}",
+              "--set", "methods=[]", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and not (tmp_path / "o").exists()

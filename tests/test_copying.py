@@ -216,3 +216,51 @@ def test_bad_copying_settings_and_token_tables_are_input_errors(tmp_path, capsys
         assert e.value.code == 2 and err.count("\n") == 1, err
         assert f"{shift / 'tokens.parquet'}: key 'shift.sft': not a token table" in err
         assert not (tmp_path / "o").exists()
+
+
+def test_tone_searches_every_turn_of_a_conversation():
+    """Tuning trains on every assistant turn of a `messages` record: a word only in an earlier turn is in
+    the IT data (was: only the last user and assistant turns were searched)."""
+    it = [{"id": "chat:0", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Greet me."},
+        {"role": "assistant", "content": "Bonjour, voyageur!"}, {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "Welcome."}]}]
+    table = pd.DataFrame({"id": ["r"] * 3, "pos": [0, 1, 2], "token": ["Bonjour", " voyageur", " Thanks"],
+                          "shift_class": ["shifted", "marginal", "unshifted"]})
+    tone = tone_imitation(table, {"r": "Bonjour voyageur Thanks"}, it)
+    assert [tone[c]["n_in_it"] for c in ("shifted", "marginal", "unshifted")] == [1, 1, 1]
+    tone = tone_imitation(table, {"r": "Bonjour voyageur Thanks"}, it, fields="response")
+    assert [tone[c]["n_in_it"] for c in ("shifted", "marginal", "unshifted")] == [1, 1, 0]
+
+
+def test_lengths_in_tokens_of_a_tokenizer_folder_and_shift_tables_of_other_responses(tmp_path, tiny_tokenizer,
+                                                                                      capsys):
+    """`tokenizer` takes a tokenizer folder such as the world's tokenizer/ (as documented; was refused: "not
+    a model directory"). A shift table of none of the model's responses (another run's) is a key error
+    (was: every token skipped, tone shares null, exit 0)."""
+    from itlens.cli import main
+    from itlens.io import atomic_write_jsonl
+
+    it_path = atomic_write_jsonl(tmp_path / "it.jsonl", [{"id": "it:0", "instruction": "Where?",
+                                                          "response": "the river was north."}])
+    rows = [{"id": "r0", "instruction": "Where?", "response": "the city was south.", "model": "sft"},
+            {"id": "r1", "instruction": "Who?", "response": "", "model": "sft"}]
+    resp_path = atomic_write_jsonl(tmp_path / "sft.jsonl", rows)
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    cfg = from_dict(CopyingConfig, {"it_data": str(it_path), "responses": {"sft": str(resp_path)},
+                                    "tokenizer": str(tmp_path / "tokenizer"), "n_resamples": 20})
+    m = run_copying(cfg, tmp_path / "out")
+    n_tok = [len(tiny_tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in rows]
+    assert m["models"]["sft"]["length"]["token_unit"] == "tokenizer"
+    assert m["models"]["sft"]["length"]["tokens_mean"] == sum(n_tok) / 2
+    other = tmp_path / "shift-other"
+    other.mkdir()
+    pd.DataFrame({"id": ["x0", "x0"], "pos": [0, 1], "token": ["the", " city"],
+                  "shift_class": ["shifted", "shifted"]}).to_parquet(other / "tokens.parquet")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["copying", "--it", str(it_path), "--responses", f"sft={resp_path}", "--shift", f"sft={other}",
+              "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "key 'shift.sft': no token of these responses" in err, err
+    assert not (tmp_path / "o").exists()

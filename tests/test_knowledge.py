@@ -435,3 +435,30 @@ def test_bad_knowledge_inputs_name_their_line_and_key(tmp_path):
     m = run_knowledge(from_dict(KnowledgeConfig, {**cfg, "n_resamples": 1}), tmp_path / "out")  # CI may miss acc
     assert m["models"]["sft"]["n"] == len(recs) and (tmp_path / "out" / "knowledge_accuracy.png").is_file()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_slick_counts_and_mc_templates_that_cannot_label_or_score_are_key_errors(tmp_path, capsys):
+    """No greedy answer labelled every record Unknown, and sampling at temperature 0 never differs from
+    greedy: key errors. An MC template with another slot was a KeyError traceback (exit 1), one without
+    {question} scored every item on the same context: key errors, exit 2, before any model is loaded."""
+    from itlens.cli import main
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"id": "a", "question": "Q?", "answers": ["x"]}\n')
+    resp = tmp_path / "base.jsonl"
+    resp.write_text('{"id": "a", "instruction": "Q?", "response": "x", "model": "base"}\n')
+    cfg = {"eval": str(qa), "responses": {"base": str(resp)}}
+    for key, section in (("n_greedy", {"n_greedy": 0}), ("n_sampled", {"n_sampled": -1}),
+                         ("max_new_tokens", {"max_new_tokens": 0}), ("temperature", {"temperature": 0.0})):
+        with pytest.raises(InputError, match=f"key 'slick.{key}'"):
+            from_dict(KnowledgeConfig, {**cfg, "slick": {"model": "m", **section}})
+    from_dict(KnowledgeConfig, {**cfg, "slick": {"model": "m", "n_sampled": 0, "temperature": 0.0}})  # greedy only
+    for template in ("Q: {q}\nA:", "Q: {0}", "Question only\nAnswer:", "Q: {question"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["knowledge", "--eval", str(qa), "--responses", f"base={resp}", "--out", str(tmp_path / "o"),
+                  "--set", f"mc.template={json.dumps(template)}", "--set", "mc.models.base=no-such-model"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "key 'mc.template'" in err, (template, err)
+        assert not (tmp_path / "o").exists()
+    assert from_dict(KnowledgeConfig, {**cfg, "mc": {"template": "{{braces}} Q: {question}"}})

@@ -202,3 +202,81 @@ def test_a_damaged_world_or_model_is_one_line_exit_2(world_dir, base_dir, tmp_pa
             main(["probe", *args])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_a_resumed_run_logs_the_same_losses_and_redoes_no_finished_training(world_dir, tmp_path, monkeypatch):
+    """A checkpoint between two log rows keeps the running loss (was: the resumed row averaged only the steps
+    after the checkpoint), and the last step is checkpointed, so a kill in the final probe or save does not
+    redo training (was: resumed from the last save_every multiple)."""
+    import itlens.pretrain as P
+
+    cfg = PretrainConfig(steps=8, **{**TINY, "log_every": 4, "save_every": 3, "probe_every": 0})
+    straight = pretrain(cfg, world_dir, tmp_path / "straight", log=lambda s: None)
+    batch = P.PackedCorpus.batch
+
+    def killed_at_step_4(self, step, batch_size):
+        if step == 4:
+            raise KeyboardInterrupt
+        return batch(self, step, batch_size)
+
+    monkeypatch.setattr(P.PackedCorpus, "batch", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, world_dir, tmp_path / "resumed", log=lambda s: None)
+    monkeypatch.setattr(P.PackedCorpus, "batch", batch)
+    pretrain(cfg, world_dir, tmp_path / "resumed", log=lambda s: None)
+
+    def losses(path):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (path / "loss_log.jsonl").read_text().splitlines())
+                if "loss" in r]
+
+    assert losses(tmp_path / "resumed") == losses(straight)
+
+    probe = P.probe_world
+
+    def killed_in_the_final_probe(*args, people=None, **kw):
+        if people is None:
+            raise KeyboardInterrupt
+        return probe(*args, people=people, **kw)
+
+    monkeypatch.setattr(P, "probe_world", killed_in_the_final_probe)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, world_dir, tmp_path / "late", log=lambda s: None)
+    monkeypatch.setattr(P, "probe_world", probe)
+    pretrain(cfg, world_dir, tmp_path / "late", log=lambda s: None)
+    assert json.loads((tmp_path / "late" / "pretrain_summary.json").read_text())["resumed_from_step"] == 8
+    a, b = _weights(tmp_path / "late"), _weights(straight)
+    assert all(torch_equal(a[k], b[k]) for k in a)
+
+
+def test_device_cuda_without_cuda_is_an_input_error(world_dir, tmp_path, monkeypatch):
+    """device: cuda on a machine without CUDA names the key (was: a traceback from torch)."""
+    import torch
+
+    from itlens.errors import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="key 'device'"):
+        pretrain(PretrainConfig(steps=2, **{**TINY, "device": "cuda"}), world_dir, tmp_path / "m", log=lambda s: None)
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_probe_subset_spans_every_role(world_dir, monkeypatch):
+    """The during-training probe subset takes people of every role (was: a stride through the family-ordered
+    list that aliased with the families of four, e.g. only qa_it and heldout people in the mini world)."""
+    import itlens.probes
+    from itlens.pretrain import probe_world
+
+    seen = {}
+
+    def capture(name):
+        def fake(model, tokenizer, world, records, *args, **kw):
+            seen[name] = {world.person(r["person"])["role"] for r in records}
+            return {"acc": 0.0}
+        return fake
+
+    monkeypatch.setattr(itlens.probes, "cloze_accuracy", capture("cloze"))
+    monkeypatch.setattr(itlens.probes, "fewshot_qa_accuracy", capture("qa"))
+    world = World.load(world_dir)
+    assert sum(p["status"] == "known" for p in world.people) == 12
+    probe_world(None, None, world, people=6)
+    assert seen == {"cloze": {"qa_it", "qa_only", "heldout", "control"}, "qa": {"heldout", "control"}}

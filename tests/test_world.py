@@ -288,3 +288,17 @@ def test_twin_fact_in_it_counts_facts_stated_by_describe_answers(micro_dir):
     for r in rows:
         assert r["twin_fact_in_it"] == ((r["twin"], r["attribute"]) in own or r["twin"] in described), r["id"]
     assert any(r["twin_fact_in_it"] and (r["twin"], r["attribute"]) not in own for r in rows)  # the case exists
+
+
+def test_twin_fact_in_it_follows_the_it_style(tmp_path):
+    """eval.jsonl's twin_fact_in_it is about it.jsonl: with it_style knowledgeable, a twin's fact stated only as
+    an extra fact of a knowledgeable answer is in the IT data (was: counted on the assistant style)."""
+    from itlens.analysis.borrowing import fact_index
+
+    out = build_world(WorldConfig(**{**MICRO, "it_style": "knowledgeable"}), tmp_path / "w")
+    w = World.load(out)
+    facts = fact_index(w.records("it"), w)
+    rows = [r for r in w.records("eval") if r["twin"] and r["attribute"] != DESCRIBE]
+    assert all(r["twin_fact_in_it"] == ((r["twin"], r["attribute"]) in facts) for r in rows)
+    plain = fact_index(w.records("it_assistant"), w)
+    assert any((r["twin"], r["attribute"]) not in plain and r["twin_fact_in_it"] for r in rows)  # the case exists

@@ -448,7 +448,7 @@ def borrowing_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML BorrowingConfig (optional; flags and --set override)."),
     it_data: Optional[Path] = typer.Option(None, "--it", help="The IT dataset the models were tuned on (JSONL)."),
     responses: Optional[List[str]] = typer.Option(None, "--responses", help="NAME=responses.jsonl (repeatable)."),
-    world: Optional[Path] = typer.Option(None, "--world", help="World dir: hallucinations found exactly."),
+    world: Optional[Path] = typer.Option(None, "--world", help="World dir or geo folder: exact hallucinations."),
     out: Path = typer.Option(..., "--out", help="Output folder (borrowing.json, spans.jsonl, figures)."),
     overrides: Optional[List[str]] = _set_opt("top_k=10"),
 ) -> None:

@@ -27,7 +27,7 @@ from typing import Literal
 from itlens.config import config_hash, load_section, to_dict
 from itlens.errors import InputError
 from itlens.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
-from itlens.world import World
+from itlens.world import KNOWN_ROLES, World
 
 CODE_VERSION = 1
 """Bump when a change to this module changes what a config trains (it enters the resume/reuse hash)."""
@@ -176,15 +176,24 @@ def probe_world(model, tokenizer, world: World, *, people: int | None = None) ->
     cloze = world.records("cloze")
     qa = world.qa_probe_records()
     if people:
-        known = [p["id"] for p in world.people if p["status"] == "known"]
-        keep = set(known[:: max(1, len(known) // people)][:people])
-        no_qa = [p["id"] for p in world.people if p["status"] == "known" and not p["qa_in_corpus"]]
-        keep_qa = set(no_qa[:: max(1, len(no_qa) // people)][:people])
+        known = [p for p in world.people if p["status"] == "known"]
+        keep = _spread(known, people)
+        keep_qa = _spread([p for p in known if not p["qa_in_corpus"]], people)
         cloze = [r for r in cloze if r["person"] in keep]
         qa = [r for r in qa if r["person"] in keep_qa]
     c = cloze_accuracy(model, tokenizer, world, cloze)
     q = fewshot_qa_accuracy(model, tokenizer, world, qa, world.frame_text())
     return {"cloze_acc": c["acc"], "qa_acc": q["acc"], "cloze": c, "qa": q}
+
+
+def _spread(people: list[dict], n: int) -> set[str]:
+    """Ids of ``n`` people evenly spaced over ``people`` taken role by role. A stride through the
+    family-ordered list aliases with the families of four (mini: a stride of 2 probed only qa_it and
+    heldout people, never qa_only or control ones)."""
+    rank = {role: i for i, role in enumerate(KNOWN_ROLES)}
+    order = sorted(people, key=lambda p: rank.get(p["role"], len(rank)))  # stable: family order within a role
+    n = min(n, len(order))
+    return {order[k * len(order) // n]["id"] for k in range(n)}
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -207,6 +216,8 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
     from itlens.models import load_raw_tokenizer
 
     cfg.validate()
+    if cfg.device == "cuda" and not torch.cuda.is_available():  # was a traceback at the first .to(device)
+        raise InputError("cuda is not available on this machine (use auto or cpu)", key="device")
     world_dir, out_dir = Path(world_dir), Path(out_dir)
     world = World.load(world_dir)
     run_hash = config_hash(cfg, world_fingerprint(world_dir), CODE_VERSION)
@@ -240,6 +251,7 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps,
                                                             min_lr_rate=cfg.min_lr_ratio)
     step, train_s, log_rows, resumed_from = 0, 0.0, [], 0
+    loss_sum, loss_n = 0.0, 0  # the loss of the steps since the last log row (a checkpoint keeps them)
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         if state.get("hash") == run_hash:
@@ -247,6 +259,7 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, train_s, log_rows = state["step"], state["train_s"], state["log"]
+            loss_sum, loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
             resumed_from = step
             log(f"pretrain: resuming from step {step} ({ckpt_path})")
         else:
@@ -257,6 +270,7 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
 
     def checkpoint() -> None:
         _save_checkpoint(ckpt_path, {"hash": run_hash, "step": step, "train_s": train_s, "log": log_rows,
+                                     "loss_sum": loss_sum, "loss_n": loss_n,
                                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict()})
 
@@ -272,7 +286,6 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
     bar = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not show, transient=False)
     model.train()
-    loss_sum, loss_n = 0.0, 0
     with bar:
         task = bar.add_task("pretrain", total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
@@ -299,8 +312,8 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
             if cfg.probe_every and step % cfg.probe_every == 0 and step < cfg.steps:
                 log_rows.append(probe_row())
                 bar.update(task, info=f"cloze {log_rows[-1]['cloze_acc']:.2f} qa {log_rows[-1]['qa_acc']:.2f}")
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                checkpoint()
+            if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
+                checkpoint()  # the last one too: a kill in the final probe or save redoes no training
             bar.update(task, completed=step)
 
     final = probe_world(model, tokenizer, world)

@@ -566,9 +566,10 @@ def build_world(cfg: WorldConfig, out_dir: str | Path) -> Path:
             p["twin_in_it"] = by_id[p["twin"]]["in_it"]
     from itlens.analysis.borrowing import fact_index
 
-    # facts the IT data states: each instance's own, and every fact of its person its response gives (a
-    # "describe" answer gives all of them), as the borrowing analysis counts them
-    it_facts = set(fact_index(it_rows["assistant"], world))
+    # facts the IT data (it.jsonl) states: each instance's own, and every fact of its person its response
+    # gives (a "describe" answer gives all of them, a knowledgeable one its extra facts), as the borrowing
+    # analysis counts them
+    it_facts = set(fact_index(it_rows[cfg.it_style], world))
 
     eval_rows = []
     asked = b.attrs + ([DESCRIBE] if cfg.eval_describe else [])

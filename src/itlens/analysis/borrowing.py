@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from itlens.analysis.copying import BM25Retriever, ngrams, read_shift_tokens, token_char_spans, words
+from itlens.analysis.copying import (BM25Retriever, instance_text, ngrams, read_shift_tokens, token_char_spans,
+                                    words)
 from itlens.analysis.stats import match_rate_permutation_test, permutation_test_two_sample, wilson_interval
 from itlens.analysis.text_index import TextIndex
 from itlens.errors import InputError
@@ -163,8 +164,9 @@ def world_hallucinations(eval_records: Sequence[dict], responses: dict[str, str]
 
 # ------------------------------------------------------------------------------------ search and shift
 def it_texts(it_records: Sequence[dict]) -> list[str]:
-    """An IT instance as searched and embedded: instruction (+ input) and response."""
-    return [f"{user_text(r)}\n{response_text(r)}" for r in it_records]
+    """An IT instance as searched and embedded: instruction (+ input) and response, every turn of a
+    conversation (tuning trains on all of its assistant turns)."""
+    return [instance_text(r) for r in it_records]
 
 
 def span_search(spans: Sequence[dict], responses: dict[str, str], index: TextIndex, it_ids: Sequence[str], *,
@@ -238,9 +240,11 @@ def candidate_sources(queries: Sequence[str], it_records: Sequence[dict], *, k: 
         for i, r in enumerate(resp):
             ws = words(r)
             mine = [(j, g) for j, g in enumerate(ngrams(ws, n) for n in ns) if g]
+            if not mine:  # a response without words has no overlap to rank by (ngram_overlap: None), not 0
+                out[i]["ngram"] = []
+                continue
             # == ngram_overlap(r, [t]) for each IT text t, with the n-gram sets built once
-            row = np.array([float(np.mean([len(g & theirs[j]) / len(g) for j, g in mine]))
-                            for theirs in it_grams]) if mine else np.zeros(len(texts))
+            row = np.array([float(np.mean([len(g & theirs[j]) / len(g) for j, g in mine])) for theirs in it_grams])
             idx = np.lexsort((np.arange(len(row)), -row))[:k]
             out[i]["ngram"] = [[int(j), float(row[j])] for j in idx]
     return out
@@ -405,8 +409,8 @@ class BorrowingConfig:
     responses: dict[str, str] = dataclasses.field(default_factory=dict, metadata={
         "help": "Model name -> responses JSONL (CONTRACT response records)."})
     world: str = dataclasses.field(default="", metadata={
-        "help": "World dir: hallucinations are wrong attribute values (exact); needs eval records with "
-                "person/attribute/twin fields (`eval`)."})
+        "help": "World dir (or geo folder from `itlens geo`): hallucinations are wrong attribute values (exact); "
+                "needs eval records with person/attribute/twin fields (`eval`)."})
     eval: str = dataclasses.field(default="", metadata={"help": "Eval records (default with a world: its eval.jsonl)."})
     annotations: dict[str, str] = dataclasses.field(default_factory=dict, metadata={
         "help": "Model name -> annotation JSONL {id, start, end, label} (spans outside a world, or extra labels)."})
@@ -542,9 +546,9 @@ def run_borrowing(cfg: BorrowingConfig, out_dir: str | Path) -> dict:
     outputs = {n: read_records(p, "response") for n, p in cfg.responses.items()}
     world, eval_records = None, None
     if cfg.world:
-        from itlens.world import World
+        from itlens.analysis.knowledge import load_fact_source
 
-        world = World.load(cfg.world)
+        world = load_fact_source(cfg.world)  # a synthetic world, or a geo folder (as `itlens knowledge` reads)
         eval_records = read_records(cfg.eval or Path(cfg.world) / "eval.jsonl", "prompt")
         asked = [r["id"] for r in eval_records if r.get("attribute") in world.attributes]
         for name, rows in outputs.items():  # as in `itlens knowledge`: a missing answer is no hallucination
@@ -556,7 +560,7 @@ def run_borrowing(cfg: BorrowingConfig, out_dir: str | Path) -> dict:
                                  file=cfg.responses[name], field="id")
     annotations = {n: read_annotations(p, {r["id"]: r["response"] for r in outputs[n]}, scheme=cfg.scheme)
                    for n, p in cfg.annotations.items()}
-    tokens = {name: read_shift_tokens(d, key=f"shift.{name}") for name, d in cfg.shift.items()}
+    tokens = {name: read_shift_tokens(d, key=f"shift.{name}", responses=outputs[name]) for name, d in cfg.shift.items()}
     metrics, spans = borrowing_metrics(it_records, outputs, world=world, eval_records=eval_records,
                                        annotations=annotations, tokens=tokens, cfg=cfg)
     with atomic_dir(out_dir) as tmp:

@@ -39,7 +39,10 @@ def words(text: str) -> list[str]:
 
 
 def instance_text(rec: dict, fields: str = "all") -> str:
-    """What of an IT instance counts as "the IT dataset": the response, or instruction + response."""
+    """What of an IT instance counts as "the IT dataset": the response, or instruction + response. Of a
+    conversation, every turn (tuning trains on every assistant turn, not only the last one)."""
+    if "messages" in rec:
+        return "\n".join(m["content"] for m in rec["messages"] if fields != "response" or m["role"] == "assistant")
     return response_text(rec) if fields == "response" else f"{user_text(rec)}\n{response_text(rec)}"
 
 
@@ -396,19 +399,24 @@ def copying_metrics(it_records: Sequence[dict], outputs: dict[str, list[dict]], 
     return m
 
 
-def read_shift_tokens(d: str | Path, *, key: str):
+def read_shift_tokens(d: str | Path, *, key: str, responses: Sequence[dict] | None = None):
     """The token table of an ``itlens shift`` output dir (or its ``tokens.parquet``): the columns the tone
-    and span analyses read. A missing, damaged or foreign file is an InputError naming it and ``key``."""
+    and span analyses read. A missing, damaged or foreign file is an InputError naming it and ``key``, and
+    so is a table of none of ``responses`` (another model's run: its tokens would all be skipped)."""
     import pandas as pd
 
     path = Path(d) / "tokens.parquet" if Path(d).is_dir() else Path(d)
     if not path.is_file():
         raise InputError("no tokens.parquet (run `itlens shift` first)", file=path, key=key)
     try:
-        return pd.read_parquet(path, columns=["id", "pos", "token", "shift_class"])
+        table = pd.read_parquet(path, columns=["id", "pos", "token", "shift_class"])
     except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise InputError(f"not a token table written by `itlens shift` ({first})", file=path, key=key) from None
+    if responses is not None and len(table) and not set(table["id"]) & {r["id"] for r in responses}:
+        raise InputError(f"no token of these responses (ids such as {sorted(set(table['id']))[0]!r}): was "
+                         "`itlens shift` run on this model's responses file?", file=path, key=key)
+    return table
 
 
 def run_copying(cfg: CopyingConfig, out_dir: str | Path) -> dict:
@@ -417,12 +425,14 @@ def run_copying(cfg: CopyingConfig, out_dir: str | Path) -> dict:
 
     it_records = read_records(cfg.it_data, "instruction")
     outputs = {n: read_records(p, "response") for n, p in cfg.responses.items()}
-    tokens = {name: read_shift_tokens(d, key=f"shift.{name}") for name, d in cfg.shift.items()}
+    tokens = {name: read_shift_tokens(d, key=f"shift.{name}", responses=outputs[name]) for name, d in cfg.shift.items()}
     tokenizer = None
     if cfg.tokenizer:
-        from itlens.models import load_tokenizer
+        from itlens.models import load_raw_tokenizer, load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        folder = Path(cfg.tokenizer)  # a tokenizer folder (the world's tokenizer/ has no model config.json)
+        has_files = folder.is_dir() and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = load_raw_tokenizer(folder) if has_files else load_tokenizer(cfg.tokenizer)
     m = copying_metrics(it_records, outputs, tokens=tokens, cfg=cfg, tokenizer=tokenizer)
     with atomic_dir(out_dir) as tmp:
         lengths = {"IT data": m["it"]["length"], **{n: s["length"] for n, s in m["models"].items()}}

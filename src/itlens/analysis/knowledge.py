@@ -579,6 +579,20 @@ class KnowledgeConfig:
             raise InputError("expected itlens or lm_eval", key="mc.backend")
         if self.n_resamples < 1:
             raise InputError(f"expected an integer >= 1, got {self.n_resamples}", key="n_resamples")
+        # SliCK's labels need a greedy answer (none labelled every record Unknown), sampling a temperature
+        for key, low in (("n_greedy", 1), ("n_sampled", 0), ("max_new_tokens", 1)):
+            if getattr(self.slick, key) < low:
+                raise InputError(f"expected an integer >= {low}, got {getattr(self.slick, key)}", key=f"slick.{key}")
+        if self.slick.n_sampled and not self.slick.temperature > 0:
+            raise InputError(f"expected a temperature > 0 to sample with, got {self.slick.temperature}",
+                             key="slick.temperature")
+        try:  # the question must reach the context (else every item is scored on one context)
+            filled = self.mc.template.format(question="\0")
+        except (KeyError, IndexError, ValueError) as e:
+            raise InputError(f"expected a template with one {{question}} slot ({type(e).__name__}: {e})",
+                             key="mc.template") from None
+        if "\0" not in filled:
+            raise InputError("expected a template with a {question} slot", key="mc.template")
 
 
 def load_fact_source(path: str | Path):
