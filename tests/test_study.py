@@ -67,6 +67,7 @@ def test_rerun_reuses_every_stage_and_is_byte_identical(micro_run):
     assert r.returncode == 0, r.stderr[-2000:]
     t = json.loads((micro_run / "timings.json").read_text())
     assert all(t["cached"].values()) and t["stages"] == {}
+    assert r.stdout.count("[cached] ") == len(t["cached"])  # the tags (rich read them as markup and dropped them)
     assert (micro_run / "metrics.json").read_bytes() == before
     dry = run_cli(["study", str(MICRO), "--out", str(micro_run), "--dry-run"])
     assert dry.returncode == 0 and "to run" not in dry.stdout and dry.stdout.count("cached") >= 10

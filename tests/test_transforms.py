@@ -152,9 +152,13 @@ def test_the_judges_output_filters_with_field_mean_and_its_errors_say_how(tmp_pa
     assert read_scores(f, field="mean") == {"x1": 4.6, "x2": 2.0}
     with pytest.raises(InputError, match=r"judge.jsonl:1: field 'score': .*use --field mean"):
         read_scores(f)
-    f.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], {**rows[1], "mean": None}]))
+    failed = {"id": "x2", "model": "m", "scores": None, "mean": None, "status": "parse_failure"}  # as judge writes it
+    f.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], failed]))
     with pytest.raises(InputError, match=r"judge.jsonl:2: field 'mean': .*judge failed on this item"):
         read_scores(f, field="mean")
+    f.write_text(json.dumps(failed) + "\n")  # a failed first row still says which field to read
+    with pytest.raises(InputError, match=r"judge.jsonl:1: field 'score': .*use --field mean"):
+        read_scores(f)
 
 
 def test_data_variant_errors_name_the_line_and_leave_no_half_output(tmp_path, capsys):

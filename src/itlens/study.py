@@ -635,7 +635,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, dry_run: bool = False, log=p
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), transient=False) as progress:
         task = progress.add_task("study", total=len(plan.stages))
-        runner.log = lambda m: progress.console.print(m)
+        runner.log = lambda m: progress.console.print(m, markup=False)  # "[cached]" is text, not rich markup
         for st in plan.stages:
             progress.update(task, description=st.label or st.name)
             runner.run(st)

@@ -51,9 +51,9 @@ def read_scores(path: str | Path, field: str = "score") -> dict[str, float]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             got = "no such field" if field not in obj else f"got {value!r}"
             hint = ""
-            if field not in obj and isinstance(obj.get("scores"), dict) and "mean" in obj:
+            if field not in obj and "scores" in obj and "mean" in obj:
                 hint = " (this is the judge's judge.jsonl: use --field mean)"
-            elif field == "mean" and value is None and isinstance(obj.get("scores"), dict):
+            elif field == "mean" and value is None and obj.get("status") in ("parse_failure", "api_failure"):
                 hint = " (the judge failed on this item; rerun itlens judge with the same --out to retry failures)"
             raise InputError(f"expected a finite number, {got}{hint}", file=path, line=lineno, field=field)
         first[rid], scores[rid] = lineno, float(value)
