@@ -164,7 +164,7 @@ def test_bad_pretrain_config_exits_2_without_output(world_dir, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("setting, key", [("beta2=1.5", "beta2"), ("lr=.inf", "lr"), ("weight_decay=.nan", "weight_decay"),
-                                          ("grad_clip=-1", "grad_clip")])
+                                          ("grad_clip=-1", "grad_clip"), ("warmup_steps=100000", "warmup_steps")])
 def test_optimizer_knobs_are_checked(setting, key):
     from itlens.errors import InputError
     from itlens.pretrain import load_pretrain_config

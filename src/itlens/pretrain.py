@@ -75,6 +75,9 @@ class PretrainConfig:
         for key in ("warmup_steps", "probe_every", "probe_people", "save_every"):
             if getattr(self, key) < 0:
                 raise InputError(f"expected a non-negative integer, got {getattr(self, key)}", key=key)
+        if self.warmup_steps > self.steps:  # the learning rate would never reach lr
+            raise InputError(f"expected at most steps ({self.steps}) warm-up steps, got {self.warmup_steps}",
+                             key="warmup_steps")
         if self.hidden_size % self.num_heads:
             raise InputError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
                              key="num_heads")
