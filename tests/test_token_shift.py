@@ -791,3 +791,39 @@ def test_response_token_ids_must_be_token_ids(models, tiny_tokenizer, tmp_path):
         path = atomic_write_jsonl(tmp_path / "r.jsonl", [rec, {**rec, "id": "b", "response_token_ids": bad}])
         with pytest.raises(InputError, match=r"r\.jsonl:2: field .response_token_ids."):
             read_records(path, "response")
+
+
+def test_generated_ids_holding_a_special_token_are_not_scored_as_the_answer(models, tiny_tokenizer):
+    """Ids that keep the stop token (an end of turn or eos after the answer, as other tools' token ids do) or
+    a turn marker decode to the response only because special tokens are skipped: scoring them would score
+    the end-of-turn token as a response row. They are not an answer's ids as generate writes them: warned
+    about, and the text's tokens scored (before, the special token was a row, silently)."""
+    from itlens.tokenizer import END, USER
+
+    base, tuned = models
+    tok = tiny_tokenizer
+    rec = _records(12, 1)[0]
+    gen = _one_byte_ids(tok, rec["response"])
+    text_ids = tok(rec["response"], add_special_tokens=False)["input_ids"]
+    specials = {tok.convert_tokens_to_ids(t) for t in (END, USER)} | {tok.eos_token_id}
+    for bad in (gen + [tok.convert_tokens_to_ids(END)], gen + [tok.eos_token_id],
+                gen[:2] + [tok.convert_tokens_to_ids(USER)] + gen[2:]):
+        with pytest.warns(UserWarning, match="1 of 1 responses carry response_token_ids that are not"):
+            res = compute_shift(base, tuned, [{**rec, "response_token_ids": bad}], tokenizer=tok,
+                                base_context="template")
+        assert res.summary["n_generated_ids_mismatch"] == 1 and not specials & set(res.tokens["token_id"])
+        assert res.tokens["token_id"].tolist() == text_ids
+
+
+def test_generated_ids_may_be_numpy_integers(models, tiny_tokenizer):
+    """Records built in Python from arrays hold numpy integers: they are token ids (before, validating them
+    crashed with a TypeError from json.dumps); a value that is not one is named in the one-line error."""
+    from itlens.io import token_ids_problem
+
+    base, tuned = models
+    rec = _records(13, 1)[0]
+    gen = _one_byte_ids(tiny_tokenizer, rec["response"])
+    res = compute_shift(base, tuned, [{**rec, "response_token_ids": list(np.array(gen))}], tokenizer=tiny_tokenizer,
+                        base_context="template")
+    assert res.tokens["token_id"].tolist() == gen and res.summary["n_generated_ids_differ"] == 1
+    assert token_ids_problem([np.bool_(True)]).startswith("expected non-negative integer token ids, got")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import re
 import shutil
@@ -277,14 +278,18 @@ def read_records(path: str | Path, kind: str = "any", *, allow_empty_file: bool 
 
 def token_ids_problem(value) -> str | None:
     """What is wrong with a response record's ``response_token_ids`` (None when absent or a list of
-    token ids: non-negative integers)."""
+    token ids: non-negative integers, numpy's too, as records built in Python from arrays hold them)."""
     if value is None:
         return None
     if not isinstance(value, list):
         return f"expected a list of token ids, got {type(value).__name__}"
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            return f"expected non-negative integer token ids, got {json.dumps(v)}"
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            try:
+                shown = json.dumps(v)
+            except (TypeError, ValueError):  # not a JSON value (a numpy bool, an object): say what it is
+                shown = f"{v!r} ({type(v).__name__})"
+            return f"expected non-negative integer token ids, got {shown}"
     return None
 
 
