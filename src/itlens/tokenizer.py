@@ -64,9 +64,9 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     ids = []
     for t in (END, "<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
         i = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tokenizer.unk_token_id and i is not None and i >= 0:
-            if t in tokenizer.get_vocab():
-                ids.append(i)
+        # the id must map back to the token (not get_vocab(): Gemma's 262k entries were built per candidate)
+        if isinstance(i, int) and i != tokenizer.unk_token_id and i >= 0 and tokenizer.convert_ids_to_tokens(i) == t:
+            ids.append(i)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids

@@ -356,13 +356,16 @@ def window_batches(window: list[_Encoded], batch_size: int) -> list[list[_Encode
 
 
 def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: str | dict | None,
-                indices: list[int] | None = None, end_text: str | None = None) -> list[_Encoded]:
+                indices: list[int] | None = None, end_text: str | None = None,
+                special: set[int] | None = None) -> list[_Encoded]:
     """Tokenize each tuned context and response together; give the base its own context + the same ids.
 
     The tokenizer runs once per side on the whole list (batched in Rust for fast tokenizers).
     ``indices``: each record's index in the run's input (default: its place in ``records``).
     ``end_text``: the template's end-of-turn text (default: :func:`itlens.templates.end_of_turn_text`,
-    which renders the template; a caller encoding in windows passes it once).
+    which renders the template; a caller encoding in windows passes it once). ``special``: the ids that end
+    a generated answer (default: :func:`itlens.tokenizer.answer_stop_ids`, looked up when a record's
+    generated ids need the slow path; a caller encoding in windows passes it once).
     """
     from itlens.io import response_text
     from itlens.templates import chat_prompt, encode_prompts, end_of_turn_text, frame_prompt
@@ -386,7 +389,6 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
                                else frame_text, r) for r in records]
         base_prefixes = encode_prompts(tokenizer, frames)  # BOS as the tokenizer adds it; never an appended eos
     out = []
-    special = None  # the special token ids, which end a generated answer (answer_stop_ids)
     for i, (rec, prompt, response) in enumerate(zip(records, prompts, responses)):
         ids = joint["input_ids"][i]
         spans = np.fromiter(itertools.chain.from_iterable(joint["offset_mapping"][i]), dtype=np.int64,
@@ -416,7 +418,7 @@ def _encode_all(tokenizer, records: list[dict], cfg: ShiftConfig, frame_text: st
             if generated == as_trained and not straddles:
                 source = "generated"  # the text's tokens are the generated ones: nothing to redo
             else:
-                if special is None:  # looked up once, and only when needed (slow for a large vocabulary)
+                if special is None:  # looked up once, and only when needed
                     special = set(answer_stop_ids(tokenizer))
                 exact = _generated_encoding(tokenizer, prompt, response, generated, special)
                 if exact is None:
@@ -701,12 +703,16 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     status = {"ok": 0, "truncated": 0, "skipped": 0, "empty": 0, "straddles": 0, "fused_end": 0, "text": 0,
               "generated": 0, "generated_differ": 0, "mismatch": 0}
     end_text = end_of_turn_text(tok)  # once, not once per window
+    from itlens.tokenizer import answer_stop_ids
+
+    special = set(answer_stop_ids(tok)) if any(r.get("response_token_ids") is not None for r in records) else None
     batches: list[list[_Encoded]] = []
 
     def encode(idx: list[int]) -> list[_Encoded]:
         t = time.perf_counter()
         kept = []
-        for e in _encode_all(tok, [records[i] for i in idx], cfg, frame_text, indices=idx, end_text=end_text):
+        for e in _encode_all(tok, [records[i] for i in idx], cfg, frame_text, indices=idx, end_text=end_text,
+                             special=special):
             status["fused_end"] += int(e.fused_end)
             status[e.token_ids] += 1
             if not e.response_ids:
