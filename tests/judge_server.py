@@ -16,13 +16,15 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
+from urllib.parse import urlsplit
 
 ASPECTS = ("helpfulness", "clarity", "factuality", "depth", "engagement")
 
 
 @dataclass
 class Reply:
-    """One scripted answer: a chat completion with ``content``, an HTTP error, a hang, or a raw body."""
+    """One scripted answer: a chat completion with ``content``, an HTTP error, a hang, or a raw body (sent with
+    ``status``)."""
 
     content: str = ""
     status: int = 200
@@ -79,12 +81,17 @@ class ScriptedJudge:
 
 
 class JudgeServer:
-    """``with JudgeServer(responder, api_key=...) as srv: srv.base_url`` -> ``http://127.0.0.1:PORT/v1``."""
+    """``with JudgeServer(responder, api_key=...) as srv: srv.base_url`` -> ``http://127.0.0.1:PORT/v1``.
 
-    def __init__(self, responder: Callable[[dict], Reply] | None = None, *, api_key: str | None = None):
+    With ``api_key`` the server wants ``Authorization: Bearer <key>``, or with ``api_key_header`` (Azure's
+    ``api-key``) the bare key in that header, and answers 401 otherwise."""
+
+    def __init__(self, responder: Callable[[dict], Reply] | None = None, *, api_key: str | None = None,
+                 api_key_header: str | None = None):
         self.responder = responder or ScriptedJudge()
         self.api_key = api_key
-        self.requests: list[dict] = []  # {time, path, authorization, body}
+        self.api_key_header = api_key_header
+        self.requests: list[dict] = []  # {time, path, authorization, headers: [(name, value)], body}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         server = self
@@ -100,16 +107,24 @@ class JudgeServer:
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with server._lock:
                     server.requests.append({"time": time.monotonic(), "path": self.path, "body": body,
-                                            "authorization": self.headers.get("Authorization")})
-                if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
-                    return self._send(401, {"error": {"message": "invalid api key", "type": "auth"}})
-                if not self.path.endswith("/chat/completions"):
+                                            "authorization": self.headers.get("Authorization"),
+                                            "headers": list(self.headers.items())})
+                if server.api_key is not None:
+                    if server.api_key_header:
+                        ok = self.headers.get_all(server.api_key_header) == [server.api_key]
+                    else:
+                        ok = self.headers.get("Authorization") == f"Bearer {server.api_key}"
+                    if not ok:  # like OpenAI's, the message quotes part of the key it got
+                        got = self.headers.get(server.api_key_header or "Authorization") or ""
+                        return self._send(401, {"error": {"message": f"Incorrect API key provided: {got[:12]}***",
+                                                          "type": "auth"}})
+                if not urlsplit(self.path).path.endswith("/chat/completions"):  # the query (api-version) aside
                     return self._send(404, {"error": {"message": "not found"}})
                 reply = server.responder(body)
                 if reply.hang_s:
                     server._stop.wait(reply.hang_s)
-                if reply.raw_body is not None:
-                    return self._send(200, reply.raw_body)
+                if reply.raw_body is not None:  # with its status: an error body of a given shape
+                    return self._send(reply.status, reply.raw_body, reply.headers)
                 if reply.status != 200:
                     return self._send(reply.status, {"error": {"message": f"scripted {reply.status}",
                                                                "type": "scripted"}}, reply.headers)

@@ -523,3 +523,236 @@ def test_an_unknown_model_is_one_input_error_not_an_api_failure_per_item(tmp_pat
         with pytest.raises(InputError, match="key 'model': the endpoint has no model 'judge-test' \\(HTTP 404\\)"):
             score_responses([resp(f"q{i}", "x") for i in range(8)], make_cfg(srv, tmp_path))
         assert len(srv.requests) <= 8  # not retried
+
+
+# ------------------------------------------------------------------- keys and endpoints (Azure, OpenRouter)
+def _headers(request: dict, name: str) -> list[str]:
+    return [v for k, v in request["headers"] if k.lower() == name.lower()]
+
+
+def test_the_key_goes_in_the_named_header_and_nowhere_else(tmp_path, api_key, caplog, capsys):
+    """Azure OpenAI: the bare key in ``api-key``, no Authorization header at all, and Azure's deployment URL with
+    its api-version query as pasted from the portal (was: the query ended up before the path,
+    ``/v1?api-version=...chat/completions``, a 404). The key is in no file, log line or output."""
+    from itlens.cli import main
+
+    caplog.set_level(logging.DEBUG)
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps(resp(f"q{i}", f"answer {i} <<score:{i % 5 + 1}>>")) + "\n" for i in range(4)))
+    with JudgeServer(api_key=SECRET, api_key_header="api-key") as srv:
+        base = srv.base_url.replace("/v1", "/openai/deployments/judge-test") + "?api-version=2024-10-21"
+        cfg_file = tmp_path / "azure.yaml"
+        cfg_file.write_text(f"base_url: {base}\nmodel: judge-test\napi_key_env: ITLENS_TEST_JUDGE_KEY\n"
+                            f"api_key_header: api-key\ncache_dir: {tmp_path / 'cache'}\nbootstrap_samples: 50\n"
+                            "figures: false\nparams: {extra_headers: {X-Title: itlens}}\n")
+        with pytest.MonkeyPatch.context() as mp:  # an ambient Authorization (openai 3.x reads this variable)
+            mp.setenv("OPENAI_CUSTOM_HEADERS", "Authorization: Bearer ambient-from-the-environment")
+            main(["judge", str(cfg_file), "--responses", str(f), "--out", str(tmp_path / "out")])
+        assert len(srv.requests) == 4
+        for r in srv.requests:
+            assert _headers(r, "api-key") == [SECRET]
+            assert _headers(r, "Authorization") == []  # neither "Bearer <key>" nor "Bearer none"
+            assert _headers(r, "X-Title") == ["itlens"]  # params.extra_headers still sent beside the key
+            assert r["path"] == "/openai/deployments/judge-test/chat/completions?api-version=2024-10-21"
+    out, err = capsys.readouterr()
+    assert "judged 4: 4 scored" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["judge"]["base_url"] == base  # the endpoint as given, api-version included
+    assert "api_key_header: api-key" in (tmp_path / "out" / "config.resolved.yaml").read_text()
+    assert_no_secret(tmp_path, caplog.text + out + err)
+
+
+def test_a_key_refused_names_the_variable_and_the_header_never_the_key(tmp_path, api_key):
+    """The endpoint wants ``api-key``: sent as Bearer, the 401 says so and points at api_key_header; sent in the
+    header but wrong, it names the header. Neither message quotes the key, nor the server's message (which quotes
+    part of what it got, as OpenAI's does)."""
+    with JudgeServer(api_key="the-right-one", api_key_header="api-key") as srv:
+        for header, needle in (("Authorization", "sent as Authorization: Bearer; an endpoint that wants it in another "
+                                                 "header, such as Azure OpenAI's api-key, needs api_key_header"),
+                               ("api-key", "sent in the api-key header")):
+            cfg = make_cfg(srv, tmp_path, api_key_header=header)
+            with pytest.raises(InputError) as e:
+                score_responses([resp("a", "x")], cfg)
+            msg = str(e.value)
+            assert msg.startswith("key 'api_key_env': endpoint refused the API key from $ITLENS_TEST_JUDGE_KEY "
+                                  "(HTTP 401, ") and needle in msg, msg
+            assert SECRET[:10] not in msg and "Incorrect API key" not in msg and "\n" not in msg
+        with pytest.raises(InputError, match=r"key 'api_key_env': endpoint requires an API key \(HTTP 401\); set "
+                                             r"api_key_env .* api_key_header"):
+            score_responses([resp("a", "x")], make_cfg(srv, tmp_path, api_key_env=""))
+    with JudgeServer(api_key=SECRET) as srv:  # "authorization" in any case is the usual Bearer
+        item = score_responses([resp("a", "x")], make_cfg(srv, tmp_path, api_key_header="authorization")).items[0]
+        assert item["status"] == "ok" and srv.requests[0]["authorization"] == f"Bearer {SECRET}"
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ({"api_key_header": "api key"}, "expected the NAME of an HTTP header"),
+    ({"api_key_header": ""}, "expected the NAME of an HTTP header"),
+    ({"api_key_header": SECRET + "0123456789abcdefghijklmnop"}, "not the key itself; the value given is not shown"),
+    ({"api_key_header": "Content-Type"}, "the HTTP client sets it itself"),
+    ({"api_key_header": "Proxy-Authorization"}, "a proxy would consume it"),
+    ({"api_key_header": "X-Stainless-Lang"}, "the HTTP client sets it itself"),
+    ({"api_key_header": "api-key", "api_key_env": ""}, "but api_key_env is '' (no key)"),
+])
+def test_a_bad_key_header_is_one_line_naming_api_key_header(setting, needle):
+    with pytest.raises(InputError) as e:
+        from_dict(JudgeConfig, setting)
+    msg = str(e.value)
+    assert msg.startswith("key 'api_key_header': ") and needle in msg and "\n" not in msg, msg
+    assert SECRET not in msg
+
+
+def test_the_key_header_may_not_be_set_again_in_params(tmp_path):
+    """Sent per request, params.extra_headers would replace the key (and its value is written to summary.json)."""
+    with pytest.raises(InputError, match=r"key 'params\.extra_headers\.X-Gateway-Auth': params\.extra_headers may "
+                                         r"not set 'X-Gateway-Auth': it is api_key_header"):
+        from_dict(JudgeConfig, {"api_key_header": "X-Gateway-Auth", "params": {"extra_headers": {"x-gateway-auth": "v"}}})
+
+
+@pytest.mark.parametrize("url, what", [
+    ("https://user:{s}@example.com/v1", "user:password@ before the host"),
+    ("https://{s}@example.com/v1", "user:password@ before the host"),
+    ("https://example.com/v1?key={s}", "the query parameter 'key'"),
+    ("https://example.com/v1?api_key={s}", "the query parameter 'api_key'"),
+    ("https://example.com/v1?api-version=2024-10-21&api-key={s}", "the query parameter 'api-key'"),
+    ("https://example.com/v1?token={s}", "the query parameter 'token'"),
+    ("https://example.com/v1?access_token={s}", "the query parameter 'access_token'"),
+    ("https://example.com/v1?sig={s}&se=2030", "the query parameter 'sig'"),
+    ("https://example.com/v1?X-Amz-Signature={s}", "the query parameter 'X-Amz-Signature'"),
+    ("https://example.com/v1?password={s}", "the query parameter 'password'"),
+    ("https://example.com/v1?client_secret={s}", "the query parameter 'client_secret'"),
+    ("https://example.com/api?code={s}", "the query parameter 'code'"),
+])
+def test_a_base_url_with_credentials_is_refused_without_echoing_them(tmp_path, capsys, url, what):
+    """base_url is written to summary.json, config.resolved.yaml and every cache key (was: accepted, so a key in
+    it landed in all three). Refused for every backend, before any request, in one line that says where the key
+    goes instead; the URL is never echoed."""
+    from itlens.cli import main
+
+    url = url.format(s=SECRET)
+    with pytest.raises(InputError) as e:
+        from_dict(JudgeConfig, {"base_url": url})
+    msg = str(e.value)
+    assert msg.startswith("key 'base_url': may not carry ") and what in msg and "\n" not in msg, msg
+    assert "the key goes in the environment variable named by api_key_env" in msg and SECRET not in msg
+    with pytest.raises(InputError, match="key 'base_url': may not carry"):
+        from_dict(JudgeConfig, {"base_url": url, "backend": "local", "model": "/some/dir"})
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps(resp("a", "x")) + "\n")
+    with pytest.raises(SystemExit) as ex:
+        main(["judge", "--responses", str(f), "--out", str(tmp_path / "out"), "--set", f"base_url={url}"])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and "key 'base_url'" in err and SECRET not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_base_url_with_plain_query_parameters_is_allowed_and_they_are_sent(tmp_path, api_key):
+    """api-version (Azure's deployment URLs) and other non-secret parameters stay allowed, and reach the endpoint
+    on every request; a fragment (never sent) or a parameter given twice is refused."""
+    for url in ("https://example.com/v1?api-version=2024-10-21", "http://127.0.0.1:8000/v1?tenant=lab&max_tokens=1"):
+        from_dict(JudgeConfig, {"base_url": url})
+    for url, needle in (("https://example.com/v1#frag", "#fragment"), ("https://example.com/v1?a=1&a=2", "twice")):
+        with pytest.raises(InputError, match=f"key 'base_url': .*{needle}"):
+            from_dict(JudgeConfig, {"base_url": url})
+    with JudgeServer() as srv:
+        cfg = make_cfg(srv, tmp_path, base_url=srv.base_url + "/?tenant=lab", params={"extra_query": {"x": "1"}})
+        assert score_responses([resp("a", "x")], cfg).items[0]["status"] == "ok"
+        assert srv.requests[0]["path"] == "/v1/chat/completions?tenant=lab&x=1"
+
+
+def test_a_key_with_surrounding_whitespace_is_used_without_it(tmp_path, monkeypatch):
+    """A trailing newline (a secret file, a CRLF .env) is no part of the key (was: every request a connection
+    error, retried max_attempts times, every item an api failure, exit 0). A control character inside the key is
+    one input error that does not show it."""
+    monkeypatch.setenv("ITLENS_TEST_JUDGE_KEY", f"  {SECRET}\r\n")
+    with JudgeServer(api_key=SECRET) as srv:
+        assert score_responses([resp("a", "x")], make_cfg(srv, tmp_path)).items[0]["status"] == "ok"
+        monkeypatch.setenv("ITLENS_TEST_JUDGE_KEY", SECRET[:8] + "\x01" + SECRET[8:])
+        with pytest.raises(InputError, match="key 'api_key_env': the value of environment variable "
+                                             "ITLENS_TEST_JUDGE_KEY cannot be sent in an HTTP header") as e:
+            score_responses([resp("b", "y")], make_cfg(srv, tmp_path))
+        assert SECRET[8:] not in str(e.value) and len(srv.requests) == 1
+
+
+def test_a_key_pasted_into_another_field_is_refused_before_any_request(tmp_path, api_key):
+    """Any field of the config that holds the key (here params.user, a real chat-completions parameter whose name
+    is no credential's) is refused: the config is written to summary.json and the cache."""
+    with JudgeServer(api_key=SECRET) as srv:
+        with pytest.raises(InputError, match="key 'params': holds the API key from \\$ITLENS_TEST_JUDGE_KEY") as e:
+            score_responses([resp("a", "x")], make_cfg(srv, tmp_path, params={"user": SECRET}))
+        assert srv.requests == [] and SECRET not in str(e.value)
+
+
+def _error_body(status: int, message: str, **extra) -> Reply:
+    return Reply(status=status, raw_body=json.dumps({"error": {"message": message, "code": status, **extra}}).encode())
+
+
+def test_endpoint_errors_carry_the_servers_reason_and_are_retried_as_the_sdk_would(tmp_path, api_key):
+    """OpenRouter-style failures: a 400 says why (was: "HTTP 400 BadRequestError", the reason nowhere); 408 (request
+    timeout) is retried, honouring Retry-After; a 403 that flags this input is this item's api failure, not "the
+    key was refused" for the whole run; a 200 without choices but with an error object says what it is."""
+    scripts = {
+        "ctx": [_error_body(400, "This model's maximum context length is 4096 tokens.")],
+        "slow": [Reply(status=408, headers={"Retry-After": "0.2"}), Reply(scores_json(depth=2))],
+        "flagged": [_error_body(403, "Your chosen model requires moderation and your input was flagged",
+                                metadata={"reasons": ["harassment"], "flagged_input": "..."})],
+        "upstream": [Reply(raw_body=json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                                "error": {"message": "Upstream provider is down", "code": 502}}).encode())],
+        "busy": [Reply(status=503, headers={"Retry-After": "0.2"}), Reply(scores_json(depth=3))],
+    }
+    rows = [resp(name, f"answer <<{name}>>") for name in scripts] + [resp("fine", "answer")]
+    with JudgeServer(ScriptedJudge(scripts), api_key=SECRET) as srv:
+        items = {it["id"]: it for it in score_responses(rows, make_cfg(srv, tmp_path)).items}
+        for name in ("slow", "busy"):
+            t = [r["time"] for r in srv.requests_with(name)]
+            assert len(t) == 2 and t[1] - t[0] >= 0.19, name
+        assert len(srv.requests_with("ctx")) == len(srv.requests_with("flagged")) == 1  # not retried
+        assert len(srv.requests_with("upstream")) == 3
+    assert items["ctx"]["status"] == "api_failure"
+    assert items["ctx"]["error"] == "HTTP 400 BadRequestError: This model's maximum context length is 4096 tokens."
+    assert items["slow"]["status"] == items["busy"]["status"] == items["fine"]["status"] == "ok"
+    assert items["flagged"]["status"] == "api_failure" and "input was flagged" in items["flagged"]["error"]
+    assert items["upstream"]["error"] == "reply without choices: Upstream provider is down (after 3 attempts)"
+    with JudgeServer(ScriptedJudge({}, default=lambda b: _error_body(403, "Project lacks access to this model"))) as srv:
+        with pytest.raises(InputError, match=r"key 'api_key_env': endpoint refused the API key from "
+                                             r"\$ITLENS_TEST_JUDGE_KEY \(HTTP 403, .*\): Project lacks access"):
+            score_responses([resp("a", "x")], make_cfg(srv, tmp_path))
+
+
+def test_a_redirect_never_carries_the_key_header_elsewhere(tmp_path, api_key, caplog):
+    """httpx drops only Authorization on a redirect to another origin; a key in api-key would follow it. With
+    api_key_header the client does not follow redirects: one input error naming base_url and the target."""
+    with JudgeServer() as elsewhere:
+        target = elsewhere.base_url + "/chat/completions?sig=abc"
+        with JudgeServer(ScriptedJudge({}, default=lambda b: Reply(status=307, headers={"Location": target}))) as srv:
+            with pytest.raises(InputError) as e:
+                score_responses([resp("a", "x")], make_cfg(srv, tmp_path, api_key_header="api-key"))
+            assert len(srv.requests) == 1
+        assert elsewhere.requests == []
+    msg = str(e.value)
+    assert msg.startswith("key 'base_url': the endpoint answers with a redirect (HTTP 307 to "
+                          f"{elsewhere.base_url}/chat/completions); set base_url to the address it points to"), msg
+    assert "sig=abc" not in msg
+    assert_no_secret(tmp_path, caplog.text + msg)
+
+
+def test_the_shipped_azure_example_reaches_an_azure_shaped_endpoint(tmp_path, monkeypatch):
+    """configs/judge_azure.yaml as shipped (only the host swapped for the loopback server): the key in api-key,
+    the deployment path and api-version kept, no Authorization header."""
+    from itlens.resources import CONFIGS_DIR
+
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", SECRET)
+    path = CONFIGS_DIR / "judge_azure.yaml"
+    cfg = load_config(JudgeConfig, path)
+    assert (cfg.api_key_env, cfg.api_key_header) == ("AZURE_OPENAI_API_KEY", "api-key")
+    with JudgeServer(api_key=SECRET, api_key_header="api-key") as srv:
+        host = srv.base_url.rsplit("/v1", 1)[0]
+        base = cfg.base_url.replace("https://YOUR-RESOURCE.openai.azure.com", host)
+        cfg = load_config(JudgeConfig, path, [f"base_url={base}", f"cache_dir={tmp_path / 'cache'}", "figures=false",
+                                              "bootstrap_samples=50"])
+        assert score_responses([resp("a", "x")], cfg).items[0]["status"] == "ok"
+        (r,) = srv.requests
+        assert r["path"] == "/openai/deployments/YOUR-DEPLOYMENT/chat/completions?api-version=2024-10-21"
+        assert _headers(r, "api-key") == [SECRET] and _headers(r, "Authorization") == []
+    for name in ("judge.yaml", "judge_local.yaml"):
+        load_config(JudgeConfig, CONFIGS_DIR / name)

@@ -5,7 +5,8 @@ retries are off and every request gets bounded attempts, exponential backoff, Re
 429 (capped), and a per-request timeout. Answers are cached on disk by a hash of what determines them
 (messages, model, endpoint, decoding parameters), written atomically, so a rerun costs nothing and
 replays exactly the same judge answers. The API key comes from an environment variable and is
-redacted from every error message this module produces.
+redacted from every error message this module produces. It is sent as ``Authorization: Bearer``, or bare in
+the header named by ``api_key_header`` (Azure OpenAI: ``api-key``) with no Authorization header at all.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from itlens.errors import InputError
 from itlens.io import atomic_write_json
-from itlens.judge.config import JudgeConfig
+from itlens.judge.config import DEFAULT_KEY_HEADER, JudgeConfig, base_url_query
 
 log = logging.getLogger("itlens.judge")
 
@@ -138,23 +140,57 @@ class ChatClient:
                                                       "finish_reason": done.finish_reason})
 
     # ------------------------------------------------------------------------------------ openai
+    @property
+    def _bare_key_header(self) -> str | None:
+        """The header carrying the bare key, or None for the usual ``Authorization: Bearer``."""
+        header = self.cfg.api_key_header
+        return None if header.lower() == DEFAULT_KEY_HEADER.lower() or not self.cfg.api_key_env else header
+
+    def _read_key(self) -> str | None:
+        env = self.cfg.api_key_env
+        if not env:
+            return None
+        # a name with lower-case letters may be a key pasted in its place: not echoed
+        named = env if re.fullmatch(r"[A-Z_][A-Z0-9_]*", env) else "named by api_key_env"
+        # surrounding whitespace is never part of a key: a trailing newline (a secret file, a CRLF .env) made
+        # every request a connection error, retried, and every item an api failure
+        secret = (os.environ.get(env) or "").strip()
+        if not secret:
+            raise InputError(f"environment variable {named} is not set (it must hold the API key)", key="api_key_env")
+        if any(not 0x20 <= ord(c) < 0x7F for c in secret):
+            raise InputError(f"the value of environment variable {named} cannot be sent in an HTTP header (it holds "
+                             "a control or non-ASCII character); the value is not shown", key="api_key_env")
+        if len(secret) >= 8:
+            from itlens.config import to_dict
+
+            for name, value in to_dict(self.cfg).items():  # the config is written to summary.json and the cache
+                if secret in json.dumps(value, default=str):
+                    raise InputError(f"holds the API key from ${named}: the config is written to summary.json, "
+                                     "config.resolved.yaml and the cache; the key goes only in that variable",
+                                     key=name)
+        return secret
+
     def _openai_client(self):
         with self._lock:
             if self._openai is None:
                 import openai
 
-                env = self.cfg.api_key_env
-                if env:
-                    secret = os.environ.get(env)
-                    if not secret:
-                        # a name with lower-case letters may be a key pasted in its place: not echoed
-                        named = env if re.fullmatch(r"[A-Z_][A-Z0-9_]*", env) else "named by api_key_env"
-                        raise InputError(f"environment variable {named} is not set (it must hold the API key)",
-                                         key="api_key_env")
-                    self._secret = secret
+                self._secret = self._read_key()
+                url = urlsplit(self.cfg.base_url.strip())
+                base_url = urlunsplit(url._replace(query="", fragment=""))
+                kwargs, bearer = {}, self._secret
+                if self._bare_key_header:
+                    # the key rides in a client-level header (never in per-request options, which the SDK logs at
+                    # debug level), and the client's own api_key is a placeholder that each request omits (see
+                    # _complete_openai). httpx drops only Authorization on a redirect to another host, so
+                    # redirects are not followed: the key would go along to wherever the endpoint points.
+                    kwargs["default_headers"] = {self._bare_key_header: self._secret}
+                    kwargs["http_client"] = openai.DefaultHttpxClient(follow_redirects=False, timeout=self.cfg.timeout_s)
+                    bearer = None
                 # Endpoints without auth (a local vLLM) still need a non-empty string for the client.
-                self._openai = openai.OpenAI(api_key=self._secret or "none", base_url=self.cfg.base_url,
-                                             max_retries=0, timeout=self.cfg.timeout_s)
+                self._openai = openai.OpenAI(api_key=bearer or "none", base_url=base_url,
+                                             default_query=base_url_query(self.cfg.base_url) or None,
+                                             max_retries=0, timeout=self.cfg.timeout_s, **kwargs)
             return self._openai
 
     def _complete_openai(self, messages: list[dict]) -> Completion:
@@ -162,35 +198,50 @@ class ChatClient:
 
         client = self._openai_client()
         cfg = self.cfg
+        params = dict(cfg.params)
+        if self._bare_key_header:  # the key is in its own header: no "Authorization: Bearer none" beside it
+            params["extra_headers"] = {**(cfg.params.get("extra_headers") or {}), "Authorization": _omit()}
         error = "no attempt made"
         for attempt in range(1, cfg.max_attempts + 1):
             wait = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (attempt - 1))
             try:
                 resp = client.chat.completions.create(model=cfg.model, messages=messages,
                                                       temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                                                      timeout=cfg.timeout_s, **cfg.params)
+                                                      timeout=cfg.timeout_s, **params)
                 done = _chat_reply(resp, attempt)
                 if isinstance(done, Completion):
                     return done
-                error = done
-            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-                if not cfg.api_key_env:  # no key was sent: "refused the key from $" would mislead
-                    raise InputError(f"endpoint requires an API key (HTTP {e.status_code}); set api_key_env to "
-                                     "the name of the environment variable that holds it", key="api_key_env") from None
-                raise InputError(self.redact(f"endpoint refused the API key from ${cfg.api_key_env} "
-                                             f"(HTTP {e.status_code})"), key="api_key_env") from None
+                error = self.redact(done)
+            except openai.AuthenticationError as e:
+                raise self._key_refused(e) from None
+            except openai.PermissionDeniedError as e:
+                if not _flagged(e):
+                    raise self._key_refused(e) from None
+                # OpenRouter: "your input was flagged" by moderation is about this item, not the key
+                return Completion(content=None, error=self.redact(_describe(e)), attempts=attempt)
             except openai.NotFoundError:  # no such model (or no such route) here: the same for every item
                 raise InputError(self.redact(f"the endpoint has no model {cfg.model!r} (HTTP 404); check model "
                                              "and base_url (it usually ends in /v1)"), key="model") from None
-            except openai.RateLimitError as e:
-                error = "HTTP 429 rate limited"
-                retry_after = _retry_after_s(e.response)
+            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
+                    openai.APIConnectionError, openai.ConflictError) as e:
+                error = "HTTP 429 rate limited" if isinstance(e, openai.RateLimitError) else self.redact(_describe(e))
+                retry_after = _retry_after_s(getattr(e, "response", None))
                 if retry_after is not None:
                     wait = min(retry_after, cfg.max_retry_after_s)
-            except (openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError) as e:
-                error = _describe(e)
-            except openai.APIStatusError as e:  # other 4xx: asking again will not help
-                return Completion(content=None, error=self.redact(_describe(e)), attempts=attempt)
+            except openai.APIStatusError as e:
+                if e.status_code == 408:  # request timeout (OpenRouter): like a timeout of ours, worth another try
+                    error = self.redact(_describe(e))
+                    retry_after = _retry_after_s(e.response)
+                    if retry_after is not None:
+                        wait = min(retry_after, cfg.max_retry_after_s)
+                elif 300 <= e.status_code < 400:  # redirects are not followed with api_key_header (see above)
+                    why = f" (the key in {self._bare_key_header} is never sent to a redirect)" \
+                        if self._bare_key_header else ""
+                    raise InputError(f"the endpoint answers with a redirect (HTTP {e.status_code}"
+                                     f"{_location(e.response)}); set base_url to the address it points to{why}",
+                                     key="base_url") from None
+                else:  # other 4xx: asking again will not help
+                    return Completion(content=None, error=self.redact(_describe(e)), attempts=attempt)
             except (openai.APIError, ValueError) as e:  # a reply that is not a chat completion
                 error = f"unusable HTTP reply: {type(e).__name__}"
             if attempt < cfg.max_attempts:
@@ -199,6 +250,24 @@ class ChatClient:
                 time.sleep(wait)
         return Completion(content=None, error=self.redact(f"{error} (after {cfg.max_attempts} attempts)"),
                           attempts=cfg.max_attempts)
+
+    def _key_refused(self, e) -> InputError:
+        """HTTP 401/403 is the same for every item: one input error naming the variable and the header, never the
+        key (nor the server's message on 401, which often quotes part of the key)."""
+        cfg = self.cfg
+        if not cfg.api_key_env:  # no key was sent: "refused the API key from $" would mislead
+            return InputError(f"endpoint requires an API key (HTTP {e.status_code}); set api_key_env to the name of "
+                              "the environment variable that holds it (and api_key_header, if the endpoint wants "
+                              "it in a header other than Authorization: Bearer, such as Azure's api-key)",
+                              key="api_key_env")
+        if self._bare_key_header:
+            sent = f"sent in the {self._bare_key_header} header"
+        else:
+            sent = ("sent as Authorization: Bearer; an endpoint that wants it in another header, such as Azure "
+                    "OpenAI's api-key, needs api_key_header")
+        why = f": {_server_message(e)}" if e.status_code == 403 and _server_message(e) else ""
+        return InputError(self.redact(f"endpoint refused the API key from ${cfg.api_key_env} (HTTP {e.status_code}, "
+                                      f"{sent}){why}"), key="api_key_env")
 
     # ------------------------------------------------------------------------------------- local
     def _complete_local(self, messages: list[dict]) -> Completion:
@@ -217,7 +286,9 @@ def _chat_reply(resp, attempt: int) -> "Completion | str":
     """The first choice of a chat completion, or what is wrong with the reply (the SDK does not validate it)."""
     choices = getattr(resp, "choices", None)
     if not choices:
-        return "reply without choices"
+        # OpenRouter reports a failure of the upstream model as HTTP 200 with an "error" object
+        why = _message_of(getattr(resp, "error", None))
+        return f"reply without choices: {why}" if why else "reply without choices"
     try:
         choice = choices[0]
         content, finish = choice.message.content, getattr(choice, "finish_reason", None)
@@ -273,9 +344,60 @@ class LocalChatModel:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def _omit():
+    """The openai client's marker that drops a header it would send (its Bearer Authorization). Per request, not
+    per client: openai 3.x refuses a client-level omission of Authorization ("Could not resolve authentication
+    method"); openai 1.50 has the class only in openai._types."""
+    try:
+        from openai import Omit
+    except ImportError:
+        from openai._types import Omit
+    return Omit()
+
+
+def _message_of(body) -> str:
+    """The server's own words in an error body (OpenAI, vLLM, Ollama, OpenRouter shapes), one line, short."""
+    if isinstance(body, dict):
+        body = body.get("message") or body.get("error") or body.get("detail") or ""
+        if isinstance(body, dict):
+            body = body.get("message") or ""
+    if not isinstance(body, str):
+        return ""
+    line = " ".join(body.split())
+    return line if len(line) <= 200 else line[:199] + "…"
+
+
+def _server_message(e: Exception) -> str:
+    return _message_of(getattr(e, "body", None))
+
+
 def _describe(e: Exception) -> str:
+    """``HTTP 400 BadRequestError: <the server's message>``: why a request failed, not just its status (was: a run
+    of identical "HTTP 400 BadRequestError" api failures with the reason nowhere)."""
     status = getattr(e, "status_code", None)
-    return f"HTTP {status} {type(e).__name__}" if status else type(e).__name__
+    text = f"HTTP {status} {type(e).__name__}" if status else type(e).__name__
+    why = _server_message(e) if status else ""
+    return f"{text}: {why}" if why else text
+
+
+def _flagged(e: Exception) -> bool:
+    """A 403 that is a moderation verdict on this input (OpenRouter's "your input was flagged"), not the key."""
+    body = getattr(e, "body", None)
+    meta = body.get("metadata") if isinstance(body, dict) else None
+    return (isinstance(meta, dict) and ("flagged_input" in meta or "reasons" in meta)) or \
+        "flagged" in _server_message(e).lower()
+
+
+def _location(response) -> str:
+    """`` to https://host/path`` from a redirect's Location (no query, no user info: either may hold a secret)."""
+    try:
+        loc = urlsplit(response.headers.get("location") or "")
+        host, port = loc.hostname, loc.port
+    except (AttributeError, ValueError):
+        return ""
+    if not host:
+        return ""
+    return f" to {loc.scheme}://{host}{f':{port}' if port else ''}{loc.path}"
 
 
 def _retry_after_s(response) -> float | None:

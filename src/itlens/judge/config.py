@@ -6,8 +6,9 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
+from itlens.config import KEY_OMITS_DEFAULT
 from itlens.errors import InputError
 
 _SET_BY_THE_CLIENT = {"messages", "temperature", "max_tokens", "timeout", "stream", "n"}
@@ -31,6 +32,74 @@ def _chat_completion_params() -> set[str]:
 _CREDENTIAL_NAMES = ("authorization", "apikey", "secret", "password", "authtoken", "accesstoken")
 _CREDENTIAL_EXACT = ("key", "token", "bearer", "auth")
 """Parts of (or whole) header and field names, in lower case without '-' and '_', that mark a credential."""
+
+
+_QUERY_CREDENTIAL_EXACT = _CREDENTIAL_EXACT + ("sig", "signature", "code", "pass", "pwd", "passwd", "jwt", "sas")
+_QUERY_CREDENTIAL_NAMES = _CREDENTIAL_NAMES + ("signature", "credential", "passwd")
+"""The same for query parameters of base_url, plus the names signed URLs and gateways use (Azure SAS's sig,
+Azure Functions' code, AWS's X-Amz-Signature); any name ending in "token" (access_token, id_token)."""
+
+
+def _credential_query_name(name: str) -> bool:
+    norm = re.sub(r"[-_.]", "", name.lower())
+    return (norm in _QUERY_CREDENTIAL_EXACT or norm.endswith("token")
+            or any(c in norm for c in _QUERY_CREDENTIAL_NAMES))
+
+
+def base_url_query(base_url: str) -> dict[str, str]:
+    """The query parameters of ``base_url`` (e.g. Azure's ``api-version``), which the client sends as its default
+    query: left in the URL, the openai client would append the path after them (``/v1?x=1chat/completions``)."""
+    return dict(parse_qsl(urlsplit(base_url.strip()).query, keep_blank_values=True))
+
+
+_KEY_WHERE = ("the key goes in the environment variable named by api_key_env (and api_key_header names the "
+              "header, when the endpoint wants it elsewhere than Authorization: Bearer)")
+
+
+def _check_base_url(base_url: str) -> None:
+    """No credential in base_url: it is written to summary.json, config.resolved.yaml and every cache entry.
+    The messages never echo the URL (it holds the secret)."""
+    try:
+        url = urlsplit(base_url.strip())
+        query = parse_qsl(url.query, keep_blank_values=True)
+    except ValueError:
+        raise InputError("expected an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1 "
+                         "(the value given is not shown)", key="base_url") from None
+    written = "base_url is written to summary.json, config.resolved.yaml and the cache; "
+    if "@" in url.netloc:
+        raise InputError(f"may not carry credentials (user:password@ before the host): {written}{_KEY_WHERE}",
+                         key="base_url")
+    for name, _ in query:
+        if _credential_query_name(name):
+            raise InputError(f"may not carry a credential (the query parameter {name[:40]!r}): {written}{_KEY_WHERE}",
+                             key="base_url")
+    names = [name for name, _ in query]
+    if len(set(names)) != len(names):
+        raise InputError("a query parameter of base_url is given twice", key="base_url")
+    if url.fragment or base_url.strip().endswith("#"):
+        raise InputError("may not have a #fragment (it is never sent to the endpoint; the value is not shown)",
+                         key="base_url")
+
+
+DEFAULT_KEY_HEADER = "Authorization"
+_CLIENT_HEADERS = {"accept", "accept-encoding", "content-type", "content-length", "content-encoding", "host",
+                   "user-agent", "connection", "transfer-encoding", "te", "upgrade", "cookie", "idempotency-key",
+                   "openai-organization", "openai-project", "proxy-authorization"}
+"""Headers the client or HTTP itself sets (the key would clash with them), and Proxy-Authorization (which a proxy
+consumes: the key would go to the proxy, not the endpoint)."""
+
+
+def _check_key_header(name: str) -> None:
+    """An HTTP header name in its common form (words of letters and digits joined by '-' or '_'). Never echoed:
+    a value that fails is likely the key itself, pasted in place of the header's name."""
+    if not (len(name) <= 64 and re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,23}(?:[-_][A-Za-z0-9]{1,24})*", name)):
+        raise InputError("expected the NAME of an HTTP header, e.g. api-key (letters, digits, '-' and '_', in words "
+                         "of at most 24 characters), not the key itself; the value given is not shown",
+                         key="api_key_header")
+    low = name.lower()
+    if low in _CLIENT_HEADERS or low.startswith("x-stainless-"):
+        raise InputError(f"{name!r} cannot carry the API key: the HTTP client sets it itself, or a proxy would "
+                         f"consume it", key="api_key_header")
 
 
 _CARRIERS = ("extra_headers", "extra_query", "extra_body")
@@ -68,22 +137,30 @@ class JudgeConfig:
         "help": "Judge model: the endpoint's model name (openai) or an HF model dir / hub id (local). "
                 "The paper used gpt-4-1106-preview."})
     base_url: str = field(default="https://api.openai.com/v1", metadata={
-        "help": "Base URL of the OpenAI-compatible endpoint (openai backend), e.g. http://127.0.0.1:8000/v1."})
+        "help": "Base URL of the OpenAI-compatible endpoint (openai backend), e.g. http://127.0.0.1:8000/v1. Query "
+                "parameters (Azure's ?api-version=...) are sent with every request; no credentials (user:pass@, "
+                "?key=, ?token=, ...): base_url is written to summary.json and the cache."})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={
         "help": "Name of the environment variable holding the API key ('' for endpoints without a key). "
                 "The key itself is never read from a file or written anywhere."})
+    api_key_header: str = field(default=DEFAULT_KEY_HEADER, metadata={
+        KEY_OMITS_DEFAULT: True,
+        "help": "HTTP header that carries the key: 'Authorization' (any case) sends 'Authorization: Bearer <key>'; "
+                "any other name (Azure OpenAI: api-key) sends the bare key in that header and no Authorization "
+                "header at all. The value still comes only from the variable named by api_key_env."})
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (the paper: 0)."})
     max_tokens: int = field(default=1024, metadata={"help": "Max tokens of each judge reply (just-eval: 1024)."})
     params: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Extra chat-completion parameters sent as-is (e.g. {seed: 0, top_p: 1}); part of the cache key."})
     timeout_s: float = field(default=120.0, metadata={"help": "Timeout of one HTTP request, seconds."})
     max_attempts: int = field(default=6, metadata={
-        "help": "Attempts per request (first try included) on 429, 5xx, timeouts and connection errors."})
+        "help": "Attempts per request (first try included) on 408, 409, 429, 5xx, timeouts, connection errors and "
+                "replies that are not chat completions."})
     backoff_initial_s: float = field(default=1.0, metadata={
         "help": "First retry delay; doubles on each further attempt (exponential backoff)."})
     backoff_max_s: float = field(default=60.0, metadata={"help": "Upper bound of one backoff delay, seconds."})
     max_retry_after_s: float = field(default=120.0, metadata={
-        "help": "Upper bound on a server's Retry-After (429) that is honoured, seconds."})
+        "help": "Upper bound on a server's Retry-After (on 429, 503 or any retried reply) that is honoured, seconds."})
     concurrency: int = field(default=4, metadata={"help": "Requests in flight at once (openai backend)."})
     cache: bool = field(default=True, metadata={
         "help": "Cache every answer on disk by (messages, model, endpoint, parameters), so a rerun costs nothing."})
@@ -129,6 +206,8 @@ class JudgeConfig:
             raise InputError("expected the NAME of the environment variable that holds the API key (letters, "
                              "digits and '_'), not the key itself; the value given is not shown",
                              key="api_key_env")
+        _check_key_header(self.api_key_header)
+        _check_base_url(self.base_url)  # every backend: config.resolved.yaml carries it
         from itlens.judge.paper import paper_reference
 
         for label in self.paper_reference:
@@ -139,6 +218,10 @@ class JudgeConfig:
                 # else every request fails as a connection error, retried, and each item is an api failure
                 raise InputError("expected an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1",
                                  key="base_url")
+            if self.api_key_header.lower() != DEFAULT_KEY_HEADER.lower() and not self.api_key_env:
+                raise InputError(f"names the header of the API key ({self.api_key_header}), but api_key_env is '' "
+                                 "(no key); set api_key_env to the name of the variable that holds the key",
+                                 key="api_key_header")
         for key in ("model", "api_key", "authorization"):
             if key in {k.lower() for k in self.params}:
                 raise InputError(f"params may not set {key!r} (use the config field or the env var)",
@@ -148,6 +231,12 @@ class JudgeConfig:
             raise InputError("params may not carry a credential: they are written to summary.json, "
                              "config.resolved.yaml and the cache; the key goes in the variable named by api_key_env",
                              key=credential)
+        headers = self.params.get("extra_headers")
+        if isinstance(headers, dict) and self.api_key_header.lower() in {str(h).lower() for h in headers}:
+            # sent per request, it would replace the key (and a value there is written to summary.json)
+            raise InputError(f"params.extra_headers may not set {self.api_key_header!r}: it is api_key_header, "
+                             "filled from the variable named by api_key_env",
+                             key=f"params.extra_headers.{self.api_key_header}")
         for key in self.params:
             if key in _SET_BY_THE_CLIENT:
                 raise InputError(f"params may not set {key!r}: it is a config field of its own or set by the client",
