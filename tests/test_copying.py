@@ -264,3 +264,66 @@ def test_lengths_in_tokens_of_a_tokenizer_folder_and_shift_tables_of_other_respo
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "key 'shift.sft': no token of these responses" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_style_reads_every_trained_assistant_turn_of_a_conversation():
+    """Tuning trains on every assistant turn that follows a user turn: the IT data's lengths, structure,
+    phrases and nearest instances read each of them (were: only the last turn, here a one-word goodbye),
+    and an assistant turn that opens a conversation is no trained response."""
+    from itlens.analysis.copying import copying_metrics, instance_text
+
+    def chat(topic, place, direction):
+        return {"id": f"chat:{topic}", "messages": [
+            {"role": "system", "content": "You are a guide."},
+            {"role": "user", "content": f"Describe the {topic} of {place}."},
+            {"role": "assistant", "content": f"Certainly!\n\n- The {topic} of {place} is old.\n- It lies {direction}.\n\n"
+                                             "Hope this helps."},
+            {"role": "user", "content": "Thanks."},
+            {"role": "assistant", "content": "Bye."}]}
+
+    it = [chat("river", "Velora", "north"), chat("tower", "Zorb", "south")]
+    long = it[0]["messages"][2]["content"]
+    rows = [{"id": "o", "instruction": "Describe the river of Velora.", "response": long, "model": "sft"}]
+    cfg = CopyingConfig(it_data="-", responses={"sft": "-"}, nearest_k=1, n_resamples=20)
+    m = copying_metrics(it, {"sft": rows}, cfg=cfg)
+    assert m["it"]["length"]["n"] == 4
+    assert m["it"]["length"]["chars_mean"] == (len(long) + len(it[1]["messages"][2]["content"]) + 2 * len("Bye.")) / 4
+    assert m["it"]["structure"]["bullet_list"] == 0.5 and m["it"]["structure"]["paragraphs"] == 0.5
+    phrases = m["models"]["sft"]["phrases"]
+    assert phrases["opening"]["it_top"] == [["Bye.", 0.5], ["Certainly!", 0.5]]
+    assert phrases["opening"]["output_share_frequent"] == 1.0 and phrases["closing"]["output_share_any"] == 1.0
+    # the nearest instance is the first turn of the river chat, searched by the user turn it answers
+    assert m["models"]["sft"]["overlap"]["nearest_mean"] == 1.0
+    opened = {"id": "chat:opened", "messages": [{"role": "assistant", "content": "Welcome aboard!"},
+                                                {"role": "user", "content": "Hi"},
+                                                {"role": "assistant", "content": "Hello."}]}
+    assert copying_metrics([opened], {"sft": rows}, cfg=cfg)["it"]["length"]["n"] == 1
+    assert instance_text(opened, "response") == "Hello." and "Welcome" in instance_text(opened)
+    # a single-turn record measures the same as that turn written as a conversation
+    single = [{"id": "s", "instruction": "Describe the river of Velora.", "response": long}]
+    as_chat = [{"id": "s", "messages": [{"role": "user", "content": single[0]["instruction"]},
+                                        {"role": "assistant", "content": long}]}]
+    assert copying_metrics(single, {"sft": rows}, cfg=cfg) == copying_metrics(as_chat, {"sft": rows}, cfg=cfg)
+
+
+def test_a_shift_class_other_than_the_three_is_an_input_error(tmp_path, capsys):
+    """A token table whose shift_class is not shifted / marginal / unshifted (hand-written, another tool's
+    capitalisation) is one line naming the file and field, exit 2, no output (was: a KeyError traceback)."""
+    from itlens.cli import main
+    from itlens.io import atomic_write_jsonl
+
+    it_path = atomic_write_jsonl(tmp_path / "it.jsonl", [{"id": "it:0", "instruction": "Where?",
+                                                          "response": "the river was north."}])
+    resp_path = atomic_write_jsonl(tmp_path / "sft.jsonl", [{"id": "r0", "instruction": "Where?",
+                                                             "response": "the city", "model": "sft"}])
+    shift = tmp_path / "shift"
+    shift.mkdir()
+    pd.DataFrame({"id": ["r0", "r0"], "pos": [0, 1], "token": ["the", " city"],
+                  "shift_class": ["Shifted", "unshifted"]}).to_parquet(shift / "tokens.parquet")
+    with pytest.raises(SystemExit) as e:
+        main(["copying", "--it", str(it_path), "--responses", f"sft={resp_path}", "--shift", f"sft={shift}",
+              "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert f"{shift / 'tokens.parquet'}: key 'shift.sft': field 'shift_class': expected shifted" in err, err
+    assert "'Shifted'" in err and not (tmp_path / "o").exists()

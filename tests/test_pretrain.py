@@ -204,6 +204,19 @@ def test_a_damaged_world_or_model_is_one_line_exit_2(world_dir, base_dir, tmp_pa
         assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
 
 
+def _killed_at_step(monkeypatch, P, kill_step: int):
+    """Make the next run stop (as a kill would) before training step ``kill_step``; returns the undo."""
+    batch = P.PackedCorpus.batch
+
+    def killed(self, step, batch_size):
+        if step == kill_step:
+            raise KeyboardInterrupt
+        return batch(self, step, batch_size)
+
+    monkeypatch.setattr(P.PackedCorpus, "batch", killed)
+    return lambda: monkeypatch.setattr(P.PackedCorpus, "batch", batch)
+
+
 def test_a_resumed_run_logs_the_same_losses_and_redoes_no_finished_training(world_dir, tmp_path, monkeypatch):
     """A checkpoint between two log rows keeps the running loss (was: the resumed row averaged only the steps
     after the checkpoint), and the last step is checkpointed, so a kill in the final probe or save does not
@@ -212,17 +225,10 @@ def test_a_resumed_run_logs_the_same_losses_and_redoes_no_finished_training(worl
 
     cfg = PretrainConfig(steps=8, **{**TINY, "log_every": 4, "save_every": 3, "probe_every": 0})
     straight = pretrain(cfg, world_dir, tmp_path / "straight", log=lambda s: None)
-    batch = P.PackedCorpus.batch
-
-    def killed_at_step_4(self, step, batch_size):
-        if step == 4:
-            raise KeyboardInterrupt
-        return batch(self, step, batch_size)
-
-    monkeypatch.setattr(P.PackedCorpus, "batch", killed_at_step_4)
+    undo = _killed_at_step(monkeypatch, P, 4)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, world_dir, tmp_path / "resumed", log=lambda s: None)
-    monkeypatch.setattr(P.PackedCorpus, "batch", batch)
+    undo()
     pretrain(cfg, world_dir, tmp_path / "resumed", log=lambda s: None)
 
     def losses(path):
@@ -280,3 +286,66 @@ def test_the_probe_subset_spans_every_role(world_dir, monkeypatch):
     assert sum(p["status"] == "known" for p in world.people) == 12
     probe_world(None, None, world, people=6)
     assert seen == {"cloze": {"qa_it", "qa_only", "heldout", "control"}, "qa": {"heldout", "control"}}
+
+
+def test_a_checkpoint_continues_only_in_the_precision_it_trained_in(world_dir, tmp_path, monkeypatch):
+    """precision: auto resolves per machine (bf16 where the CPU has native bf16, else fp32). A checkpoint
+    records what it resolved to, and a run that resolves otherwise starts over and says why (was: resumed,
+    giving weights no uninterrupted run gives, under a summary naming one precision). A finished run is
+    still reused on either machine, under the hash of the config as written (existing runs stay valid)."""
+    import itlens.pretrain as P
+    from itlens.config import config_hash
+
+    cfg = PretrainConfig(steps=6, **{**TINY, "save_every": 3, "probe_every": 0})
+    assert cfg.precision == "auto" and cfg.device == "auto"
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: False)
+    straight = pretrain(cfg, world_dir, tmp_path / "straight", log=lambda s: None)
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: True)  # a machine with native bf16: bf16 autocast
+    undo = _killed_at_step(monkeypatch, P, 4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, world_dir, tmp_path / "moved", log=lambda s: None)
+    undo()
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: False)  # the run moves to a machine without: fp32
+    msgs = []
+    pretrain(cfg, world_dir, tmp_path / "moved", log=msgs.append)
+    assert any("ignoring the checkpoint" in m and "it trained in bf16 on cpu, this run trains in fp32 on cpu" in m
+               and "training from step 0" in m for m in msgs), msgs
+    summary = json.loads((tmp_path / "moved" / "pretrain_summary.json").read_text())
+    assert summary["resumed_from_step"] == 0 and summary["precision"] == "fp32"
+    a, b = _weights(tmp_path / "moved"), _weights(straight)
+    assert all(torch_equal(a[k], b[k]) for k in a)
+    assert summary["hash"] == config_hash(cfg, P.world_fingerprint(world_dir), 1)
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: True)
+    msgs = []
+    pretrain(cfg, world_dir, tmp_path / "moved", log=msgs.append)
+    assert "reusing" in msgs[0]
+
+
+def test_an_unreadable_or_unrecorded_checkpoint_starts_over(world_dir, tmp_path, monkeypatch):
+    """A checkpoint that cannot be read (damaged, or another torch's) starts the run over (was: a traceback
+    on every rerun until it was deleted by hand), and so does one that does not record the precision and
+    device it trained in (an older itlens's: was resumed whatever this machine resolves to)."""
+    import torch
+
+    import itlens.pretrain as P
+
+    cfg = PretrainConfig(steps=6, **{**TINY, "save_every": 3, "probe_every": 2})
+    ckpt = tmp_path / "m" / "checkpoint" / "state.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a torch file")
+    msgs = []
+    pretrain(cfg, world_dir, tmp_path / "m", log=msgs.append)
+    assert any("ignoring the checkpoint" in m and "it cannot be read" in m for m in msgs), msgs
+    undo = _killed_at_step(monkeypatch, P, 4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, world_dir, tmp_path / "old", log=lambda s: None)
+    undo()
+    ckpt = tmp_path / "old" / "checkpoint" / "state.pt"
+    state = torch.load(ckpt, weights_only=True)  # as a resume reads it: tensors and plain values only
+    assert state["step"] == 3 and [r["step"] for r in state["log"] if "cloze_acc" in r] == [2]
+    del state["precision"], state["device"]
+    torch.save(state, ckpt)
+    msgs = []
+    pretrain(cfg, world_dir, tmp_path / "old", log=msgs.append)
+    assert any("does not record the precision and device" in m for m in msgs), msgs
+    assert json.loads((tmp_path / "old" / "pretrain_summary.json").read_text())["resumed_from_step"] == 0

@@ -9,7 +9,8 @@ so a run resumed from a checkpoint sees exactly the batches an uninterrupted run
 Outputs in ``out_dir``: the model and tokenizer, ``loss_log.jsonl`` (loss every ``log_every`` steps,
 knowledge probes every ``probe_every``), and ``pretrain_summary.json`` (written last: its presence
 means the run is complete) with wall time, tokens/s and the final probes under
-``knowledge.base.{cloze_acc,qa_acc}``. ``out_dir/checkpoint/`` lets a killed run continue.
+``knowledge.base.{cloze_acc,qa_acc}``. ``out_dir/checkpoint/`` lets a killed run continue in the precision
+and on the device it started with.
 """
 
 from __future__ import annotations
@@ -207,6 +208,28 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _load_checkpoint(path: Path, device, run_hash: str, precision: str) -> tuple[dict | None, str]:
+    """The checkpoint state when it continues this run, else None and why not. The run hash holds
+    ``precision``/``device`` as written (``auto``); the checkpoint also records what they resolved to,
+    since steps taken in bf16 then fp32 (or on cpu then cuda) give weights no uninterrupted run gives."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # damaged, another torch's
+        return None, f"it cannot be read ({type(e).__name__})"
+    if not isinstance(state, dict) or state.get("hash") != run_hash:
+        return None, "it is from another config or world"
+    if "precision" not in state or "device" not in state:
+        return None, "it does not record the precision and device it trained in (an older itlens wrote it)"
+    if (state["precision"], state["device"]) != (precision, device.type):
+        return None, (f"it trained in {state['precision']} on {state['device']}, this run trains in {precision} "
+                      f"on {device.type}")
+    return state, ""
+
+
 # ------------------------------------------------------------------------------------------ training
 def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *, progress: bool | None = None,
              log=print) -> Path:
@@ -240,6 +263,7 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (device.type == "cuda" or cpu_has_bf16()))
+    precision = "bf16" if use_bf16 else "fp32"
     tokenizer = load_raw_tokenizer(world_dir / "tokenizer")
     docs = world.records("corpus")
     doc_ids = [[tokenizer.bos_token_id] + ids
@@ -256,23 +280,25 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
     step, train_s, log_rows, resumed_from = 0, 0.0, [], 0
     loss_sum, loss_n = 0.0, 0  # the loss of the steps since the last log row (a checkpoint keeps them)
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state.get("hash") == run_hash:
+        state, why_not = _load_checkpoint(ckpt_path, device, run_hash, precision)
+        if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, train_s, log_rows = state["step"], state["train_s"], state["log"]
             loss_sum, loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
             resumed_from = step
-            log(f"pretrain: resuming from step {step} ({ckpt_path})")
+            log(f"pretrain: resuming from step {step} ({ckpt_path}; {precision} on {device.type})")
         else:
-            log("pretrain: ignoring a checkpoint from another config or world")
+            log(f"pretrain: ignoring the checkpoint {ckpt_path}: {why_not} (precision: {cfg.precision}, device: "
+                f"{cfg.device}); training from step 0")
     out_dir.mkdir(parents=True, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg.batch_size * cfg.seq_len
 
     def checkpoint() -> None:
-        _save_checkpoint(ckpt_path, {"hash": run_hash, "step": step, "train_s": train_s, "log": log_rows,
+        _save_checkpoint(ckpt_path, {"hash": run_hash, "precision": precision, "device": device.type,
+                                     "step": step, "train_s": train_s, "log": log_rows,
                                      "loss_sum": loss_sum, "loss_n": loss_n,
                                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict()})
@@ -331,7 +357,7 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
         "config": to_dict(cfg), "params": n_params, "steps": step, "tokens_seen": step * tokens_per_step,
         "corpus_tokens_per_epoch": data.per_epoch * cfg.seq_len,
         "epochs": round(step * cfg.batch_size / data.per_epoch, 2),
-        "precision": "bf16" if use_bf16 else "fp32", "device": device.type, "threads": cfg.threads,
+        "precision": precision, "device": device.type, "threads": cfg.threads,
         "train_s": round(train_s, 2), "wall_s": round(time.perf_counter() - t_start, 2),
         "tokens_per_s": round(step * tokens_per_step / max(train_s, 1e-9), 1),
         "resumed_from_step": resumed_from, "final_loss": losses[-1] if losses else None,

@@ -38,11 +38,28 @@ def words(text: str) -> list[str]:
     return [w.casefold() for w in WORD_RE.findall(text)]
 
 
+def trained_turns(rec: dict) -> list[tuple[str, str]]:
+    """``(user turn, assistant turn)`` of every response tuning trains on: a record's one pair, or every
+    assistant turn of a conversation that follows a user turn, with the user turn before it (as
+    ``itlens.tune.to_prompt_completion`` trains them; an assistant turn that opens a conversation is not)."""
+    if "messages" not in rec:
+        return [(user_text(rec), response_text(rec))]
+    pairs, asked = [], None
+    for m in rec["messages"]:
+        if m["role"] == "user":
+            asked = m["content"]
+        elif m["role"] == "assistant" and asked is not None:
+            pairs.append((asked, m["content"]))
+    return pairs
+
+
 def instance_text(rec: dict, fields: str = "all") -> str:
     """What of an IT instance counts as "the IT dataset": the response, or instruction + response. Of a
-    conversation, every turn (tuning trains on every assistant turn, not only the last one)."""
+    conversation, every turn, or every trained assistant turn (not only the last one)."""
     if "messages" in rec:
-        return "\n".join(m["content"] for m in rec["messages"] if fields != "response" or m["role"] == "assistant")
+        if fields == "response":
+            return "\n".join(response for _, response in trained_turns(rec))
+        return "\n".join(m["content"] for m in rec["messages"])
     return response_text(rec) if fields == "response" else f"{user_text(rec)}\n{response_text(rec)}"
 
 
@@ -277,16 +294,18 @@ class BM25Retriever:
 def nearest_vs_random_overlap(outputs: Sequence[dict], it_records: Sequence[dict], *, k: int = 5, seed: int = 0,
                               n_resamples: int = 2000) -> dict:
     """n-gram overlap of each output with the responses of its k BM25-nearest IT instances (by
-    instruction) against k random IT responses; the paired difference with a bootstrap CI."""
-    if not outputs or not it_records:
+    instruction) against k random IT responses; the paired difference with a bootstrap CI. An instance
+    is a trained turn: a conversation gives one per assistant turn, searched by the user turn before it."""
+    pairs = [pair for r in it_records for pair in trained_turns(r)]
+    if not outputs or not pairs:
         return {"n": 0, "nearest_mean": None, "random_mean": None, "difference": None}
-    retr = BM25Retriever([user_text(r) for r in it_records])
-    it_resp = [response_text(r) for r in it_records]
+    retr = BM25Retriever([asked for asked, _ in pairs])
+    it_resp = [response for _, response in pairs]
     rng = random.Random(seed)
     near, rand = [], []
     for o in outputs:
         top = [i for i, _ in retr.top(user_text(o), k)]
-        others = rng.sample(range(len(it_records)), min(k, len(it_records)))
+        others = rng.sample(range(len(pairs)), min(k, len(pairs)))
         a = ngram_overlap(o["response"], [it_resp[i] for i in top])
         b = ngram_overlap(o["response"], [it_resp[i] for i in others])
         if a is not None and b is not None:
@@ -383,7 +402,7 @@ def copying_metrics(it_records: Sequence[dict], outputs: dict[str, list[dict]], 
                     cfg: CopyingConfig | None = None, tokenizer=None) -> dict:
     """All copying metrics for in-memory data (what ``itlens copying`` and the study report)."""
     cfg = cfg or CopyingConfig(it_data="-", responses={"-": "-"})
-    it_texts = [response_text(r) for r in it_records]
+    it_texts = [response for r in it_records for _, response in trained_turns(r)]  # every trained response
     m: dict[str, Any] = {"paper": PAPER, "it": {"length": length_stats(it_texts, tokenizer),
                                                  "structure": structure_stats(it_texts)}, "models": {}}
     for name, rows in sorted(outputs.items()):
@@ -402,7 +421,8 @@ def copying_metrics(it_records: Sequence[dict], outputs: dict[str, list[dict]], 
 def read_shift_tokens(d: str | Path, *, key: str, responses: Sequence[dict] | None = None):
     """The token table of an ``itlens shift`` output dir (or its ``tokens.parquet``): the columns the tone
     and span analyses read. A missing, damaged or foreign file is an InputError naming it and ``key``, and
-    so is a table of none of ``responses`` (another model's run: its tokens would all be skipped)."""
+    so are a shift class other than the three and a table of none of ``responses`` (another model's run:
+    its tokens would all be skipped)."""
     import pandas as pd
 
     path = Path(d) / "tokens.parquet" if Path(d).is_dir() else Path(d)
@@ -413,6 +433,10 @@ def read_shift_tokens(d: str | Path, *, key: str, responses: Sequence[dict] | No
     except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise InputError(f"not a token table written by `itlens shift` ({first})", file=path, key=key) from None
+    classes = set(table["shift_class"].tolist())
+    if classes - set(CLASSES):  # a hand-written or foreign table: tone would fail on the first such row
+        shown = sorted(map(repr, classes - set(CLASSES)))[0]
+        raise InputError(f"expected {', '.join(CLASSES)}, got {shown}", file=path, key=key, field="shift_class")
     if responses is not None and len(table) and not set(table["id"]) & {r["id"] for r in responses}:
         raise InputError(f"no token of these responses (ids such as {sorted(set(table['id']))[0]!r}): was "
                          "`itlens shift` run on this model's responses file?", file=path, key=key)
