@@ -80,17 +80,33 @@ class ScriptedJudge:
         return self.default(body)
 
 
+def reasoning_model_refusal(body: dict) -> dict | None:
+    """The HTTP 400 error OpenAI's reasoning models (o-series, gpt-5) answer a request with ``max_tokens``, or with a
+    ``temperature`` other than their default 1; None for a request they take."""
+    if "max_tokens" in body:
+        return {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                           "'max_completion_tokens' instead.", "type": "invalid_request_error",
+                "param": "max_tokens", "code": "unsupported_parameter"}
+    if body.get("temperature", 1) != 1:
+        return {"message": f"Unsupported value: 'temperature' does not support {body['temperature']} with this "
+                           "model. Only the default (1) value is supported.", "type": "invalid_request_error",
+                "param": "temperature", "code": "unsupported_value"}
+    return None
+
+
 class JudgeServer:
     """``with JudgeServer(responder, api_key=...) as srv: srv.base_url`` -> ``http://127.0.0.1:PORT/v1``.
 
     With ``api_key`` the server wants ``Authorization: Bearer <key>``, or with ``api_key_header`` (Azure's
-    ``api-key``) the bare key in that header, and answers 401 otherwise."""
+    ``api-key``) the bare key in that header, and answers 401 otherwise. With ``reasoning`` it refuses what
+    OpenAI's reasoning models refuse (see ``reasoning_model_refusal``)."""
 
     def __init__(self, responder: Callable[[dict], Reply] | None = None, *, api_key: str | None = None,
-                 api_key_header: str | None = None):
+                 api_key_header: str | None = None, reasoning: bool = False):
         self.responder = responder or ScriptedJudge()
         self.api_key = api_key
         self.api_key_header = api_key_header
+        self.reasoning = reasoning
         self.requests: list[dict] = []  # {time, path, authorization, headers: [(name, value)], body}
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -120,6 +136,9 @@ class JudgeServer:
                                                           "type": "auth"}})
                 if not urlsplit(self.path).path.endswith("/chat/completions"):  # the query (api-version) aside
                     return self._send(404, {"error": {"message": "not found"}})
+                refusal = reasoning_model_refusal(body) if server.reasoning else None
+                if refusal:
+                    return self._send(400, {"error": refusal})
                 reply = server.responder(body)
                 if reply.hang_s:
                     server._stop.wait(reply.hang_s)

@@ -756,3 +756,162 @@ def test_the_shipped_azure_example_reaches_an_azure_shaped_endpoint(tmp_path, mo
         assert _headers(r, "api-key") == [SECRET] and _headers(r, "Authorization") == []
     for name in ("judge.yaml", "judge_local.yaml"):
         load_config(JudgeConfig, CONFIGS_DIR / name)
+
+
+# ------------------------------------------------- reasoning models, the openai client's environment, content filter
+def test_a_reasoning_model_works_with_max_completion_tokens_and_no_temperature(tmp_path, api_key, capsys):
+    """OpenAI's o-series and gpt-5 refuse max_tokens and any temperature but 1 with HTTP 400 (was: no way to send
+    max_completion_tokens or leave temperature out, so every item an api failure). Each refusal names the config
+    field that fixes it; with both fields set the judge sends neither max_tokens nor temperature."""
+    from itlens.cli import main
+
+    rows = [resp(f"q{i}", f"answer {i}") for i in range(3)]
+    with JudgeServer(reasoning=True, api_key=SECRET) as srv:
+        for kw, needle in (({}, "; set max_tokens_param: max_completion_tokens in the judge config"),
+                           ({"max_tokens_param": "max_completion_tokens"}, "; set temperature: null in the judge "
+                                                                           "config (then it is not sent)")):
+            n = len(srv.requests)
+            items = score_responses(rows, make_cfg(srv, tmp_path, **kw)).items
+            assert len(srv.requests) - n == 3  # a 400 is not retried
+            for it in items:
+                error = it["error"]
+                assert it["status"] == "api_failure" and error.startswith("HTTP 400 BadRequestError: Unsupported ")
+                assert needle in error and "temperature: null" in error and "max_completion_tokens" in error, error
+        f = tmp_path / "r.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        n = len(srv.requests)
+        main(["judge", "--responses", str(f), "--out", str(tmp_path / "out"), "--set", f"base_url={srv.base_url}",
+              "--set", "api_key_env=ITLENS_TEST_JUDGE_KEY", "--set", f"cache_dir={tmp_path / 'cache'}",
+              "--set", "figures=false", "--set", "bootstrap_samples=50", "--set", "model=o4-mini", "--set",
+              "max_tokens_param=max_completion_tokens", "--set", "temperature=null", "--set", "max_tokens=4096"])
+        sent = [r["body"] for r in srv.requests[n:]]
+    assert "judged 3: 3 scored" in capsys.readouterr().out
+    assert len(sent) == 3 and all(b["max_completion_tokens"] == 4096 and "max_tokens" not in b
+                                  and "temperature" not in b for b in sent)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["judge"]["temperature"] is None and summary["judge"]["max_tokens_param"] == "max_completion_tokens"
+    resolved = (tmp_path / "out" / "config.resolved.yaml").read_text()
+    assert "temperature: null" in resolved and "max_tokens_param: max_completion_tokens" in resolved
+
+
+def test_a_refusal_without_param_still_names_the_field(tmp_path, api_key):
+    """A gateway that says which parameter it refuses only in its message (no ``param`` field) gets the same hint;
+    other 400s, a limit exceeded among them, get none."""
+    too_large = ("max_tokens is too large: 100000. This model supports at most 16384 completion tokens, whereas you "
+                 "provided 100000.")
+    scripts = {"gw": [_error_body(400, "UnsupportedParamsError: o3 does not support parameters: ['temperature']")],
+               "ctx": [_error_body(400, "This model's maximum context length is 4096 tokens.")],
+               "large": [_error_body(400, too_large, param="max_tokens")]}
+    with JudgeServer(ScriptedJudge(scripts)) as srv:
+        items = {it["id"]: it for it in score_responses([resp(k, f"x <<{k}>>") for k in scripts],
+                                                        make_cfg(srv, tmp_path)).items}
+    assert "; set temperature: null in the judge config" in items["gw"]["error"]
+    assert items["ctx"]["error"] == "HTTP 400 BadRequestError: This model's maximum context length is 4096 tokens."
+    assert items["large"]["error"] == f"HTTP 400 BadRequestError: {too_large}"
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ({"max_tokens_param": "max_output_tokens"}, "key 'max_tokens_param': expected one of ['max_tokens', "
+                                                "'max_completion_tokens'], got 'max_output_tokens'"),
+    ({"params": {"max_completion_tokens": 2048}}, "key 'params.max_completion_tokens': params may not set "
+                                                  "'max_completion_tokens': the token limit is max_tokens, and "
+                                                  "max_tokens_param names the parameter it is sent as"),
+    ({"temperature": -1}, "key 'temperature': expected a finite number >= 0, or null (not sent), got -1"),
+    ({"backend": "local", "model": "/some/dir", "temperature": None},
+     "key 'temperature': null (not sent) is for endpoints; the local backend needs a number"),
+])
+def test_bad_decoding_fields_are_one_line_input_errors(setting, needle):
+    with pytest.raises(InputError) as e:
+        from_dict(JudgeConfig, setting)
+    assert str(e.value) == needle or str(e.value).startswith(needle), str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="key 'max_tokens_param': expected one of"):
+        JudgeConfig(max_tokens_param="max_output_tokens").validate()  # built in Python: no YAML type check
+
+
+def test_the_new_fields_leave_the_cache_and_stage_keys_of_existing_configs_unchanged(tmp_path):
+    """Answers cached and stages finished before max_tokens_param and temperature: null existed are reused."""
+    from itlens.config import key_dict
+
+    cfg = JudgeConfig(cache_dir=str(tmp_path))
+    assert "max_tokens_param" not in key_dict(cfg) and key_dict(cfg)["temperature"] == 0.0
+    messages = [{"role": "user", "content": "hello"}]
+    key = lambda c: json.dumps(ChatClient(c)._request(messages), sort_keys=True)  # noqa: E731
+    assert key(cfg) == json.dumps({"v": 1, "backend": "openai", "model": "gpt-4-1106-preview", "messages": messages,
+                                   "temperature": 0.0, "max_tokens": 1024, "params": {},
+                                   "base_url": "https://api.openai.com/v1"}, sort_keys=True)
+    changed = [dataclasses.replace(cfg, max_tokens_param="max_completion_tokens"),
+               dataclasses.replace(cfg, temperature=None)]
+    assert len({key(cfg), *map(key, changed)}) == 3  # another parameter may get another answer
+
+
+AMBIENT = {"OPENAI_ORG_ID": "org-ambient", "OPENAI_PROJECT_ID": "proj-ambient", "OPENAI_ADMIN_KEY": "sk-admin-ambient",
+           "OPENAI_BASE_URL": "http://127.0.0.1:9/ambient",
+           "OPENAI_CUSTOM_HEADERS": "Authorization: Bearer sk-ambient\nX-Ambient: sk-ambient-too"}
+
+
+@pytest.mark.parametrize("mode", ["bearer", "api-key", "no key"])
+def test_the_openai_clients_environment_never_reaches_another_endpoint(tmp_path, api_key, monkeypatch, mode):
+    """The openai client adds OPENAI_ORG_ID, OPENAI_PROJECT_ID and (3.x) OPENAI_CUSTOM_HEADERS to every request,
+    whatever the endpoint, and an Authorization there replaces the Bearer key (was: all of it sent to the loopback
+    endpoint, and the ambient credential instead of the configured key). Only what the config says is sent."""
+    for name, value in AMBIENT.items():
+        monkeypatch.setenv(name, value)
+    key, header = {"bearer": (SECRET, None), "api-key": (SECRET, "api-key"), "no key": (None, None)}[mode]
+    kw = {"api_key_header": "api-key"} if header else {"api_key_env": ""} if key is None else {}
+    with JudgeServer(api_key=key, api_key_header=header) as srv:
+        cfg = make_cfg(srv, tmp_path, params={"extra_headers": {"X-Title": "itlens"}}, **kw)
+        assert score_responses([resp("a", "x"), resp("b", "y")], cfg).summary["n_scored"] == 2
+        assert len(srv.requests) == 2
+        for r in srv.requests:
+            names = {k.lower() for k, _ in r["headers"]}
+            assert not names & {"openai-organization", "openai-project", "x-ambient"}, names
+            assert not any("ambient" in v for _, v in r["headers"]), r["headers"]
+            assert _headers(r, "X-Title") == ["itlens"]
+            if mode == "api-key":
+                assert _headers(r, "api-key") == [SECRET] and _headers(r, "Authorization") == []
+            else:
+                assert _headers(r, "Authorization") == [f"Bearer {key or 'none'}"]
+
+
+def test_openais_own_api_is_the_only_endpoint_for_the_clients_environment(monkeypatch):
+    """On api.openai.com (and its regional hosts) OPENAI_ORG_ID and OPENAI_PROJECT_ID still choose the organisation
+    and project billed, as the openai client documents; the configured key still wins over an ambient one."""
+    from itlens.judge.client import _openai_host
+
+    for url in ("https://api.openai.com/v1", "https://eu.api.openai.com/v1/"):
+        assert _openai_host(url), url
+    for url in ("http://api.openai.com/v1", "https://api.openai.com.example.org/v1", "https://myapi.openai.com/v1",
+                "https://openrouter.ai/api/v1", "https://r.openai.azure.com/openai/v1"):
+        assert not _openai_host(url), url
+    for name, value in AMBIENT.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("ITLENS_TEST_JUDGE_KEY", SECRET)
+    client = ChatClient(JudgeConfig(api_key_env="ITLENS_TEST_JUDGE_KEY"))
+    sdk = client._openai_client()
+    assert client._environment_headers == {}
+    assert sdk.default_headers["OpenAI-Organization"] == "org-ambient"
+    assert sdk.default_headers["Authorization"] == f"Bearer {SECRET}"
+
+
+def _filtered(content=None) -> Reply:
+    """Azure OpenAI's output content filter: HTTP 200, finish_reason content_filter, no content."""
+    message = {"role": "assistant"} if content is None else {"role": "assistant", "content": content}
+    return Reply(raw_body=json.dumps({
+        "id": "c", "object": "chat.completion", "created": 0, "model": "judge-test",
+        "choices": [{"index": 0, "finish_reason": "content_filter", "message": message,
+                     "content_filter_results": {"violence": {"filtered": True, "severity": "medium"}}}]}).encode())
+
+
+def test_a_reply_withheld_by_the_content_filter_says_so(tmp_path, api_key):
+    """(was: "the reply contains no JSON object", as if the judge had answered badly.) Re-asked once like any
+    unusable reply; the rewriter raises rather than return nothing."""
+    scripts = {"filtered": [_filtered()], "once": [_filtered(""), Reply(scores_json(depth=2))]}
+    with JudgeServer(ScriptedJudge(scripts)) as srv:
+        cfg = make_cfg(srv, tmp_path)
+        items = {it["id"]: it for it in score_responses([resp(k, f"x <<{k}>>") for k in scripts], cfg).items}
+        with pytest.raises(RewriteError, match="content filter"):
+            Rewriter(cfg).rewrite("Summarise <<filtered>>", "an answer")
+    item = items["filtered"]
+    assert item["status"] == "parse_failure" and item["asked"] == 2 and "content filter" in item["error"], item
+    assert items["once"]["status"] == "ok" and items["once"]["scores"]["depth"] == 2

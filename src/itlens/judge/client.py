@@ -7,6 +7,8 @@ retries are off and every request gets bounded attempts, exponential backoff, Re
 replays exactly the same judge answers. The API key comes from an environment variable and is
 redacted from every error message this module produces. It is sent as ``Authorization: Bearer``, or bare in
 the header named by ``api_key_header`` (Azure OpenAI: ``api-key``) with no Authorization header at all.
+Headers the openai client takes from the environment (``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID``,
+``OPENAI_CUSTOM_HEADERS``) reach OpenAI's own API only, and never replace the configured key.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from itlens.errors import InputError
 from itlens.io import atomic_write_json
-from itlens.judge.config import DEFAULT_KEY_HEADER, JudgeConfig, base_url_query
+from itlens.judge.config import DEFAULT_KEY_HEADER, MAX_TOKENS_PARAMS, JudgeConfig, base_url_query
 
 log = logging.getLogger("itlens.judge")
 
@@ -58,6 +60,7 @@ class ChatClient:
         self._local = None
         self._lock = threading.Lock()
         self._secret: str | None = None
+        self._environment_headers: dict = {}  # name -> the client's omission marker (see _openai_client)
 
     def __repr__(self) -> str:  # never shows the key
         return f"ChatClient(backend={self.cfg.backend!r}, model={self.cfg.model!r}, base_url={self.cfg.base_url!r})"
@@ -107,8 +110,11 @@ class ChatClient:
     def _request(self, messages: list[dict]) -> dict:
         cfg = self.cfg
         # float(): JudgeConfig(temperature=0) from Python must hit the answers cached by a YAML run (0.0)
+        temperature = None if cfg.temperature is None else float(cfg.temperature)
         request = {"v": CACHE_VERSION, "backend": cfg.backend, "model": cfg.model, "messages": messages,
-                   "temperature": float(cfg.temperature), "max_tokens": cfg.max_tokens, "params": cfg.params}
+                   "temperature": temperature, "max_tokens": cfg.max_tokens, "params": cfg.params}
+        if cfg.max_tokens_param != "max_tokens":  # only then: the answers cached before it existed stay valid
+            request["max_tokens_param"] = cfg.max_tokens_param
         if cfg.backend == "openai":
             request["base_url"] = cfg.base_url.rstrip("/")
         else:
@@ -187,10 +193,15 @@ class ChatClient:
                     kwargs["default_headers"] = {self._bare_key_header: self._secret}
                     kwargs["http_client"] = openai.DefaultHttpxClient(follow_redirects=False, timeout=self.cfg.timeout_s)
                     bearer = None
-                # Endpoints without auth (a local vLLM) still need a non-empty string for the client.
+                else:  # given here, it wins over an Authorization in $OPENAI_CUSTOM_HEADERS (openai 3.x)
+                    # Endpoints without auth (a local vLLM) still need a non-empty string for the client.
+                    kwargs["default_headers"] = {DEFAULT_KEY_HEADER: f"Bearer {bearer or 'none'}"}
                 self._openai = openai.OpenAI(api_key=bearer or "none", base_url=base_url,
                                              default_query=base_url_query(self.cfg.base_url) or None,
                                              max_retries=0, timeout=self.cfg.timeout_s, **kwargs)
+                if not _openai_host(self.cfg.base_url):
+                    self._environment_headers = {name: _omit() for name in _headers_from_environment(
+                        self._openai.default_headers, own={DEFAULT_KEY_HEADER, self.cfg.api_key_header})}
             return self._openai
 
     def _complete_openai(self, messages: list[dict]) -> Completion:
@@ -198,16 +209,20 @@ class ChatClient:
 
         client = self._openai_client()
         cfg = self.cfg
-        params = dict(cfg.params)
+        params = {cfg.max_tokens_param: cfg.max_tokens, **cfg.params}
+        if cfg.temperature is not None:  # null: not sent (reasoning models refuse any but their default)
+            params["temperature"] = cfg.temperature
+        headers = {**self._environment_headers, **(cfg.params.get("extra_headers") or {})}
         if self._bare_key_header:  # the key is in its own header: no "Authorization: Bearer none" beside it
-            params["extra_headers"] = {**(cfg.params.get("extra_headers") or {}), "Authorization": _omit()}
+            headers[DEFAULT_KEY_HEADER] = _omit()
+        if headers:
+            params["extra_headers"] = headers
         error = "no attempt made"
         for attempt in range(1, cfg.max_attempts + 1):
             wait = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (attempt - 1))
             try:
-                resp = client.chat.completions.create(model=cfg.model, messages=messages,
-                                                      temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                                                      timeout=cfg.timeout_s, **params)
+                resp = client.chat.completions.create(model=cfg.model, messages=messages, timeout=cfg.timeout_s,
+                                                      **params)
                 done = _chat_reply(resp, attempt)
                 if isinstance(done, Completion):
                     return done
@@ -241,7 +256,8 @@ class ChatClient:
                                      f"{_location(e.response)}); set base_url to the address it points to{why}",
                                      key="base_url") from None
                 else:  # other 4xx: asking again will not help
-                    return Completion(content=None, error=self.redact(_describe(e)), attempts=attempt)
+                    return Completion(content=None, error=self.redact(_describe(e) + self._fix_for(e)),
+                                      attempts=attempt)
             except (openai.APIError, ValueError) as e:  # a reply that is not a chat completion
                 error = f"unusable HTTP reply: {type(e).__name__}"
             if attempt < cfg.max_attempts:
@@ -250,6 +266,21 @@ class ChatClient:
                 time.sleep(wait)
         return Completion(content=None, error=self.redact(f"{error} (after {cfg.max_attempts} attempts)"),
                           attempts=cfg.max_attempts)
+
+    def _fix_for(self, e) -> str:
+        """The config field that fixes a refused parameter (``Unsupported parameter: 'max_tokens'``, ``Unsupported
+        value: 'temperature' does not support 0.0``: OpenAI's reasoning models), or ''."""
+        cfg, rejected = self.cfg, _rejected_param(e)
+        if rejected == cfg.max_tokens_param:
+            fix = f"set max_tokens_param: {next(p for p in MAX_TOKENS_PARAMS if p != rejected)} in the judge config"
+        elif rejected == "temperature" and cfg.temperature is not None:
+            fix = "set temperature: null in the judge config (then it is not sent)"
+        else:
+            return ""
+        if rejected in ("max_tokens", "temperature"):
+            fix += (" (OpenAI's reasoning models, o-series and gpt-5, want max_tokens_param: max_completion_tokens "
+                    "and temperature: null)")
+        return f"; {fix}"
 
     def _key_refused(self, e) -> InputError:
         """HTTP 401/403 is the same for every item: one input error naming the variable and the header, never the
@@ -378,6 +409,37 @@ def _describe(e: Exception) -> str:
     text = f"HTTP {status} {type(e).__name__}" if status else type(e).__name__
     why = _server_message(e) if status else ""
     return f"{text}: {why}" if why else text
+
+
+def _rejected_param(e: Exception) -> str | None:
+    """The request parameter a 4xx says is unsupported: the error's ``param`` (OpenAI, Azure), else a parameter the
+    judge sends that the message names. A limit exceeded ("max_tokens is too large ... supports at most") is not."""
+    message = _server_message(e)
+    if not re.search(r"unsupported|not supported|does not support", message, re.IGNORECASE):
+        return None
+    body = getattr(e, "body", None)
+    param = body.get("param") if isinstance(body, dict) else None
+    if isinstance(param, str) and param:
+        return param
+    return next((p for p in (*MAX_TOKENS_PARAMS, "temperature") if re.search(rf"\b{p}\b", message)), None)
+
+
+def _openai_host(base_url: str) -> bool:
+    """OpenAI's own API (api.openai.com and its regional hosts such as eu.api.openai.com), over https: the endpoint
+    that the openai client's OPENAI_ORG_ID, OPENAI_PROJECT_ID and OPENAI_CUSTOM_HEADERS are meant for."""
+    url = urlsplit(base_url.strip())
+    host = url.hostname or ""
+    return url.scheme == "https" and (host == "api.openai.com" or host.endswith(".api.openai.com"))
+
+
+def _headers_from_environment(default_headers: dict, own: set[str]) -> list[str]:
+    """Names of the client's default headers that this config did not ask for: what the openai client read from
+    the environment (OpenAI-Organization, OpenAI-Project, $OPENAI_CUSTOM_HEADERS). The client's own (Accept,
+    Content-Type, User-Agent, X-Stainless-*) and the key's header stay."""
+    keep = {"accept", "content-type", "user-agent"} | {h.lower() for h in own}
+    omitted = type(_omit())
+    return [name for name, value in default_headers.items() if not isinstance(value, omitted)
+            and name.lower() not in keep and not name.lower().startswith("x-stainless-")]
 
 
 def _flagged(e: Exception) -> bool:

@@ -11,8 +11,12 @@ from urllib.parse import parse_qsl, urlsplit
 from itlens.config import KEY_OMITS_DEFAULT
 from itlens.errors import InputError
 
-_SET_BY_THE_CLIENT = {"messages", "temperature", "max_tokens", "timeout", "stream", "n"}
+_SET_BY_THE_CLIENT = {"messages", "temperature", "max_tokens", "max_completion_tokens", "timeout", "stream", "n"}
 """Chat-completion arguments the judge sets itself (config fields, or what one parsed reply needs)."""
+
+MAX_TOKENS_PARAMS = ("max_tokens", "max_completion_tokens")
+"""The names an endpoint may want the reply's token limit under: OpenAI's reasoning models (o-series, gpt-5)
+refuse max_tokens with HTTP 400 and want max_completion_tokens."""
 
 
 PROMPT_PLACEHOLDERS = {"prompt_file": ("instruction", "response"),
@@ -148,8 +152,15 @@ class JudgeConfig:
         "help": "HTTP header that carries the key: 'Authorization' (any case) sends 'Authorization: Bearer <key>'; "
                 "any other name (Azure OpenAI: api-key) sends the bare key in that header and no Authorization "
                 "header at all. The value still comes only from the variable named by api_key_env."})
-    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (the paper: 0)."})
+    temperature: float | None = field(default=0.0, metadata={
+        "help": "Sampling temperature (the paper: 0). null: not sent, the endpoint's default (OpenAI's reasoning "
+                "models, o-series and gpt-5, refuse any other value than their default)."})
     max_tokens: int = field(default=1024, metadata={"help": "Max tokens of each judge reply (just-eval: 1024)."})
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = field(default="max_tokens", metadata={
+        KEY_OMITS_DEFAULT: True,
+        "help": "The request parameter that carries max_tokens: 'max_tokens', or 'max_completion_tokens' for "
+                "OpenAI's reasoning models (o-series, gpt-5), which refuse max_tokens; they count their hidden "
+                "reasoning in it, so give them more than 1024."})
     params: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Extra chat-completion parameters sent as-is (e.g. {seed: 0, top_p: 1}); part of the cache key."})
     timeout_s: float = field(default=120.0, metadata={"help": "Timeout of one HTTP request, seconds."})
@@ -192,11 +203,20 @@ class JudgeConfig:
         for key, value in positive.items():
             if value < 1:
                 raise InputError(f"expected an integer >= 1, got {value}", key=key)
-        for key in ("timeout_s", "backoff_initial_s", "backoff_max_s", "max_retry_after_s", "temperature"):
+        for key in ("timeout_s", "backoff_initial_s", "backoff_max_s", "max_retry_after_s"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0 or (key == "timeout_s" and value == 0):
                 raise InputError(f"expected a finite number {'> 0' if key == 'timeout_s' else '>= 0'}, got {value}",
                                  key=key)
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"expected a finite number >= 0, or null (not sent), got {self.temperature}",
+                             key="temperature")
+        if self.max_tokens_param not in MAX_TOKENS_PARAMS:  # a config built in Python skips the YAML type check
+            raise InputError(f"expected one of {list(MAX_TOKENS_PARAMS)}, got {self.max_tokens_param!r}",
+                             key="max_tokens_param")
+        if self.temperature is None and self.backend == "local":
+            raise InputError("null (not sent) is for endpoints; the local backend needs a number (0: greedy)",
+                             key="temperature")
         if not 0 < self.confidence < 1:
             raise InputError(f"expected a number in (0, 1), got {self.confidence}", key="confidence")
         if not self.model.strip():
@@ -238,6 +258,9 @@ class JudgeConfig:
                              "filled from the variable named by api_key_env",
                              key=f"params.extra_headers.{self.api_key_header}")
         for key in self.params:
+            if key in MAX_TOKENS_PARAMS:
+                raise InputError(f"params may not set {key!r}: the token limit is max_tokens, and max_tokens_param "
+                                 "names the parameter it is sent as", key=f"params.{key}")
             if key in _SET_BY_THE_CLIENT:
                 raise InputError(f"params may not set {key!r}: it is a config field of its own or set by the client",
                                  key=f"params.{key}")

@@ -31,6 +31,8 @@ class Rewriter:
         if not done.ok:
             raise RewriteError(f"rewrite of {instruction[:40]!r} failed: {done.error}")
         text = done.content.strip()
+        if done.finish_reason == "content_filter":
+            raise RewriteError(f"rewrite of {instruction[:40]!r}: the endpoint's content filter withheld the reply")
         if not text:
             raise RewriteError(f"rewrite of {instruction[:40]!r}: the model returned an empty reply")
         if done.finish_reason == "length":

@@ -142,6 +142,13 @@ def ask_validated(client: ChatClient, cfg: JudgeConfig, batches: list[list[dict]
     return verdicts
 
 
+_FINISH_REASON_NOTES = {
+    "length": " (the reply was cut off at max_tokens)",
+    "content_filter": " (the endpoint's content filter withheld the reply: finish_reason content_filter)"}
+"""Why a reply came back unusable, when the endpoint says so (Azure's content filter answers HTTP 200 with an empty
+reply)."""
+
+
 def _verdict(done: Completion, parse: Callable[[str], Any], before: Verdict) -> Verdict:
     v = Verdict(before.status, raw=list(before.raw), attempts=before.attempts + done.attempts,
                 asked=before.asked + 1, cached=(before.cached or not before.asked) and done.cached)
@@ -153,8 +160,7 @@ def _verdict(done: Completion, parse: Callable[[str], Any], before: Verdict) -> 
         v.value = parse(done.content)
         v.status, v.error = "ok", None
     except (JudgeParseError, ValueError, TypeError, KeyError, AttributeError) as e:  # any reply that does not validate
-        truncated = " (the reply was cut off at max_tokens)" if done.finish_reason == "length" else ""
-        v.status, v.error = "parse_failure", f"{e}{truncated}"
+        v.status, v.error = "parse_failure", f"{e}{_FINISH_REASON_NOTES.get(done.finish_reason, '')}"
     return v
 
 
@@ -229,12 +235,16 @@ def score_responses(responses: list[dict], cfg: JudgeConfig, *, client: ChatClie
 
 
 def judge_info(cfg: JudgeConfig, template: str) -> dict:
-    """What identifies the judge, so two summaries can be compared (or not)."""
-    return {"backend": cfg.backend, "model": cfg.model, "temperature": cfg.temperature,
+    """What identifies the judge, so two summaries can be compared (or not); ``max_tokens_param`` only when it is not
+    max_tokens, so that the summaries of judges configured before it existed stay as they were."""
+    info = {"backend": cfg.backend, "model": cfg.model, "temperature": cfg.temperature,
             "max_tokens": cfg.max_tokens, "params": cfg.params,
             "base_url": cfg.base_url if cfg.backend == "openai" else None,
             "prompt_file": cfg.prompt_file, "prompt_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
             "paper_judge": cfg.model == PAPER_JUDGE_MODEL}
+    if cfg.max_tokens_param != "max_tokens":
+        info["max_tokens_param"] = cfg.max_tokens_param
+    return info
 
 
 def _failures(items: list[dict]) -> dict:
