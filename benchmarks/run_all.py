@@ -9,12 +9,16 @@ between machines and the absolute times do not. The machine is recorded with the
     .venv/bin/python benchmarks/run_all.py [--quick] [--only shift,tune,generate,index,study]
 
 ``--quick`` uses small sizes (a few minutes on a shared 2-core CPU); the default sizes are each
-benchmark's own (tens of minutes). Writes ``benchmarks/results/all.json`` (``--out`` to change).
+benchmark's own (tens of minutes). Writes ``benchmarks/results/all.json`` (``--out`` to change). Exits 1
+when a benchmark fails or its results fail its own checks (ranks against the per-token loop, batched
+against one-at-a-time answers, the index against a scan, the warm study reusing every stage with the
+same metrics): the speed of a wrong result is not reported as a success.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -22,6 +26,8 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -46,10 +52,20 @@ SIZES = {  # quick / full arguments of each benchmark's run()
 }
 
 
-def study_cold_warm(config: str) -> dict:
+def last_study_run(run_dir: Path) -> dict:
+    """What the last ``itlens study`` run into ``run_dir`` did: the stages it took from the cache (its
+    timings.json) out of all, and the torch threads it ran with (its resolved config, not this process's)."""
+    cached = json.loads((run_dir / "timings.json").read_text(encoding="utf-8"))["cached"]
+    threads = yaml.safe_load((run_dir / "config.resolved.yaml").read_text(encoding="utf-8"))["threads"]
+    return {"warm_stages_reused": sum(bool(v) for v in cached.values()), "stages": len(cached), "threads": threads}
+
+
+def study_cold_warm(config: str, threads: int | None = None) -> dict:
     """``itlens study CONFIG`` into an empty folder, then the same command again (every stage reused)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_study."))
     cmd = [sys.executable, "-m", "itlens.cli", "study", str(ROOT / config), "--out", str(tmp / "run")]
+    if threads:
+        cmd += ["--set", f"threads={threads}"]
     metrics, times = [], []
     try:
         for _ in ("cold", "warm"):
@@ -59,12 +75,15 @@ def study_cold_warm(config: str) -> dict:
             if proc.returncode != 0:
                 raise RuntimeError(f"itlens study exited {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}")
             metrics.append((tmp / "run" / "metrics.json").read_bytes())
+        warm = last_study_run(tmp / "run")  # the ratio means nothing if the warm run reran a stage
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     same = metrics[0] == metrics[1]
     return {"benchmark": "study_cold_vs_warm", "config": config, "cold_s": round(times[0], 2),
             "warm_s": round(times[1], 2), "speedup": round(times[0] / times[1], 2),
-            "warm_metrics_identical": same, "machine": machine()}
+            "warm_metrics_identical": same, "warm_stages_reused": warm["warm_stages_reused"],
+            "stages": warm["stages"], "threads": warm["threads"],
+            "machine": {**machine(), "torch_threads": warm["threads"]}}
 
 
 def run_one(name: str, quick: bool, threads: int | None) -> dict:
@@ -72,7 +91,7 @@ def run_one(name: str, quick: bool, threads: int | None) -> dict:
     if name == "shift":
         return bench_shift.run(size + (["--threads", str(threads)] if threads else []))
     if name == "study":
-        return study_cold_warm(**size)
+        return study_cold_warm(**size, threads=threads)
     kwargs = dict(size, **({"threads": threads} if threads and name in ("tune", "generate") else {}))
     return {"tune": bench_tune.run, "generate": bench_generate.run, "index": bench_index.run}[name](**kwargs)
 
@@ -88,8 +107,10 @@ def table_rows(name: str, r: dict) -> list[dict]:
         for x in r["rows"]:
             t = x["response_tokens"]
             if x["per_token_s"]:
-                out.append(row(f"T={t}: engine vs per-token loop (s)", round(x["per_token_s"], 3),
-                               round(x["engine_s"], 3), x["speedup_vs_per_token"], ">= 100x at T=512"))
+                equal = x["ranks_compared"] - x["rank_mismatches"]
+                out.append(row(f"T={t}: engine vs per-token loop (s; ranks equal {equal}/{x['ranks_compared']})",
+                               round(x["per_token_s"], 3), round(x["engine_s"], 3), x["speedup_vs_per_token"],
+                               ">= 100x at T=512"))
             out.append(row(f"T={t}: engine / bare forward passes (s)", round(x["bare_forward_s"], 3),
                            round(x["engine_s"], 3), x["engine_s"] / x["bare_forward_s"], "<= 1.25"))
             out.append(row(f"T={t}: scoring (fwd+metrics) / bare (s)", round(x["bare_forward_s"], 3),
@@ -108,8 +129,26 @@ def table_rows(name: str, r: dict) -> list[dict]:
                     else None, ""),
                 row("build (s)", None, r["build_s"], None, "<= 60 s at 326k")]
     if name == "study":
-        return [row(f"micro study: warm vs cold (s; metrics identical: {r['warm_metrics_identical']})",
+        return [row(f"micro study: warm vs cold (s; {r['warm_stages_reused']}/{r['stages']} stages reused, "
+                    f"metrics identical: {r['warm_metrics_identical']})",
                     r["cold_s"], r["warm_s"], r["speedup"], "warm reuses every stage")]
+    return []
+
+
+def failed_checks(name: str, r: dict) -> list[str]:
+    """What a benchmark's own correctness checks found wrong: a speed measured on wrong results is no result."""
+    if name == "shift":
+        return [f"T={x['response_tokens']}: {x['class_mismatches']} shift classes differ from the per-token loop"
+                for x in r["rows"] if x["class_mismatches"]]
+    if name == "generate" and r["identical_outputs"] != r["prompts"]:
+        return [f"batched and one-at-a-time answers differ for {r['prompts'] - r['identical_outputs']} prompts"]
+    if name == "index" and r["scan_mismatches"]:
+        return [f"{r['scan_mismatches']} of {r['scan_checked']} queries differ from the brute-force scan"]
+    if name == "study":
+        problems = [] if r["warm_metrics_identical"] else ["the warm run's metrics.json differs from the cold run's"]
+        if r["warm_stages_reused"] != r["stages"]:
+            problems.append(f"the warm run reran {r['stages'] - r['warm_stages_reused']} of {r['stages']} stages")
+        return problems
     return []
 
 
@@ -143,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results[name] = run_one(name, a.quick, a.threads or None)
             rows += table_rows(name, results[name])
+            problems = failed_checks(name, results[name])
+            if problems:
+                errors[name] = "; ".join(problems)
         except Exception as e:  # one broken benchmark must not hide the others' numbers
             traceback.print_exc()
             errors[name] = f"{type(e).__name__}: {e}"

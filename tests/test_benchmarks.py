@@ -54,3 +54,52 @@ def test_bench_gpu_tiny_writes_every_part(tmp_path):
     assert (r["shift"]["view_top_k"], r["shift_view10"]["view_top_k"]) == (0, 10)  # without and with the view
     assert r["shift_view10"]["tokens"] == 2 * 32
     assert "tune_vs_plain_loop" in r
+
+
+def _shift_record(class_mismatches: int = 0, rank_mismatches: int = 0) -> dict:
+    return {"rows": [{"response_tokens": 64, "per_token_s": 2.0, "engine_s": 0.1, "bare_forward_s": 0.05,
+                      "engine_scoring_s": 0.06, "speedup_vs_per_token": 20.0, "ranks_compared": 64,
+                      "rank_mismatches": rank_mismatches, "class_mismatches": class_mismatches}]}
+
+
+def _study_record(identical: bool = True, reused: int = 12) -> dict:
+    return {"cold_s": 20.0, "warm_s": 5.0, "speedup": 4.0, "warm_metrics_identical": identical,
+            "warm_stages_reused": reused, "stages": 12}
+
+
+def test_the_table_says_what_each_speed_was_checked_against():
+    """Was: the shift row hid the per-token loop's rank check, and the study row claimed 'warm reuses every
+    stage' without counting: a warm run that reran stages read as a cache speed-up."""
+    import run_all
+
+    loop = run_all.table_rows("shift", _shift_record(rank_mismatches=3))[0]
+    assert "ranks equal 61/64" in loop["measure"] and loop["ratio"] == 20.0
+    (study,) = run_all.table_rows("study", _study_record(reused=11))
+    assert "11/12 stages reused" in study["measure"] and study["ratio"] == 4.0
+
+
+def test_results_that_fail_their_own_checks_fail_the_run():
+    """Was: run_all exited 0 with a speed-up over wrong results (bench_shift alone exits 1 on a class
+    mismatch); now each benchmark's correctness check is an error in all.json and the exit status."""
+    import run_all
+
+    ok = {"shift": _shift_record(rank_mismatches=2), "study": _study_record(),  # ranks a few places apart: fp noise
+          "generate": {"identical_outputs": 16, "prompts": 16}, "index": {"scan_mismatches": 0, "scan_checked": 50}}
+    assert all(run_all.failed_checks(name, r) == [] for name, r in ok.items())
+    bad = {"shift": _shift_record(class_mismatches=1), "study": _study_record(identical=False, reused=11),
+           "generate": {"identical_outputs": 15, "prompts": 16}, "index": {"scan_mismatches": 2, "scan_checked": 50}}
+    problems = {name: run_all.failed_checks(name, r) for name, r in bad.items()}
+    assert [len(p) for p in problems.values()] == [1, 2, 1, 1], problems
+    assert "reran 1 of 12 stages" in problems["study"][1]
+
+
+def test_the_warm_study_record_counts_reused_stages_and_the_study_s_own_threads(tmp_path):
+    """The study runs in its own process: its threads are its config's (was: the benchmark process's, 2
+    where micro.yaml runs 1)."""
+    import run_all
+
+    (tmp_path / "timings.json").write_text(json.dumps({"stages": {"world": 0.1, "base-s0": 2.0, "analysis-s0": 1.0},
+                                                       "cached": {"world": True, "base-s0": True,
+                                                                  "analysis-s0": False}}))
+    (tmp_path / "config.resolved.yaml").write_text("name: micro\nthreads: 1\nworkers: 1\n")
+    assert run_all.last_study_run(tmp_path) == {"warm_stages_reused": 2, "stages": 3, "threads": 1}

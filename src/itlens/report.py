@@ -37,17 +37,19 @@ def _esc(x: Any) -> str:
 
 
 def _fmt(v: Any) -> str:
+    # p-values get 4 significant digits: with 2000 resamples p moves in steps of 1/2001, and 3 digits show
+    # p = 100/2001 (below 0.05) as "p=0.05"
     if isinstance(v, dict) and "estimate" in v:  # an estimate with its CI (and p-value)
         if v["estimate"] is None:
             return "n/a"
         ci = f" [{v['low']:.4g}, {v['high']:.4g}]" if v.get("low") is not None else ""
-        p = f", p={v['p_value']:.3g}" if v.get("p_value") is not None else ""
+        p = f", p={v['p_value']:.4g}" if v.get("p_value") is not None else ""
         return _esc(f"{v['estimate']:.4g}{ci}{p} (n={v.get('n', '?')})")
     if isinstance(v, dict) and "observed" in v:  # a permutation test against chance
         if v["observed"] is None:
             return "n/a"
         return _esc(f"observed {v['observed']:.3g} vs chance {v['null_mean']:.3g} "
-                    f"[{v['null_low']:.3g}, {v['null_high']:.3g}], p={v['p_value']:.3g} (n={v['n']})")
+                    f"[{v['null_low']:.3g}, {v['null_high']:.3g}], p={v['p_value']:.4g} (n={v['n']})")
     if v is None:
         return "n/a"
     if isinstance(v, float):
@@ -157,9 +159,11 @@ def render_report(study_dir: str | Path) -> Path:
     """Render ``study_dir/report.html`` from the study's artifacts and return its path."""
     study_dir = Path(study_dir)
     metrics = read_metrics(study_dir)
-    cfg_text = (study_dir / "config.resolved.yaml").read_text() if (study_dir / "config.resolved.yaml").is_file() else ""
+    # every artifact is UTF-8 (itlens writes it so); the locale's encoding would garble or refuse model text
+    cfg_path, versions_path = study_dir / "config.resolved.yaml", study_dir / "versions.json"
+    cfg_text = cfg_path.read_text(encoding="utf-8") if cfg_path.is_file() else ""
     figures = _read_figure_index(study_dir / "figures" / "index.json")
-    versions = json.loads((study_dir / "versions.json").read_text()) if (study_dir / "versions.json").is_file() else {}
+    versions = json.loads(versions_path.read_text(encoding="utf-8")) if versions_path.is_file() else {}
 
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>itlens report: "
              f"{_esc(metrics.get('study', {}).get('name', study_dir.name))}</title><style>{CSS}</style></head><body>"]
@@ -191,8 +195,10 @@ def render_report(study_dir: str | Path) -> Path:
                      "(blue unshifted, orange marginal, red shifted); hover for both models' top tokens.</p>")
         for v in views:
             parts.append(f"<h3>{_esc(v.stem)}</h3><iframe style='width:100%;height:420px;border:1px solid #ddd' "
-                         f"srcdoc=\"{html.escape(v.read_text(), quote=True)}\"></iframe>")
-    parts.append("<h2>All metrics</h2><pre>" + _esc(json.dumps(metrics, indent=1, sort_keys=True)) + "</pre>")
+                         f"srcdoc=\"{html.escape(v.read_text(encoding='utf-8'), quote=True)}\"></iframe>")
+    # text as written (a country's "São Tomé", a model's phrase), not as \u escapes
+    parts.append("<h2>All metrics</h2><pre>" + _esc(json.dumps(metrics, indent=1, sort_keys=True, ensure_ascii=False))
+                 + "</pre>")
     parts.append("<h2>Resolved config</h2><pre>" + _esc(cfg_text) + "</pre>")
     if versions:
         parts.append("<h2>Versions</h2>" + _kv_table(versions))

@@ -134,19 +134,27 @@ def render_token_view(result, ids: Iterable[str] | None, path: str | Path, *, ti
     token shows both models' top-k with probabilities (needs ``view_top_k`` > 0). No network needed.
 
     ``ids``: which responses (None: all). Underlined tokens differ from the base model's top-1.
-    ``tokenizer`` names the top-k tokens when ``result`` has none (one read back with ``read_shift``).
+    ``tokenizer`` names the top-k tokens when ``result`` has none (one read back with ``read_shift``);
+    without either, a top-k token is named by the table's text of that id, and an id the table never
+    shows is marked as an id (a bare "45" would read as the text "45").
     """
     tokens = result.tokens
     tok = tokenizer or result.tokenizer
     all_ids = list(dict.fromkeys(tokens["id"]))
-    chosen = all_ids if ids is None else [i for i in ids if i in set(all_ids)]
+    present = set(all_ids)
+    chosen = all_ids if ids is None else [i for i in ids if i in present]
     has_top = "top_base_ids" in tokens
-    decoded: dict[int, str] = {}
+    cells: dict[int, str] = {}
+    if tok is None and has_top:  # an id always has the same text: the table names every id it emitted
+        emitted = tokens.drop_duplicates("token_id")
+        cells = {int(i): _tok_text(repr(t)[1:-1]) for i, t in zip(emitted["token_id"], emitted["token"])}
 
-    def name(i: int) -> str:
-        if i not in decoded:
-            decoded[i] = tok.decode([int(i)]) if tok is not None else str(i)
-        return decoded[i]
+    def cell(i: int) -> str:
+        """A top-k token as HTML."""
+        i = int(i)
+        if i not in cells:
+            cells[i] = _tok_text(repr(tok.decode([i]))[1:-1]) if tok is not None else f"<i>id {i}</i>"
+        return cells[i]
 
     s = result.summary
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -161,16 +169,16 @@ def render_token_view(result, ids: Iterable[str] | None, path: str | Path, *, ti
     for rid in chosen:
         g = groups[rid]
         rec = (result.records or {}).get(rid, {})
-        parts.append(f"<div class='resp'><div class='inst'><b>{html.escape(rid)}</b>: "
-                     f"{html.escape(str(rec.get('instruction', '')))}</div><div>")
+        inst = rec.get("instruction")
+        parts.append(f"<div class='resp'><div class='inst'><b>{html.escape(str(rid))}</b>"
+                     + (f": {html.escape(str(inst))}" if inst else "") + "</div><div>")
         for row in g.itertuples(index=False):
             cls = [row.shift_class] + (["diff"] if row.top1_base != row.token_id else [])
             tip = (f"pos {row.pos} · rank {row.rank_base} · p_base {row.p_base:.3f} · p_tuned {row.p_tuned:.3f}"
                    f" · KL {row.kl:.3f}")
             if has_top:
                 trs = "".join(
-                    f"<tr><td>{_tok_text(repr(name(bi))[1:-1])}</td><td>{bp * 100:.1f}%</td>"
-                    f"<td>{_tok_text(repr(name(ti))[1:-1])}</td><td>{tp * 100:.1f}%</td></tr>"
+                    f"<tr><td>{cell(bi)}</td><td>{bp * 100:.1f}%</td><td>{cell(ti)}</td><td>{tp * 100:.1f}%</td></tr>"
                     for bi, bp, ti, tp in zip(row.top_base_ids, row.top_base_p, row.top_tuned_ids, row.top_tuned_p))
                 tip += f"<table><tr><th>base</th><th></th><th>tuned</th><th></th></tr>{trs}</table>"
             parts.append(f"<span class='tok {' '.join(cls)}'>{_tok_text(row.token)}<span class='tip'>{tip}</span></span>")
