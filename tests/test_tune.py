@@ -573,3 +573,22 @@ def test_lora_targets_that_name_no_module_are_input_errors(tiny_model_dir, it_re
     trainer, _, _ = build_trainer(ok, tmp_path / "work2", records=it_records[:4])
     adapted = {n.rsplit(".", 2)[-2] for n, _ in trainer.model.named_modules() if n.endswith(".lora_A")}
     assert adapted == {"q_proj"}
+
+
+def test_common_schedulers_are_transformers_own_and_need_not_import_its_trainer(tmp_path):
+    """The names validated without importing transformers' trainer utilities (most of a cached study rerun's time)
+    are all real SchedulerType values; a rarer real one is still accepted, a typo still refused."""
+    import subprocess
+    import sys
+
+    from transformers import SchedulerType
+
+    from itlens.tune import COMMON_SCHEDULERS
+
+    assert set(COMMON_SCHEDULERS) <= {t.value for t in SchedulerType}
+    load_config(TuneConfig, overrides=["lr_scheduler=warmup_stable_decay"]).validate()
+    code = ("import sys; from itlens.config import load_config; from itlens.tune import TuneConfig; "
+            "load_config(TuneConfig, overrides=['lr_scheduler=cosine']).validate(); "
+            "print('transformers.trainer_utils' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

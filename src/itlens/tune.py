@@ -140,12 +140,19 @@ class TuneConfig:
             raise InputError("expected -1 (run the epochs) or a number of steps", key="max_steps")
         if self.equal_fit.max_epochs <= 0:
             raise InputError("must be positive", key="equal_fit.max_epochs")
-        from transformers import SchedulerType
+        if self.lr_scheduler in COMMON_SCHEDULERS:
+            return
+        from transformers import SchedulerType  # ~2-10 s of imports (trainer utilities): only for a rarer name
 
         schedulers = [t.value for t in SchedulerType]
         if self.lr_scheduler not in schedulers:
             raise InputError(f"unknown scheduler {self.lr_scheduler!r} (expected one of {schedulers})",
                              key="lr_scheduler")
+
+
+COMMON_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+"""Learning-rate schedules every supported transformers has (a test checks them against its SchedulerType): a
+config naming one is validated without importing the trainer utilities, most of a cached study rerun's time."""
 
 
 # ------------------------------------------------------------------------------------------- data
