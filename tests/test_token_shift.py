@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import warnings
 
@@ -827,3 +828,215 @@ def test_generated_ids_may_be_numpy_integers(models, tiny_tokenizer):
                         base_context="template")
     assert res.tokens["token_id"].tolist() == gen and res.summary["n_generated_ids_differ"] == 1
     assert token_ids_problem([np.bool_(True)]).startswith("expected non-negative integer token ids, got")
+
+
+# ---------------------------------------------- the generated ids' character spans, decoded in windows
+def _generated_encoding_reference(tokenizer, prompt, response, generated, special):
+    """token_shift._generated_encoding as it was: every prefix of the ids decoded (quadratic), kept as the
+    reference that the windowed decoding must reproduce exactly."""
+    from itlens.templates import encode_prompt
+
+    if not generated or max(generated) >= len(tokenizer) or not special.isdisjoint(generated):
+        return None
+    full = tokenizer.decode(generated, skip_special_tokens=True)
+    lead = len(full) - len(full.lstrip())
+    if not full.startswith(response, lead):
+        return None
+    prefixes = tokenizer.batch_decode([generated[:k] for k in range(1, len(generated) + 1)],
+                                      skip_special_tokens=True)
+    ends_full = np.array([len(os.path.commonprefix([t, full])) for t in prefixes], dtype=np.int64)
+    ends_full = np.maximum.accumulate(ends_full)
+    starts_full = np.concatenate([[0], ends_full[:-1]])
+    response_end = lead + len(response)
+    after = full[response_end:]
+    beyond = response_end + len(after) - len(after.lstrip())
+    fused_end = beyond < len(full)
+    if fused_end and starts_full[-1] > beyond:
+        return None
+    keep = len(generated) - fused_end
+    offsets = np.clip(starts_full[:keep] - lead, 0, len(response))
+    ends = np.clip(ends_full[:keep] - lead, 0, len(response))
+    return encode_prompt(tokenizer, prompt), list(generated[:keep]), offsets, ends, fused_end
+
+
+ODD_TEXTS = ["Ça va? Très bien, merci!", "漢字 and 😀😀 emoji 👩‍👩‍👧 family",
+             "don 't do that . it 's a ' test ' , ok ?", "\n\nthe city\n\n\n is   far .", "a\u00a0b\tc",
+             "ends in 😀", "\ufffd literal \ufffd\ufffd text", "Ünïcödé ñ ß ø å",
+             "the doctor works at the university of the north.", "漢字" * 40, "\ufffd" * 30 + "字 " + "\ufffd" * 10]
+
+
+def _fast_tokenizer(t, **kw):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=t, **kw)
+
+
+def _llama2_like_tokenizer():
+    """Metaspace-style BPE with byte fallback, as Llama-2's and Mistral's: characters outside the vocabulary
+    are <0xXX> byte tokens, a run of them decodes to U+FFFD per byte unless it is valid UTF-8 as a whole,
+    and the decoder strips the first token's leading space."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from conftest import tiny_corpus
+
+    t = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.train_from_iterator(tiny_corpus(), trainers.BpeTrainer(vocab_size=200, min_frequency=1, show_progress=False,
+                                                             special_tokens=["<unk>", "<s>", "</s>"]))
+    spec = json.loads(t.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    t = Tokenizer.from_str(json.dumps(spec))
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    return _fast_tokenizer(t, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                           clean_up_tokenization_spaces=False)
+
+
+def _unigram_tokenizer():
+    """A SentencePiece-style Unigram model with Metaspace pieces (T5's, ALBERT's), decoded with the word
+    clean-up (' .' -> '.', " n't" -> "n't") that transformers applies to non-BPE models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from conftest import tiny_corpus
+
+    t = Tokenizer(models.Unigram())
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Metaspace()
+    t.train_from_iterator(tiny_corpus() + ["don't it's a ' test' , ok ? . !"] * 5, trainers.UnigramTrainer(
+        vocab_size=150, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>", show_progress=False))
+    return _fast_tokenizer(t, bos_token="<s>", eos_token="</s>", unk_token="<unk>", clean_up_tokenization_spaces=True)
+
+
+class _ShoutingDecoder:
+    """A decoder whose last token can change every character before it: the whole text is upper-cased once
+    it holds 'doctor' (no real decoder reaches this far; the windows must still give every prefix's text)."""
+
+    def decode_chain(self, tokens):
+        text = "".join(tokens).replace("▁", " ")
+        return [text.upper() if "doctor" in text else text]
+
+
+def _decoding_tokenizer(name: str, tiny):
+    import copy
+
+    from tokenizers import decoders
+
+    if name == "byte_level":
+        return tiny
+    if name == "byte_level_cleanup":  # transformers skips the clean-up for BPE unless told it may corrupt
+        tok = copy.deepcopy(tiny)
+        tok.clean_up_tokenization_spaces = True
+        tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+        return tok
+    if name == "metaspace_byte_fallback":
+        return _llama2_like_tokenizer()
+    if name == "unigram":
+        return _unigram_tokenizer()
+    tok = _unigram_tokenizer()
+    tok.backend_tokenizer.decoder = decoders.Decoder.custom(_ShoutingDecoder())  # (one that cannot be copied)
+    return tok
+
+
+def _id_sequences(tok, seed: int, n: int) -> list[list[int]]:
+    """Random ids, and odd texts' ids cut, joined, repeated and with ids dropped or inserted (a byte run
+    broken inside a character, a space token before punctuation, ...)."""
+    from itlens.tokenizer import answer_stop_ids
+
+    rng = random.Random(seed)
+    usable = sorted(set(range(len(tok))) - set(answer_stop_ids(tok)))
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in ODD_TEXTS]
+    out = []
+    for i in range(n):
+        if i % 3 == 0:
+            ids = [rng.choice(usable) for _ in range(rng.randint(1, 90))]
+        else:
+            ids = [t for _ in range(rng.randint(1, 6)) for t in rng.choice(encoded)]
+            for _ in range(rng.randint(0, 3)):
+                k = rng.randrange(len(ids) + 1)
+                if rng.random() < 0.5 and ids:
+                    del ids[min(k, len(ids) - 1)]
+                else:
+                    ids.insert(k, rng.choice(usable))
+            ids = ids[: rng.randint(1, len(ids) + 1)] or [rng.choice(usable)]
+        out.append(ids)
+    return out
+
+
+@pytest.mark.parametrize("name", ["byte_level", "byte_level_cleanup", "metaspace_byte_fallback", "unigram",
+                                  "non_local"])
+def test_windowed_decoding_gives_every_prefix_its_own_text(tiny_tokenizer, name):
+    """The generated ids' character spans come from decoding windows of a few ids, not every prefix (which
+    was quadratic: 2 s for a 2048-token answer). Over random and odd id sequences (multi-byte characters
+    split over byte tokens, byte-fallback runs made invalid, the first token's stripped space, clean-up
+    merges, a decoder whose last token changes everything), each prefix agrees with the whole text exactly
+    as far as the old algorithm found, and the encodings are the same."""
+    from itlens.analysis.token_shift import _generated_encoding, _prefix_agreement
+    from itlens.tokenizer import answer_stop_ids
+
+    tok = _decoding_tokenizer(name, tiny_tokenizer)
+    special = set(answer_stop_ids(tok))
+    rng = random.Random(7)
+    for ids in _id_sequences(tok, seed=len(name), n=150):
+        full = tok.decode(ids, skip_special_tokens=True)
+        prefixes = tok.batch_decode([ids[:k] for k in range(1, len(ids) + 1)], skip_special_tokens=True)
+        want = [len(os.path.commonprefix([t, full])) for t in prefixes]
+        assert _prefix_agreement(tok, ids, full).tolist() == want, (name, ids)
+        stripped = full.strip()
+        for response in (stripped, stripped[: rng.randint(0, len(stripped))].strip()):
+            got = _generated_encoding(tok, "where is the city?", response, ids, special)
+            ref = _generated_encoding_reference(tok, "where is the city?", response, ids, special)
+            assert (got is None) == (ref is None), (name, ids, response)
+            if ref is not None:
+                assert got[0] == ref[0] and got[1] == ref[1] and got[4] == ref[4]
+                assert got[2].tolist() == ref[2].tolist() and got[3].tolist() == ref[3].tolist()
+
+
+def test_windowed_decoding_decodes_each_id_a_bounded_number_of_times(tiny_tokenizer):
+    """Linear time: a 1000-token answer decodes about 1000 windows of at most a few dozen ids (before,
+    every prefix: half a million ids)."""
+    import copy
+
+    from itlens.analysis.token_shift import _generated_encoding
+    from itlens.tokenizer import answer_stop_ids
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    decoded = []
+    real = tok._decode
+    tok._decode = lambda token_ids, **kw: decoded.append(len(token_ids)) or real(token_ids, **kw)
+    ids = tok(" ".join(r["response"] for r in _records(5, 40)) + " 漢字 😀.", add_special_tokens=False)["input_ids"]
+    ids = (ids * (1000 // len(ids) + 1))[:1000]
+    full = tok.decode(ids)
+    decoded.clear()
+    assert _generated_encoding(tok, "where?", full.strip(), ids, set(answer_stop_ids(tok))) is not None
+    assert sum(decoded) <= 40 * len(ids), sum(decoded)
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_an_answer_of_whitespace_only_is_empty(models, tiny_tokenizer, finish):
+    """generate writes an answer that is only whitespace as response '' with its whitespace ids (a model that
+    ends its turn after '\\n\\n', or writes newlines until max_new_tokens). It has no visible text: it is
+    empty, like an answer of no tokens, counted in n_empty and scored on no rows (before, its whitespace
+    tokens were scored as the answer and it was not counted empty); a text of spaces alone is too."""
+    from itlens.generate import _response_record
+    from itlens.tokenizer import END, answer_stop_ids
+
+    base, tuned = models
+    tok = tiny_tokenizer
+    prompts = _records(14, 4)
+    blank = tok("\n\n \n", add_special_tokens=False)["input_ids"]
+    end = [tok.convert_tokens_to_ids(END)] if finish == "stop" else []
+    recs = [_response_record(p, ids + end, tok, answer_stop_ids(tok), [END], max_new_tokens=len(ids + end),
+                             mode="chat", model="m")
+            for p, ids in zip(prompts, [blank, tok(prompts[1]["response"], add_special_tokens=False)["input_ids"],
+                                        [], blank[:1]])]
+    recs.append({**prompts[3], "id": "spaces", "response": "  \n "})  # another tool's unstripped text
+    assert [r["response"] for r in recs][::2] == ["", "", "  \n "] and recs[0]["response_token_ids"] == blank
+    assert [r["finish"] for r in recs[:2]] == [finish, finish]
+    res = compute_shift(base, tuned, recs, tokenizer=tok, base_context="template")
+    assert res.tokens["id"].unique().tolist() == [recs[1]["id"]]
+    assert res.summary["n_empty"] == 4 and res.summary["n_tokens"] == len(res.tokens)
+    alone = compute_shift(base, tuned, recs[1:2], tokenizer=tok, base_context="template")
+    assert res.tokens.equals(alone.tokens)
