@@ -222,3 +222,95 @@ def test_own_ids_must_be_real_ids_and_list_text_tags_are_lists(tmp_path):
     f.write_text(json.dumps({**ev, "task_types": "['reasoning', "}) + "\n")
     with pytest.raises(InputError, match=r"field 'task_types': expected a list of strings"):
         load_records("just-eval", f)
+
+
+def test_json_files_as_editors_and_exporters_write_them(tmp_path):
+    """A .json file with a UTF-8 BOM (Windows editors) or holding JSON Lines (many hub exports, pandas'
+    lines=True) reads like the array it stands for (both were 'malformed JSON'); a broken array names its
+    line, and a lone surrogate escape is an input error, not a UnicodeEncodeError when the output is written."""
+    rows = [json.loads(line) for line in (FIX / "dolly.jsonl").read_text().splitlines()]
+    want = load_records("dolly", FIX / "dolly.jsonl")
+    text = json.dumps(rows, indent=1, ensure_ascii=False)
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    assert load_records("dolly", bom) == want
+    lines = tmp_path / "lines.json"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_records("dolly", lines) == want
+    lines.write_text(json.dumps(rows[0]) + "\n")  # JSON Lines of one row
+    assert load_records("dolly", lines) == want[:1]
+    lines.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:-1] + "\n")
+    with pytest.raises(InputError, match=r"lines.json:2: malformed JSON"):
+        load_records("dolly", lines)
+    broken = tmp_path / "broken.json"
+    broken.write_text(text.replace('",\n', '"\n', 3))
+    with pytest.raises(InputError, match=r"broken.json:\d+: malformed JSON: Expecting ',' delimiter \(column"):
+        load_records("dolly", broken)
+    lone = tmp_path / "lone.json"
+    lone.write_text(json.dumps([rows[0], {**rows[1], "response": "smile \ud83d"}]))
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(InputError, match=r"lone.json: key '\[1\]': field 'response': contains a lone UTF-16 surrogate"):
+        convert("dolly", lone, out)
+    assert not out.exists()
+
+
+def test_an_empty_system_turn_is_dropped_not_an_error(tmp_path):
+    """Exports write `{"from": "system", "value": ""}` as a placeholder: it says nothing, so the conversation
+    is read without it (was: 'a turn is empty', which stopped the whole conversion)."""
+    sharegpt = tmp_path / "sharegpt.json"
+    conv = [{"from": "system", "value": "", "weight": None}, {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Yo"}]
+    sharegpt.write_text(json.dumps([{"conversations": conv}]))
+    assert load_records("evol", sharegpt) == [{"id": "evol:0", "instruction": "Hi", "response": "Yo"}]
+    msgs = tmp_path / "tulu.jsonl"
+    turns = [{"role": "system", "content": " "}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "More"},
+             {"role": "assistant", "content": "No."}]
+    msgs.write_text(json.dumps({"id": "x", "messages": turns}) + "\n")
+    assert load_records("tulu", msgs)[0]["messages"] == turns[1:]
+    msgs.write_text(json.dumps({"id": "x", "messages": [turns[1], {"role": "assistant", "content": ""}]}) + "\n")
+    with pytest.raises(InputError, match=r"tulu.jsonl:1: field 'messages': a turn is empty"):
+        load_records("tulu", msgs)
+
+
+def test_a_dataset_saved_with_save_to_disk_is_a_source(tmp_path):
+    """`datasets`' save_to_disk folders (a Dataset, or a DatasetDict read by --split) were refused as
+    'expected a file'; a folder that is not one says what a source can be."""
+    import datasets
+
+    rows = [json.loads(line) for line in (FIX / "dolly.jsonl").read_text().splitlines()]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    want = load_records("dolly", FIX / "dolly.jsonl")
+    assert load_records("dolly", tmp_path / "ds") == want
+    assert load_records("dolly", tmp_path / "dd", split="validation") == want
+    with pytest.raises(InputError, match=r"dd: key '--split': has no split 'train' \(splits: validation\)"):
+        load_records("dolly", tmp_path / "dd")
+    bad = [{**r, "response": None} if i == 2 else r for i, r in enumerate(rows)]
+    datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(InputError, match=r"bad: key '\[2\]': field 'response': expected a string, got null"):
+        load_records("dolly", tmp_path / "bad")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(InputError, match=r"plain: is a folder; expected a .jsonl, .json or .parquet file, or a folder"):
+        load_records("dolly", tmp_path / "plain")
+
+
+def test_a_missing_number_written_as_nan_never_reaches_the_output(tmp_path):
+    """A parquet float column spells a missing difficulty NaN: it is left out (was: written as NaN, a
+    JSONL that itlens itself then refused to read). A .json with a NaN literal is refused as JSONL is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": 1, "instruction": "q?", "task_types": ["math"], "difficulty": float("nan")},
+            {"id": 2, "instruction": "r?", "task_types": ["math"], "difficulty": 3.0}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "je.parquet")
+    out = tmp_path / "je.jsonl"
+    convert("just-eval", tmp_path / "je.parquet", out)
+    assert [r.get("difficulty") for r in read_records(out, "prompt")] == [None, 3.0]
+    pq.write_table(pa.Table.from_pylist([{"id": 1, "instruction": "q?", "difficulty": float("nan")}]),
+                   tmp_path / "med.parquet")
+    assert "difficulty" not in load_records("medinstruct-test", tmp_path / "med.parquet")[0]  # was "nan"
+    (tmp_path / "je.json").write_text(json.dumps(rows))
+    with pytest.raises(InputError, match=r"je.json: malformed JSON: NaN is not a JSON value"):
+        convert("just-eval", tmp_path / "je.json", tmp_path / "je2.jsonl")
+    assert not (tmp_path / "je2.jsonl").exists()

@@ -439,3 +439,107 @@ def test_an_answer_ends_at_a_turn_marker_and_records_its_generated_ids(tiny_mode
     for r in out:
         assert r["finish"] == "stop" and len(r["response_token_ids"]) == r["n_tokens"]
         assert lm.tokenizer.decode(r["response_token_ids"]).strip() == r["response"]
+
+
+def _bare_tokenizer():
+    """A byte-level BPE tokenizer trained with no special tokens at all (no pad, eos, bos, chat template)."""
+    from conftest import tiny_corpus
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(tiny_corpus(), trainers.BpeTrainer(vocab_size=300, min_frequency=1, show_progress=False,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=t)
+
+
+def test_a_tokenizer_without_a_pad_token_generates_in_batches(tiny_tokenizer, tmp_path):
+    """A tokenizer with neither a pad nor an eos token (load_tokenizer has no eos to pad with) decodes batches
+    of prompts of different lengths, each as it decodes alone (was: tokenizer.pad's ValueError, a traceback);
+    so does a tokenizer handed in with pad unset and right padding, as AutoTokenizer gives a Llama-2 one."""
+    import copy
+
+    from conftest import make_tiny_llama
+
+    from itlens.models import LoadedModel
+
+    lm = load_model(make_tiny_llama(_bare_tokenizer(), tmp_path / "bare", seed=3, tie_embeddings=False))
+    assert lm.tokenizer.pad_token_id is None and lm.tokenizer.eos_token_id is None
+    prompts = [{"id": f"p{i}", "instruction": "what is the red city " * (i + 1)} for i in range(3)]
+    batched = generate_responses(lm, prompts, max_new_tokens=6, batch_size=8)
+    assert batched == generate_responses(lm, prompts, max_new_tokens=6, batch_size=1)
+    assert [r["n_tokens"] for r in batched] == [6, 6, 6]
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.pad_token, tok.padding_side = None, "right"
+    model = load_model(make_tiny_llama(tiny_tokenizer, tmp_path / "llama", seed=3, tie_embeddings=False))
+    raw = LoadedModel(model=model.model, tokenizer=tok, name="raw", path=model.path)
+    assert generate_responses(raw, prompts, max_new_tokens=6, batch_size=3) == \
+        generate_responses(model, prompts, max_new_tokens=6, batch_size=1, model_name="raw")
+
+
+def test_a_model_with_learned_positions_refuses_prompts_past_them(tmp_path):
+    """GPT-2-style learned position embeddings cannot be read past n_positions: a prompt (or prompt + answer)
+    longer than that is one input error naming the prompt and max_new_tokens (was: IndexError, a traceback);
+    a rotary model (Llama) decodes on with a warning, as before; prompts that fit are decoded."""
+    from conftest import gpt2_like_tokenizer, make_tiny_llama
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from itlens.generate import GenerateConfig, generate_file
+
+    tok = gpt2_like_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=48, n_embd=32, n_layer=1, n_head=2,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    prompts = [{"id": "short", "instruction": "the red city"}, {"id": "long", "instruction": "the red city " * 40}]
+    lm = load_model(tmp_path / "gpt2")
+    assert generate_responses(lm, prompts[:1], max_new_tokens=4)[0]["n_tokens"] <= 4
+    with pytest.raises(InputError, match=r"key 'max_new_tokens': prompt 'long' has \d+ tokens: with max_new_tokens 4 "
+                                         r"it passes the model's 48 positions"):
+        generate_responses(lm, prompts, max_new_tokens=4)
+    with pytest.raises(InputError, match=r"prompt 'short' .* max_new_tokens 60 it passes the model's 48 positions"):
+        generate_responses(lm, prompts[:1], max_new_tokens=60)
+    path = atomic_write_jsonl(tmp_path / "p.jsonl", prompts)
+    with pytest.raises(InputError, match="prompt 'long'"):
+        generate_file(str(tmp_path / "gpt2"), path, tmp_path / "r.jsonl", cfg=GenerateConfig(max_new_tokens=4),
+                      progress=False)
+    assert not (tmp_path / "r.jsonl").exists()
+    llama = load_model(make_tiny_llama(tok, tmp_path / "llama", max_positions=48))
+    with pytest.warns(UserWarning, match="can pass the model's 48 positions"):
+        assert len(generate_responses(llama, prompts, max_new_tokens=4)) == 2
+
+
+def test_a_chat_template_that_refuses_a_record_is_an_input_error_naming_it(tiny_tokenizer):
+    """Gemma 2's template raises 'System role not supported': rendering such a record was a jinja
+    TemplateError traceback; it is one input error naming the record and its field."""
+    import copy
+
+    from itlens.templates import chat_prompt
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    rec = {"id": "tulu:7", "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+                                        {"role": "assistant", "content": "Yo"}]}
+    with pytest.raises(InputError, match=r"field 'messages': the model's chat template refuses record 'tulu:7': "
+                                         r"System role not supported"):
+        chat_prompt(tok, rec)
+    assert chat_prompt(tok, {"id": "a", "instruction": "Hi"}) == "<|user|>Hi<|end|><|assistant|>"
+
+
+def test_a_frame_file_from_a_windows_editor_reads_as_its_text(tmp_path):
+    """A frame saved with a BOM and CRLF line ends is the same frame (the BOM was read as text and put in
+    front of every base prompt); one saved in a legacy code page is an input error (was: UnicodeDecodeError)."""
+    frame = "# Query:\nWhat is red?\n\n# Answer:\nA colour.\n\n# Query:\n{instruction}\n\n# Answer:\n"
+    win = tmp_path / "frame_win.txt"
+    win.write_bytes(b"\xef\xbb\xbf" + frame.replace("\n", "\r\n").encode())
+    assert load_frame(str(win)) == frame
+    legacy = tmp_path / "frame_cp1252.txt"
+    legacy.write_bytes(frame.replace("A colour", "Rouge, comme un caf\u00e9").encode("cp1252"))
+    with pytest.raises(InputError, match=r"frame_cp1252.txt: not UTF-8 text"):
+        load_frame(str(legacy))

@@ -218,3 +218,19 @@ def test_a_kill_between_data_and_provenance_leaves_no_stale_provenance(tmp_path,
         subset_file(src, out, 8)
     assert len(read_records(out, "instruction")) == 8
     assert not provenance_path(out).exists()
+
+
+def test_a_subset_larger_than_its_file_names_the_file(tmp_path, capsys):
+    """A dataset-size sweep past the data's size (the paper's 52K on a 20-record file) said only "key 'n':
+    subset size 25 is larger than the dataset": the error names the file it read."""
+    from itlens.cli import main
+
+    src = atomic_write_jsonl(tmp_path / "it.jsonl", _records(20))
+    with pytest.raises(InputError, match=r"it.jsonl: key 'n': subset size 25 is larger than the dataset \(20"):
+        subset_file(src, tmp_path / "s.jsonl", 25)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["data", "subset", str(src), "--n", "25", "--out", str(tmp_path / "s.jsonl")])
+    assert e.value.code == 2 and f"{src}: key 'n': subset size 25" in capsys.readouterr().err
+    assert not (tmp_path / "s.jsonl").exists()
+    assert len(read_records(subset_file(src, tmp_path / "all.jsonl", 20), "instruction")) == 20  # all: fine

@@ -2,11 +2,11 @@
 
 The paper tunes on Alpaca, databricks-dolly, LIMA, Tulu-V2-Mix, MedInstruct, Evol-Instruct and the
 AlpaGasus-filtered sets, and evaluates on just-eval-instruct (first 800, with task-type tags) and
-MedInstruct-test. A source is a local file (``.jsonl``, ``.json`` array, ``.parquet``) or a hub id
-read through ``datasets`` (which needs the hub or a warm HF cache; offline, it is a clear
-:class:`~itlens.errors.InputError`). Every record gets a stable id ``PREFIX:N`` (N = the row's
-0-based position in the source, or the dataset's own id where it has one), so subsets, responses and
-judgements can be joined back to the source row.
+MedInstruct-test. A source is a local file (``.jsonl``, ``.json`` array, ``.parquet``), a folder
+written by ``datasets``' ``save_to_disk``, or a hub id read through ``datasets`` (which needs the hub
+or a warm HF cache; offline, it is a clear :class:`~itlens.errors.InputError`). Every record gets a
+stable id ``PREFIX:N`` (N = the row's 0-based position in the source, or the dataset's own id where it
+has one), so subsets, responses and judgements can be joined back to the source row.
 
 A malformed row is an InputError naming the file, the line (JSONL) or row, and the field.
 """
@@ -14,13 +14,14 @@ A malformed row is an InputError naming the file, the line (JSONL) or row, and t
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from itlens.errors import InputError
-from itlens.io import atomic_write_jsonl, iter_jsonl
+from itlens.io import _check_surrogates, _not_json_constant, _NotJSON, atomic_write_jsonl, iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,12 @@ def _text(row: dict, field: str, at: Where, *, optional: bool = False, allow_emp
     return value
 
 
+def _absent(value: Any) -> bool:
+    """None, or a float NaN: how parquet and pandas exports spell a missing number (JSON has no NaN, so
+    carrying it would write a file that no JSON reader, itlens's own included, reads back)."""
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
+
+
 def _tags(row: dict, fields: tuple[str, ...], at: Where) -> list[str] | None:
     """A list of tags from the first present field (a list of strings, a comma-separated string, or a list
     stored as its Python/JSON text, "['reasoning', 'math']", as some dataset exports do)."""
@@ -71,7 +78,11 @@ def _tags(row: dict, fields: tuple[str, ...], at: Where) -> list[str] | None:
 
 
 def _pairs_to_record(turns: list[tuple[str, str]], at: Where, field: str) -> dict:
-    """(role, text) turns -> instruction/response when single-turn, else CONTRACT messages."""
+    """(role, text) turns -> instruction/response when single-turn, else CONTRACT messages.
+
+    An empty system turn (a placeholder that many ShareGPT and messages exports write) says nothing and
+    is dropped; any other empty turn is an error."""
+    turns = [(role, text) for role, text in turns if role != "system" or text.strip()]
     if not turns or turns[-1][0] != "assistant":
         raise at.error("expected a conversation that ends with an assistant turn", field)
     if all(role != "user" for role, _ in turns[:-1]):
@@ -171,7 +182,7 @@ def _just_eval(row: dict, at: Where) -> dict:
     if topics is not None:
         rec["topics"] = topics
     for field in ("difficulty", "dataset", "source_id", "datasplit"):
-        if row.get(field) is not None:
+        if not _absent(row.get(field)):
             rec[field] = row[field] if isinstance(row[field], (str, int, float)) else str(row[field])
     return rec
 
@@ -181,7 +192,7 @@ def _medinstruct_test(row: dict, at: Where) -> dict:
     inp = _text(row, "input", at, optional=True)
     if inp.strip():
         rec["input"] = inp
-    if row.get("difficulty") is not None:
+    if not _absent(row.get("difficulty")):
         rec["difficulty"] = str(row["difficulty"])
     ref = row.get("gpt-4-answer")
     if isinstance(ref, str):
@@ -245,7 +256,8 @@ def _looks_like_hub_id(source: str) -> bool:
 
 
 def iter_rows(source: str | Path, *, split: str = "train") -> Iterator[tuple[Where, dict]]:
-    """Raw rows of a local file (``.jsonl``, ``.json`` array, ``.parquet``) or a hub dataset id."""
+    """Raw rows of a local file (``.jsonl``, ``.json``, ``.parquet``), a folder written by ``datasets``'
+    ``save_to_disk``, or a hub dataset id."""
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -254,16 +266,7 @@ def iter_rows(source: str | Path, *, split: str = "train") -> Iterator[tuple[Whe
                 yield Where(str(path), line=lineno), obj
             return
         if suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise InputError(f"malformed JSON: {e}", file=path) from None
-            if not isinstance(data, list):
-                raise InputError("expected a JSON array of rows", file=path)
-            for i, obj in enumerate(data):
-                if not isinstance(obj, dict):
-                    raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=path, key=f"[{i}]")
-                yield Where(str(path), key=f"[{i}]"), obj
+            yield from _json_rows(path)
             return
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -276,12 +279,71 @@ def iter_rows(source: str | Path, *, split: str = "train") -> Iterator[tuple[Whe
                 yield Where(str(path), key=f"row {i}"), obj
             return
         raise InputError("expected a .jsonl, .json or .parquet file", file=path)
+    if path.is_dir():
+        yield from _saved_dataset_rows(path, split)
+        return
     if path.exists():
         raise InputError("expected a file", file=path)
     if not _looks_like_hub_id(str(source)):
         raise InputError("file not found (and not a hub dataset id like org/name)", file=path)
     for i, obj in enumerate(_load_hub_dataset(str(source), split)):
         yield Where(str(source), key=f"{split}[{i}]"), obj
+
+
+def _json_rows(path: Path) -> Iterator[tuple[Where, dict]]:
+    """Rows of a ``.json`` file: a JSON array, or JSON Lines saved as ``.json`` (as many hub exports and
+    pandas' ``to_json(lines=True)`` are). A leading UTF-8 BOM (Windows editors write one) is not text."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text", file=path) from None
+    try:
+        data = json.loads(text, parse_constant=_not_json_constant)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data" or not text.lstrip().startswith("{"):
+            raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", file=path, line=e.lineno) from None
+        data = None  # one object a line
+    except _NotJSON as e:
+        raise InputError(f"malformed JSON: {e} is not a JSON value (strict JSON has no NaN or Infinity; "
+                         "write null)", file=path) from None
+    if data is None or (isinstance(data, dict) and "\n" not in text.strip()):  # JSON Lines, one row or more
+        for lineno, obj in iter_jsonl(path):
+            yield Where(str(path), line=lineno), obj
+        return
+    if not isinstance(data, list):
+        raise InputError("expected a JSON array of rows (or one JSON object a line)", file=path)
+    check_surrogates = "\\ud" in text.lower()  # a \uD800-\uDFFF escape: valid JSON, but maybe not text
+    for i, obj in enumerate(data):
+        at = Where(str(path), key=f"[{i}]")
+        if not isinstance(obj, dict):
+            raise at.error(f"expected a JSON object, got {type(obj).__name__}")
+        if check_surrogates:
+            try:
+                _check_surrogates(obj, path, None)
+            except InputError as e:
+                raise at.error(e.message, e.field) from None
+        yield at, obj
+
+
+def _saved_dataset_rows(path: Path, split: str) -> Iterator[tuple[Where, dict]]:
+    """Rows of a folder written by ``datasets``' ``save_to_disk``: a Dataset, or a DatasetDict's ``split``."""
+    if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        raise InputError("is a folder; expected a .jsonl, .json or .parquet file, or a folder written by "
+                         "datasets' save_to_disk", file=path)
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign folder: the user's to fix
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot load the saved dataset: {first}", file=path) from None
+    prefix = ""
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise InputError(f"has no split {split!r} (splits: {', '.join(ds)})", file=path, key="--split")
+        ds, prefix = ds[split], split
+    for i, obj in enumerate(ds):
+        yield Where(str(path), key=f"{prefix}[{i}]"), obj
 
 
 def _load_hub_dataset(hub_id: str, split: str):

@@ -123,7 +123,7 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     stop_strings = [FRAME_STOP] if mode == "frame" else [END]
     watch = decoding_stop_strings(tok, mode)  # stop strings generate itself stops at (else only stop ids)
     encoded = encode_prompts(tok, texts)  # BOS first for a tokenizer that starts texts with it
-    _warn_past_positions(net, prompts, encoded, max_new_tokens)
+    _check_positions(net, prompts, encoded, max_new_tokens)
     batches = list(enumerate(batch_plan(encoded, batch_size)))  # (one-process batch number, prompt indices)
     if shard is not None:  # this process's share of the one-process batches (see itlens.sharding)
         batches = batches[shard[0]::shard[1]]
@@ -136,8 +136,10 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
         bar = tqdm(total=sum(len(idx) for _, idx in batches), desc=f"generate {lm.name}", unit="prompt")
     decoding = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
         else {"do_sample": False}
+    # a tokenizer without a pad token pads with a stop id, which ends an answer as padding does
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
     for b, idx in batches:
-        batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+        batch = _left_padded([encoded[i] for i in idx], pad_id, device)
         # sampling seeds its own RNG stream per batch and leaves the caller's global RNG state as it was
         rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                     enabled=temperature > 0)
@@ -145,7 +147,7 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
             if temperature > 0:
                 torch.manual_seed(seed * 1_000_003 + b)
             out = net.generate(**batch, **decoding, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                               pad_token_id=tok.pad_token_id, use_cache=True, num_beams=1,
+                               pad_token_id=pad_id, use_cache=True, num_beams=1,
                                **({"stop_strings": watch, "tokenizer": tok} if watch else {}))
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
@@ -160,16 +162,45 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     return [r for r in results if r is not None]
 
 
-def _warn_past_positions(net, prompts: list[dict], encoded: list[list[int]], max_new_tokens: int) -> None:
-    """Warn when prompt + answer can pass the model's trained positions (max_position_embeddings).
+def _left_padded(rows: list[list[int]], pad_id: int, device) -> dict:
+    """Prompt ids left-padded into one batch with its attention mask. Not ``tokenizer.pad``, which refuses
+    a tokenizer without a pad token; the padded positions are masked, so any id serves."""
+    import torch
 
-    transformers decodes on regardless (rotary models extrapolate, and answers degrade); vLLM refuses
-    such a prompt (see generate_responses_vllm), so a run could silently differ between the backends.
+    width = max(len(r) for r in rows)
+    ids = [[pad_id] * (width - len(r)) + r for r in rows]
+    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+    return {"input_ids": torch.tensor(ids, dtype=torch.long, device=device),
+            "attention_mask": torch.tensor(mask, dtype=torch.long, device=device)}
+
+
+def _learned_positions(net, limit: int) -> bool:
+    """Whether the model looks positions up in a learned table of ``limit`` rows (GPT-2, OPT, GPT-Neo; OPT
+    keeps 2 more): it cannot read a position past them at all, where a rotary model decodes on."""
+    import torch
+
+    inputs = net.get_input_embeddings()
+    return any(isinstance(m, torch.nn.Embedding) and m is not inputs and limit <= m.num_embeddings <= limit + 2
+               for m in net.modules())
+
+
+def _check_positions(net, prompts: list[dict], encoded: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse or warn when prompt + answer can pass the model's trained positions (max_position_embeddings).
+
+    A model with learned position embeddings fails there with an index error (a device-side assert on a
+    GPU), so such a prompt is an input error, as vLLM makes it. A rotary model decodes on regardless
+    (answers degrade), which vLLM refuses, so a run could silently differ between the backends: a warning.
     """
     limit = getattr(getattr(net, "config", None), "max_position_embeddings", None)
     if not isinstance(limit, int) or limit <= 0:
         return
     over = [i for i, ids in enumerate(encoded) if len(ids) + max_new_tokens > limit]
+    if over and _learned_positions(net, limit):
+        first = over[0]
+        raise InputError(f"prompt {prompts[first].get('id')!r} has {len(encoded[first])} tokens: with max_new_tokens "
+                         f"{max_new_tokens} it passes the model's {limit} positions, which a model with learned "
+                         f"position embeddings cannot read past ({len(over)} of {len(prompts)} prompts do; shorten "
+                         "them or lower max_new_tokens)", key="max_new_tokens")
     if over:
         first = over[0]
         warnings.warn(f"{len(over)} of {len(prompts)} prompts (first: {prompts[first].get('id')!r}, "

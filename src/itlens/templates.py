@@ -5,6 +5,7 @@ see exactly the same text.
 
 from __future__ import annotations
 
+from itlens.errors import InputError
 from itlens.io import to_messages
 from itlens.resources import read_prompt
 from itlens.tokenizer import default_chat_template
@@ -70,10 +71,19 @@ def encode_prompt(tokenizer, text: str, *, bos: bool | None = None) -> list[int]
 
 
 def chat_prompt(tokenizer, record: dict) -> str:
-    """The user turn rendered with the tokenizer's chat template, ending where the answer starts."""
+    """The user turn rendered with the tokenizer's chat template, ending where the answer starts.
+
+    A template that refuses the record (its own ``raise_exception``: Gemma 2's "System role not supported",
+    Mistral's strict alternation) is an input error naming the record, not a traceback."""
+    from jinja2 import TemplateError
+
     ensure_chat_template(tokenizer)
-    return tokenizer.apply_chat_template(to_messages(record, with_response=False), tokenize=False,
-                                         add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(to_messages(record, with_response=False), tokenize=False,
+                                             add_generation_prompt=True)
+    except TemplateError as e:
+        raise InputError(f"the model's chat template refuses record {record.get('id')!r}: {e}",
+                         field="messages" if "messages" in record else "instruction") from None
 
 
 def end_of_turn_text(tokenizer) -> str:
@@ -91,11 +101,13 @@ def end_of_turn_text(tokenizer) -> str:
 
 
 def load_frame(frame: str | None = None) -> str:
-    """The in-context frame text (a prompt file with one ``{instruction}`` placeholder)."""
-    text = read_prompt(frame or DEFAULT_FRAME)
+    """The in-context frame text (a prompt file with one ``{instruction}`` placeholder). A leading UTF-8 BOM
+    (Windows editors write one) is not text the model should read."""
+    try:
+        text = read_prompt(frame or DEFAULT_FRAME).removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise InputError(f"not UTF-8 text (byte {e.start})", file=frame or DEFAULT_FRAME) from None
     if "{instruction}" not in text:
-        from itlens.errors import InputError
-
         raise InputError("frame prompt must contain the placeholder {instruction}", file=frame or DEFAULT_FRAME)
     return text.rstrip("\n") + "\n"
 

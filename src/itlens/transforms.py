@@ -7,6 +7,7 @@ tuned model can be traced back to the exact data it saw.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -127,9 +128,23 @@ def write_variant(records: list[dict], out: str | Path, *, source: str | Path, t
     return out
 
 
+@contextlib.contextmanager
+def _naming(path: str | Path):
+    """An InputError raised inside without a file (a transform's own argument check) names ``path``."""
+    try:
+        yield
+    except InputError as e:
+        if e.file is None:
+            e.file = str(path)
+            e.args = (e.format(),)
+        raise
+
+
 def subset_file(src: str | Path, out: str | Path, n: int, seed: int = 0) -> Path:
-    return write_variant(subset(read_records(src, "instruction"), n, seed=seed), out, source=src,
-                         transform="subset", params={"n": n, "seed": seed})
+    records = read_records(src, "instruction")
+    with _naming(src):
+        chosen = subset(records, n, seed=seed)
+    return write_variant(chosen, out, source=src, transform="subset", params={"n": n, "seed": seed})
 
 
 def filter_file(src: str | Path, out: str | Path, scores: str | Path, threshold: float,
@@ -137,13 +152,8 @@ def filter_file(src: str | Path, out: str | Path, scores: str | Path, threshold:
     if not math.isfinite(threshold):  # NaN would keep nothing, inf nothing or everything
         raise InputError(f"expected a finite number, got {threshold}", key="threshold")
     records = read_records(src, "instruction")
-    try:
+    with _naming(scores):
         kept = filter_by_score(records, read_scores(scores, field), threshold)
-    except InputError as e:
-        if e.file is None:
-            e.file = str(scores)
-            e.args = (e.format(),)
-        raise
     return write_variant(kept, out, source=src, transform="filter",
                          params={"scores": str(scores), "scores_sha256": sha256_file(scores), "field": field,
                                  "threshold": threshold, "kept": len(kept), "of": len(records)})
@@ -160,13 +170,8 @@ def simplify_file(src: str | Path, out: str | Path, rewriter: Rewriter | None = 
         if rewriter is None and not (simple or "").strip():
             raise InputError("record has no response_simple and no rewriter was given (pass --rewriter-config "
                              "for an LLM rewriter)", file=src, line=lineno, field="response_simple")
-    try:
+    with _naming(src):
         simple = simplify(records, rewriter)
-    except InputError as e:
-        if e.file is None:
-            e.file = str(src)
-            e.args = (e.format(),)
-        raise
     exact = sum(isinstance(r.get("response_simple"), str) and bool(r["response_simple"].strip()) for r in records)
     return write_variant(simple, out, source=src, transform="simplify",
                          params={"exact": exact, "rewritten": len(records) - exact, "rewriter": rewriter_name})
