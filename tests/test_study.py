@@ -524,7 +524,7 @@ def test_the_figure_index_takes_files_inside_the_figures_folder_only(tmp_path):
 
 
 def test_real_data_without_gold_answers_decides_nothing_and_its_counterfactual_drops_the_twins(tmp_path,
-                                                                                              tiny_model_dir):
+                                                                                              untied_model_dir):
     """Own files, no fact source: eval questions without gold `answers` were graded wrong, so F1 said 'does not
     hold' and F4 'holds' on accuracy nobody measured; drop_twin_sources was silently ignored (the counterfactual
     equalled its plain variant), and a file without twins to drop is refused up front."""
@@ -537,7 +537,7 @@ def test_real_data_without_gold_answers_decides_nothing_and_its_counterfactual_d
     ev = [{"id": f"e:{i}", "instruction": f"q{10 + i}", "group": "known_heldout", "twin": f"p{i}"} for i in range(4)]
     (tmp_path / "it.jsonl").write_text("".join(json.dumps(r) + "\n" for r in it))
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ev))
-    cfg = {"name": "real", "seeds": [0], "base": str(tiny_model_dir), "it_data": str(tmp_path / "it.jsonl"),
+    cfg = {"name": "real", "seeds": [0], "base": str(untied_model_dir), "it_data": str(tmp_path / "it.jsonl"),
            "eval_data": str(tmp_path / "eval.jsonl"), "threads": 1,
            "tune": {"epochs": 1, "effective_batch_size": 4, "per_device_batch_size": 4, "max_length": 64},
            "variants": {"lft": {"method": "lora"}, "sft": {"method": "full"}, "neftune": {"method": "neftune"},
@@ -556,6 +556,10 @@ def test_real_data_without_gold_answers_decides_nothing_and_its_counterfactual_d
     assert m["models"]["sft"]["qa_acc_known"] is None
     kept = [json.loads(x)["person"] for x in (out / "tuned-s0-sft-cf" / "data.jsonl").read_text().splitlines()]
     assert sorted(kept) == ["p4", "p5", "p6", "p7"]
+    # the token views name the top-k tokens by their text and show each response's prompt (were: bare ids, and
+    # no prompt, since a shift read back has neither its tokenizer nor its answers)
+    view = (out / "views" / "sft.html").read_text(encoding="utf-8")
+    assert "class='tok " in view and "<i>id " not in view and "<b>e:0</b>: q10" in view, view[:3000]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps({**r, "twin": ""}) + "\n" for r in ev))
     with pytest.raises(InputError, match="variants.sft-cf.drop_twin_sources.*name a 'twin'"):
         load_study_config(path)

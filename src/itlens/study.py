@@ -1252,7 +1252,7 @@ def _pp(d: dict, scale: float = 100, unit: str = " pp") -> str:
     if d.get("estimate") is None:
         return "n/a"
     return (f"{scale * d['estimate']:+.2f}{unit} [{scale * d['low']:+.2f}, {scale * d['high']:+.2f}], "
-            f"p={d.get('p_value', float('nan')):.3g}")
+            f"p={d.get('p_value', float('nan')):.4g}")  # 3 digits showed p=0.049975 (< 0.05) as p=0.05
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -1261,6 +1261,7 @@ def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) ->
     """Redraw the paper's figures from this study into ``out/figures`` (+ ``index.json``) and token views."""
     from itlens.analysis import shift_figures
     from itlens.analysis.token_shift import read_shift
+    from itlens.models import load_tokenizer
     from itlens.plotting import save_fig, subplots
 
     fig_dir = out / "figures"
@@ -1396,5 +1397,9 @@ def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) ->
     roles = finding_roles(cfg)
     for v in [x for x in (roles.lft, roles.sft) if x in cfg.variants] or list(cfg.variants)[:2]:
         res = read_shift(plan.shift_dirs[(s0, v, primary)])
+        # read back, a shift has neither its tokenizer nor its answers: without them the hover tables named
+        # top-k tokens by bare ids and no response showed its prompt
+        res.records = {r["id"]: r for r in read_records(plan.responses[(s0, v)], "response")}
         ids = list(dict.fromkeys(res.tokens["id"].tolist()))[: cfg.shift.views]
-        shift_figures.render_token_view(res, ids, views / f"{v}.html", title=f"{v} vs base ({primary} context)")
+        shift_figures.render_token_view(res, ids, views / f"{v}.html", title=f"{v} vs base ({primary} context)",
+                                        tokenizer=load_tokenizer(plan.tuned_dirs[(s0, v)]))
