@@ -245,3 +245,26 @@ def test_set_without_a_key_a_config_folder_and_a_line_cut_short_say_what_is_wron
     p.write_text('{"id": "a", "instruction": "q", "response": "r"}\n{"id": "b", "instruction": "q",\n')
     with pytest.raises(InputError, match=r"d.jsonl:2: malformed JSON: .* \(column 32\)"):
         read_records(p, "instruction")
+
+
+def test_a_jsonl_file_starting_with_a_byte_order_mark_reads_as_its_records(tmp_path):
+    """Windows PowerShell 5.1 and Notepad write a BOM: every JSONL reader failed on line 1. A BOM anywhere else is
+    still not JSON."""
+    p = tmp_path / "bom.jsonl"
+    p.write_text('\ufeff{"id": "a", "instruction": "q"}\n{"id": "b", "instruction": "r"}\n', encoding="utf-8")
+    assert [r["id"] for r in read_records(p, "prompt")] == ["a", "b"]
+    p.write_text('{"id": "a", "instruction": "q"}\n\ufeff{"id": "b", "instruction": "r"}\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"bom.jsonl:2: malformed JSON"):
+        read_records(p, "prompt")
+
+
+def test_a_conversation_without_its_answer_keeps_its_last_question():
+    """to_messages(with_response=False) dropped the last message whatever it was: a prompt record whose messages end
+    on the user's question lost the question."""
+    from itlens.io import to_messages
+
+    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "capital of France?"}]
+    assert to_messages({"id": "p", "messages": convo}, with_response=False) == convo
+    answered = convo + [{"role": "assistant", "content": "Paris"}]
+    assert to_messages({"id": "i", "messages": answered}, with_response=False) == convo

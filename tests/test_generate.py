@@ -543,3 +543,15 @@ def test_a_frame_file_from_a_windows_editor_reads_as_its_text(tmp_path):
     legacy.write_bytes(frame.replace("A colour", "Rouge, comme un caf\u00e9").encode("cp1252"))
     with pytest.raises(InputError, match=r"frame_cp1252.txt: not UTF-8 text"):
         load_frame(str(legacy))
+
+
+def test_a_model_path_starting_with_a_tilde_is_the_home_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """A YAML config's `base: ~/models/x` is no shell word, so nothing expanded it: 'model directory not found'."""
+    import shutil
+
+    from itlens.models import resolve_model
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_model_dir, home / "models" / "tiny")
+    monkeypatch.setenv("HOME", str(home))
+    assert resolve_model("~/models/tiny") == str((home / "models" / "tiny").resolve())

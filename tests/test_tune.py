@@ -416,6 +416,35 @@ def test_json_list_errors_name_the_position_and_ids_are_checked(tmp_path):
     assert [r["id"] for r in load_instruction_records(str(p))] == ["it:0", "it:1"]  # ids made up when absent
 
 
+def test_tune_reads_json_and_saved_datasets_as_data_convert_does(tmp_path):
+    """`itlens tune --data x.json` had a loader of its own: a BOM (Windows editors), JSON Lines named .json (hub
+    exports, pandas lines=True) and a save_to_disk folder were refused, and NaN passed."""
+    import datasets
+
+    from itlens.tune import load_instruction_records
+
+    rows = [{"id": f"x:{i}", "instruction": f"q{i}", "response": f"a{i}"} for i in range(3)]
+    bom = tmp_path / "bom.json"
+    bom.write_text("\ufeff" + json.dumps(rows), encoding="utf-8")
+    assert load_instruction_records(str(bom)) == rows
+    lines = tmp_path / "lines.json"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_instruction_records(str(lines)) == rows
+    lines.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "response": ""}) + "\n")
+    with pytest.raises(InputError) as e:
+        load_instruction_records(str(lines))
+    assert str(e.value) == f"{lines}:2: field 'response': must not be empty"
+    nan = tmp_path / "nan.json"
+    nan.write_text('[{"id": "a", "instruction": "q", "response": "r", "score": NaN}]')
+    with pytest.raises(InputError, match="NaN is not a JSON value"):
+        load_instruction_records(str(nan))
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(saved))
+    assert load_instruction_records(str(saved)) == rows
+    with pytest.raises(InputError, match="has no split 'test'"):
+        load_instruction_records(str(saved), split="test")
+
+
 def test_an_adapter_tuned_on_a_relative_base_loads_from_anywhere_and_after_its_folder_moves(
         tiny_model_dir, tiny_model_dir_b, it_records, tmp_path, monkeypatch):
     """`itlens tune --base base` (a path relative to the working folder) records an absolute base, and

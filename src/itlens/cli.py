@@ -207,8 +207,9 @@ def judge_cmd(
 def data_convert(
     fmt: str = typer.Option(..., "--format", help="alpaca | dolly | lima | lima-test | tulu | medinstruct | "
                                                   "medinstruct-test | evol | alpagasus | just-eval."),
-    src: Optional[str] = typer.Option(None, "--in", help="Local .jsonl/.json/.parquet file or hub dataset id "
-                                                         "(default: the format's hub id; needs hub access)."),
+    src: Optional[str] = typer.Option(None, "--in", help="Local .jsonl/.json/.parquet file, a folder written by "
+                                                         "datasets' save_to_disk, or a hub dataset id (default: "
+                                                         "the format's hub id; needs hub access)."),
     out: Path = typer.Option(..., "--out", help="CONTRACT JSONL to write."),
     split: Optional[str] = typer.Option(None, "--split", help="Hub split (default: the format's)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Keep the first N rows (just-eval: 800; 0 = all)."),

@@ -170,6 +170,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise InputError("line is not UTF-8", file=path, line=lineno) from None
+            if lineno == 1:  # a byte-order mark (Windows PowerShell 5.1, Notepad) is no part of the first record
+                line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             try:  # without the line's end, so a line cut short is reported at its last column, not column 1
@@ -335,7 +337,8 @@ def to_messages(rec: dict, *, with_response: bool = True) -> list[dict]:
     """CONTRACT record -> chat messages (system + user [+ assistant])."""
     if "messages" in rec:
         msgs = [dict(m) for m in rec["messages"]]
-        return msgs if with_response else msgs[:-1]
+        # only an answer is dropped: a prompt record's conversation ends on the question it asks
+        return msgs if with_response or msgs[-1]["role"] != "assistant" else msgs[:-1]
     msgs = [{"role": "user", "content": user_text(rec)}]
     if with_response:
         msgs.append({"role": "assistant", "content": rec["response"]})

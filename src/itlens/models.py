@@ -87,6 +87,8 @@ def resolve_model(name_or_path: str | Path) -> str:
         from itlens.packaged_models import resolve_packaged
 
         return str(resolve_packaged(str(name_or_path)))
+    if str(name_or_path).startswith("~"):  # a YAML config's `base: ~/models/x` (the shell expands it on a CLI)
+        name_or_path = Path(name_or_path).expanduser()
     p = Path(name_or_path)
     if p.is_dir():
         if not (p / "config.json").is_file() and not is_adapter_dir(p):

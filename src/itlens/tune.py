@@ -157,44 +157,42 @@ config naming one is validated without importing the trainer utilities, most of 
 
 # ------------------------------------------------------------------------------------------- data
 def load_instruction_records(source: str, split: str = "train") -> list[dict]:
-    """CONTRACT instruction records from a JSONL/JSON file or an offline HF dataset id, validated."""
+    """CONTRACT instruction records from a JSONL/JSON file, a ``save_to_disk`` folder or an offline HF dataset
+    id, validated. ``.json`` files and folders are read as ``itlens data convert`` reads them (a BOM, JSON Lines
+    named ``.json``, NaN and lone surrogates: see :mod:`itlens.data`)."""
+    from itlens.data import Where, _json_rows, _saved_dataset_rows
     from itlens.io import _validate_instruction
 
     path = Path(source)
-    if path.suffix == ".jsonl" or (path.exists() and path.suffix != ".json"):
+    if path.suffix == ".jsonl" or (path.is_file() and path.suffix != ".json"):
         return read_records(path, "instruction")
     if path.suffix == ".json":
         if not path.is_file():
-            raise InputError("file not found", file=path)
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InputError(f"malformed JSON: {e.msg}", file=path, line=e.lineno) from None
-        if not isinstance(rows, list):
-            raise InputError("expected a JSON list of records", file=path)
+            raise InputError("is a folder, expected a JSON file" if path.is_dir() else "file not found", file=path)
+        rows = list(_json_rows(path))
+    elif path.is_dir():
+        rows = list(_saved_dataset_rows(path, split))
     else:
-        rows = _load_hf_rows(source, split)
+        rows = [(Where(source, key=f"[{i}]"), r) for i, r in enumerate(_load_hf_rows(source, split))]
     out = []
-    seen: dict[str, int] = {}
-    for i, row in enumerate(rows):  # a position in a list is a key ([i]), not a line (as in itlens.data)
-        where = f"[{i}]"
-        if not isinstance(row, dict):
-            raise InputError(f"expected an object, got {type(row).__name__}", file=source, key=where)
+    seen: dict[str, Where] = {}
+    for i, (at, row) in enumerate(rows):
         row = dict(row)
-        row.setdefault("id", f"{path.stem if path.suffix else source}:{i}")
+        row.setdefault("id", f"{path.stem if path.suffix or path.is_dir() else source}:{i}")
         rid = row["id"]
         if rid is None:
-            raise InputError("missing required field", file=source, key=where, field="id")
+            raise at.error("missing required field", "id")
         if not isinstance(rid, str) or not rid:
-            raise InputError(f"expected a non-empty string id, got {json.dumps(rid, default=str)[:40]}",
-                             file=source, key=where, field="id")
+            raise at.error(f"expected a non-empty string id, got {json.dumps(rid, default=str)[:40]}", "id")
         if rid in seen:
-            raise InputError(f"duplicate id {rid!r} (first at [{seen[rid]}])", file=source, key=where, field="id")
-        seen[rid] = i
+            first = seen[rid]
+            raise at.error(f"duplicate id {rid!r} (first at "
+                           f"{f'line {first.line}' if first.line is not None else first.key})", "id")
+        seen[rid] = at
         try:
-            _validate_instruction(row, Path(source), None)
+            _validate_instruction(row, Path(at.file), None)
         except InputError as e:
-            e.line, e.key = None, where
+            e.line, e.key = at.line, at.key
             e.args = (e.format(),)
             raise
         out.append(row)
