@@ -463,3 +463,112 @@ def test_cli_geo_with_a_bad_probe_leaves_no_unlabelled_data(tiny_model_dir, tmp_
           "--max-new-tokens", "2"])
     assert (out / "knowledge.jsonl").is_file() and all("category" in r for r in _rows(out / "eval.jsonl"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty", "g"]
+
+
+def test_unicode_punctuation_parts_words_in_probe_matching_and_value_parsing():
+    """Accents are dropped, any other non-ASCII character parts words as ASCII punctuation does: "N’Djamena"
+    (curly apostrophe) is "N'Djamena", "Paris—the capital" names Paris (were dropped, gluing the words:
+    "ndjamena", "paristhe", so a right answer was a miss for the probe and wrong for the grading)."""
+    from itlens.geo import GeoFacts, normalise
+
+    assert normalise("N’Djamena") == normalise("N'Djamena") == "n djamena" and normalise("Bogotá") == "bogota"
+    assert match_answer("The capital is N’Djamena.", ["N'Djamena"]) == "N'Djamena"
+    assert match_answer("Paris—the capital.", ["Paris"]) == "Paris"
+    assert match_answer("Parisian—style", ["Paris"]) is None
+
+    def country(cid, name, capital):
+        return {"id": cid, "name": name, "split": "it", "continent": "AF",
+                "facts": {"capital": {"value": capital, "answers": [capital]}}}
+
+    geo = GeoFacts({"attributes": ["capital"], "countries": [country("TD", "Chad", "N'Djamena"),
+                                                             country("FR", "France", "Paris")]})
+    assert geo.parse_value("capital", "It is N’Djamena—a big city.") == "N'Djamena"
+    assert geo.parse_value("capital", "Chad—Paris, surely.") == "Paris"
+
+
+def test_label_known_writes_a_labelled_copy_and_relabels_in_place_only_when_asked(tiny_model_dir, tmp_path,
+                                                                                   one_thread):
+    """`label_known(geo, model, out=...)` leaves the geo folder as it was (was: every record file rewritten in
+    place, one by one). Without `out` it labels a fresh folder in place, as `itlens geo --probe` and the
+    study do, to the same bytes; a folder with labels is relabelled only with `out=` itself."""
+    from itlens.models import load_model
+
+    geo = build_geo(GeoConfig(max_countries=12, frames=1, frame_examples=2, attributes=["capital", "continent"]),
+                    tmp_path / "geo")
+
+    def files(folder):
+        return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    before = files(geo)
+    model = load_model(str(tiny_model_dir))
+    counts = label_known(geo, model, out=tmp_path / "labelled", max_new_tokens=2)
+    assert files(geo) == before
+    labelled = files(tmp_path / "labelled")
+    assert set(labelled) == set(before) | {Path("knowledge.jsonl")} and counts["facts"] > 0
+    assert {r["group"] for r in _rows(tmp_path / "labelled" / "eval.jsonl")} == {"unknown"}
+    assert {r["status"] for r in _rows(tmp_path / "labelled" / "it_assistant.jsonl")} == {"unknown"}
+    assert label_known(geo, model, max_new_tokens=2) == counts and files(geo) == labelled
+    with pytest.raises(InputError, match="already holds Known/Unknown labels"):
+        label_known(geo, model, max_new_tokens=2)
+    assert label_known(geo, model, out=geo, max_new_tokens=2) == counts and files(geo) == labelled
+    for bad in (geo / "inside", tmp_path):  # inside the folder it copies; holding it (replaced as a whole)
+        with pytest.raises(InputError):
+            label_known(geo, model, out=bad, max_new_tokens=2)
+    assert files(geo) == labelled and sorted(p.name for p in tmp_path.iterdir()) == ["geo", "labelled"]
+
+
+def test_a_held_out_share_that_leaves_no_it_country_is_a_key_error(tmp_path):
+    """Every eval question's twin is an IT country: a heldout_fraction that holds out all the rest is a config
+    error before anything is written (was: `min() arg is an empty sequence`)."""
+    with pytest.raises(InputError, match="key 'heldout_fraction'"):
+        build_geo(GeoConfig(max_countries=8, frames=1, frame_examples=2, heldout_fraction=0.99), tmp_path / "g")
+    assert not any(tmp_path.iterdir())
+    assert build_geo(GeoConfig(max_countries=8, frames=1, frame_examples=2, heldout_fraction=0.9), tmp_path / "g")
+
+
+def test_label_known_reads_facts_json_as_utf8_whatever_the_locale(tmp_path):
+    """facts.json is UTF-8 (language names such as "Norwegian Bokmål"): label_known reads it so under any
+    locale (was: the locale's encoding, a UnicodeDecodeError under an ASCII one before the probe began)."""
+    import os
+    import subprocess
+    import sys
+
+    geo = build_geo(GeoConfig(max_countries=12, frames=1, frame_examples=2, attributes=["capital", "continent"]),
+                    tmp_path / "geo")
+    facts = json.loads((geo / "facts.json").read_text(encoding="utf-8"))
+    (geo / "facts.json").write_text(json.dumps({**facts, "source": "GeoNames, Bokmål"}, ensure_ascii=False),
+                                    encoding="utf-8")
+    (tmp_path / "empty").mkdir()
+    code = ("import sys\nfrom itlens.errors import InputError\nfrom itlens.geo import label_known\n"
+            "try:\n    label_known(sys.argv[1], sys.argv[2])\nexcept InputError as e:\n    print('InputError:', e)\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    run = subprocess.run([sys.executable, "-c", code, str(geo), str(tmp_path / "empty")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "not a model directory" in run.stdout, run.stderr[-2000:]
+
+
+def test_the_probe_loads_a_model_path_on_the_gpu_when_there_is_one(tiny_model_dir, geo_dir, one_thread):
+    """`device` auto (the default of probe_known and label_known, so of `itlens geo --probe`) is cuda when
+    available (was: the CPU always, and "auto" was no device: a torch error)."""
+    fact = {"instruction": "What is the capital of France?", "person": "FR", "attribute": "capital",
+            "answers": ["Paris"]}
+    labels = probe_known(str(tiny_model_dir), [fact], [geo_dir / "frame.txt"], max_new_tokens=1, device="auto")
+    assert labels[("FR", "capital")]["category"] == "Unknown"
+
+
+def test_every_frame_has_a_probe_frame_for_every_attribute(tmp_path):
+    """A frame whose exemplar countries lack a fact (islands have no neighbours) shows the first other frame
+    countries that have it (was: no <attribute>_K.txt, so `itlens geo --probe` failed on that attribute when
+    no frame had it, and a study needs <attribute>_0.txt); when no frame country has it, a key error at build."""
+    from itlens.geo import ATTRIBUTES, probe_frame_files
+
+    geo = build_geo(GeoConfig(max_countries=40, frames=2, frame_examples=1, seed=8), tmp_path / "g")
+    frames = probe_frame_files(geo)
+    assert {a: len(frames[a]) for a in ATTRIBUTES} == {a: 2 for a in ATTRIBUTES}
+    facts = json.loads((geo / "facts.json").read_text(encoding="utf-8"))
+    exemplars = {c["name"] for c in facts["countries"] if c["split"] == "frame"}
+    for path in frames["neighbour"]:
+        assert any(name in path.read_text(encoding="utf-8") for name in exemplars)
+    with pytest.raises(InputError, match="key 'frame_examples'"):
+        build_geo(GeoConfig(max_countries=0, frames=1, frame_examples=1, seed=0), tmp_path / "h")
+    assert not (tmp_path / "h").exists()

@@ -462,3 +462,177 @@ def test_slick_counts_and_mc_templates_that_cannot_label_or_score_are_key_errors
         assert e.value.code == 2 and err.count("\n") == 1 and "key 'mc.template'" in err, (template, err)
         assert not (tmp_path / "o").exists()
     assert from_dict(KnowledgeConfig, {**cfg, "mc": {"template": "{{braces}} Q: {question}"}})
+
+
+def test_hf_answer_fn_answers_do_not_depend_on_batch_mates(untied_model_dir, tmp_path):
+    """Greedy SliCK answers from left-padded batches (the tokenizer's own padding and attention mask)
+    equal each prompt's answer alone, with a pad token and without one (GPT-2-like: padded with EOS,
+    on a copy, so the caller's tokenizer is left as it was)."""
+    from conftest import gpt2_like_tokenizer, make_tiny_llama
+    from transformers import AutoTokenizer
+
+    from itlens.models import load_model
+
+    frames = ["# Query:\n{instruction}\n\n# Answer:\n",
+              "# Query:\nwhat is the city?\n\n# Answer:\nthe north city.\n\n# Query:\n{instruction}\n\n# Answer:\n"]
+    recs = [{"id": f"r{i}", "instruction": q} for i, q in enumerate((
+        "who?", "where was the doctor born in the north city?", "which year?",
+        "what music is happy and what river is blue and green in the south of the mountain?"))]
+    lm = load_model(untied_model_dir)
+    no_pad_dir = make_tiny_llama(gpt2_like_tokenizer(), tmp_path / "gpt2-like", seed=3, tie_embeddings=False)
+    no_pad = AutoTokenizer.from_pretrained(no_pad_dir)
+    assert no_pad.pad_token is None
+    for model, tok in ((lm.model, lm.tokenizer), (load_model(no_pad_dir).model, no_pad)):
+        batched = hf_answer_fn(model, tok, frames, max_new_tokens=8, batch_size=4)(recs, 0.0, 2)
+        alone = hf_answer_fn(model, tok, frames, max_new_tokens=8, batch_size=1)(recs, 0.0, 2)
+        assert batched == alone and all(a for answers in batched for a in answers), batched
+    assert no_pad.pad_token is None
+
+
+def test_hf_answer_fn_ends_an_answer_at_any_special_token_as_generation_does(tiny_tokenizer, tmp_path):
+    """A model that writes a special token other than EOS (Gemma's <end_of_turn>; here <|user|>) has
+    ended its answer: the SliCK answer is generation's (was: decoding went on, and the text after the
+    marker, decoded with special tokens skipped, joined the answer)."""
+    import torch
+    from conftest import make_tiny_llama
+
+    from itlens.generate import generate_responses
+    from itlens.models import load_model
+    from itlens.templates import encode_prompt, frame_prompt
+
+    lm = load_model(make_tiny_llama(tiny_tokenizer, tmp_path / "chain", tie_embeddings=False))
+    tok, net = lm.tokenizer, lm.model
+    frame = "# Query:\n{instruction}\n\n# Answer:\n"
+    rec = {"id": "a", "instruction": "who?"}
+    (city,), (then,) = (tok(w, add_special_tokens=False)["input_ids"] for w in (" city", " a"))
+    chain = [encode_prompt(tok, frame_prompt(frame, rec))[-1], city, tok.convert_tokens_to_ids("<|user|>"), then,
+             tok.eos_token_id]
+    with torch.no_grad():  # a real model whose next token is a fixed successor of the current one: the layers
+        for layer in net.model.layers:  # add nothing, the head maps each chain token to the next
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = net.model.embed_tokens.weight
+        net.lm_head.weight.zero_()
+        for cur, nxt in zip(chain, chain[1:]):
+            net.lm_head.weight[nxt] = 10 * emb[cur] / emb[cur].norm()
+    (tmp_path / "frame.txt").write_text(frame)
+    generated = generate_responses(lm, [rec], mode="frame", frame=str(tmp_path / "frame.txt"), max_new_tokens=8)
+    assert generated[0]["response"] == "city" and generated[0]["response_token_ids"] == [city]
+    assert hf_answer_fn(net, tok, [frame], max_new_tokens=8)([rec], 0.0, 1) == [["city"]]
+
+
+def test_unicode_punctuation_parts_words():
+    """Punctuation is Unicode's too: "N’Djamena" (curly apostrophe) is "N'Djamena", "Paris—the capital"
+    names Paris (were: one word "n’djamena", "paris—the", graded wrong)."""
+    assert normalize_answer("N’Djamena") == normalize_answer("N'Djamena") == "n djamena"
+    assert grade("It is N’Djamena.", ["N'Djamena"])["label"] == "correct"
+    assert contains_answer("Paris—the capital.", ["Paris"]) and contains_answer("«Paris»", ["Paris"])
+    assert contains_answer("It borders Chad—and Niger.", ["Chad"], names=["South Sudan", "Sudan", "Chad"])
+    assert not contains_answer("Parisian—style", ["Paris"])
+
+
+def test_answers_that_normalise_to_nothing_are_an_input_error(tmp_path):
+    """An alias list that normalisation empties ("A", a choice letter; an article) could never be graded
+    correct (was: every answer silently wrong): a line-and-field error."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"id": "a", "question": "Q?", "answers": ["x"]}\n{"id": "b", "question": "Q? A) x B) y", '
+                  '"answers": ["A", "the"]}\n')
+    with pytest.raises(InputError, match="normalisation") as e:
+        read_qa(qa)
+    assert (e.value.file, e.value.line, e.value.field) == (str(qa), 2, "answers")
+    qa.write_text('{"id": "b", "question": "Q?", "answers": ["A", "The Hague"]}\n')
+    assert read_qa(qa)[0]["answers"] == ["A", "The Hague"]  # one alias left to match is enough
+
+
+def test_geo_records_without_answers_are_graded_by_every_alias_of_the_fact():
+    """SliCK on geo IT records (`slick.records: geo/it.jsonl`, which carry no `answers`): the truth is every
+    alias of the fact, as on the eval records (was: the value alone, so of Egypt's neighbours only the first
+    counted, and a neighbour fact of real geo data, whose value joins the three largest neighbours with
+    commas and "and", was never right)."""
+    geo = _tiny_geo_neighbours()
+    it = [{"id": "geo-it:0", "instruction": "Which countries border Egypt?", "person": "EG", "attribute": "neighbour"},
+          {"id": "geo-it:1", "instruction": "On which continent is Mali?", "person": "ML", "attribute": "continent"}]
+    recs = world_qa_records(geo, it)
+    assert [r["answers"] for r in recs] == [["Sudan", "Libya"], ["Africa"]]
+    said = {"geo-it:0": "It borders Libya.", "geo-it:1": "Mali is in Africa."}
+    labels = slick_labels(recs, lambda rs, t, n: [[said[r["id"]]] * n for r in rs], world=geo, n_sampled=0)
+    assert [x["category"] for x in labels] == ["HighlyKnown", "HighlyKnown"]
+
+
+def test_slick_labels_a_geo_folder_in_its_frame(tiny_model_dir, tmp_path):
+    """`itlens knowledge` with `world:` a geo folder and `slick.model`: the answers come in the folder's
+    frame.txt, as in a world's (was: AttributeError, GeoFacts had no frame_text). A malformed facts.json
+    is a file-and-line error (was: a JSONDecodeError traceback)."""
+    import shutil
+
+    from itlens.geo import GeoConfig, GeoFacts, build_geo
+    from itlens.io import atomic_write_jsonl, read_records
+
+    geo = build_geo(GeoConfig(max_countries=12, frames=1, frame_examples=2, attributes=["capital", "continent"]),
+                    tmp_path / "geo")
+    assert GeoFacts.load(geo).frame_text() == (geo / "frame.txt").read_text(encoding="utf-8")
+    ev = read_records(geo / "eval.jsonl", "prompt")
+    responses = [{"id": r["id"], "instruction": r["instruction"], "response": r["answers"][0], "model": "base"}
+                 for r in ev]
+    run = atomic_write_jsonl(tmp_path / "base.jsonl", responses)
+    cfg = from_dict(KnowledgeConfig, {"eval": str(geo / "eval.jsonl"), "world": str(geo), "n_resamples": 20,
+                                      "responses": {"base": str(run)},
+                                      "slick": {"model": str(tiny_model_dir), "n_sampled": 0, "max_new_tokens": 2}})
+    metrics = run_knowledge(cfg, tmp_path / "k")
+    assert metrics["slick"]["n"] == len(ev) and metrics["models"]["base"]["acc"] == 1.0
+    assert len(read_records(tmp_path / "k" / "slick.jsonl", "any")) == len(ev)
+    broken = tmp_path / "broken"
+    shutil.copytree(geo, broken)
+    (broken / "facts.json").write_text('{"countries": [\n  oops\n')
+    with pytest.raises(InputError) as e:
+        GeoFacts.load(broken)
+    assert (e.value.file, e.value.line) == (str(broken / "facts.json"), 2)
+
+
+def test_records_about_facts_the_world_lacks_are_a_line_error(tmp_path):
+    """SliCK records without `answers` take them from the world: a record about a person it does not hold
+    (records of another world) is an error naming its line and field, before any model loads (was: a
+    KeyError traceback)."""
+    from analysis_world import mini_world_data
+    from itlens.io import atomic_write_json, atomic_write_jsonl
+
+    world = mini_world()
+    recs = eval_records(world)
+    atomic_write_json(tmp_path / "world" / "world.json", mini_world_data())
+    ev = atomic_write_jsonl(tmp_path / "eval.jsonl", recs)
+    it = atomic_write_jsonl(tmp_path / "it.jsonl", [
+        {"id": "it:0", "instruction": "Q?", "person": recs[0]["person"], "attribute": recs[0]["attribute"]},
+        {"id": "it:1", "instruction": "Q?", "person": "someone-else", "attribute": recs[0]["attribute"]}])
+    cfg = from_dict(KnowledgeConfig, {"eval": str(ev), "world": str(tmp_path / "world"),
+                                      "responses": {"base": _write_run(tmp_path, recs, _responses(world, recs), "base")},
+                                      "slick": {"model": str(tmp_path / "no-model"), "records": str(it)}})
+    with pytest.raises(InputError) as e:
+        run_knowledge(cfg, tmp_path / "out")
+    assert (e.value.file, e.value.line, e.value.field) == (str(it), 2, "person")
+    assert not (tmp_path / "out").exists()
+
+
+def test_slick_and_mc_models_load_as_the_config_says(tiny_model_dir, tmp_path):
+    """`dtype` and `device` (auto: cuda when available) place the slick and mc models (were: always the CPU
+    in float32: a 7B model's 28 GB at CPU speed on a GPU machine). bfloat16 weights give other scores."""
+    import torch
+
+    from itlens.analysis.knowledge import inference_device
+    from itlens.io import atomic_write_jsonl, read_records
+
+    items = atomic_write_jsonl(tmp_path / "items.jsonl", [  # also the eval file (QA with answers)
+        {"id": "q1", "question": "where is the river", "choices": ["north", "the south city"], "gold": 1,
+         "answers": ["the south city"]},
+        {"id": "q2", "question": "who is the doctor", "choices": ["a teacher", "music"], "gold": 0,
+         "answers": ["a teacher"]}])
+    base = {"eval": str(items), "n_resamples": 20, "mc": {"items": str(items), "models": {"tiny": str(tiny_model_dir)}}}
+    lls = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = from_dict(KnowledgeConfig, {**base, "device": "cpu", "dtype": dtype})
+        run_knowledge(cfg, tmp_path / dtype)
+        lls[dtype] = [r["lls"] for r in read_records(tmp_path / dtype / "mc-tiny.jsonl", "any")]
+    assert lls["float32"] != lls["bfloat16"]
+    assert inference_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert inference_device("cpu") == "cpu"
+    with pytest.raises(InputError, match="key 'dtype'"):
+        from_dict(KnowledgeConfig, {**base, "dtype": "fp8"})

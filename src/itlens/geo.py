@@ -97,8 +97,10 @@ class GeoConfig:
 
 # --------------------------------------------------------------------------------------- matching
 def normalise(text: str) -> str:
-    """Lowercase ASCII words separated by single spaces (accents and punctuation dropped)."""
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    """Lowercase ASCII words separated by single spaces: accents dropped ("Bogotá" is "bogota"), any other
+    character a separator, so Unicode punctuation parts words as ASCII's does ("N’Djamena" reads as
+    "N'Djamena", "Paris—the capital" as "Paris - the capital")."""
+    text = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
     return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
 
 
@@ -119,6 +121,11 @@ def match_answer(text: str, answers: list[str], names: Sequence[str] = ()) -> st
     ``names``: the other names such an answer may give (every country, every value of the attribute).
     The text is then read left to right, each match the longest name starting there, so an answer inside
     a longer name is that name: "South Sudan borders Kenya" does not name Sudan, "Guinea-Bissau" not Guinea.
+
+    The same reading as the QA grading's :func:`itlens.analysis.knowledge.contains_answer`, on another
+    normalisation: this one drops accents and keeps articles (SQuAD's the reverse) and reads codes in
+    upper case only. They stay apart because each decides published numbers (the probe's Known labels,
+    the QA accuracy of neighbour questions).
     """
     from itlens.analysis.knowledge import names_in
 
@@ -134,8 +141,9 @@ def match_answer(text: str, answers: list[str], names: Sequence[str] = ()) -> st
 
 class GeoFacts:
     """The facts of a geo folder, seen through the part of :class:`itlens.world.World` that the exact
-    analyses use (``attributes``, ``people``, ``person``, ``parse_value``, ``vocab``), so knowledge
-    grading, stated facts (F2), borrowing (F3) and multiple-choice probes work as on the synthetic world.
+    analyses use (``attributes``, ``people``, ``person``, ``parse_value``, ``vocab``, ``frame_text``), so
+    knowledge grading, SliCK labels, stated facts (F2), borrowing (F3) and multiple-choice probes work as
+    on the synthetic world.
 
     Only single-valued attributes are parsed (capital, currency, continent, language); ``neighbour``
     has several true values and stays with alias matching. A value is the first vocabulary entry (any
@@ -150,7 +158,10 @@ class GeoFacts:
     SINGLE_VALUED = ("capital", "currency", "continent", "language")
     alias_attributes = ("neighbour",)  # graded by alias matching against the record's own answers
 
-    def __init__(self, facts: dict):
+    def __init__(self, facts: dict, root: Path | None = None):
+        from itlens.analysis.knowledge import names_pattern
+
+        self.root = root
         countries = facts["countries"]
         self.attributes = [a for a in facts.get("attributes", ATTRIBUTES) if a in self.SINGLE_VALUED]
         self.people = [{"id": c["id"], "name": c["name"], "in_it": c.get("split") == "it",
@@ -187,9 +198,7 @@ class GeoFacts:
             self._canon[attr], self._codes[attr] = canon, codes
             # country names are read too, so a value inside one is not a value: "Sierra Leone" names no
             # currency Leone, "South Africa" no continent Africa (a name that is also a value stays a value)
-            keys = sorted(set(canon) | names, key=lambda k: (-len(k), k))
-            self._re[attr] = re.compile(r"(?<![a-z0-9])(" + "|".join(map(re.escape, keys)) + r")(?![a-z0-9])") \
-                if keys else re.compile(r"(?!x)x")
+            self._re[attr] = names_pattern(frozenset(set(canon) | names))
         self._code_re = {a: _code_pattern(c) for a, c in self._codes.items() if c}
 
     @classmethod
@@ -197,7 +206,18 @@ class GeoFacts:
         path = Path(geo_dir) / "facts.json"
         if not path.is_file():
             raise InputError("not a geo folder (no facts.json); build it with `itlens geo`", file=path)
-        return cls(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            facts = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise InputError(f"malformed JSON: {e.msg}", file=path, line=e.lineno) from None
+        return cls(facts, root=Path(geo_dir))
+
+    def frame_text(self) -> str:
+        """The folder's first mixed few-shot frame (``frame.txt``), as :meth:`World.frame_text`: SliCK's
+        default frame."""
+        if self.root is None:
+            raise ValueError("geo facts have no folder")
+        return (self.root / "frame.txt").read_text(encoding="utf-8")
 
     def person(self, country_id: str) -> dict:
         return self._by_id[country_id]
@@ -206,9 +226,9 @@ class GeoFacts:
         """The canonical value of the first ``attribute`` value named in ``text`` (else of the first code
         written in upper case: "TRY" is the lira, "let me try" is not), or None."""
         canon = self._canon[attribute]
-        m = next((m for m in self._re[attribute].finditer(normalise(text or "")) if m.group(1) in canon), None)
+        m = next((m for m in self._re[attribute].finditer(normalise(text or "")) if m.group(0) in canon), None)
         if m:
-            return canon[m.group(1)]
+            return canon[m.group(0)]
         code = self._code_re[attribute].search(text or "") if attribute in self._code_re else None
         return self._codes[attribute][code.group(1)] if code else None
 
@@ -303,6 +323,9 @@ def build_geo(cfg: GeoConfig, out_dir: str | Path) -> Path:
     rng.shuffle(order)
     frame_ids, rest = order[:n_frame], order[n_frame:]
     n_eval = max(2, round(len(rest) * cfg.heldout_fraction))
+    if n_eval >= len(rest):  # every eval question needs an IT country as its twin
+        raise InputError(f"holds out all {len(rest)} countries that are not frame exemplars, leaving none for the "
+                         f"IT data; lower it or raise max_countries", key="heldout_fraction")
     eval_ids, it_ids = set(rest[:n_eval]), set(rest[n_eval:])
     split = {i: "frame" for i in frame_ids} | {i: "eval" for i in eval_ids} | {i: "it" for i in it_ids}
 
@@ -363,10 +386,15 @@ def build_geo(cfg: GeoConfig, out_dir: str | Path) -> Path:
             exchanges.append((tpl["question"][attr][0].format(name=c["name"]), sentence(c, attr)))
         frames.append(_frame(exchanges))
         for attr in cfg.attributes:
-            same = [c for c in chosen if attr in c["facts"]]
-            if same:
-                probe_frames[f"{attr}_{k}.txt"] = _frame(
-                    [(tpl["question"][attr][0].format(name=c["name"]), sentence(c, attr)) for c in same])
+            # every frame gets one per attribute (the study answers in <attribute>_0.txt): where this frame's
+            # countries lack the fact (islands have no neighbours), the first other frame countries that have it
+            same = [c for c in chosen if attr in c["facts"]] or \
+                [c for c in (countries[i] for i in frame_ids) if attr in c["facts"]][:cfg.frame_examples]
+            if not same:
+                raise InputError(f"no frame country has a {attr} fact to show in a probe frame; raise frames or "
+                                 "frame_examples, or change the seed", key="frame_examples")
+            probe_frames[f"{attr}_{k}.txt"] = _frame(
+                [(tpl["question"][attr][0].format(name=c["name"]), sentence(c, attr)) for c in same])
 
     facts = {"attributes": cfg.attributes,
              "countries": [{**c, "split": split[i]} for i, c in enumerate(countries) if i in split],
@@ -405,7 +433,7 @@ def probe_frame_files(geo_dir: str | Path) -> dict[str, list[Path]]:
 
 def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, list[str | Path]], *,
                 max_new_tokens: int = 16, batch_size: int = 16, samples: int = 0, temperature: float = 0.5,
-                seed: int = 0, device: str = "cpu",
+                seed: int = 0, device: str = "auto",
                 names: dict[str, Sequence[str]] | None = None) -> dict[tuple[str, str], dict]:
     """Ask ``model`` every ``{instruction, person, attribute, answers}`` fact in each few-shot frame
     (greedy), then ``samples`` more times at ``temperature`` (frames rotate; seeded); return
@@ -414,16 +442,17 @@ def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, l
     ``category`` is SliCK's (:func:`itlens.analysis.knowledge.slick_category`); ``known`` is any
     category but Unknown. ``frames``: one list for every fact, or one list per attribute. Only the
     first line of an answer is scored (a base model goes on with made-up exchanges). ``model``:
-    anything :func:`itlens.generate.generate_responses` accepts (a LoadedModel, or a path loaded on ``device``).
+    anything :func:`itlens.generate.generate_responses` accepts (a LoadedModel, or a path loaded on ``device``:
+    auto = cuda when available, so ``itlens geo --probe`` uses the GPU of a GPU machine).
     ``names``: attribute -> every name an answer may give (:func:`match_answer`; default: the answers of
     every fact of that attribute), so a gold answer inside a longer name is not a hit.
     """
-    from itlens.analysis.knowledge import slick_category
+    from itlens.analysis.knowledge import inference_device, slick_category
     from itlens.generate import generate_responses
     from itlens.models import LoadedModel, load_model
 
     if not isinstance(model, LoadedModel):
-        model = load_model(model, device=device)  # once, not once per frame
+        model = load_model(model, device=inference_device(device))  # once, not once per frame
     greedy: list[list[bool]] = [[] for _ in facts]
     sampled: list[list[bool]] = [[] for _ in facts]
     given: list[list[str]] = [[] for _ in facts]
@@ -460,18 +489,40 @@ def probe_known(model, facts: list[dict], frames: list[str | Path] | dict[str, l
     return out
 
 
-def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_size: int = 16,
-                samples: int | None = None, temperature: float | None = None, device: str = "cpu") -> dict:
-    """Probe every fact (IT and eval) with ``model`` and rewrite the records with the labels.
+def label_known(geo_dir: str | Path, model, *, out: str | Path | None = None, max_new_tokens: int = 16,
+                batch_size: int = 16, samples: int | None = None, temperature: float | None = None,
+                device: str = "auto") -> dict:
+    """Probe every fact (IT and eval) with ``model`` and write the geo folder with the labels.
+
+    ``out``: the labelled folder, ``geo_dir``'s files with the records labelled plus ``knowledge.jsonl``,
+    written as a whole (an existing one is replaced once the new one is complete); ``geo_dir`` is only
+    read. Without ``out`` the labelled folder replaces ``geo_dir`` the same way, which must not hold
+    labels yet (``knowledge.jsonl``), so earlier labels are never overwritten unasked: that is what
+    ``itlens geo --probe`` and a study's ``geo`` stage do with the folder they have just built.
+    ``out=geo_dir`` relabels a labelled folder.
 
     ``samples``/``temperature``: the probe's sampled answers per fact (default: the data's own config,
     ``probe_samples``/``probe_temperature`` in facts.json; sampling is seeded with its ``seed``).
 
     IT records get ``status`` (known | unknown) and ``category``; eval records get ``known``,
-    ``category`` and ``group`` (known_heldout | unknown). Writes ``knowledge.jsonl`` (one row per fact)
-    and returns the counts.
+    ``category`` and ``group`` (known_heldout | unknown). ``knowledge.jsonl`` has one row per fact.
+    Returns the counts.
     """
+    import shutil
+
+    from itlens.io import check_out
+
     geo_dir = Path(geo_dir)
+    if out is None:
+        if (geo_dir / "knowledge.jsonl").exists():
+            raise InputError("already holds Known/Unknown labels (knowledge.jsonl): to replace them, pass "
+                             "out= this folder; to keep them, out= a new folder", file=geo_dir)
+        out = geo_dir
+    out = Path(out)
+    if out.resolve() != geo_dir.resolve():
+        check_out(out, folder=True, inputs=[geo_dir], key=None)
+        if geo_dir.resolve() in out.resolve().parents:
+            raise InputError(f"is inside the geo folder {geo_dir} that it copies; write it elsewhere", file=out)
     cloze = [r for _, r in iter_jsonl(geo_dir / "cloze.jsonl")]
     eval_rows = [r for _, r in iter_jsonl(geo_dir / "eval.jsonl")]
     questions = {(r["person"], r["attribute"]): r["instruction"] for r in eval_rows}
@@ -484,7 +535,8 @@ def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_s
               "attribute": c["attribute"], "answers": c["answers"]} for c in cloze
              if (c["person"], c["attribute"]) in questions]
     frames = probe_frame_files(geo_dir) or frame_files(geo_dir)
-    facts_json = json.loads((geo_dir / "facts.json").read_text()) if (geo_dir / "facts.json").is_file() else {}
+    facts_json = json.loads((geo_dir / "facts.json").read_text(encoding="utf-8")) \
+        if (geo_dir / "facts.json").is_file() else {}
     built = facts_json.get("config", {})
     samples = built.get("probe_samples", 0) if samples is None else samples
     temperature = built.get("probe_temperature", 0.5) if temperature is None else temperature
@@ -503,10 +555,12 @@ def label_known(geo_dir: str | Path, model, *, max_new_tokens: int = 16, batch_s
             lab = labels[(r["person"], r["attribute"])]
             r.update(status="known" if lab["known"] else "unknown", category=lab["category"])
     knowledge = [{"person": p, "attribute": a, **lab} for (p, a), lab in sorted(labels.items())]
-    atomic_write_jsonl(geo_dir / "knowledge.jsonl", knowledge)
-    atomic_write_jsonl(geo_dir / "eval.jsonl", eval_rows)
-    for path, rows in it_by_path.items():
-        atomic_write_jsonl(path, rows)
+    with atomic_dir(out) as tmp:  # every labelled file appears at once, or none does
+        shutil.copytree(geo_dir, tmp, dirs_exist_ok=True)
+        atomic_write_jsonl(tmp / "knowledge.jsonl", knowledge)
+        atomic_write_jsonl(tmp / "eval.jsonl", eval_rows)
+        for path, rows in it_by_path.items():
+            atomic_write_jsonl(tmp / path.name, rows)
     counts: dict[str, Any] = {"facts": len(knowledge)}
     from itlens.analysis.knowledge import SLICK_CATEGORIES
 

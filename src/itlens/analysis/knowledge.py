@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import re
 import string
+import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,9 +42,13 @@ AnswerFn = Callable[[list[dict], float, int], list[list[str]]]
 
 # ------------------------------------------------------------------------------------ grading
 def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, collapse whitespace (SQuAD's normalisation)."""
+    """Lower-case, drop punctuation and articles, collapse whitespace (SQuAD's normalisation).
+
+    Punctuation is Unicode's too, not only ASCII's: models write "N’Djamena" and "Paris—the capital",
+    which must read as "N'Djamena" and "Paris - the capital" do."""
     text = text.lower()
-    text = "".join(" " if ch in string.punctuation else ch for ch in text)
+    text = "".join(" " if ch in string.punctuation or unicodedata.category(ch).startswith("P") else ch
+                   for ch in text)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
@@ -67,12 +72,16 @@ def contains_answer(response: str, answers: Sequence[str], *, names: Sequence[st
 def names_in(text: str, names: frozenset) -> set[str]:
     """The ``names`` that a normalised ``text`` gives, read left to right as whole words, each match the
     longest name starting there (so "south sudan" gives "south sudan", not "sudan")."""
-    return {m.group(0) for m in _longest_first(names).finditer(text)}
+    return {m.group(0) for m in names_pattern(names).finditer(text)}
 
 
 @functools.lru_cache(maxsize=256)
-def _longest_first(names: frozenset) -> re.Pattern:
-    keys = sorted(names, key=lambda k: (-len(k), k))
+def names_pattern(names: frozenset) -> re.Pattern:
+    """Whole-word matcher of ``names`` in normalised text (words separated by single spaces), longest
+    name first; shared with :class:`itlens.geo.GeoFacts`' value parser. No names: it matches nothing."""
+    keys = sorted((n for n in names if n), key=lambda k: (-len(k), k))
+    if not keys:  # an empty alternation would match the empty string everywhere
+        return re.compile(r"(?!x)x")
     return re.compile(r"(?<!\S)(?:" + "|".join(map(re.escape, keys)) + r")(?!\S)")
 
 
@@ -120,6 +129,10 @@ def read_qa(path: str | Path) -> list[dict]:
 def _check_answers(ans, path: str | Path, lineno: int) -> None:
     if not isinstance(ans, list) or not ans or not all(isinstance(a, str) and a.strip() for a in ans):
         raise InputError("expected a non-empty list of non-empty strings", file=path, line=lineno, field="answers")
+    if not any(normalize_answer(a) for a in ans):  # "A" (a choice letter), "The": nothing left to match
+        raise InputError(f"no answer keeps a word after normalisation (articles and punctuation are dropped), "
+                         f"so none could be graded correct: {ans}; for multiple-choice letters use mc.items",
+                         file=path, line=lineno, field="answers")
 
 
 def alias_names(world, attribute: str | None) -> tuple[str, ...]:
@@ -228,14 +241,19 @@ def slick_category(greedy_correct: Sequence[bool], sampled_correct: Sequence[boo
 
 
 def world_qa_records(world, records: Sequence[dict]) -> list[dict]:
-    """Single-attribute world records (IT or eval) with ``answers`` filled from the ground truth; also
-    records of the source's ``alias_attributes`` (geo's several-valued ``neighbour``), graded by their answers."""
+    """Single-attribute world records (IT or eval) with ``answers`` filled from the ground truth (every
+    accepted alias where the source lists them, as geo's eval records carry them); also records of the
+    source's ``alias_attributes`` (geo's several-valued ``neighbour``), graded by their answers."""
     out = []
     keep = set(world.attributes) | set(getattr(world, "alias_attributes", ()))
     for r in records:
         if r.get("attribute") in keep and r.get("person"):
-            out.append({**r, "answers": r.get("answers") or [world.person(r["person"])["attrs"][r["attribute"]]]})
+            out.append({**r, "answers": r.get("answers") or _truth(world.person(r["person"]), r["attribute"])})
     return out
+
+
+def _truth(person: dict, attribute: str) -> list[str]:
+    return list(person.get("answers", {}).get(attribute) or [person["attrs"][attribute]])
 
 
 def slick_labels(records: Sequence[dict], answer_fn: AnswerFn, *, world=None, n_greedy: int = 1,
@@ -265,45 +283,57 @@ def hf_answer_fn(model, tokenizer, frames: Sequence[str], *, max_new_tokens: int
     """An ``answer_fn`` for a causal LM answering inside few-shot frames ("# Query / # Answer").
 
     Draw ``j`` of a record uses ``frames[j % len(frames)]`` (Gekhman et al. vary the few-shot examples
-    between greedy answers); sampling is seeded, so labels are reproducible. Prompts are encoded as
-    generation encodes them (:func:`itlens.templates.encode_prompts`): BOS first when the tokenizer's
-    own encoding adds it (Gemma, Llama), as the model was pretrained.
+    between greedy answers); sampling is seeded, so labels are reproducible, and leaves the caller's
+    random state alone. Prompts are encoded as generation encodes them
+    (:func:`itlens.templates.encode_prompts`): BOS first when the tokenizer's own encoding adds it (Gemma,
+    Llama), as the model was pretrained; batches are left-padded by the tokenizer (with EOS when it has no
+    pad token, as :func:`itlens.models.load_model` sets it), so an answer does not depend on its
+    batch-mates. An answer ends, as in generation (:func:`itlens.tokenizer.answer_stop_ids`), at any
+    special token (Gemma's ``<end_of_turn>`` as well as EOS), or where the next exchange begins.
     """
+    import copy
+
     import torch
 
     from itlens.templates import FRAME_STOP, adds_bos, encode_prompts, frame_prompt
+    from itlens.tokenizer import answer_stop_ids
 
     if not frames:
         raise ValueError("need at least one frame")
     bos = adds_bos(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    stop_ids = answer_stop_ids(tokenizer)
+    if tokenizer.pad_token is None:  # a deep copy: a shallow one shares the special tokens with the caller's
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    ends = set(stop_ids) | {tokenizer.pad_token_id}
 
-    def left_padded(texts: list[str]) -> dict:
-        ids = encode_prompts(tokenizer, texts, bos=bos)
-        width = max(len(x) for x in ids)
-        return {"input_ids": torch.tensor([[pad] * (width - len(x)) + x for x in ids]),
-                "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])}
+    def text_of(ids: list[int]) -> str:
+        n = next((k for k, t in enumerate(ids) if t in ends), len(ids))
+        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        for stop in (FRAME_STOP, "\n\n"):
+            text = text.split(stop)[0]
+        return text.strip()
 
     def answer(records: list[dict], temperature: float, n: int) -> list[list[str]]:
         out: list[list[str]] = [[] for _ in records]
         model.eval()
-        device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
+        device = next(model.parameters()).device
+        kw = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
+            if temperature > 0 else {"do_sample": False}
         for j in range(n):
             frame = frames[j % len(frames)]
-            texts = [frame_prompt(frame, r) for r in records]
-            for start in range(0, len(texts), batch_size):
-                batch = {k: v.to(device) for k, v in left_padded(texts[start:start + batch_size]).items()}
-                torch.manual_seed(seed * 1_000_003 + j * 7919 + start)
-                kw = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
-                    if temperature > 0 else {"do_sample": False}
-                with torch.inference_mode():
-                    gen = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, **kw)
-                for i, ids in enumerate(gen[:, batch["input_ids"].shape[1]:]):
-                    text = tokenizer.decode(ids, skip_special_tokens=True)
-                    for stop in (FRAME_STOP, "\n\n"):
-                        text = text.split(stop)[0]
-                    out[start + i].append(text.strip())
+            ids = encode_prompts(tokenizer, [frame_prompt(frame, r) for r in records], bos=bos)
+            for start in range(0, len(ids), batch_size):
+                batch = tokenizer.pad({"input_ids": ids[start:start + batch_size]}, padding_side="left",
+                                      return_attention_mask=True, return_tensors="pt").to(device)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                        torch.inference_mode():
+                    torch.manual_seed(seed * 1_000_003 + j * 7919 + start)
+                    gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                         eos_token_id=stop_ids, **kw)
+                for i, row in enumerate(gen[:, batch["input_ids"].shape[1]:].tolist()):
+                    out[start + i].append(text_of(row))
         return out
 
     return answer
@@ -454,7 +484,7 @@ def mc_scores(items: Sequence[dict], lls: Sequence[Sequence[float]], *, n_resamp
 
 
 def mc_lm_eval(model_dir: str | Path, items_path: str | Path, *, template: str = MC_TEMPLATE,
-               work_dir: str | Path) -> dict:
+               work_dir: str | Path, device: str = "cpu", dtype: str = "float32") -> dict:
     """Score the same items through lm-evaluation-harness (optional dependency) on a local task file.
 
     Returns ``{acc, acc_norm, n}``. Raises InputError when ``lm_eval`` is not installed.
@@ -477,8 +507,8 @@ def mc_lm_eval(model_dir: str | Path, items_path: str | Path, *, template: str =
         "doc_to_target": "{{gold}}",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                         {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}))
-    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=["itlens_mc"],
-                                  task_manager=TaskManager(include_path=str(task_dir)), batch_size=8, device="cpu",
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=["itlens_mc"],
+                                  task_manager=TaskManager(include_path=str(task_dir)), batch_size=8, device=device,
                                   log_samples=False)
     r = res["results"]["itlens_mc"]
     return {"acc": r["acc,none"], "acc_norm": r["acc_norm,none"], "n": res["n-samples"]["itlens_mc"]["effective"]}
@@ -529,7 +559,8 @@ class SlickSettings:
     temperature: float = dataclasses.field(default=0.5, metadata={"help": "Sampling temperature (Gekhman: 0.5)."})
     max_new_tokens: int = dataclasses.field(default=24, metadata={"help": "Answer length cap."})
     frames: list[str] = dataclasses.field(default_factory=list, metadata={
-        "help": "Few-shot frame files ({instruction} slot). Default: the world's frame.txt, else prompts/base_frame.txt."})
+        "help": "Few-shot frame files ({instruction} slot). Default: the world's (or geo folder's) frame.txt, else "
+                "prompts/base_frame.txt."})
 
 
 @dataclasses.dataclass
@@ -564,10 +595,16 @@ class KnowledgeConfig:
         "help": "Regexes (on lower-cased text) that mark an answer as an abstention."})
     n_resamples: int = dataclasses.field(default=2000, metadata={"help": "Bootstrap resamples for CIs."})
     seed: int = dataclasses.field(default=0, metadata={"help": "Seed for resampling and sampling."})
+    device: str = dataclasses.field(default="auto", metadata={
+        "help": "Where the slick and mc models run: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."})
+    dtype: str = dataclasses.field(default="float32", metadata={
+        "help": "Weights dtype of the slick and mc models: float32, bfloat16, float16 or auto (the checkpoint's)."})
     slick: SlickSettings = dataclasses.field(default_factory=SlickSettings, metadata={"help": "SliCK labelling."})
     mc: MCSettings = dataclasses.field(default_factory=MCSettings, metadata={"help": "Multiple-choice probes."})
 
     def validate(self) -> None:
+        from itlens.models import DTYPES
+
         if not self.eval:
             raise InputError("required: the eval QA file", key="eval")
         if not self.responses and not self.mc.models:
@@ -579,6 +616,10 @@ class KnowledgeConfig:
             raise InputError("expected itlens or lm_eval", key="mc.backend")
         if self.n_resamples < 1:
             raise InputError(f"expected an integer >= 1, got {self.n_resamples}", key="n_resamples")
+        if self.dtype not in DTYPES:
+            raise InputError(f"unknown dtype {self.dtype!r} (expected one of {list(DTYPES)})", key="dtype")
+        if not isinstance(self.device, str) or not self.device:
+            raise InputError("expected auto, cpu, cuda, cuda:1, ...", key="device")
         # SliCK's labels need a greedy answer (none labelled every record Unknown), sampling a temperature
         for key, low in (("n_greedy", 1), ("n_sampled", 0), ("max_new_tokens", 1)):
             if getattr(self.slick, key) < low:
@@ -593,6 +634,16 @@ class KnowledgeConfig:
                              key="mc.template") from None
         if "\0" not in filled:
             raise InputError("expected a template with a {question} slot", key="mc.template")
+
+
+def inference_device(device: str) -> str:
+    """``device`` with auto resolved to cuda when available: a real model on a GPU machine should not run
+    on the CPU (the geo probe uses it too)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_fact_source(path: str | Path):
@@ -619,11 +670,24 @@ def _read_categories(path: str) -> dict[str, str]:
 def _read_eval(cfg: KnowledgeConfig, world) -> list[dict]:
     rows = read_records(cfg.eval, "any")
     if world is not None and all("attribute" in r for r in rows):
-        for lineno, r in with_line_numbers(cfg.eval, rows):  # the world fills in answers a record leaves out
-            if r.get("answers") is not None:
-                _check_answers(r["answers"], cfg.eval, lineno)
-        return world_qa_records(world, rows)
+        return _world_qa_file(world, cfg.eval, rows)
     return read_qa(cfg.eval)
+
+
+def _world_qa_file(world, path: str | Path, rows: list[dict]) -> list[dict]:
+    """:func:`world_qa_records` of a file's records: the world fills in the answers a record leaves out,
+    so a fact it does not hold (records of another world or geo folder) is an error at that line."""
+    keep = set(world.attributes) | set(getattr(world, "alias_attributes", ()))
+    for lineno, r in with_line_numbers(path, rows):
+        if r.get("answers") is not None:
+            _check_answers(r["answers"], path, lineno)
+        elif r.get("person") and r.get("attribute") in keep:
+            try:
+                _truth(world.person(r["person"]), r["attribute"])
+            except KeyError:
+                raise InputError(f"the world holds no {r['attribute']} of {r['person']!r} (records of another "
+                                 "world?)", file=path, line=lineno, field="person") from None
+    return world_qa_records(world, rows)
 
 
 def run_knowledge(cfg: KnowledgeConfig, out_dir: str | Path) -> dict:
@@ -673,8 +737,8 @@ def _run_slick(cfg: KnowledgeConfig, world, eval_records: list[dict]) -> list[di
     from itlens.templates import load_frame
 
     if cfg.slick.records:
-        rows = read_records(cfg.slick.records, "any")
-        records = world_qa_records(world, rows) if world is not None else read_qa(cfg.slick.records)
+        records = _world_qa_file(world, cfg.slick.records, read_records(cfg.slick.records, "any")) \
+            if world is not None else read_qa(cfg.slick.records)
     else:
         records = eval_records
     if cfg.slick.frames:
@@ -683,7 +747,7 @@ def _run_slick(cfg: KnowledgeConfig, world, eval_records: list[dict]) -> list[di
         frames = [world.frame_text()]
     else:
         frames = [load_frame()]
-    lm = load_model(cfg.slick.model)
+    lm = load_model(cfg.slick.model, dtype=cfg.dtype, device=inference_device(cfg.device))
     fn = hf_answer_fn(lm.model, lm.tokenizer, frames, max_new_tokens=cfg.slick.max_new_tokens, seed=cfg.seed)
     return slick_labels(records, fn, world=world, n_greedy=cfg.slick.n_greedy, n_sampled=cfg.slick.n_sampled,
                         temperature=cfg.slick.temperature, patterns=cfg.abstain_patterns)
@@ -703,9 +767,10 @@ def _run_mc(cfg: KnowledgeConfig, world, eval_records: list[dict], tmp: Path) ->
     out = {}
     for name, path in sorted(cfg.mc.models.items()):
         if cfg.mc.backend == "lm_eval":
-            out[name] = mc_lm_eval(path, items_path, template=cfg.mc.template, work_dir=tmp / f"lm_eval-{name}")
+            out[name] = mc_lm_eval(path, items_path, template=cfg.mc.template, work_dir=tmp / f"lm_eval-{name}",
+                                   device=inference_device(cfg.device), dtype=cfg.dtype)
             continue
-        lm = load_model(path)
+        lm = load_model(path, dtype=cfg.dtype, device=inference_device(cfg.device))
         res = mc_scores(items, mc_loglikelihoods(lm.model, lm.tokenizer, items, template=cfg.mc.template),
                         n_resamples=cfg.n_resamples, seed=cfg.seed)
         write(tmp / f"mc-{name}.jsonl", res.pop("items"))
