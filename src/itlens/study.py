@@ -27,8 +27,8 @@ from itlens.io import atomic_write_json, atomic_write_text, read_records
 from itlens.plotting import styled
 from itlens.stages import Stage, StageRunner
 
-STAGE_VERSIONS: dict[str, int] = {"world": 2, "geo": 1, "pretrain": 1, "tune": 1, "generate": 2, "shift": 3,
-                                   "analysis": 4, "judge": 2}
+STAGE_VERSIONS: dict[str, int] = {"world": 2, "geo": 2, "pretrain": 1, "tune": 1, "generate": 2, "shift": 4,
+                                   "analysis": 5, "judge": 2}
 """The code version of each kind of stage, part of its cache key. Bump one when that stage's code changes
 what it writes: cached stages of that kind, and every stage downstream of them, are recomputed; the rest
 (pretraining and tuning, the costly ones) are reused. A change that writes the same bytes needs no bump."""
