@@ -172,6 +172,18 @@ def test_read_qa_and_mc_errors(tmp_path):
     m.write_text('{"id": "a", "question": "Q?", "choices": ["x", "y"], "gold": 2}\n')
     with pytest.raises(InputError, match="index into choices"):
         read_mc(m)
+    m.write_text('{"id": "a", "question": "Q?", "choices": ["x", "y"], "gold": 0}\n'
+                 '{"id": "b", "question": "Q?", "choices": ["x", "y", "x"], "gold": 0}\n')
+    with pytest.raises(InputError, match="mc.jsonl:2: field 'choices': choice 'x' is given twice"):
+        read_mc(m)
+
+
+def test_slick_labels_refuses_an_answer_fn_that_answers_fewer_records():
+    """zip dropped the records an answer_fn left out: they got no label at all, and no error."""
+    recs = [{"id": f"r{i}", "instruction": "Q?", "answers": ["x"]} for i in range(3)]
+    assert len(slick_labels(recs, lambda rs, t, n: [["x"] * n for _ in rs], n_sampled=2)) == 3
+    with pytest.raises(ValueError, match="gave 2 sampled answer lists for 3 records"):
+        slick_labels(recs, lambda rs, t, n: [["x"] * n for _ in rs][: 3 if t == 0 else 2], n_sampled=2)
 
 
 def _write_run(tmp_path, world_recs, resp_map, name):

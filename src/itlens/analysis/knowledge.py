@@ -267,6 +267,9 @@ def slick_labels(records: Sequence[dict], answer_fn: AnswerFn, *, world=None, n_
     records = list(records)
     greedy = answer_fn(records, 0.0, n_greedy)
     sampled = answer_fn(records, temperature, n_sampled) if n_sampled > 0 else [[] for _ in records]
+    for name, got in (("greedy", greedy), ("sampled", sampled)):  # zip would drop the records left over
+        if len(got) != len(records):
+            raise ValueError(f"answer_fn gave {len(got)} {name} answer lists for {len(records)} records")
     out = []
     alias = functools.lru_cache(maxsize=None)(lambda attr: alias_names(world, attr))
     for rec, gs, ss in zip(records, greedy, sampled):
@@ -349,6 +352,9 @@ def read_mc(path: str | Path) -> list[dict]:
         ch = r.get("choices")
         if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
             raise InputError("expected a list of at least 2 non-empty strings", file=path, line=lineno, field="choices")
+        if len(set(ch)) < len(ch):  # two equal choices split one answer's score, and one of them is "wrong"
+            dup = next(c for i, c in enumerate(ch) if c in ch[:i])
+            raise InputError(f"choice {dup!r} is given twice", file=path, line=lineno, field="choices")
         g = r.get("gold")
         if not isinstance(g, int) or isinstance(g, bool) or not 0 <= g < len(ch):
             raise InputError(f"expected an index into choices (0..{len(ch) - 1})", file=path, line=lineno, field="gold")
