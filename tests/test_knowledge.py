@@ -162,6 +162,32 @@ def test_lm_eval_agrees_with_own_mc(tiny_model_dir, tmp_path):
     assert (ext["acc"], ext["acc_norm"]) == (own["acc"], own["acc_norm"])
 
 
+def test_lm_eval_scores_a_lora_adapter_on_its_base(tiny_model_dir, tmp_path):
+    """lm_eval was handed the adapter folder as pretrained= ("Unrecognized model ... model_type"): a tuned LFT model
+    could not be scored by the harness. A random (non-identity) adapter scores as itlens scores it."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra (not installed)")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from itlens.analysis.knowledge import mc_lm_eval
+    from itlens.io import atomic_write_jsonl
+    from itlens.models import load_model
+
+    import torch
+
+    torch.manual_seed(0)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lft")
+    items = [{"id": f"q{i}", "question": f"what is item {i}", "choices": ["north", "south city", "music"],
+              "gold": (i * 7) % 3} for i in range(9)]
+    path = atomic_write_jsonl(tmp_path / "mc.jsonl", items)
+    lm = load_model(tmp_path / "lft")
+    own = mc_scores(items, mc_loglikelihoods(lm.model, lm.tokenizer, items))
+    ext = mc_lm_eval(tmp_path / "lft", path, work_dir=tmp_path / "work")
+    assert (ext["acc"], ext["acc_norm"], ext["n"]) == (own["acc"], own["acc_norm"], 9)
+
+
 def test_read_qa_and_mc_errors(tmp_path):
     p = tmp_path / "qa.jsonl"
     p.write_text('{"id": "a", "question": "Q?", "answers": ["x"]}\n{"id": "b", "question": "Q?", "answers": []}\n')

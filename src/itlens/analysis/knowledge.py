@@ -513,7 +513,11 @@ def mc_lm_eval(model_dir: str | Path, items_path: str | Path, *, template: str =
         "doc_to_target": "{{gold}}",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                         {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}))
-    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=["itlens_mc"],
+    from itlens.models import _adapter_base, is_adapter_dir, resolve_model
+
+    path = resolve_model(model_dir)  # lm_eval's hf model reads an adapter as peft= beside its base, not as pretrained=
+    weights = f"pretrained={_adapter_base(path)},peft={path}" if is_adapter_dir(path) else f"pretrained={path}"
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"{weights},dtype={dtype}", tasks=["itlens_mc"],
                                   task_manager=TaskManager(include_path=str(task_dir)), batch_size=8, device=device,
                                   log_samples=False)
     r = res["results"]["itlens_mc"]
