@@ -572,3 +572,17 @@ def test_every_frame_has_a_probe_frame_for_every_attribute(tmp_path):
     with pytest.raises(InputError, match="key 'frame_examples'"):
         build_geo(GeoConfig(max_countries=0, frames=1, frame_examples=1, seed=0), tmp_path / "h")
     assert not (tmp_path / "h").exists()
+
+
+def test_probe_frames_come_in_frame_order_past_ten(tmp_path):
+    """A text sort read capital_10.txt before capital_2.txt: answers_given and the sampled frames' rotation
+    were out of frame order with 11 or more frames."""
+    from itlens.geo import probe_frame_files
+
+    (tmp_path / "probe_frames").mkdir()
+    for k in range(12):
+        for attr in ("capital", "neighbour"):
+            (tmp_path / "probe_frames" / f"{attr}_{k}.txt").write_text(f"{attr} {k}")
+    got = probe_frame_files(tmp_path)
+    assert sorted(got) == ["capital", "neighbour"]
+    assert [p.name for p in got["capital"]] == [f"capital_{k}.txt" for k in range(12)]

@@ -425,9 +425,9 @@ def frame_files(geo_dir: str | Path) -> list[Path]:
 def probe_frame_files(geo_dir: str | Path) -> dict[str, list[Path]]:
     """Attribute -> its same-attribute probe frames (``probe_frames/<attribute>_<k>.txt``)."""
     out: dict[str, list[Path]] = {}
-    for path in sorted((Path(geo_dir) / "probe_frames").glob("*.txt")):
-        attr, k = path.stem.rsplit("_", 1)
-        out.setdefault(attr, []).append(path)
+    paths = [(*p.stem.rsplit("_", 1), p) for p in (Path(geo_dir) / "probe_frames").glob("*.txt")]
+    for attr, _, path in sorted(paths, key=lambda t: (t[0], int(t[1]) if t[1].isdigit() else -1, t[1])):
+        out.setdefault(attr, []).append(path)  # in frame order: a text sort put frame 10 before frame 2
     return out
 
 
