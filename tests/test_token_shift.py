@@ -1040,3 +1040,159 @@ def test_an_answer_of_whitespace_only_is_empty(models, tiny_tokenizer, finish):
     assert res.summary["n_empty"] == 4 and res.summary["n_tokens"] == len(res.tokens)
     alone = compute_shift(base, tuned, recs[1:2], tokenizer=tok, base_context="template")
     assert res.tokens.equals(alone.tokens)
+
+
+# ------------------------------------------------------------------- token text in running text
+def _metaspace_tokenizer(scheme: str):
+    """A Metaspace BPE (prepend_scheme 'first' as Llama-3-era sentencepiece conversions, 'always' as older
+    ones): its decoder drops the first token's leading '▁'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from conftest import tiny_corpus
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme)
+    t.decoder = decoders.Metaspace(prepend_scheme=scheme)
+    t.train_from_iterator(tiny_corpus(), trainers.BpeTrainer(vocab_size=200, min_frequency=1, show_progress=False,
+                                                             special_tokens=["<unk>", "<s>", "</s>"],
+                                                             initial_alphabet=list("<|>?!.,T\n")))
+    return _fast_tokenizer(t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _wordpiece_tokenizer():
+    """BERT-style WordPiece: words joined by spaces on decoding, '##' pieces glued to the one before."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from conftest import tiny_corpus
+
+    t = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    t.normalizer = normalizers.BertNormalizer(lowercase=True)
+    t.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    t.decoder = decoders.WordPiece()
+    t.train_from_iterator(tiny_corpus(), trainers.WordPieceTrainer(vocab_size=120, min_frequency=1, show_progress=False,
+                                                                   special_tokens=["[UNK]", "[CLS]", "[SEP]"]))
+    return _fast_tokenizer(t, bos_token="[CLS]", eos_token="[SEP]", unk_token="[UNK]")
+
+
+RUNNING_TEXTS = ["the doctor works at the university.", "the teacher studied music. the river is blue."]
+
+
+@pytest.mark.parametrize("name", ["llama2_legacy", "metaspace_first", "metaspace_always", "unigram_cleanup",
+                                  "byte_level", "wordpiece"])
+def test_the_token_column_is_the_text_each_token_adds_in_running_text(tiny_tokenizer, tmp_path, name):
+    """Decoded alone, a Metaspace token loses its leading space (Llama-2's and Mistral's decoders strip the
+    first token's), so '▁works' read 'works', the token view ran words together ('Thedoctorworks') and the
+    tables lost the word boundary. The token column is now the text each token adds after the text before
+    it: a response's tokens join to its text wherever the tokenizer round-trips it. A byte of a character
+    split over byte-fallback tokens is U+FFFD, not garbage; WordPiece's '##' pieces glue to the word."""
+    from transformers import AutoModelForCausalLM
+
+    tok = {"llama2_legacy": _llama2_like_tokenizer, "metaspace_first": lambda: _metaspace_tokenizer("first"),
+           "metaspace_always": lambda: _metaspace_tokenizer("always"), "unigram_cleanup": _unigram_tokenizer,
+           "byte_level": lambda: tiny_tokenizer, "wordpiece": _wordpiece_tokenizer}[name]()
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tok, tmp_path / "m")).eval()
+    texts = RUNNING_TEXTS + (["漢字 is the city. ok"] if name == "llama2_legacy" else [])
+    recs = [{"id": f"r{i}", "instruction": "where is the city?", "response": t, "model": "m"}
+            for i, t in enumerate(texts)]
+    res = compute_shift(model, model, recs, tokenizer=tok, base_context="template", view_top_k=len(tok))
+    for rec in recs:
+        joined = "".join(res.tokens[res.tokens["id"] == rec["id"]]["token"])
+        text = rec["response"]
+        if name == "wordpiece":  # lower-cased, and a first word adds the space after the template's '>'
+            assert joined == " " + text.lower()
+        elif text.isascii():
+            assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # round-trips
+            assert joined == text
+        else:  # '漢字' is six byte-fallback tokens: each one byte of a character
+            assert joined == text.encode().decode("ascii", errors="replace") == "\ufffd" * 6 + " is the city. ok"
+    # the token view's top-k cells name tokens the same way (view_top_k = the vocabulary: every id is listed)
+    from itlens.analysis.shift_figures import render_token_view
+
+    page = render_token_view(res, None, tmp_path / "view.html").read_text()
+    words = {t for t in res.tokens["token"] if t.strip().isalpha()}
+    assert any(t.startswith(" ") for t in words) and all(f"<td>{t}</td>" in page for t in words)
+
+
+def test_paper_mode_still_matches_tokens_by_their_text_decoded_alone(tmp_path):
+    """AlignTDS compares tokens by ``decode([i])``; with Llama-2's decoder '▁the' and 'the' are then one
+    string, though they add ' the' and 'the' in running text. Paper mode keeps that definition: its
+    columns equal AlignTDS's compute_similarity on the models' own top-30 lists named by ``decode([i])``
+    (and would differ, here, if they were named by the token column's text)."""
+    from transformers import AutoModelForCausalLM
+
+    from itlens.analysis.token_shift import _TokenStrings, token_texts
+
+    tok = _llama2_like_tokenizer()
+    base, tuned = (AutoModelForCausalLM.from_pretrained(make_tiny_llama(tok, tmp_path / f"m{s}", seed=s)).eval()
+                   for s in (0, 1))
+    recs = [{"id": f"r{i}", "instruction": "where is the city?", "response": t, "model": "m"}
+            for i, t in enumerate(RUNNING_TEXTS)]
+    res = compute_shift(base, tuned, recs, tokenizer=tok, base_context="template", mode="paper")
+    a, t = tok.convert_tokens_to_ids(["▁a", "a"])
+    sid = _TokenStrings(tok).string_ids(torch.tensor([a, t]))
+    assert sid[0] == sid[1] and token_texts(tok, [a, t]) == [" a", "a"]
+    alone_differs = False
+    for rec in recs:
+        rows = res.tokens[res.tokens["id"] == rec["id"]]
+        ids = rows["token_id"].tolist()
+        joint = tok(chat_prompt(tok, rec) + rec["response"] + "<|end|>")["input_ids"]
+        start = next(k for k in range(len(joint)) if joint[k: k + len(ids)] == ids)
+        seq = torch.tensor([joint[:start] + ids])
+        with torch.no_grad():
+            zb, zt = (m(input_ids=seq).logits[0, start - 1: start - 1 + len(ids)].float() for m in (base, tuned))
+        for row, lb, lt in zip(rows.itertuples(), zb, zt):
+            (vb, ib), (vt, it) = lb.topk(30), lt.topk(30)
+            ref = {}
+            for how, name in ((lambda i: tok.decode([i]), "alone"), (lambda i: token_texts(tok, [i])[0], "running")):
+                ref[name] = _aligntds_reference(list(zip(map(how, ib.tolist()), vb.tolist())),
+                                                list(zip(map(how, it.tolist()), vt.tolist())))
+            kl, tr_class, tr, tp = ref["alone"]
+            assert (row.rank_base, row.rank0_paper) == (tr_class + 1, tr)
+            assert row.kl == pytest.approx(kl, rel=1e-4, abs=1e-5) and row.p_base == pytest.approx(tp, abs=1e-5)
+            alone_differs |= not np.allclose(ref["alone"], ref["running"], rtol=1e-4, atol=1e-5)
+    assert alone_differs  # the two namings do give other values on these lists
+
+
+def test_a_composite_models_length_limit_is_read_from_its_text_config(tiny_tokenizer):
+    """Gemma 3 (4B and up), Llava and Qwen2-VL keep max_position_embeddings in their text model's config;
+    read only at the top, it was missing and answers were cut at 2048 tokens."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=3000)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=8, patch_size=4)
+    model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision,
+                                                      image_token_id=len(tiny_tokenizer) - 1)).eval()
+    assert getattr(model.config, "max_position_embeddings", None) is None  # not at the top
+    res = compute_shift(model, model, _records(2, 2), tokenizer=tiny_tokenizer, base_context="template")
+    assert res.summary["max_length"] == 3000 and res.summary["n_truncated"] == 0 and len(res.tokens)
+
+
+def test_an_empty_answer_whose_one_token_ran_into_the_end_of_turn_counts_as_empty_only(tmp_path):
+    """An answer '.' is one token '.<|' with the end-of-turn text: left out, it leaves no rows. It counts in
+    n_empty alone; before, it counted in n_fused_end as well (two buckets for one answer)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = _fused_end_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tok, tmp_path / "m")).eval()
+    recs = [{"id": "dot", "instruction": "where is the city?", "response": ".", "model": "m"},
+            {"id": "fused", "instruction": "where is the city?", "response": "the city.", "model": "m"},
+            {"id": "plain", "instruction": "where is the city?", "response": "the river is blue", "model": "m"}]
+    res = compute_shift(model, model, recs, tokenizer=tok, base_context="template")
+    assert res.tokens["id"].unique().tolist() == ["fused", "plain"]
+    assert (res.summary["n_empty"], res.summary["n_fused_end"]) == (1, 1)
+
+
+def test_a_tokenizer_without_character_offsets_is_an_input_error(tmp_path):
+    """A Python-only ('slow') tokenizer, here ByT5's, gives no character offsets, which locate the response's
+    tokens after the prompt: one line saying a fast tokenizer is needed (was a KeyError traceback)."""
+    from transformers import ByT5Tokenizer
+
+    slow = ByT5Tokenizer()
+    assert not slow.is_fast
+    model_dir = make_tiny_llama(slow, tmp_path / "byt5")
+    with pytest.raises(InputError, match="slow.*needs a fast one") as e:
+        compute_shift(str(model_dir), str(model_dir), _records(0, 1))
+    assert str(model_dir) in str(e.value) and "\n" not in str(e.value)

@@ -11,6 +11,7 @@ import html
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from itlens.analysis.token_shift import token_texts
 from itlens.io import atomic_write_text
 from itlens.plotting import CLASS_COLORS, save_fig, styled, subplots
 
@@ -150,10 +151,10 @@ def render_token_view(result, ids: Iterable[str] | None, path: str | Path, *, ti
         cells = {int(i): _tok_text(repr(t)[1:-1]) for i, t in zip(emitted["token_id"], emitted["token"])}
 
     def cell(i: int) -> str:
-        """A top-k token as HTML."""
+        """A top-k token as HTML (its text in running text, as the table's ``token``)."""
         i = int(i)
         if i not in cells:
-            cells[i] = _tok_text(repr(tok.decode([i]))[1:-1]) if tok is not None else f"<i>id {i}</i>"
+            cells[i] = _tok_text(repr(token_texts(tok, [i])[0])[1:-1]) if tok is not None else f"<i>id {i}</i>"
         return cells[i]
 
     s = result.summary

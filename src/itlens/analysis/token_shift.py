@@ -235,6 +235,10 @@ def _load_models(base, tuned, cfg: ShiftConfig, tokenizer):
         if not src:
             raise InputError("pass tokenizer= when the models are given as objects", key="tokenizer")
         tokenizer = load_tokenizer(src)
+    if not getattr(tokenizer, "is_fast", False):  # the response tokens are located by character offsets
+        raise InputError(f"{type(tokenizer).__name__} is a Python-only ('slow') tokenizer, which gives no character "
+                         "offsets: token shift needs a fast one (the tokenizers library's, saved as tokenizer.json)",
+                         file=getattr(tokenizer, "name_or_path", None) or None, key="tokenizer")
     if tok_base is not None and tok_base is not tokenizer and tok_base.get_vocab() != tokenizer.get_vocab():
         raise InputError("base and tuned models do not share a tokenizer (vocabularies differ); token shift "
                          "compares distributions token by token, so both must use the same one", key="tuned")
@@ -269,8 +273,14 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _max_length(*scorers: _Scorer) -> int:
-    lengths = [getattr(s.model.config, "max_position_embeddings", None) for s in scorers]
+def _max_length(*configs) -> int:
+    """The longest sequence every model reads: the least ``max_position_embeddings`` (2048 if none says).
+
+    A composite model's config (Gemma 3 4B and up, Llava, Qwen2-VL) holds it in its text model's config
+    (``get_text_config()``), not at the top: read there, long answers are not cut at 2048 tokens.
+    """
+    texts = [c.get_text_config() if hasattr(c, "get_text_config") else c for c in configs]
+    lengths = [getattr(c, "max_position_embeddings", None) for c in texts]
     lengths = [n for n in lengths if isinstance(n, int) and n > 0]
     return min(lengths) if lengths else 2048
 
@@ -687,21 +697,51 @@ def shift_class(rank_base) -> np.ndarray:
     return np.where(r <= 1, "unshifted", np.where(r <= 3, "marginal", "shifted"))
 
 
+def token_texts(tokenizer, ids: Iterable[int]) -> list[str]:
+    """The text each token id adds in running text (the table's ``token``, the token view's top-k).
+
+    Decoded alone, a token can lose what it writes: Metaspace (sentencepiece) decoders, Llama-2's and
+    Mistral's, strip the first token's leading space, so ``▁work`` would read ``work`` and the token
+    view would run words together. Each id is decoded after a fixed anchor token (``a``), whose text is
+    then removed. The clean-up of spaces (`` .`` -> ``.``) is left out: it rewrites a text by a token's
+    neighbours, not the token's own text. A byte that is part of a character decodes to U+FFFD, as
+    decoded alone; an id whose text does not follow the anchor's keeps its text decoded alone.
+    """
+    ids = [int(i) for i in ids]
+    plain = functools.partial(tokenizer.decode, clean_up_tokenization_spaces=False)
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+    lead = plain(anchor) if anchor else ""
+    after = (tokenizer.batch_decode([anchor + [i] for i in ids], clean_up_tokenization_spaces=False)
+             if lead else [""] * len(ids))
+    return [t[len(lead):] if lead and t.startswith(lead) else plain([i]) for i, t in zip(ids, after)]
+
+
 class _TokenStrings:
-    """Decoded string of each token id, cached; string ids for AlignTDS's string matching."""
+    """Two texts of each token id, cached: the text it adds in running text (:func:`token_texts`), and
+    its text decoded alone, by which AlignTDS matches tokens (paper mode: ``string_ids``)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.text: dict[int, str] = {}
+        self.running: dict[int, str] = {}
+        self.alone: dict[int, str] = {}
         self.sid: dict[str, int] = {}
 
+    def text(self, ids: Iterable[int]) -> list[str]:
+        """Each id's text in running text (:func:`token_texts`)."""
+        ids = [int(i) for i in ids]
+        missing = [i for i in dict.fromkeys(ids) if i not in self.running]
+        if missing:
+            self.running.update(zip(missing, token_texts(self.tokenizer, missing)))
+        return [self.running[i] for i in ids]
+
     def decode(self, ids: Iterable[int]) -> list[str]:
+        """Each id decoded alone (``decode([i])``): AlignTDS's strings."""
         out = []
         for i in ids:
             i = int(i)
-            s = self.text.get(i)
+            s = self.alone.get(i)
             if s is None:
-                s = self.text[i] = self.tokenizer.decode([i])
+                s = self.alone[i] = self.tokenizer.decode([i])
             out.append(s)
         return out
 
@@ -739,7 +779,7 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
     frame_text = load_frame(cfg.frame) if cfg.base_context == "frame" else None
     if frame_text is not None and cfg.frames:  # one frame per attribute, the default for the rest
         frame_text = {None: frame_text, **{a: load_frame(f) for a, f in sorted(cfg.frames.items())}}
-    max_length = cfg.max_length or _max_length(base_s, tuned_s)
+    max_length = cfg.max_length or _max_length(base_s.model.config, tuned_s.model.config)
     strings = _TokenStrings(tok)
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -766,11 +806,11 @@ def compute_shift(base, tuned, responses, *, config: ShiftConfig | None = None, 
         kept = []
         for e in _encode_all(tok, [records[i] for i in idx], cfg, frame_text, indices=idx, end_text=end_text,
                              special=special):
-            status["fused_end"] += int(e.fused_end)
             status[e.token_ids] += 1
-            if not e.response_ids:
+            if not e.response_ids:  # empty, whether or not its one token ran on into the end of turn
                 status["empty"] += 1
                 continue
+            status["fused_end"] += int(e.fused_end)
             fit = _truncate(e, max_length)
             status[fit] += 1
             status["straddles"] += int(e.straddles and cfg.base_context == "frame")
@@ -991,7 +1031,7 @@ def _static_columns(scored: list[_Encoded], strings: _TokenStrings) -> dict:
     ids = np.array([e.id for e in scored], dtype=object)
     order = np.lexsort((pos, row_index))
     cols = {"id": np.repeat(ids, n), "pos": pos, "token_id": token_id,
-            "token": np.array(strings.decode(uniq.tolist()), dtype=object)[inverse.reshape(-1)],
+            "token": np.array(strings.text(uniq.tolist()), dtype=object)[inverse.reshape(-1)],
             "n_tokens": n_tokens, "sentence": sentence,
             "sent_pos": pos - pos[np.repeat(run_start, run_len)] if total else pos,
             "sent_len": np.repeat(run_len, run_len)}
