@@ -170,6 +170,7 @@ def test_a_partial_study_renders_what_it_has(tmp_path):
                                                      "p_value": None}}}]}))
     page = render_report(root).read_text(encoding="utf-8")
     assert "<span class=\"verdict na\">not measured</span>" in page
+    assert "Why: needs an LFT" in page and "Test: needs" not in page  # the reason, not a test that was run
     assert "<td>sft_minus_lft</td><td>n/a</td>" in page and "<td>qa_acc_known</td><td>n/a</td>" in page
     assert "<figure>" not in page and "<iframe" not in page and "<h2>Versions</h2>" not in page
 

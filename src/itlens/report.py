@@ -81,7 +81,8 @@ def _finding_html(f: dict) -> str:
     return (f'<div class="finding" id="{_esc(f["id"])}"><h3>{_esc(f["id"])}: {_esc(f.get("claim", ""))} '
             f'<span class="verdict {cls}">{word}</span></h3>'
             + (f"<p>{_esc(summary)}</p>" if summary else "")
-            + (f'<p class="muted">Test: {_esc(test)}</p>' if test else "")
+            # a finding not measured carries why in its test field ("needs an LFT variant ...")
+            + (f'<p class="muted">{"Test" if holds is not None else "Why"}: {_esc(test)}</p>' if test else "")
             + (f'<p class="ref">Paper: {_esc(paper)}</p>' if paper else "")
             + (_kv_table(rest) if rest else "") + "</div>")
 
