@@ -674,3 +674,24 @@ def test_slick_and_mc_models_load_as_the_config_says(tiny_model_dir, tmp_path):
     assert inference_device("cpu") == "cpu"
     with pytest.raises(InputError, match="key 'dtype'"):
         from_dict(KnowledgeConfig, {**base, "dtype": "fp8"})
+
+
+def test_hf_answer_fn_answers_with_a_tokenizer_without_pad_or_eos_as_generation_does(untied_model_dir, tmp_path):
+    """Was: SliCK padded with the tokenizer's own padding, which refuses a tokenizer with neither a pad nor
+    an EOS token (ValueError), though generation answers with it. Both now pad the same way: the SliCK
+    answers are the generated ones, batched or not, and the caller's tokenizer is left as it was."""
+    from itlens.generate import generate_responses
+    from itlens.models import load_model
+
+    lm = load_model(untied_model_dir)
+    tok = lm.tokenizer
+    tok.pad_token, tok.eos_token = None, None
+    frame = "# Query:\n{instruction}\n\n# Answer:\n"
+    (tmp_path / "frame.txt").write_text(frame)
+    recs = [{"id": "a", "instruction": "who?"}, {"id": "b", "instruction": "where was the doctor born in the city?"}]
+    generated = generate_responses(lm, recs, mode="frame", frame=str(tmp_path / "frame.txt"), max_new_tokens=6,
+                                   batch_size=2)
+    answers = hf_answer_fn(lm.model, tok, [frame], max_new_tokens=6, batch_size=2)(recs, 0.0, 1)
+    assert answers == hf_answer_fn(lm.model, tok, [frame], max_new_tokens=6, batch_size=1)(recs, 0.0, 1)
+    assert [a for (a,) in answers] == [g["response"].split("\n\n")[0].strip() for g in generated]
+    assert tok.pad_token is None and tok.eos_token is None

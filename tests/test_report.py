@@ -238,3 +238,23 @@ def test_a_p_value_just_below_alpha_is_not_shown_as_alpha():
                 "n": 100}}})
     assert "<td>-0.0667 [-0.125, -0.0042], p=0.04998 (n=120)</td>" in page
     assert "observed 0.12 vs chance 0.091 [0.04, 0.15], p=0.04998 (n=100)" in page and "p=0.05" not in page
+
+
+def test_a_finding_measured_on_no_questions_states_its_test_not_a_reason(tmp_path):
+    """Was: every finding with holds None showed its test as 'Why:', so F1 measured on no held-out Known
+    question (a base that knows none) read 'Why: paired bootstrap ... holds iff ...'. Only a finding the
+    study could not measure (summary 'not measured') gives a reason there."""
+    root = tmp_path / "empty"
+    root.mkdir()
+    (root / "metrics.json").write_text(json.dumps({
+        "study": {"name": "empty", "seeds": [0]}, "models": {},
+        "findings": [{"id": "F1", "claim": "c", "holds": None,
+                      "evidence": {"test": "paired bootstrap: holds iff SFT is below LFT",
+                                   "summary": "QA accuracy on held-out Known people: base n/a",
+                                   "sft_minus_lft": {"estimate": None, "low": None, "high": None, "n": 0,
+                                                     "p_value": None}}},
+                     {"id": "F3", "claim": "c", "holds": None,
+                      "evidence": {"test": "needs an SFT variant", "summary": "not measured"}}]}))
+    page = render_report(root).read_text(encoding="utf-8")
+    assert "Test: paired bootstrap: holds iff" in page and "Why: paired" not in page
+    assert "Why: needs an SFT variant" in page

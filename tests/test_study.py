@@ -506,6 +506,9 @@ def test_a_study_with_a_judge_scores_every_model_and_keeps_no_stage_the_endpoint
         s = per_seed["0"]
         assert s["n_items"] > 0 and s["n_scored"] == s["n_items"], (name, s["failures"])
     assert "judge" in (out / "report.html").read_text().lower()
+    radar = next(f for f in json.loads((out / "figures" / "index.json").read_text())
+                 if f["file"] == "judge-lft/radar_aspects.png")
+    assert radar["caption"].startswith("lft's answers as the judge scored them: mean score"), radar  # was 'radar_aspects'
 
 
 def test_the_figure_index_takes_files_inside_the_figures_folder_only(tmp_path):

@@ -136,10 +136,9 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
         bar = tqdm(total=sum(len(idx) for _, idx in batches), desc=f"generate {lm.name}", unit="prompt")
     decoding = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
         else {"do_sample": False}
-    # a tokenizer without a pad token pads with a stop id, which ends an answer as padding does
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
+    pad_id = padding_id(tok, stop_ids)
     for b, idx in batches:
-        batch = _left_padded([encoded[i] for i in idx], pad_id, device)
+        batch = left_padded([encoded[i] for i in idx], pad_id, device)
         # sampling seeds its own RNG stream per batch and leaves the caller's global RNG state as it was
         rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                     enabled=temperature > 0)
@@ -162,7 +161,13 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     return [r for r in results if r is not None]
 
 
-def _left_padded(rows: list[list[int]], pad_id: int, device) -> dict:
+def padding_id(tok, stop_ids: list[int]) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else a stop id (a tokenizer without a pad token,
+    even without EOS), which ends an answer as padding does."""
+    return tok.pad_token_id if tok.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
+
+
+def left_padded(rows: list[list[int]], pad_id: int, device) -> dict:
     """Prompt ids left-padded into one batch with its attention mask. Not ``tokenizer.pad``, which refuses
     a tokenizer without a pad token; the padded positions are masked, so any id serves."""
     import torch

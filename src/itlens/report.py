@@ -78,11 +78,13 @@ def _finding_html(f: dict) -> str:
     summary = ev.get("summary", "")
     paper = ev.get("paper", "")
     rest = {k: v for k, v in ev.items() if k not in ("test", "summary", "paper")}
+    # a finding the study could not measure carries why in its test field ("needs an LFT variant ...") and
+    # "not measured" as its summary; one measured on no questions (holds is None too) states the test it ran
+    unmeasured = holds is None and summary == "not measured"
     return (f'<div class="finding" id="{_esc(f["id"])}"><h3>{_esc(f["id"])}: {_esc(f.get("claim", ""))} '
             f'<span class="verdict {cls}">{word}</span></h3>'
             + (f"<p>{_esc(summary)}</p>" if summary else "")
-            # a finding not measured carries why in its test field ("needs an LFT variant ...")
-            + (f'<p class="muted">{"Test" if holds is not None else "Why"}: {_esc(test)}</p>' if test else "")
+            + (f'<p class="muted">{"Why" if unmeasured else "Test"}: {_esc(test)}</p>' if test else "")
             + (f'<p class="ref">Paper: {_esc(paper)}</p>' if paper else "")
             + (_kv_table(rest) if rest else "") + "</div>")
 

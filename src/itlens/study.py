@@ -711,11 +711,9 @@ def _resolved(cfg: StudyConfig) -> dict:
 def _inference_device(gcfg) -> str:
     """Where the study runs inference (generation, the geo probe, cloze and multiple choice):
     ``generate.device``, auto = cuda when available. (Tuning and token shift pick their own.)"""
-    if gcfg.device != "auto":
-        return gcfg.device
-    import torch
+    from itlens.analysis.knowledge import inference_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return inference_device(gcfg.device)
 
 
 def _load_variant_model(base_dir: Path, model_dir: Path, name: str, dtype: str = "float32", device: str = "cpu"):
@@ -1387,7 +1385,10 @@ def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) ->
             summ = _read_json(plan.judge_dirs[(s0, m)] / "summary.json")
             for p in write_judge_figures(summ, fig_dir / f"judge-{m}", paper_reference=judge_reference):
                 rel = p.relative_to(fig_dir)
-                add(str(rel), "Judge", f"Judge radar: {m}", p.stem)
+                what = ("mean score (1-5) of each aspect: helpfulness, clarity, factuality, depth, engagement"
+                        if p.stem == "radar_aspects" else "mean of the five aspects per task type of the prompts")
+                add(str(rel), "Judge", f"Judge radar: {m}", f"{m}'s answers as the judge scored them: {what}"
+                    + (" (the paper's rows drawn beside them)" if judge_reference else "") + ".")
     atomic_write_json(fig_dir / "index.json", index)
 
     views = out / "views"

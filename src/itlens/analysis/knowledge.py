@@ -289,15 +289,14 @@ def hf_answer_fn(model, tokenizer, frames: Sequence[str], *, max_new_tokens: int
     between greedy answers); sampling is seeded, so labels are reproducible, and leaves the caller's
     random state alone. Prompts are encoded as generation encodes them
     (:func:`itlens.templates.encode_prompts`): BOS first when the tokenizer's own encoding adds it (Gemma,
-    Llama), as the model was pretrained; batches are left-padded by the tokenizer (with EOS when it has no
-    pad token, as :func:`itlens.models.load_model` sets it), so an answer does not depend on its
-    batch-mates. An answer ends, as in generation (:func:`itlens.tokenizer.answer_stop_ids`), at any
-    special token (Gemma's ``<end_of_turn>`` as well as EOS), or where the next exchange begins.
+    Llama), as the model was pretrained; batches are left-padded and masked as generation pads them
+    (:func:`itlens.generate.left_padded`, a tokenizer without a pad token included), so an answer does not
+    depend on its batch-mates. An answer ends, as in generation (:func:`itlens.tokenizer.answer_stop_ids`),
+    at any special token (Gemma's ``<end_of_turn>`` as well as EOS), or where the next exchange begins.
     """
-    import copy
-
     import torch
 
+    from itlens.generate import left_padded, padding_id
     from itlens.templates import FRAME_STOP, adds_bos, encode_prompts, frame_prompt
     from itlens.tokenizer import answer_stop_ids
 
@@ -305,10 +304,8 @@ def hf_answer_fn(model, tokenizer, frames: Sequence[str], *, max_new_tokens: int
         raise ValueError("need at least one frame")
     bos = adds_bos(tokenizer)
     stop_ids = answer_stop_ids(tokenizer)
-    if tokenizer.pad_token is None:  # a deep copy: a shallow one shares the special tokens with the caller's
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.pad_token = tokenizer.eos_token
-    ends = set(stop_ids) | {tokenizer.pad_token_id}
+    pad_id = padding_id(tokenizer, stop_ids)
+    ends = set(stop_ids) | {pad_id}
 
     def text_of(ids: list[int]) -> str:
         n = next((k for k, t in enumerate(ids) if t in ends), len(ids))
@@ -327,13 +324,12 @@ def hf_answer_fn(model, tokenizer, frames: Sequence[str], *, max_new_tokens: int
             frame = frames[j % len(frames)]
             ids = encode_prompts(tokenizer, [frame_prompt(frame, r) for r in records], bos=bos)
             for start in range(0, len(ids), batch_size):
-                batch = tokenizer.pad({"input_ids": ids[start:start + batch_size]}, padding_side="left",
-                                      return_attention_mask=True, return_tensors="pt").to(device)
+                batch = left_padded(ids[start:start + batch_size], pad_id, device)
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                         torch.inference_mode():
                     torch.manual_seed(seed * 1_000_003 + j * 7919 + start)
                     gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                         max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                                          eos_token_id=stop_ids, **kw)
                 for i, row in enumerate(gen[:, batch["input_ids"].shape[1]:].tolist()):
                     out[start + i].append(text_of(row))
