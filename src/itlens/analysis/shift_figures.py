@@ -149,6 +149,11 @@ def render_token_view(result, ids: Iterable[str] | None, path: str | Path, *, ti
     if tok is None and has_top:  # an id always has the same text: the table names every id it emitted
         emitted = tokens.drop_duplicates("token_id")
         cells = {int(i): _tok_text(repr(t)[1:-1]) for i, t in zip(emitted["token_id"], emitted["token"])}
+    elif tok is not None and has_top:  # every top-k id of the shown responses in one batch, not one decode each
+        shown = tokens[tokens["id"].isin(set(chosen))]
+        top = list(dict.fromkeys(int(i) for col in ("top_base_ids", "top_tuned_ids") for row in shown[col]
+                                 for i in row))
+        cells = {i: _tok_text(repr(t)[1:-1]) for i, t in zip(top, token_texts(tok, top))}
 
     def cell(i: int) -> str:
         """A top-k token as HTML (its text in running text, as the table's ``token``)."""
