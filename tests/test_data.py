@@ -314,3 +314,110 @@ def test_a_missing_number_written_as_nan_never_reaches_the_output(tmp_path):
     with pytest.raises(InputError, match=r"je.json: malformed JSON: NaN is not a JSON value"):
         convert("just-eval", tmp_path / "je.json", tmp_path / "je2.jsonl")
     assert not (tmp_path / "je2.jsonl").exists()
+
+
+# ------------------------------------------------------------- hub ids without network (loopback hubs)
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def silent_hub():
+    """A loopback 'hub' that accepts connections and never answers (a hung proxy or firewall)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture()
+def refusing_hub():
+    """A loopback 'hub' that answers every request as the hub answers one for a private repo (or one that
+    does not exist) without a token: 401, X-Error-Code RepoNotFound."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(401)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _convert_with_hub(endpoint: str, source: str, tmp_path: Path, **env: str):
+    """``itlens data convert`` in a fresh process (the HF libraries read their settings when imported),
+    online as far as the environment says, against ``endpoint`` as the hub; (result, seconds)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    clean = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    clean.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), **env)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "itlens.cli", "data", "convert", "--format", "alpaca", "--in",
+                             source, "--out", str(tmp_path / "out.jsonl")], capture_output=True, text=True,
+                            env=clean, cwd=tmp_path, timeout=120)
+    return result, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("hub", ["closed port", "silent server"])
+def test_an_uncached_hub_id_without_a_hub_fails_in_seconds_with_one_line(hub, silent_hub, tmp_path):
+    endpoint = f"http://127.0.0.1:{_closed_port()}" if hub == "closed port" else silent_hub
+    result, seconds = _convert_with_hub(endpoint, "data/alpaca", tmp_path)  # a mistyped local path, or a hub id
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # no retry lines from huggingface_hub
+    assert lines[0].startswith("itlens: error: data/alpaca: ") and "no local file or folder" in lines[0]
+    assert "not in the local HF cache" in lines[0] and f"the hub ({endpoint}) is unreachable" in lines[0]
+    assert seconds < 15, seconds  # was 25 s of retries; the hub check waits 3 s at most
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_cached_hub_dataset_is_read_from_the_cache_without_a_hub_or_retries(tmp_path):
+    import glob
+    import os
+    import shutil
+
+    import datasets
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"q{i}", "input": "", "output": f"a{i}"}) + "\n"
+                           for i in range(3)), encoding="utf-8")
+    datasets.load_dataset("json", data_files=str(src), split="train", cache_dir=str(tmp_path / "build"))
+    built = Path(next(p for p in glob.glob(str(tmp_path / "build" / "json" / "*" / "*" / "*")) if os.path.isdir(p)))
+    # what datasets leaves in its cache after loading the hub dataset myorg/mydata once
+    cached = tmp_path / "hf" / "datasets" / "myorg___mydata" / "default" / "0.0.0" / built.name
+    shutil.copytree(built, cached)
+    (cached / "json-train.arrow").rename(cached / "mydata-train.arrow")
+
+    result, seconds = _convert_with_hub(f"http://127.0.0.1:{_closed_port()}", "myorg/mydata", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [r["response"] for r in read_records(tmp_path / "out.jsonl", "instruction")] == ["a0", "a1", "a2"]
+    assert result.stderr == "" and seconds < 15, (seconds, result.stderr)  # no retries, no cache notes
+
+
+def test_a_hub_that_refuses_a_dataset_id_says_a_token_may_be_needed(refusing_hub, tmp_path):
+    result, _ = _convert_with_hub(refusing_hub, "myorg/private-set", tmp_path, HF_TOKEN="")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot load hub dataset 'myorg/private-set'" in lines[0], result.stderr
+    assert "needs a token" in lines[0] and "no local file or folder" in lines[0]

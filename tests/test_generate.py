@@ -555,3 +555,92 @@ def test_a_model_path_starting_with_a_tilde_is_the_home_folder(tiny_model_dir, t
     shutil.copytree(tiny_model_dir, home / "models" / "tiny")
     monkeypatch.setenv("HOME", str(home))
     assert resolve_model("~/models/tiny") == str((home / "models" / "tiny").resolve())
+
+
+_FROM_THE_HUB_CACHE = """
+import json, socket, sys
+attempts = []
+real_connect = socket.socket.connect
+def connect(self, address):
+    if self.family != socket.AF_UNIX:
+        attempts.append(str(address))
+    return real_connect(self, address)
+socket.socket.connect = connect
+from itlens.errors import InputError
+from itlens.models import load_model, resolve_model
+out = {"resolved": {}, "errors": {}}
+for name in sys.argv[1:]:
+    try:
+        out["resolved"][name] = resolve_model(name)
+    except InputError as e:
+        out["errors"][name] = str(e)
+lm = load_model("org/tiny")
+out.update(name=lm.name, path=lm.path, attempts=attempts)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("setting", ["HF_HUB_CACHE", "HF_HOME"])
+def test_a_hub_model_in_a_custom_hf_cache_loads_offline_by_id_and_revision(setting, tiny_model_dir, tmp_path):
+    """A model saved in huggingface_hub's cache layout (models--org--name/snapshots/HASH + refs/main), in
+    the cache folder HF_HUB_CACHE or HF_HOME names, loads by its id, by id@branch and by id@commit,
+    with the hub 'online' but never asked; `org/name@rev` was read as a hub id with an @ in it."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub" if setting == "HF_HUB_CACHE" else tmp_path / "hf-home" / "hub"
+    repo = cache / "models--org--tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE") and k not in ("HF_HOME", "HF_HUB_CACHE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", **{setting: str(cache if setting == "HF_HUB_CACHE" else cache.parent)})
+    names = ["org/tiny", "org/tiny@main", f"org/tiny@{commit}", "org/tiny@v2", "org/other"]
+    result = subprocess.run([sys.executable, "-c", _FROM_THE_HUB_CACHE, *names], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    snapshot = str(repo / "snapshots" / commit)
+    assert out["resolved"] == {"org/tiny": snapshot, "org/tiny@main": snapshot, f"org/tiny@{commit}": snapshot}
+    assert out["name"] == "org/tiny" and out["path"] == snapshot and out["attempts"] == []
+    assert "no hub model 'org/tiny' at revision 'v2' in the local HF cache" in out["errors"]["org/tiny@v2"]
+    other = out["errors"]["org/other"]
+    assert other.startswith("org/other: no local model folder of that name") and str(cache) in other
+    assert "needs a token" in other
+
+
+def test_a_model_that_needs_its_own_code_is_an_input_error_and_its_code_never_runs(tiny_model_dir, tmp_path):
+    """transformers asks on stdin whether to run a model's own code (config.json auto_map); a 'y' piped
+    into an itlens command ran it. itlens never runs it: the load is an input error, stdin is not read."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(model_type="itlens-custom", auto_map={"AutoConfig": "custom.CustomConfig",
+                                                     "AutoModelForCausalLM": "custom.CustomModel"})
+    (model / "config.json").write_text(json.dumps(cfg))
+    (model / "custom.py").write_text(
+        "import os, pathlib\n"
+        "pathlib.Path(os.environ['RAN_MARKER']).write_text('the model code ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'itlens-custom'\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    marker = tmp_path / "RAN"
+    env = dict(os.environ, RAN_MARKER=str(marker), HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", "import sys\nfrom itlens.models import load_model\n"
+                             "from itlens.errors import InputError\ntry:\n    load_model(sys.argv[1])\n"
+                             "except InputError as e:\n    print(e)\n", str(model)],
+                            input="y\ny\ny\n", capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+    assert result.stdout.startswith(f"{model}: cannot load the model: ") and "custom code" in result.stdout
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr

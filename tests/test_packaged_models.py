@@ -106,3 +106,61 @@ def test_gemma3_base_offline_completes_a_known_fact(no_network, one_thread):
         out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def _check_in_a_fresh_process(endpoint: str, repo_id: str, tmp_path):
+    """check_hub_reachable(repo_id) with ``endpoint`` as the hub and no offline switch (huggingface_hub
+    reads both when imported); (the one line of its InputError, seconds)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), HF_TOKEN="")
+    code = ("import sys\nfrom itlens.errors import InputError\nfrom itlens.packaged_models import check_hub_reachable\n"
+            "try:\n    check_hub_reachable(sys.argv[1])\nexcept InputError as e:\n    print(e)\n")
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code, repo_id], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr  # no retry lines
+    return result.stdout.strip(), time.perf_counter() - start
+
+
+def test_an_unreachable_hub_fails_in_seconds_without_retries(tmp_path):
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    line, seconds = _check_in_a_fresh_process(endpoint, "org/some-model", tmp_path)
+    assert line == (f"field 'model': cannot load model 'org/some-model': it is not in the local Hugging Face cache "
+                    f"and the hub ({endpoint}) is unreachable; use a local folder or one of "
+                    "packaged:smollm2-135m-instruct, packaged:gemma3-270m")
+    assert seconds < 15, seconds  # was 25 s of retries
+
+
+def test_a_gated_model_id_says_it_needs_a_token(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Gated(BaseHTTPRequestHandler):
+        """Answers as the hub answers a gated repo's file without a token."""
+
+        def do_HEAD(self):
+            self.send_response(401)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gated)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        line, _ = _check_in_a_fresh_process(f"http://127.0.0.1:{server.server_address[1]}", "org/gated", tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert line.startswith("field 'model': cannot load model 'org/gated': ") and "needs a token" in line

@@ -13,6 +13,7 @@ A malformed row is an InputError naming the file, the line (JSONL) or row, and t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -347,15 +348,57 @@ def _saved_dataset_rows(path: Path, split: str) -> Iterator[tuple[Where, dict]]:
 
 
 def _load_hub_dataset(hub_id: str, split: str):
-    """A hub dataset through ``datasets``; offline or unreachable is one clear InputError."""
+    """A hub dataset through ``datasets``: from the local HF cache when it is there (no network), else
+    downloaded when the hub answers. Neither is one InputError within seconds: left to itself,
+    ``datasets`` retries an unreachable hub for half a minute, printing every retry."""
     import datasets
 
+    from itlens.packaged_models import hub_endpoint, hub_reachable
+
+    try:
+        with _hub_offline():
+            return datasets.load_dataset(hub_id, split=split)
+    except Exception as e:  # noqa: BLE001 - not cached (ConnectionError), or a cached copy without that split
+        cache_error = e
+    where = f"cannot load hub dataset {hub_id!r} split {split!r}"
+    if datasets.config.HF_HUB_OFFLINE or not hub_reachable():
+        offline = ("HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set" if datasets.config.HF_HUB_OFFLINE
+                   else f"the hub ({hub_endpoint()}) is unreachable")
+        if not isinstance(cache_error, ConnectionError):
+            raise InputError(f"{where} from the local HF cache ({_error_line(cache_error)}), and {offline}",
+                             file=hub_id) from None
+        raise InputError(f"{where}: no local file or folder of that name, not in the local HF cache, and {offline}; "
+                         "download it where there is network and pass the local file", file=hub_id) from None
     try:
         return datasets.load_dataset(hub_id, split=split)
-    except Exception as e:  # offline, gated, not found, bad split: the user's to fix
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise InputError(f"cannot load hub dataset {hub_id!r} split {split!r} ({type(e).__name__}: {first}); "
-                         "without hub access, download it elsewhere and pass the local file", file=hub_id) from None
+    except Exception as e:  # noqa: BLE001 - gated, private, not found, bad split: the user's to fix
+        token = ("; a gated or private dataset needs a token (`hf auth login`, or HF_TOKEN)"
+                 if isinstance(e, datasets.exceptions.DatasetNotFoundError) else "")
+        raise InputError(f"{where} ({_error_line(e)}){token}; no local file or folder of that name either",
+                         file=hub_id) from None
+
+
+def _error_line(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """``datasets`` and ``huggingface_hub`` in offline mode for one call (both read HF_HUB_OFFLINE only
+    when imported): the local HF cache is read and the network never tried. ``datasets``' warnings that
+    it fell back to its cache "since the hub couldn't be reached" are silenced: itlens asked for the cache."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE, datasets.logging.get_verbosity()
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved[:2]
+        datasets.logging.set_verbosity(saved[2])
 
 
 def load_records(fmt: str, source: str | Path | None = None, *, split: str | None = None,

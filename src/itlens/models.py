@@ -82,7 +82,8 @@ def torch_dtype(name: str):
 def resolve_model(name_or_path: str | Path) -> str:
     """A local dir as an absolute path (so what records it, an adapter's ``base_model_name_or_path``
     among them, holds from any working folder); ``packaged:NAME`` (a model shipped in a PyPI package)
-    from the itlens cache; a hub id only when it is already in the local HF cache (no downloads)."""
+    from the itlens cache; a hub id (``org/name``, or ``org/name@REVISION`` for a branch, tag or
+    commit) only when it is already in the local HF cache (``HF_HUB_CACHE``; no downloads)."""
     if str(name_or_path).startswith("packaged:"):
         from itlens.packaged_models import resolve_packaged
 
@@ -99,13 +100,17 @@ def resolve_model(name_or_path: str | Path) -> str:
         raise InputError("is a file, expected a model directory", file=name)
     if name.startswith((".", "/")) or name.count("/") > 1:
         raise InputError("model directory not found", file=name)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
+    repo_id, _, revision = name.partition("@")
     try:
-        return snapshot_download(name, local_files_only=True)
+        return snapshot_download(repo_id, revision=revision or None, local_files_only=True)
     except Exception:  # noqa: BLE001 - any failure here means "not available offline"
-        raise InputError("model not found locally, and itlens does not download from the hub at run time "
-                         "(put the model in a local directory or the HF cache first)", file=name) from None
+        raise InputError(f"no local model folder of that name, and no hub model {repo_id!r}"
+                         f"{f' at revision {revision!r}' if revision else ''} in the local HF cache "
+                         f"({constants.HF_HUB_CACHE}); itlens does not download models at run time: download "
+                         f"it first (`hf download {repo_id}`; a gated or private model needs a token: "
+                         "`hf auth login`)", file=name) from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -135,11 +140,12 @@ def _load_errors() -> tuple:
 
 def load_causal_lm(path: str | Path, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` of a resolved model dir; a folder that is not a loadable
-    model (damaged config.json, missing or truncated weights) is an InputError naming it, not a traceback."""
+    model (damaged config.json, missing or truncated weights, an architecture that needs the model's own
+    code, which itlens never runs) is an InputError naming it, not a traceback."""
     from transformers import AutoModelForCausalLM
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:  # never a model's own Python code (auto_map): transformers would otherwise ask on stdin
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, **kwargs)
     except _load_errors() as e:
         raise InputError(f"cannot load the model: {_first_line(e)}", file=path) from None
 
@@ -154,7 +160,7 @@ def load_raw_tokenizer(path: str | Path):
     if not any((Path(path) / f).is_file() for f in files):
         raise InputError(f"no tokenizer in this folder (none of {', '.join(files)})", file=path)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except _load_errors() as e:
         raise InputError(f"cannot load the tokenizer: {_first_line(e)}", file=path) from None
 

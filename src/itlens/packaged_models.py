@@ -197,24 +197,62 @@ def resolve_packaged(name: str, *, dtype: str = "bfloat16", cache: str | Path | 
 
 
 # ------------------------------------------------------------------------------- hub reachability
-def check_hub_reachable(repo_id: str, *, repo_type: str = "model", filename: str = "config.json") -> None:
-    """Raise :class:`InputError` unless ``repo_id`` can be read from the hub or the local HF cache.
+def hub_endpoint() -> str:
+    """The hub's URL as huggingface_hub and datasets use it: ``HF_ENDPOINT`` (a mirror) or huggingface.co."""
+    from huggingface_hub import constants
 
-    With ``HF_HUB_OFFLINE=1`` (or no network) an uncached id fails here with one clear line instead
-    of a stack trace deep inside ``from_pretrained``.
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HFValidationError
+    return constants.ENDPOINT
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub (:func:`hub_endpoint`, through the proxy the environment names, as huggingface_hub
+    goes) answers within ``timeout`` seconds. Asked before a download, so that a machine without network
+    fails at once instead of after huggingface_hub's half a minute of retries."""
+    import ssl
+    import urllib.error
+    import urllib.request
 
     try:
-        hf_hub_download(repo_id, filename, repo_type=repo_type)
+        urllib.request.urlopen(urllib.request.Request(hub_endpoint(), method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:  # an HTTP answer, even an error, is a hub that answers
+        return True
+    except urllib.error.URLError as e:  # a TLS answer (a proxy with its own CA) still is: let huggingface_hub try
+        return isinstance(e.reason, ssl.SSLError)
+    except (OSError, ValueError):  # a timeout, a dropped connection; a malformed HF_ENDPOINT
+        return False
+    return True
+
+
+def check_hub_reachable(repo_id: str, *, repo_type: str = "model", filename: str = "config.json") -> None:
+    """Raise :class:`InputError` unless ``repo_id`` can be read from the local HF cache or the hub.
+
+    The cache is read first, and the hub only when it answers (:func:`hub_reachable`): an uncached id
+    without network (or with ``HF_HUB_OFFLINE=1``) fails in seconds with one clear line instead of a
+    stack trace deep inside ``from_pretrained``.
+    """
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        hf_hub_download(repo_id, filename, repo_type=repo_type, local_files_only=True)
+        return
     except HFValidationError:
         raise InputError(f"{repo_id!r} is neither a local folder, a packaged model ({PREFIX}NAME) nor a valid "
                          "hub id", field="model") from None
-    except Exception as e:  # offline, no network, gated, not found: all are the user's to fix
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" if offline else
-                f"the hub could not be reached or refused it ({type(e).__name__})")
-        raise InputError(f"cannot load {repo_type} {repo_id!r}: {hint}; use a local folder or one of "
-                         f"{', '.join(PREFIX + k for k in PACKAGED)}", field="model") from None
-
+    except Exception:  # noqa: BLE001 - not in the cache: ask the hub below
+        pass
+    if constants.HF_HUB_OFFLINE:
+        hint = "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
+    elif not hub_reachable():
+        hint = f"it is not in the local Hugging Face cache and the hub ({hub_endpoint()}) is unreachable"
+    else:
+        try:
+            hf_hub_download(repo_id, filename, repo_type=repo_type)
+            return
+        except RepositoryNotFoundError:  # GatedRepoError is one; without a token a private repo reads as missing
+            hint = ("the hub has no such repo, or it is gated or private and needs a token (`hf auth login`, or "
+                    "HF_TOKEN)")
+        except Exception as e:  # noqa: BLE001 - refused, no such file, a dropped connection: the user's to fix
+            hint = f"the hub could not be reached or refused it ({type(e).__name__})"
+    raise InputError(f"cannot load {repo_type} {repo_id!r}: {hint}; use a local folder or one of "
+                     f"{', '.join(PREFIX + k for k in PACKAGED)}", field="model") from None
