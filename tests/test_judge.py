@@ -915,3 +915,33 @@ def test_a_reply_withheld_by_the_content_filter_says_so(tmp_path, api_key):
     item = items["filtered"]
     assert item["status"] == "parse_failure" and item["asked"] == 2 and "content filter" in item["error"], item
     assert items["once"]["status"] == "ok" and items["once"]["scores"]["depth"] == 2
+
+
+def test_a_local_judge_answer_ends_at_any_special_token(tiny_tokenizer, tmp_path):
+    """A local judge model that writes <|user|> has ended its answer, as generation's answers end (was: only eos
+    and <|end|> stopped it, and the text after the marker, special tokens skipped, joined the reply)."""
+    import torch
+    from conftest import make_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from itlens.judge.client import LocalChatModel
+
+    path = make_tiny_llama(tiny_tokenizer, tmp_path / "chain", tie_embeddings=False)
+    tok = tiny_tokenizer
+    messages = [{"role": "user", "content": "who?"}]
+    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    (city,), (then,) = (tok(w, add_special_tokens=False)["input_ids"] for w in (" city", " a"))
+    chain = [prompt[-1], city, tok.convert_tokens_to_ids("<|user|>"), then, tok.eos_token_id]
+    net = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():  # the layers add nothing, the head maps each chain token to the next
+        for layer in net.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = net.model.embed_tokens.weight
+        net.lm_head.weight.zero_()
+        for cur, nxt in zip(chain, chain[1:]):
+            net.lm_head.weight[nxt] = 10 * emb[cur] / emb[cur].norm()
+    net.save_pretrained(path)
+    text, finish = LocalChatModel(str(path)).generate(messages, max_new_tokens=8, temperature=0.0)
+    assert (text.strip(), finish) == ("city", "stop")

@@ -179,6 +179,14 @@ def left_padded(rows: list[list[int]], pad_id: int, device) -> dict:
             "attention_mask": torch.tensor(mask, dtype=torch.long, device=device)}
 
 
+def trained_positions(config) -> int | None:
+    """A model config's ``max_position_embeddings``, or None where it names none. A composite model's config
+    (Gemma 3 4B and up, Llava, Qwen2-VL) holds it in its text model's (``get_text_config()``), not at the top."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 def _learned_positions(net, limit: int) -> bool:
     """Whether the model looks positions up in a learned table of ``limit`` rows (GPT-2, OPT, GPT-Neo; OPT
     keeps 2 more): it cannot read a position past them at all, where a rotary model decodes on."""
@@ -196,8 +204,8 @@ def _check_positions(net, prompts: list[dict], encoded: list[list[int]], max_new
     GPU), so such a prompt is an input error, as vLLM makes it. A rotary model decodes on regardless
     (answers degrade), which vLLM refuses, so a run could silently differ between the backends: a warning.
     """
-    limit = getattr(getattr(net, "config", None), "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit <= 0:
+    limit = trained_positions(getattr(net, "config", None))
+    if limit is None:
         return
     over = [i for i, ids in enumerate(encoded) if len(ids) + max_new_tokens > limit]
     if over and _learned_positions(net, limit):

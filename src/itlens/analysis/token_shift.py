@@ -279,9 +279,9 @@ def _max_length(*configs) -> int:
     A composite model's config (Gemma 3 4B and up, Llava, Qwen2-VL) holds it in its text model's config
     (``get_text_config()``), not at the top: read there, long answers are not cut at 2048 tokens.
     """
-    texts = [c.get_text_config() if hasattr(c, "get_text_config") else c for c in configs]
-    lengths = [getattr(c, "max_position_embeddings", None) for c in texts]
-    lengths = [n for n in lengths if isinstance(n, int) and n > 0]
+    from itlens.generate import trained_positions
+
+    lengths = [n for n in map(trained_positions, configs) if n is not None]
     return min(lengths) if lengths else 2048
 
 

@@ -335,28 +335,22 @@ class LocalChatModel:
 
     def __init__(self, model: str):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from itlens.models import load_causal_lm, load_raw_tokenizer, resolve_model
         from itlens.templates import ensure_chat_template
+        from itlens.tokenizer import answer_stop_ids
 
-        from itlens.models import resolve_model
-
-        try:
-            model = resolve_model(model)  # a local dir or an offline hub id: no "cannot connect to the hub"
+        try:  # a local dir or an offline hub id (no "cannot connect to the hub"), never the model's own code
+            model = resolve_model(model)
+            self.tokenizer = load_raw_tokenizer(model)
+            self.model = load_causal_lm(model, dtype=torch.float32)
         except InputError as e:
             raise InputError(f"cannot load a local judge model: {e.message}", file=e.file, key="model") from None
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-        except OSError as e:
-            raise InputError(f"cannot load a local judge model: {str(e).splitlines()[0]}", key="model") from None
         self.model.eval()
         ensure_chat_template(self.tokenizer)
-        stops = {self.tokenizer.eos_token_id}
-        end_id = self.tokenizer.convert_tokens_to_ids("<|end|>")
-        if isinstance(end_id, int) and end_id != self.tokenizer.unk_token_id:
-            stops.add(end_id)
-        self.stop_ids = sorted(i for i in stops if i is not None)
+        # an answer ends at any special token, as generation's do (was eos and <|end|> only: a judge writing
+        # <|user|> went on past it)
+        self.stop_ids = answer_stop_ids(self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.stop_ids[0]
 
