@@ -68,6 +68,8 @@ def test_an_option_added_later_keeps_old_cache_keys_until_it_is_set():
     ("name: x\ninner:\n  r: 3\nname: y\n", ":4: malformed YAML: duplicate key 'name' (first on line 1)"),
     ("inner:\n  r: 010\n", "key 'inner.r': expected an integer"),  # not octal 8
     ("inner:\n  r: 1:30\n", "key 'inner.r': expected an integer"),  # not sexagesimal 90
+    ("inner: {r: 3, r: 4}\n", ":1: malformed YAML: duplicate key 'r' (first on line 1)"),  # one line, flow style
+    ("inner: &d {r: 3}\nname: x\nnote: {<<: *d, r: 4, r: 5}\n", ":3: malformed YAML: duplicate key 'r'"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, text, needle):
     p = tmp_path / "bad.yaml"
@@ -140,6 +142,22 @@ def test_set_fills_an_empty_section_and_reads_numbers_as_yaml_1_2(tmp_path):
     p.write_text("inner:\n")  # an empty section, as left by commenting out its keys
     cfg = load_config(Outer, p, ["inner.r=12", "inner.alpha=1e-3"])
     assert cfg.inner.r == 12 and cfg.inner.alpha == 0.001
+
+
+def test_a_date_is_text_as_in_yaml_1_2_so_it_is_a_name_or_a_one_line_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: 2024-05-01\n")  # a study named by its date
+    assert load_config(Outer, p).name == "2024-05-01"
+    assert load_config(Outer, None, ["name=2024-05-01"]).name == "2024-05-01"
+    p.write_text("inner:\n  r: 2024-05-01\n")
+    with pytest.raises(InputError, match=r"c\.yaml: key 'inner\.r': expected an integer, got '2024-05-01'$"):
+        load_config(Outer, p)
+
+
+def test_a_merge_key_fills_a_section_and_the_keys_written_beside_it_override_it(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("inner:\n  <<: {r: 3, alpha: 2.0}\n  r: 4\n")  # as `<<: *defaults` shares one section
+    assert load_config(Outer, p).inner == Inner(r=4, alpha=2.0)
 
 
 def test_itlens_figures_leave_the_callers_matplotlib_alone(tmp_path):

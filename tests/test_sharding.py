@@ -130,3 +130,30 @@ def test_the_index_benchmark_row_compares_phrase_scans_with_phrase_queries():
          "query_ms_mean": 0.5, "build_s": 1.0}
     row = table_rows("index", r)[0]
     assert (row["baseline"], row["itlens"], row["ratio"]) == (10.0, 0.5, 20.0)
+
+
+def test_more_shards_than_batches_leave_some_empty_and_still_merge_to_the_one_process_output(
+        tiny_model_dir, tiny_model_dir_b, untied_model_dir, it_records):
+    import pandas as pd
+
+    from itlens.analysis.token_shift import compute_shift, merge_shards
+    from itlens.generate import generate_responses
+    from itlens.models import load_model
+    from itlens.sharding import merge_records
+
+    recs = [{**r, "model": "b"} for r in it_records[:3]]  # 2 batches over 3 processes
+    opts = {"batch_size": 2, "view_top_k": 0, "base_context": "template"}
+    whole = compute_shift(str(tiny_model_dir), str(tiny_model_dir_b), recs, **opts)
+    parts = [compute_shift(str(tiny_model_dir), str(tiny_model_dir_b), recs, shard=(r, 3), **opts) for r in range(3)]
+    assert [p.tokens["id"].nunique() for p in parts] == [2, 1, 0]
+    for order in (parts, parts[::-1]):  # the empty table first or last
+        merged = merge_shards([(p.tokens, p.summary) for p in order], recs)
+        pd.testing.assert_frame_equal(merged.tokens, whole.tokens, check_exact=True)
+        assert merged.summary == whole.summary
+
+    lm = load_model(untied_model_dir)
+    prompts = [{"id": r["id"], "instruction": r["instruction"]} for r in it_records[:3]]
+    rows = [generate_responses(lm, prompts, max_new_tokens=3, batch_size=2, shard=(r, 3)) for r in range(3)]
+    assert [len(x) for x in rows] == [2, 1, 0]
+    one = generate_responses(lm, prompts, max_new_tokens=3, batch_size=2)
+    assert merge_records(rows, [p["id"] for p in prompts]) == one

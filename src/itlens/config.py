@@ -166,24 +166,29 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 class StrictLoader(yaml.SafeLoader):
     """YAML as a config file should read: a repeated key is an error (PyYAML keeps the last silently), and
     numbers are YAML 1.2's, so ``010`` is not octal 8 and ``1:30`` is not sexagesimal 90 (both stay
-    strings, which a numeric field then refuses)."""
+    strings, which a numeric field then refuses). As in YAML 1.2 a date is a string too: a ``name:
+    2024-05-01`` is that text, not a ``datetime.date`` that no field takes and JSON cannot copy."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
-        for key_node, _ in node.value:
+        for i, (key_node, _) in enumerate(node.value):
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *defaults``: keys written here override those
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
-                first = seen.setdefault(key, key_node.start_mark.line)
+                first = seen.setdefault(key, i)
             except TypeError:  # an unhashable key: PyYAML refuses it below
                 continue
-            if first != key_node.start_mark.line:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first on line {first + 1})",
+            if first != i:  # on another line, or on the same one (``{lr: 1, lr: 2}``)
+                line = node.value[first][0].start_mark.line
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first on line {line + 1})",
                                                         key_node.start_mark)
         return super().construct_mapping(node, deep)
 
 
 StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 StrictLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
     r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))

@@ -3,17 +3,23 @@
 A stage has a name (its folder under the study's output), a *key* (every config value and upstream
 stage hash that decides its output) and a function that writes into a work folder. The runner:
 
-- reuses ``OUT/name`` when its ``stage.json`` carries the same hash (a rerun costs nothing);
+- reuses ``OUT/name`` when its ``stage.json`` carries the same hash and every file it lists is still
+  there at its size (a rerun costs nothing; a file deleted or cut short by hand redoes the stage);
 - otherwise runs the function in ``OUT/.name.work`` (kept across a kill, so a long stage such as
   pretraining can resume from its own checkpoints there) and renames it into place when complete.
 
 So a run killed at any point leaves either a finished stage or a work folder, never a half-written
-stage that a rerun would trust.
+stage that a rerun would trust. A stage replaced by a rerun under other inputs is first renamed aside
+(``OUT/.name.old``), so it is never trusted half-deleted either. One process at a time runs a stage:
+it holds ``OUT/.name.lock`` while it does, and another process that wants to run it stops with an
+:class:`~itlens.errors.InputError` instead of writing into the same work folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from itlens.config import config_hash
+from itlens.errors import InputError
 from itlens.io import atomic_write_json
 
 
@@ -57,13 +64,15 @@ class StageRunner:
         return config_hash(stage.key, [self.hashes[d] for d in stage.deps])
 
     def is_cached(self, stage: Stage) -> bool:
-        h = self.stage_hash(stage)
-        marker = self.out / stage.name / "stage.json"
-        if not marker.is_file():
+        """Finished under the same inputs, and every file it wrote still there at its size (one deleted or
+        cut short by hand is redone, not trusted; a stage.json of an older itlens lists no files)."""
+        folder = self.out / stage.name
+        marker = _read_marker(folder)
+        if marker.get("hash") != self.stage_hash(stage):
             return False
         try:
-            return json.loads(marker.read_text()).get("hash") == h
-        except (OSError, json.JSONDecodeError):
+            return all((folder / name).stat().st_size == size for name, size in marker.get("files", {}).items())
+        except (OSError, AttributeError, TypeError):  # a file gone, or a stage.json edited out of shape
             return False
 
     def plan(self, stage: Stage) -> bool:
@@ -76,29 +85,86 @@ class StageRunner:
 
     def run(self, stage: Stage) -> Path:
         final = self.out / stage.name
-        h = self.stage_hash(stage)
-        self.hashes[stage.name] = h
-        if self.is_cached(stage):
-            self.cached.setdefault(stage.name, True)  # a stage run earlier in this study (another process) stays "run"
-            self.log(f"[cached] {stage.name}")
+        self.hashes[stage.name] = h = self.stage_hash(stage)
+        if self._reuse(stage):
             return final
-        self.cached[stage.name] = False
-        work = self.out / f".{stage.name}.work"
-        key_file = work / ".stage-hash"
-        if work.exists() and (not key_file.is_file() or key_file.read_text() != h):
-            shutil.rmtree(work)  # a work folder from other inputs: not resumable
-        resumed = work.exists()
-        work.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(h)
-        self.log(f"[{'resume' if resumed else 'run'}] {stage.name}" + (f": {stage.label}" if stage.label else ""))
-        t0 = time.perf_counter()
-        stage.run(work)
-        self.timings[stage.name] = time.perf_counter() - t0
-        if os.environ.get("ITLENS_TEST_KILL_AFTER") == stage.name:  # tests: die at the worst moment
-            os.kill(os.getpid(), signal.SIGKILL)
-        key_file.unlink(missing_ok=True)
-        atomic_write_json(work / "stage.json", {"name": stage.name, "hash": h, "deps": stage.deps})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(work, final)
+        with hold_lock(self.out / f".{stage.name}.lock", f"stage {stage.name} of this study"):
+            if self._reuse(stage):  # finished by the process that held the lock a moment ago
+                return final
+            self.cached[stage.name] = False
+            work = self.out / f".{stage.name}.work"
+            key_file = work / ".stage-hash"
+            done = _read_marker(work).get("hash") == h  # killed after the work was complete, before the rename
+            if work.exists() and not done and (not key_file.is_file() or key_file.read_text() != h):
+                shutil.rmtree(work)  # a work folder from other inputs: not resumable
+            resumed = work.exists()
+            self.log(f"[{'resume' if resumed else 'run'}] {stage.name}" + (f": {stage.label}" if stage.label else ""))
+            if not done:
+                work.mkdir(parents=True, exist_ok=True)
+                key_file.write_text(h)
+                t0 = time.perf_counter()
+                stage.run(work)
+                self.timings[stage.name] = time.perf_counter() - t0
+                if os.environ.get("ITLENS_TEST_KILL_AFTER") == stage.name:  # tests: die at the worst moment
+                    os.kill(os.getpid(), signal.SIGKILL)
+                atomic_write_json(work / "stage.json", {"name": stage.name, "hash": h, "deps": stage.deps,
+                                                        "files": _file_sizes(work)})
+            key_file.unlink(missing_ok=True)  # after the marker: a kill between leaves a work folder known complete
+            old = self.out / f".{stage.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.replace(final, old)  # the stage it replaces (other inputs, or damaged) goes once out of the way
+            os.replace(work, final)
+            shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _reuse(self, stage: Stage) -> bool:
+        if not self.is_cached(stage):
+            return False
+        shutil.rmtree(self.out / f".{stage.name}.old", ignore_errors=True)  # left by a kill as it was deleted
+        self.cached.setdefault(stage.name, True)  # a stage run earlier in this study (another process) stays "run"
+        self.log(f"[cached] {stage.name}")
+        return True
+
+
+def _read_marker(folder: Path) -> dict:
+    """``folder/stage.json``, or {} when there is no readable one."""
+    try:
+        marker = json.loads((folder / "stage.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    """Every file a stage wrote (its key file aside), by path inside its folder, with its size."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p != folder / ".stage-hash"}
+
+
+@contextlib.contextmanager
+def hold_lock(path: Path, what: str):
+    """Hold an exclusive lock on the file ``path`` for the block, or fail at once with one line: two
+    processes writing one folder would corrupt it. The OS releases the lock when a process dies; the
+    file is removed on the way out (so a finished study holds none), and a process that locked a file
+    removed meanwhile takes the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise InputError(f"another itlens process is running {what}; wait for it to finish, or use "
+                             "another --out", file=path.parent) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # the holder before us removed this file as it let go: lock the one at the path now
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still held: no one can be inside the block with this file
+        f.close()
