@@ -584,3 +584,22 @@ def test_not_measured_findings_name_what_is_missing():
     assert _findings({0: {}})["F2"]["evidence"]["test"].startswith("needs findings.style_long")
     f = _findings({0: {"qa": {m: [] for m in ("base", "lft", "sft", "neftune")}}})  # no gold answers
     assert f["F1"]["holds"] is None and "gold answers" in f["F1"]["evidence"]["test"]
+
+
+def test_a_second_study_in_the_same_folder_stops_before_writing_anything(tmp_path):
+    """While a study runs in OUT, another `itlens study ... --out OUT` is one line, exit 2, and leaves the first
+    one's files alone (it rewrote config.resolved.yaml and dropped metrics.json before a stage lock stopped it)."""
+    from itlens.stages import hold_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.resolved.yaml").write_text("name: the first study\n")
+    (out / "metrics.json").write_text("{}")
+    with hold_lock(out / ".study.lock", "a study in this folder"):
+        r = run_cli(["study", str(MICRO), "--out", str(out)])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert "another itlens process is running a study in this folder" in lines[0], lines[0]
+    assert (out / "config.resolved.yaml").read_text() == "name: the first study\n"
+    assert (out / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in out.iterdir()) == ["config.resolved.yaml", "metrics.json"]  # lock file removed

@@ -25,7 +25,7 @@ from itlens.errors import InputError
 from itlens.geo import ATTRIBUTES as GEO_ATTRIBUTES
 from itlens.io import atomic_write_json, atomic_write_text, read_records
 from itlens.plotting import styled
-from itlens.stages import Stage, StageRunner
+from itlens.stages import Stage, StageRunner, hold_lock
 
 STAGE_VERSIONS: dict[str, int] = {"world": 2, "geo": 2, "pretrain": 1, "tune": 1, "generate": 2, "shift": 4,
                                    "analysis": 5, "judge": 2}
@@ -620,35 +620,38 @@ def run_study(cfg: StudyConfig, out: str | Path, *, dry_run: bool = False, log=p
             log(f"{'cached ' if cached else 'to run '} {st.name:<34} {st.label}")
         return out / "report.html"
     out.mkdir(parents=True, exist_ok=True)
-    resolved = to_yaml(_resolved(cfg))
-    old = out / "config.resolved.yaml"
-    if old.is_file() and old.read_text(encoding="utf-8") != resolved:
-        # a changed config: the old results no longer describe it, and a run that dies before the end must
-        # not leave them next to the new config (the report would show one config and the other's findings)
-        for stale in ("metrics.json", "report.html"):
-            (out / stale).unlink(missing_ok=True)
-    atomic_write_text(old, resolved)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    # one study at a time in a folder: a second one would rewrite config.resolved.yaml (and drop metrics.json)
+    # next to the first one's stages before any stage lock stopped it
+    with hold_lock(out / ".study.lock", "a study in this folder"):
+        resolved = to_yaml(_resolved(cfg))
+        old = out / "config.resolved.yaml"
+        if old.is_file() and old.read_text(encoding="utf-8") != resolved:
+            # a changed config: the old results no longer describe it, and a run that dies before the end must
+            # not leave them next to the new config (the report would show one config and the other's findings)
+            for stale in ("metrics.json", "report.html"):
+                (out / stale).unlink(missing_ok=True)
+        atomic_write_text(old, resolved)
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    if cfg.workers > 1 and len(cfg.seeds) > 1:
-        _run_seeds_in_parallel(cfg, plan, runner, out, log)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), transient=False) as progress:
-        task = progress.add_task("study", total=len(plan.stages))
-        runner.log = lambda m: progress.console.print(m, markup=False)  # "[cached]" is text, not rich markup
-        for st in plan.stages:
-            progress.update(task, description=st.label or st.name)
-            runner.run(st)
-            progress.advance(task)
-    metrics = aggregate_metrics(cfg, plan)
-    atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_json(out / "versions.json", versions())
-    timings = {k: round(v, 2) for k, v in runner.timings.items()}
-    atomic_write_json(out / "timings.json", {"stages": timings, "cached": runner.cached})
-    make_figures(cfg, plan, metrics, out)
-    from itlens.report import render_report
+        if cfg.workers > 1 and len(cfg.seeds) > 1:
+            _run_seeds_in_parallel(cfg, plan, runner, out, log)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), transient=False) as progress:
+            task = progress.add_task("study", total=len(plan.stages))
+            runner.log = lambda m: progress.console.print(m, markup=False)  # "[cached]" is text, not rich markup
+            for st in plan.stages:
+                progress.update(task, description=st.label or st.name)
+                runner.run(st)
+                progress.advance(task)
+        metrics = aggregate_metrics(cfg, plan)
+        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / "versions.json", versions())
+        timings = {k: round(v, 2) for k, v in runner.timings.items()}
+        atomic_write_json(out / "timings.json", {"stages": timings, "cached": runner.cached})
+        make_figures(cfg, plan, metrics, out)
+        from itlens.report import render_report
 
-    report = render_report(out)
+        report = render_report(out)
     n_cached = sum(runner.cached.values())
     log(f"{n_cached}/{len(plan.stages)} stages reused from the cache")
     return report
