@@ -55,6 +55,7 @@ def _cases(tmp: Path, model_dir: Path):
     yield "unknown method", cfg_file({**m, "variants": {"x": {"method": "qlora"}}}), "key 'variants.x.method'"
     yield "unknown tune key", cfg_file({**m, "variants": {"x": {"method": "lora", "tune": {"lr": 1}}}}), \
         "variants.x.tune"
+    yield "unknown shared tune key", cfg_file({**m, "tune": {**m.get("tune", {}), "lr": 1}}), "key 'tune.lr'"
     yield "bad shift mode", cfg_file({**m, "shift": {"mode": "approx"}}), "key 'shift.mode'"
     yield "bad base context", cfg_file({**m, "shift": {"base_contexts": ["chat"]}}), "key 'shift.base_contexts'"
     yield "duplicate seeds", cfg_file({**m, "seeds": [0, 0]}), "key 'seeds': duplicate seeds"
@@ -225,3 +226,26 @@ def test_a_dead_worker_is_one_line_saying_how_to_resume(monkeypatch, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run the same command again to resume" in err and "Traceback" not in err
+
+
+def test_a_full_disk_is_one_line_exit_1_and_leaves_no_half_written_output(tmp_path):
+    """The machine's errors (a full disk, a quota, a read-only folder) were a traceback and 'internal error'.
+    Here the process may write no file past 1 KB (RLIMIT_FSIZE; writes past it fail with EFBIG)."""
+    import resource
+    import signal
+
+    src = tmp_path / "it.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "instruction": f"q{i}", "response": "a" * 200}) + "\n"
+                           for i in range(20)))
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    out = tmp_path / "sub.jsonl"
+    r = subprocess.run([sys.executable, "-m", "itlens.cli", "data", "subset", str(src), "--n", "10", "--out", str(out)],
+                       capture_output=True, text=True, preexec_fn=small_files)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("itlens: error: ") and "File too large" in lines[0] and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["it.jsonl"]  # no output, no temp file left

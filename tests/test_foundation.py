@@ -286,3 +286,19 @@ def test_a_conversation_without_its_answer_keeps_its_last_question():
     assert to_messages({"id": "p", "messages": convo}, with_response=False) == convo
     answered = convo + [{"role": "assistant", "content": "Paris"}]
     assert to_messages({"id": "i", "messages": answered}, with_response=False) == convo
+
+
+
+def test_an_empty_section_is_its_defaults():
+    """`shift:` with nothing under it is YAML's null: it was 'expected a mapping, got NoneType'. A section that
+    may be absent (Optional, such as a study's judge) stays absent."""
+    import yaml
+
+    from itlens.study import StudyConfig
+
+    head = "name: t\nseeds: [0]\nbase: x\nit_data: a.jsonl\neval_data: b.jsonl\nvariants: {lft: {method: lora}}\n"
+    empty = from_dict(StudyConfig, yaml.safe_load(head + "shift:\ngenerate:\ntune:\nfindings:\njudge:\n"))
+    plain = from_dict(StudyConfig, yaml.safe_load(head))
+    assert (empty.shift, empty.generate, empty.tune, empty.findings, empty.judge) == \
+        (plain.shift, {}, {}, plain.findings, None)
+    assert config_hash(to_dict(empty)) == config_hash(to_dict(plain))

@@ -7,6 +7,7 @@ fast.
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -526,6 +527,10 @@ def probe_cmd(
         print(dumps_json(res), end="")
 
 
+_MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+"""OS errors that are the machine's to fix, said in one line rather than as an internal error's traceback."""
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: maps InputError to exit 2 and any other failure to exit 1."""
     # typer >= 0.2x vendors click (typer._click) and raises its own exception classes; match by name
@@ -546,6 +551,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise SystemExit(getattr(e, "exit_code", 0))
         if "Abort" in names:
             _die("aborted", 130)
+        if isinstance(e, OSError) and e.errno in _MACHINE_ERRNOS:
+            # the machine's, not the input's: a full disk, a quota, a read-only folder. Atomic writes left no
+            # half-written output; a study resumes from its finished stages
+            where = f"{e.filename}: " if e.filename else ""
+            _die(f"{where}{e.strerror or e} (run the same command again once that is fixed)", 1)
         if "BrokenProcessPool" in names:  # a study worker (workers > 1) was killed: its finished stages are kept
             _die("a worker process died (killed, or out of memory); run the same command again to resume from "
                  "the finished stages", 1)

@@ -50,6 +50,8 @@ def _coerce(value: Any, tp: Any, *, file: str | None, key: str) -> Any:
             except InputError as e:  # try the next member of the union
                 errors.append(e.message)
         raise InputError(f"expected {_type_name(tp)}, got {value!r}", file=file, key=key)
+    if value is None and (dataclasses.is_dataclass(tp) or tp is dict or origin is dict):
+        value = {}  # an empty YAML section (`shift:` with nothing under it): its defaults, as --set reads it
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:

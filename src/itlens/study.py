@@ -245,6 +245,8 @@ def resolve_sections(cfg: StudyConfig, file: str | None = None) -> dict[str, Any
 
         out["pretrain"] = from_dict(PretrainConfig, cfg.pretrain, file=file, prefix="pretrain")
     out["generate"] = from_dict(GenerateConfig, cfg.generate, file=file, prefix="generate")
+    if cfg.tune:  # checked alone first: an unknown key here was reported under the first variant's tune
+        from_dict(TuneConfig, dict(cfg.tune), file=file, prefix="tune")
     for name, v in cfg.variants.items():
         merged = _merge(cfg.tune, v.tune)
         merged["method"] = v.method
@@ -703,6 +705,8 @@ def _resolved(cfg: StudyConfig) -> dict:
         d[k] = to_dict(v)
     from itlens.tune import TuneConfig
 
+    if cfg.tune:  # checked alone first: an unknown key here was reported under the first variant's tune
+        from_dict(TuneConfig, dict(cfg.tune), file=file, prefix="tune")
     for name, v in cfg.variants.items():
         merged = _merge(cfg.tune, v.tune)
         merged["method"] = v.method
