@@ -40,6 +40,36 @@ def make_tiny_llama(tokenizer, out_dir: Path, *, seed: int = 0, hidden: int = 32
     return out_dir
 
 
+def make_chain_model(net, chain: list[int]) -> None:
+    """Make a real (untied) Llama a chain: the layers add nothing and the head maps each token of ``chain`` to
+    the next, so greedy decoding from ``chain[0]`` writes exactly the rest of it."""
+    import torch
+
+    with torch.no_grad():
+        for layer in net.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = net.model.embed_tokens.weight
+        net.lm_head.weight.zero_()
+        for cur, nxt in zip(chain, chain[1:]):
+            net.lm_head.weight[nxt] = 10 * emb[cur] / emb[cur].norm()
+
+
+def make_tiny_llava(tokenizer, *, max_positions: int, layers: int = 2):
+    """A tiny random Llava: a composite model whose max_position_embeddings is in its text config only (as
+    Gemma 3 4B and up, Qwen2-VL)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=8, patch_size=4)
+    return LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision,
+                                                     image_token_id=len(tokenizer) - 1)).eval()
+
+
 def gpt2_like_tokenizer():
     """A base tokenizer with only <|endoftext|> (as GPT-2's), no pad and no chat template: like Llama-2,
     Mistral and Gemma bases, its vocabulary lacks the default template's <|user|>/<|end|> markers."""

@@ -650,18 +650,11 @@ def test_a_composite_models_positions_are_read_from_its_text_config(tiny_tokeniz
     """Gemma 3 (4B and up), Llava and Qwen2-VL keep max_position_embeddings in their text model's config: read only
     at the top, it was None, and prompts past the positions passed without the warning (the token shift read it
     there already)."""
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from conftest import make_tiny_llava
 
     from itlens.generate import _check_positions, trained_positions
 
-    torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=8, patch_size=4)
-    net = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision,
-                                                    image_token_id=len(tiny_tokenizer) - 1))
+    net = make_tiny_llava(tiny_tokenizer, max_positions=16, layers=1)
     assert getattr(net.config, "max_position_embeddings", None) is None and trained_positions(net.config) == 16
     with pytest.warns(UserWarning, match="1 of 2 prompts .* can pass the model's 16 positions"):
         _check_positions(net, [{"id": "short"}, {"id": "long"}], [[1] * 4, [1] * 14], max_new_tokens=4)

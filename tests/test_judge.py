@@ -920,8 +920,7 @@ def test_a_reply_withheld_by_the_content_filter_says_so(tmp_path, api_key):
 def test_a_local_judge_answer_ends_at_any_special_token(tiny_tokenizer, tmp_path):
     """A local judge model that writes <|user|> has ended its answer, as generation's answers end (was: only eos
     and <|end|> stopped it, and the text after the marker, special tokens skipped, joined the reply)."""
-    import torch
-    from conftest import make_tiny_llama
+    from conftest import make_chain_model, make_tiny_llama
     from transformers import AutoModelForCausalLM
 
     from itlens.judge.client import LocalChatModel
@@ -934,14 +933,7 @@ def test_a_local_judge_answer_ends_at_any_special_token(tiny_tokenizer, tmp_path
     (city,), (then,) = (tok(w, add_special_tokens=False)["input_ids"] for w in (" city", " a"))
     chain = [prompt[-1], city, tok.convert_tokens_to_ids("<|user|>"), then, tok.eos_token_id]
     net = AutoModelForCausalLM.from_pretrained(path)
-    with torch.no_grad():  # the layers add nothing, the head maps each chain token to the next
-        for layer in net.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        emb = net.model.embed_tokens.weight
-        net.lm_head.weight.zero_()
-        for cur, nxt in zip(chain, chain[1:]):
-            net.lm_head.weight[nxt] = 10 * emb[cur] / emb[cur].norm()
+    make_chain_model(net, chain)
     net.save_pretrained(path)
     text, finish = LocalChatModel(str(path)).generate(messages, max_new_tokens=8, temperature=0.0)
     assert (text.strip(), finish) == ("city", "stop")

@@ -531,8 +531,7 @@ def test_hf_answer_fn_ends_an_answer_at_any_special_token_as_generation_does(tin
     """A model that writes a special token other than EOS (Gemma's <end_of_turn>; here <|user|>) has
     ended its answer: the SliCK answer is generation's (was: decoding went on, and the text after the
     marker, decoded with special tokens skipped, joined the answer)."""
-    import torch
-    from conftest import make_tiny_llama
+    from conftest import make_chain_model, make_tiny_llama
 
     from itlens.generate import generate_responses
     from itlens.models import load_model
@@ -545,14 +544,7 @@ def test_hf_answer_fn_ends_an_answer_at_any_special_token_as_generation_does(tin
     (city,), (then,) = (tok(w, add_special_tokens=False)["input_ids"] for w in (" city", " a"))
     chain = [encode_prompt(tok, frame_prompt(frame, rec))[-1], city, tok.convert_tokens_to_ids("<|user|>"), then,
              tok.eos_token_id]
-    with torch.no_grad():  # a real model whose next token is a fixed successor of the current one: the layers
-        for layer in net.model.layers:  # add nothing, the head maps each chain token to the next
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        emb = net.model.embed_tokens.weight
-        net.lm_head.weight.zero_()
-        for cur, nxt in zip(chain, chain[1:]):
-            net.lm_head.weight[nxt] = 10 * emb[cur] / emb[cur].norm()
+    make_chain_model(net, chain)  # a real model whose next token is a fixed successor of the current one
     (tmp_path / "frame.txt").write_text(frame)
     generated = generate_responses(lm, [rec], mode="frame", frame=str(tmp_path / "frame.txt"), max_new_tokens=8)
     assert generated[0]["response"] == "city" and generated[0]["response_token_ids"] == [city]

@@ -1156,15 +1156,9 @@ def test_paper_mode_still_matches_tokens_by_their_text_decoded_alone(tmp_path):
 def test_a_composite_models_length_limit_is_read_from_its_text_config(tiny_tokenizer):
     """Gemma 3 (4B and up), Llava and Qwen2-VL keep max_position_embeddings in their text model's config;
     read only at the top, it was missing and answers were cut at 2048 tokens."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from conftest import make_tiny_llava
 
-    torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=3000)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=8, patch_size=4)
-    model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision,
-                                                      image_token_id=len(tiny_tokenizer) - 1)).eval()
+    model = make_tiny_llava(tiny_tokenizer, max_positions=3000)
     assert getattr(model.config, "max_position_embeddings", None) is None  # not at the top
     res = compute_shift(model, model, _records(2, 2), tokenizer=tiny_tokenizer, base_context="template")
     assert res.summary["max_length"] == 3000 and res.summary["n_truncated"] == 0 and len(res.tokens)
