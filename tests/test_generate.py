@@ -658,3 +658,22 @@ def test_a_composite_models_positions_are_read_from_its_text_config(tiny_tokeniz
     assert getattr(net.config, "max_position_embeddings", None) is None and trained_positions(net.config) == 16
     with pytest.warns(UserWarning, match="1 of 2 prompts .* can pass the model's 16 positions"):
         _check_positions(net, [{"id": "short"}, {"id": "long"}], [[1] * 4, [1] * 14], max_new_tokens=4)
+
+
+def test_a_hub_revision_with_a_slash_resolves_from_the_cache(hub_model_id):
+    """A revision may hold slashes (a pull request's refs/pr/1, a branch feature/x): `org/name@refs/pr/1` was
+    refused as 'model directory not found', its slashes counted as a path's. A missing one's hint names it."""
+    from pathlib import Path
+
+    from itlens.models import resolve_model
+
+    refs = Path(resolve_model(hub_model_id)).parents[1] / "refs"
+    sha = (refs / "main").read_text()
+    for rev in ("refs/pr/1", "feature/x"):
+        (refs / rev).parent.mkdir(parents=True, exist_ok=True)
+        (refs / rev).write_text(sha)
+        assert resolve_model(f"{hub_model_id}@{rev}") == resolve_model(hub_model_id)
+    with pytest.raises(InputError, match=f"`hf download {hub_model_id} --revision feature/y`"):
+        resolve_model(f"{hub_model_id}@feature/y")
+    with pytest.raises(InputError, match="model directory not found"):
+        resolve_model("a/b/c@main")

@@ -937,3 +937,33 @@ def test_a_local_judge_answer_ends_at_any_special_token(tiny_tokenizer, tmp_path
     net.save_pretrained(path)
     text, finish = LocalChatModel(str(path)).generate(messages, max_new_tokens=8, temperature=0.0)
     assert (text.strip(), finish) == ("city", "stop")
+
+
+def test_a_local_judge_does_not_replay_answers_cached_under_its_old_stop_rule(tiny_tokenizer, tmp_path):
+    """A local judge's answer now ends at any special token; one cached when only eos and <|end|> ended it (the
+    text after <|user|> joined the reply, or it ran to max_tokens as "length") had the same cache key and was
+    replayed as this rule's answer."""
+    import hashlib
+
+    from conftest import make_chain_model, make_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_llama(tiny_tokenizer, tmp_path / "chain", tie_embeddings=False)
+    tok = tiny_tokenizer
+    messages = [{"role": "user", "content": "who?"}]
+    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    (city,), (then,) = (tok(w, add_special_tokens=False)["input_ids"] for w in (" city", " a"))
+    net = AutoModelForCausalLM.from_pretrained(path)
+    make_chain_model(net, [prompt[-1], city, tok.convert_tokens_to_ids("<|user|>"), then, tok.eos_token_id])
+    net.save_pretrained(path)
+    client = ChatClient(JudgeConfig(backend="local", model=str(path), max_tokens=8, temperature=0.0,
+                                    cache_dir=str(tmp_path / "cache")))
+    old = {k: v for k, v in client._request(messages).items() if k != "stops"}  # the request as itlens keyed it
+    key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+    entry = tmp_path / "cache" / key[:2] / f"{key}.json"
+    entry.parent.mkdir(parents=True)
+    entry.write_text(json.dumps({"request": old, "content": "city a", "finish_reason": "stop"}))
+    done = client.complete(messages)
+    assert (done.content.strip(), done.finish_reason, done.cached) == ("city", "stop", False)
+    assert client.complete(messages).cached  # its own answer is cached under the new key

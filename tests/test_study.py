@@ -603,3 +603,14 @@ def test_a_second_study_in_the_same_folder_stops_before_writing_anything(tmp_pat
     assert (out / "config.resolved.yaml").read_text() == "name: the first study\n"
     assert (out / "metrics.json").read_text() == "{}"
     assert sorted(p.name for p in out.iterdir()) == ["config.resolved.yaml", "metrics.json"]  # lock file removed
+
+
+def test_the_resolved_config_is_written_for_a_study_with_a_shared_tune_section():
+    """_resolved checked the shared tune a second time with a `file` it does not have: every study whose config
+    has a `tune:` section (micro, mini, gemma-geo) stopped with NameError before its first stage."""
+    from itlens.study import _resolved, load_study_config
+
+    cfg = load_study_config(MICRO)
+    assert cfg.tune
+    d = _resolved(cfg)
+    assert {v["tune_resolved"]["max_length"] for v in d["variants"].values()} == {cfg.tune["max_length"]}

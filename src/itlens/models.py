@@ -98,18 +98,19 @@ def resolve_model(name_or_path: str | Path) -> str:
     name = str(name_or_path)
     if p.exists():
         raise InputError("is a file, expected a model directory", file=name)
-    if name.startswith((".", "/")) or name.count("/") > 1:
+    repo_id, _, revision = name.partition("@")  # a revision may hold slashes: a branch feature/x, refs/pr/1
+    if name.startswith((".", "/")) or repo_id.count("/") > 1:
         raise InputError("model directory not found", file=name)
     from huggingface_hub import constants, snapshot_download
 
-    repo_id, _, revision = name.partition("@")
     try:
         return snapshot_download(repo_id, revision=revision or None, local_files_only=True)
     except Exception:  # noqa: BLE001 - any failure here means "not available offline"
+        at = f" --revision {revision}" if revision else ""
         raise InputError(f"no local model folder of that name, and no hub model {repo_id!r}"
                          f"{f' at revision {revision!r}' if revision else ''} in the local HF cache "
                          f"({constants.HF_HUB_CACHE}); itlens does not download models at run time: download "
-                         f"it first (`hf download {repo_id}`; a gated or private model needs a token: "
+                         f"it first (`hf download {repo_id}{at}`; a gated or private model needs a token: "
                          "`hf auth login`)", file=name) from None
 
 

@@ -705,8 +705,6 @@ def _resolved(cfg: StudyConfig) -> dict:
         d[k] = to_dict(v)
     from itlens.tune import TuneConfig
 
-    if cfg.tune:  # checked alone first: an unknown key here was reported under the first variant's tune
-        from_dict(TuneConfig, dict(cfg.tune), file=file, prefix="tune")
     for name, v in cfg.variants.items():
         merged = _merge(cfg.tune, v.tune)
         merged["method"] = v.method

@@ -34,6 +34,10 @@ log = logging.getLogger("itlens.judge")
 
 CACHE_VERSION = 1
 
+LOCAL_STOPS = "any special token"
+"""What ends a local judge's answer, part of its requests' cache key: answers cached when only EOS and
+``<|end|>`` ended one (it ran on past ``<|user|>``, and ended as "length") are not replayed as this rule's."""
+
 
 @dataclass
 class Completion:
@@ -118,7 +122,7 @@ class ChatClient:
         if cfg.backend == "openai":
             request["base_url"] = cfg.base_url.rstrip("/")
         else:
-            request["weights"] = _model_fingerprint(cfg.model)
+            request["weights"], request["stops"] = _model_fingerprint(cfg.model), LOCAL_STOPS
         return request
 
     def _cache_path(self, key: str) -> Path:
