@@ -63,8 +63,15 @@ def test_micro_study_writes_the_contract_artifacts(micro_run):
 
 def test_rerun_reuses_every_stage_and_is_byte_identical(micro_run):
     before = (micro_run / "metrics.json").read_bytes()
+    drawn = {p: p.stat().st_mtime_ns for p in [*(micro_run / "figures").rglob("*.png"), *(micro_run / "views").iterdir()]}
+    assert drawn
     r = run_cli(["study", str(MICRO), "--out", str(micro_run)])
     assert r.returncode == 0, r.stderr[-2000:]
+    # the figures and views were drawn from the same inputs: not redrawn (that was most of a warm rerun's time)
+    assert {p: p.stat().st_mtime_ns for p in drawn} == drawn
+    gone = next(iter(drawn))
+    gone.unlink()  # a figure deleted by hand: all are drawn again
+    assert run_cli(["study", str(MICRO), "--out", str(micro_run)]).returncode == 0 and gone.is_file()
     t = json.loads((micro_run / "timings.json").read_text())
     assert all(t["cached"].values()) and t["stages"] == {}
     assert r.stdout.count("[cached] ") == len(t["cached"])  # the tags (rich read them as markup and dropped them)

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from itlens.config import KEY_OMITS_DEFAULT, from_dict, key_dict, load_config, to_dict, to_yaml
+from itlens.config import KEY_OMITS_DEFAULT, config_hash, from_dict, key_dict, load_config, to_dict, to_yaml
 from itlens.errors import InputError
 from itlens.geo import ATTRIBUTES as GEO_ATTRIBUTES
 from itlens.io import atomic_write_json, atomic_write_text, read_records
@@ -650,7 +650,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, dry_run: bool = False, log=p
         atomic_write_json(out / "versions.json", versions())
         timings = {k: round(v, 2) for k, v in runner.timings.items()}
         atomic_write_json(out / "timings.json", {"stages": timings, "cached": runner.cached})
-        make_figures(cfg, plan, metrics, out)
+        make_figures(cfg, plan, metrics, out, inputs=config_hash(resolved, metrics, runner.hashes, FIGURES_VERSION))
         from itlens.report import render_report
 
         report = render_report(out)
@@ -1259,15 +1259,36 @@ def _pp(d: dict, scale: float = 100, unit: str = " pp") -> str:
 
 
 # ------------------------------------------------------------------------------------------ figures
+FIGURES_VERSION = 1
+"""Part of the figures' inputs hash: bump it when a change to the drawing code changes what is drawn."""
+
+
+def _figures_current(out: Path, inputs: str) -> bool:
+    """Whether ``out``'s figures and views were drawn from ``inputs`` and are all still there."""
+    fig_dir = out / "figures"
+    try:
+        marker = json.loads((fig_dir / ".inputs").read_text())
+        index = json.loads((fig_dir / "index.json").read_text())
+        return marker["inputs"] == inputs and all((fig_dir / f["file"]).is_file() for f in index) and \
+            all((out / "views" / v).is_file() for v in marker["views"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 @styled
-def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) -> None:
-    """Redraw the paper's figures from this study into ``out/figures`` (+ ``index.json``) and token views."""
+def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path, *, inputs: str | None = None) -> None:
+    """Redraw the paper's figures from this study into ``out/figures`` (+ ``index.json``) and token views.
+
+    ``inputs``: a hash of everything they are drawn from; when ``figures/.inputs`` holds it and every file
+    they were is still there, nothing is redrawn (redrawing was most of a warm rerun's time)."""
     from itlens.analysis import shift_figures
     from itlens.analysis.token_shift import read_shift
     from itlens.models import load_tokenizer
     from itlens.plotting import save_fig, subplots
 
     fig_dir = out / "figures"
+    if inputs is not None and _figures_current(out, inputs):
+        return
     if fig_dir.exists():
         shutil.rmtree(fig_dir)
     fig_dir.mkdir(parents=True)
@@ -1409,3 +1430,6 @@ def make_figures(cfg: StudyConfig, plan: StudyPlan, metrics: dict, out: Path) ->
         ids = list(dict.fromkeys(res.tokens["id"].tolist()))[: cfg.shift.views]
         shift_figures.render_token_view(res, ids, views / f"{v}.html", title=f"{v} vs base ({primary} context)",
                                         tokenizer=load_tokenizer(plan.tuned_dirs[(s0, v)]))
+    if inputs is not None:  # last: its presence says every figure and view above was drawn from these inputs
+        atomic_write_json(fig_dir / ".inputs", {"inputs": inputs, "views": sorted(p.name for p in views.iterdir())})
+
