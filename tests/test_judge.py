@@ -917,25 +917,30 @@ def test_a_reply_withheld_by_the_content_filter_says_so(tmp_path, api_key):
     assert items["once"]["status"] == "ok" and items["once"]["scores"]["depth"] == 2
 
 
-def test_a_local_judge_answer_ends_at_any_special_token(tiny_tokenizer, tmp_path):
-    """A local judge model that writes <|user|> has ended its answer, as generation's answers end (was: only eos
-    and <|end|> stopped it, and the text after the marker, special tokens skipped, joined the reply)."""
+def _chain_judge(tokenizer, folder: Path) -> tuple[str, list[dict]]:
+    """A local judge model that answers "who?" with " city", then <|user|>, " a", eos (see make_chain_model)."""
     from conftest import make_chain_model, make_tiny_llama
     from transformers import AutoModelForCausalLM
 
+    path = make_tiny_llama(tokenizer, folder, tie_embeddings=False)
+    messages = [{"role": "user", "content": "who?"}]
+    prompt = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"]
+    (city,), (then,) = (tokenizer(w, add_special_tokens=False)["input_ids"] for w in (" city", " a"))
+    net = AutoModelForCausalLM.from_pretrained(path)
+    make_chain_model(net, [prompt[-1], city, tokenizer.convert_tokens_to_ids("<|user|>"), then,
+                           tokenizer.eos_token_id])
+    net.save_pretrained(path)
+    return str(path), messages
+
+
+def test_a_local_judge_answer_ends_at_any_special_token(tiny_tokenizer, tmp_path):
+    """A local judge model that writes <|user|> has ended its answer, as generation's answers end (was: only eos
+    and <|end|> stopped it, and the text after the marker, special tokens skipped, joined the reply)."""
     from itlens.judge.client import LocalChatModel
 
-    path = make_tiny_llama(tiny_tokenizer, tmp_path / "chain", tie_embeddings=False)
-    tok = tiny_tokenizer
-    messages = [{"role": "user", "content": "who?"}]
-    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                 add_special_tokens=False)["input_ids"]
-    (city,), (then,) = (tok(w, add_special_tokens=False)["input_ids"] for w in (" city", " a"))
-    chain = [prompt[-1], city, tok.convert_tokens_to_ids("<|user|>"), then, tok.eos_token_id]
-    net = AutoModelForCausalLM.from_pretrained(path)
-    make_chain_model(net, chain)
-    net.save_pretrained(path)
-    text, finish = LocalChatModel(str(path)).generate(messages, max_new_tokens=8, temperature=0.0)
+    path, messages = _chain_judge(tiny_tokenizer, tmp_path / "chain")
+    text, finish = LocalChatModel(path).generate(messages, max_new_tokens=8, temperature=0.0)
     assert (text.strip(), finish) == ("city", "stop")
 
 
@@ -945,19 +950,8 @@ def test_a_local_judge_does_not_replay_answers_cached_under_its_old_stop_rule(ti
     replayed as this rule's answer."""
     import hashlib
 
-    from conftest import make_chain_model, make_tiny_llama
-    from transformers import AutoModelForCausalLM
-
-    path = make_tiny_llama(tiny_tokenizer, tmp_path / "chain", tie_embeddings=False)
-    tok = tiny_tokenizer
-    messages = [{"role": "user", "content": "who?"}]
-    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                 add_special_tokens=False)["input_ids"]
-    (city,), (then,) = (tok(w, add_special_tokens=False)["input_ids"] for w in (" city", " a"))
-    net = AutoModelForCausalLM.from_pretrained(path)
-    make_chain_model(net, [prompt[-1], city, tok.convert_tokens_to_ids("<|user|>"), then, tok.eos_token_id])
-    net.save_pretrained(path)
-    client = ChatClient(JudgeConfig(backend="local", model=str(path), max_tokens=8, temperature=0.0,
+    path, messages = _chain_judge(tiny_tokenizer, tmp_path / "chain")
+    client = ChatClient(JudgeConfig(backend="local", model=path, max_tokens=8, temperature=0.0,
                                     cache_dir=str(tmp_path / "cache")))
     old = {k: v for k, v in client._request(messages).items() if k != "stops"}  # the request as itlens keyed it
     key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
