@@ -621,3 +621,25 @@ def test_common_schedulers_are_transformers_own_and_need_not_import_its_trainer(
             "print('transformers.trainer_utils' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_tune_data_from_an_uncached_hub_id_fails_in_seconds_like_data_convert(tmp_path):
+    """`tune --data org/name` had a hub loader of its own: without a hub it retried for half a minute and said
+    only the exception's type. It loads as `data convert` does (the local cache first, the hub only if it answers)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on: the hub is unreachable at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    code = "from itlens.tune import load_instruction_records as f; f('myorg/nothing')"
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and time.perf_counter() - start < 15
+    last = r.stderr.strip().splitlines()[-1]
+    assert "not in the local HF cache" in last and "is unreachable" in last, r.stderr[-2000:]

@@ -336,8 +336,7 @@ def _saved_dataset_rows(path: Path, split: str) -> Iterator[tuple[Where, dict]]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - a damaged or foreign folder: the user's to fix
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot load the saved dataset: {first}", file=path) from None
+        raise InputError(f"cannot load the saved dataset: {_error_line(e)}", file=path) from None
     prefix = ""
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:

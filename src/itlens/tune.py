@@ -160,7 +160,7 @@ def load_instruction_records(source: str, split: str = "train") -> list[dict]:
     """CONTRACT instruction records from a JSONL/JSON file, a ``save_to_disk`` folder or an offline HF dataset
     id, validated. ``.json`` files and folders are read as ``itlens data convert`` reads them (a BOM, JSON Lines
     named ``.json``, NaN and lone surrogates: see :mod:`itlens.data`)."""
-    from itlens.data import Where, _json_rows, _saved_dataset_rows
+    from itlens.data import Where, _json_rows, _load_hub_dataset, _saved_dataset_rows
     from itlens.io import _validate_instruction
 
     path = Path(source)
@@ -173,7 +173,8 @@ def load_instruction_records(source: str, split: str = "train") -> list[dict]:
     elif path.is_dir():
         rows = list(_saved_dataset_rows(path, split))
     else:
-        rows = [(Where(source, key=f"[{i}]"), r) for i, r in enumerate(_load_hf_rows(source, split))]
+        # as `data convert` loads it: the local HF cache first, the hub only when it answers (no retries)
+        rows = [(Where(source, key=f"[{i}]"), dict(r)) for i, r in enumerate(_load_hub_dataset(source, split))]
     out = []
     seen: dict[str, Where] = {}
     for i, (at, row) in enumerate(rows):
@@ -199,17 +200,6 @@ def load_instruction_records(source: str, split: str = "train") -> list[dict]:
     if not out:
         raise InputError("dataset is empty (no records)", file=source)
     return out
-
-
-def _load_hf_rows(dataset_id: str, split: str) -> list[dict]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(dataset_id, split=split)
-    except Exception as e:  # noqa: BLE001 - offline: anything here means "not available"
-        raise InputError(f"not a local file, and not a HF dataset available offline ({type(e).__name__})",
-                         file=dataset_id) from None
-    return [dict(r) for r in ds]
 
 
 def to_prompt_completion(records: list[dict]) -> list[dict]:
