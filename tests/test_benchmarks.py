@@ -26,7 +26,7 @@ def test_bench_shift_engine_agrees_with_the_per_token_loop():
     row = res["rows"][0]
     assert row["ranks_compared"] == 2 * 24 and row["rank_mismatches"] == 0 and row["class_mismatches"] == 0
     assert row["tokens"] == 3 * 24 and row["engine_s"] > 0 and row["bare_forward_s"] > 0
-    assert set(row["engine_timings"]) == {"encode_s", "encode_overlapped_s", "score_s", "table_s", "summary_s"}
+    assert set(row["engine_timings"]) == {"setup_s", "encode_s", "encode_overlapped_s", "score_s", "static_s", "table_s", "summary_s"}
     assert row["engine_timings"]["encode_overlapped_s"] > 0 and res["tokenize_ahead"] == "on"
     prof = row["profile_engine"]
     assert prof["wall_ms"] > 0 and prof["device_busy_ms"] is None and prof["top"]  # CPU: no device time
@@ -41,10 +41,11 @@ def test_peak_tflops_matches_whole_model_names():
     assert peak("NVIDIA H200") == 989.0 and peak("Tesla T4") is None and peak(None) is None
 
 
-def test_bench_gpu_tiny_writes_every_part(tmp_path):
+def test_bench_gpu_tiny_writes_every_part(tmp_path, monkeypatch):
     import bench_gpu
 
     out = tmp_path / "gpu.json"
+    monkeypatch.setenv("OUT", str(tmp_path))  # the device tool's folder, --out inside it: no copy onto itself
     assert bench_gpu.main(["--tiny", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["complete"] and r["device"] == "cpu" and r["gpu"] is None
@@ -103,3 +104,11 @@ def test_the_warm_study_record_counts_reused_stages_and_the_study_s_own_threads(
                                                                   "analysis-s0": False}}))
     (tmp_path / "config.resolved.yaml").write_text("name: micro\nthreads: 1\nworkers: 1\n")
     assert run_all.last_study_run(tmp_path) == {"warm_stages_reused": 2, "stages": 3, "threads": 1}
+
+
+def test_bench_top_k_checks_blockwise_against_topk(capsys):
+    import bench_top_k
+
+    assert bench_top_k.main(["--device", "cpu", "--rows", "64", "--vocabs", "32000,1000"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("values equal True" in line for line in lines)

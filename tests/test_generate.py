@@ -326,6 +326,9 @@ def test_training_and_generation_read_the_same_ids_for_a_bos_tokenizer_with_its_
     tok.chat_template = "{{ bos_token }}" + own.replace("<|end|>", "<|end|>\n")
     ensure_chat_template(tok)
     assert tok.chat_template.count("bos_token") == 1
+    tok.chat_template = own  # changed after a (remembered) check: checked again, not skipped
+    ensure_chat_template(tok)
+    assert tok.chat_template == "{{ bos_token }}" + own
 
 
 def test_a_hub_model_is_named_by_its_hub_id_not_its_snapshot_hash(hub_model_id, tiny_model_dir):

@@ -1190,3 +1190,22 @@ def test_a_tokenizer_without_character_offsets_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="slow.*needs a fast one") as e:
         compute_shift(str(model_dir), str(model_dir), _records(0, 1))
     assert str(model_dir) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("vocab", [32000, 2048, 50257, 1000])
+def test_top_k_ids_blockwise_equals_topk(vocab):
+    """The token view's blockwise top-k (used on accelerators) gives torch.topk's ids on distinct values,
+    its values on ties (bf16 logits read as float32), and falls back to topk where blocks do not fit."""
+    from itlens.analysis.token_shift import top_k_ids
+
+    g = torch.Generator().manual_seed(vocab)
+    z = torch.randn(300, vocab, generator=g)
+    z[:7] += torch.linspace(0, 9, vocab)  # rows whose top entries crowd into the last blocks
+    z[7:9] = -z[7:9].abs()  # all negative
+    assert torch.equal(top_k_ids(z, 10, blockwise=True), z.topk(10, dim=-1).indices)
+    assert torch.equal(top_k_ids(z, 3, blockwise=True), z.topk(3, dim=-1).indices)
+    tied = (z * 3).round() / 3  # many equal values, top ones included
+    ids = top_k_ids(tied, 10, blockwise=True)
+    assert torch.equal(tied.gather(1, ids), tied.topk(10, dim=-1).values)
+    assert all(len(set(r)) == 10 for r in ids.tolist())  # no id twice
+    assert torch.equal(top_k_ids(z, 10), z.topk(10, dim=-1).indices)  # the CPU default: topk itself

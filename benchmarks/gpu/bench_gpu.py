@@ -278,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     def save(complete: bool) -> None:  # after every part, so a run cut short still leaves what it measured
         result["complete"] = complete
         atomic_write_json(out, result)
-        if os.environ.get("OUT"):
-            shutil.copy(out, Path(os.environ["OUT"]) / out.name)
+        if os.environ.get("OUT"):  # the device tool's folder of files to bring back (unless out is in it)
+            copy = Path(os.environ["OUT"]) / out.name
+            if not (copy.exists() and copy.samefile(out)):
+                shutil.copy(out, copy)
 
     t_all = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_gpu."))

@@ -285,6 +285,8 @@ def token_ids_problem(value) -> str | None:
         return None
     if not isinstance(value, list):
         return f"expected a list of token ids, got {type(value).__name__}"
+    if set(map(type, value)) <= {int} and (not value or min(value) >= 0):  # plain ints: ~30x faster than below
+        return None
     for v in value:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
             try:

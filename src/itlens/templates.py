@@ -5,6 +5,8 @@ see exactly the same text.
 
 from __future__ import annotations
 
+import weakref
+
 from itlens.errors import InputError
 from itlens.io import to_messages
 from itlens.resources import read_prompt
@@ -31,8 +33,28 @@ def ensure_chat_template(tokenizer) -> None:
     A tokenizer with its own template that does not render BOS although its encoding adds it (zephyr /
     TinyLlama-Chat style) gets ``{{ bos_token }}`` put in front: TRL tokenizes the rendered chat without
     special tokens, while generation and the token-shift analysis add BOS to the prompt, so without it
-    training and generation would read different ids. Calling this again changes nothing."""
+    training and generation would read different ids. Calling this again changes nothing, and costs
+    nothing while the template and BOS are those it last left (rendering a template to check it takes
+    milliseconds, paid once per token-shift run on the GPU's critical path)."""
     template = getattr(tokenizer, "chat_template", None)
+    state = (template, getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None))
+    try:
+        if template and _CHECKED.get(tokenizer) == state:
+            return
+    except TypeError:  # not weak-referenceable or not hashable: check every time
+        pass
+    _ensure_chat_template(tokenizer, template)
+    try:
+        _CHECKED[tokenizer] = (tokenizer.chat_template, *state[1:])
+    except TypeError:
+        pass
+
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Tokenizer -> (template, BOS token, BOS id) that ensure_chat_template last left it with."""
+
+
+def _ensure_chat_template(tokenizer, template) -> None:
     if not template:
         template = default_chat_template()
         tokenizer.chat_template = ("{{ bos_token }}" + template) if adds_bos(tokenizer) else template
