@@ -169,14 +169,15 @@ def per_token_loop(base, tuned, encoded, device: str, stride: int = 1) -> dict[s
 
 
 def run_length(args, tokenizer, base, tuned, length: int) -> dict:
-    from itlens.analysis.token_shift import (ShiftConfig, _encode_all, compute_shift, plan_windows, shift_class,
-                                             tokenizes_ahead, window_batches)
+    from itlens.analysis.token_shift import (ShiftConfig, _encode_all, compiles_metrics, compute_shift,
+                                             plan_windows, shift_class, tokenizes_ahead, window_batches)
     from itlens.templates import load_frame
 
     recs = make_responses(tokenizer, args.responses, length, seed=length)
     cfg = ShiftConfig(batch_size=args.batch_size, device=args.device, view_top_k=args.view_top_k,
                       tokenize_ahead={"auto": None, "on": True, "off": False}[args.tokenize_ahead],
-                      chunk_mb=args.chunk_mb or ShiftConfig.chunk_mb)
+                      chunk_mb=args.chunk_mb or ShiftConfig.chunk_mb,
+                      compile_metrics={"auto": None, "on": True, "off": False}[args.compile_metrics])
     compute_shift(base, tuned, recs[:1], tokenizer=tokenizer, config=cfg)  # warm-up
     encoded = _encode_all(tokenizer, recs, cfg, load_frame(None))
     ahead = tokenizes_ahead(cfg, torch.device(args.device).type)
@@ -229,6 +230,7 @@ def run_length(args, tokenizer, base, tuned, length: int) -> dict:
         "rank_mismatches": mismatches, "class_mismatches": class_mismatches, "max_relative_rank_diff": worst,
         "ranks_compared": sum(len(r) for r in ranks.values()),
         "peak_mem_mib_engine": mem_engine, "peak_mem_mib_bare": mem_bare,
+        "metrics_compiled": compiles_metrics(cfg, torch.device(args.device).type),
     }
     if args.profile:
         row["profile_engine"] = profile_once(
@@ -298,6 +300,9 @@ def parser() -> argparse.ArgumentParser:
                         "CPU), on (true), off (false)")
     p.add_argument("--view-top-k", type=int, default=0, help="ShiftConfig.view_top_k: the token view's top-k "
                    "columns (itlens's default is 10; 0, as in the recorded results, leaves them out)")
+    p.add_argument("--compile-metrics", default="auto", choices=["auto", "on", "off"],
+                   help="ShiftConfig.compile_metrics: the per-position metrics fused with torch.compile (compiled "
+                        "during the warm-up call): auto (null: on for CUDA), on (true), off (false)")
     p.add_argument("--repeats", type=int, default=3, help="engine and bare passes: best of this many runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--profile", action="store_true", help="also run the engine and the bare passes once each under "

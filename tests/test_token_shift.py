@@ -1209,3 +1209,44 @@ def test_top_k_ids_blockwise_equals_topk(vocab):
     assert torch.equal(tied.gather(1, ids), tied.topk(10, dim=-1).values)
     assert all(len(set(r)) == 10 for r in ids.tolist())  # no id twice
     assert torch.equal(top_k_ids(z, 10), z.topk(10, dim=-1).indices)  # the CPU default: topk itself
+
+
+def test_compiled_metrics_match_the_eager_ones_and_a_failed_compile_falls_back(models, tiny_tokenizer, frame_file,
+                                                                               monkeypatch):
+    """compile_metrics: the fused, torch.compile'd metrics give the eager engine's ranks, classes and ids, and
+    its probabilities and KL to float32 rounding; null leaves them off on a CPU; a compile that fails on its
+    first call warns once and computes the same columns uncompiled."""
+    import itlens.analysis.token_shift as ts
+
+    base, tuned = models
+    recs = _records(7, 6, 20)
+    kw = dict(tokenizer=tiny_tokenizer, frame=frame_file, batch_size=4)
+    eager = compute_shift(base, tuned, recs, **kw).tokens
+    fused = compute_shift(base, tuned, recs, compile_metrics=True, **kw).tokens
+    assert len(eager) == len(fused) > 0
+    for col in ("rank_base", "shift_class", "top1_base", "top1_tuned", "rank0_paper"):
+        assert eager[col].tolist() == fused[col].tolist(), col
+    for col in ("p_base", "p_tuned", "kl", "kl_base_tuned", "p_base_top1"):
+        np.testing.assert_allclose(fused[col], eager[col], rtol=1e-4, atol=1e-6, err_msg=col)
+    assert [list(r) for r in fused["top_base_ids"]] == [list(r) for r in eager["top_base_ids"]]
+    np.testing.assert_allclose(np.stack(fused["top_tuned_p"]), np.stack(eager["top_tuned_p"]), rtol=1e-4, atol=1e-7)
+
+    assert not ts.compiles_metrics(ts.ShiftConfig(), "cpu") and ts.compiles_metrics(ts.ShiftConfig(), "cuda")
+    assert not ts.compiles_metrics(ts.ShiftConfig(mode="paper", compile_metrics=True), "cuda")
+    with pytest.raises(InputError, match="compile_metrics"):
+        ts.ShiftConfig(compile_metrics="yes").validate()
+
+    def no_backend(fn, **_):
+        def run(*a):
+            raise RuntimeError("backend 'inductor' failed: no working C compiler\nmore")
+        return run
+
+    ts._compiled_core.cache_clear()
+    monkeypatch.setattr(torch, "compile", no_backend)
+    try:
+        with pytest.warns(UserWarning, match="torch.compile of the token-shift metrics failed .RuntimeError: backend"):
+            fallback = compute_shift(base, tuned, recs, compile_metrics=True, **kw).tokens
+    finally:
+        ts._compiled_core.cache_clear()
+    assert fallback["rank_base"].tolist() == eager["rank_base"].tolist()
+    np.testing.assert_allclose(fallback["kl"], eager["kl"], rtol=1e-4, atol=1e-6)

@@ -201,7 +201,8 @@ def bench_shift_overhead(a, device: str, view_top_k: int = 0) -> dict:
             "--heads", str(a.heads), "--intermediate", str(a.intermediate), "--vocab", str(a.vocab),
             "--lengths", str(a.shift_length), "--responses", str(a.shift_responses),
             "--batch-size", str(a.shift_batch), "--per-token-responses", "0", "--repeats", str(a.shift_repeats),
-            "--threads", str(a.threads)] + (["--profile"] if a.profile else [])
+            "--threads", str(a.threads)] + (["--profile"] if a.profile else []) \
+        + ["--compile-metrics", a.shift_compile_metrics]
     res = bench_shift.run(argv)
     row = res["rows"][0]
     out = {"argv": argv, "response_tokens": row["response_tokens"], "responses": row["responses"],
@@ -211,7 +212,8 @@ def bench_shift_overhead(a, device: str, view_top_k: int = 0) -> dict:
            "overhead_end_to_end": row["overhead_vs_bare"], "overhead_scoring": row["scoring_overhead_vs_bare"],
            "engine_tokens_per_s": row["engine_tokens_per_s"],
            "peak_mem_mib_engine": row["peak_mem_mib_engine"], "peak_mem_mib_bare": row["peak_mem_mib_bare"],
-           "model_params": res["model"]["params"], "view_top_k": view_top_k}
+           "model_params": res["model"]["params"], "view_top_k": view_top_k,
+           "compile_metrics": a.shift_compile_metrics}
     return out
 
 
@@ -243,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shift-view-top-k", default="0,10", help="token-view top-k values to run the shift part with "
                    "(comma-separated): the first is stored as 'shift', the others as 'shift_view<k>' "
                    "(10 is itlens's default; 0 leaves the view columns out, as the first recorded runs did)")
+    p.add_argument("--shift-compile-metrics", default="auto", choices=["auto", "on", "off"], help="the shift "
+                   "part's ShiftConfig.compile_metrics (the metrics fused by torch.compile): auto (on for CUDA)")
     p.add_argument("--threads", type=int, default=8, help="torch CPU threads")
     p.add_argument("--parts", default="train,tune,shift")
     p.add_argument("--no-profile", dest="profile", action="store_false",

@@ -96,6 +96,16 @@ class ShiftConfig:
                 "within each window, not over all responses: scores differ by padding noise only). null "
                 "(default): on for a GPU or other accelerator, off on a CPU, which runs the two one after "
                 "the other anyway and would only pay for the extra tokenizer calls; true/false force it."})
+    compile_metrics: bool | None = field(default=None, metadata={
+        KEY_OMITS_DEFAULT: True,
+        "help": "exact mode: fuse the per-position metrics with torch.compile. They are otherwise about 20 "
+                "passes over each [positions x vocabulary] chunk, which at a large vocabulary (152k) cost "
+                "as much as the forward passes on a GPU; fused, they read the logits a few times, in the "
+                "model's dtype. The first batch pays for the compile (about 15-30 s). Ranks, classes and "
+                "top-1 ids are identical; probabilities and KL may differ in the last float32 digits. null "
+                "(default): on for a CUDA GPU, off elsewhere (on a CPU the compile costs more than it saves "
+                "on a study's runs); true/false force it. If the compile fails (no Triton, no C compiler), "
+                "a warning says so and the metrics are computed uncompiled."})
 
     def validate(self) -> None:
         if self.chunk_mb <= 0:
@@ -106,6 +116,8 @@ class ShiftConfig:
         for name in ("max_length", "view_top_k", "top_tokens"):
             if getattr(self, name) < 0:
                 raise InputError(f"must be >= 0, got {getattr(self, name)}", key=name)
+        if self.compile_metrics not in (None, True, False):
+            raise InputError(f"expected true, false or null, got {self.compile_metrics!r}", key="compile_metrics")
         if self.tokenize_ahead not in (None, True, False):
             raise InputError(f"expected true, false or null, got {self.tokenize_ahead!r}", key="tokenize_ahead")
 
@@ -155,16 +167,18 @@ class _Scorer:
                 return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             return self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
-    def logits(self, h):
+    def logits(self, h, *, upcast: bool = True):
+        """Logits of the chosen positions: float32, or with ``upcast=False`` the model's own dtype
+        (float32 all the same when the logits are soft-capped)."""
         import torch
 
         if self.full_forward:
-            return h.float()
+            return h.float() if upcast else h
         with torch.no_grad(), self._ctx():
-            z = self.head(h).float()
+            z = self.head(h)
         if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
+            return torch.tanh(z.float() / self.softcap) * self.softcap
+        return z.float() if upcast else z
 
     def _check_head(self, ids) -> None:
         """Backbone + head must reproduce the model's own logits (else use plain forward passes)."""
@@ -585,7 +599,8 @@ def _truncate(e: _Encoded, max_length: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- the metrics
-def exact_metrics(z_base, z_tuned, target, view_k: int = 0, *, check_finite: bool = True) -> dict:
+def exact_metrics(z_base, z_tuned, target, view_k: int = 0, *, check_finite: bool = True,
+                  fused: bool = False) -> dict:
     """Full-vocabulary metrics for a chunk of positions (logits [n, V] float32, emitted ids [n]).
 
     rank_base: 1 + #tokens with a strictly greater base logit than the emitted one. kl: KL(p_tuned||p_base);
@@ -595,9 +610,20 @@ def exact_metrics(z_base, z_tuned, target, view_k: int = 0, *, check_finite: boo
     The fast KL formula is NaN where logits are -inf (masked tokens). ``check_finite`` then recomputes
     it the slow way, which costs a host-device sync per chunk; with ``check_finite=False`` the result
     instead carries ``finite`` (a 0-d bool tensor) and the caller redoes the chunk if it is False.
+    ``fused`` (with ``check_finite=False``): the same columns from :func:`_fused_core` under
+    torch.compile; the logits may then be in the model's dtype.
     """
     import torch
 
+    if fused and not check_finite:
+        out = _compiled_core()(z_base, z_tuned, target)
+        lse_b, lse_t = out.pop("lse_base"), out.pop("lse_tuned")
+        if view_k:
+            k = min(view_k, z_base.shape[-1])
+            ib, it = top_k_ids(z_base, k), top_k_ids(z_tuned, k)
+            out.update(view_base_ids=ib, view_base_p=(z_base.gather(1, ib).float() - lse_b[:, None]).exp(),
+                       view_tuned_ids=it, view_tuned_p=(z_tuned.gather(1, it).float() - lse_t[:, None]).exp())
+        return out
     pb, lse_b, top1_base = _softmax_lse(z_base)
     pt, lse_t, top1_tuned = _softmax_lse(z_tuned)
     diff = z_tuned - z_base  # log p_t - log p_b = diff - lse_t + lse_b
@@ -627,6 +653,79 @@ def exact_metrics(z_base, z_tuned, target, view_k: int = 0, *, check_finite: boo
     if not check_finite:
         out["finite"] = finite
     return out
+
+
+def _fused_core(z_base, z_tuned, target) -> dict:
+    """exact_metrics' columns written as reductions over the logits, for torch.compile to fuse.
+
+    Each column reads the [n, V] logits (in any dtype, upcast inside) without writing a tensor of that
+    size: two reductions per side for the log-sum-exp, one per KL direction, one per rank count.
+    """
+    import torch
+
+    z_base, z_tuned = z_base.float(), z_tuned.float()
+    mb, top1_base = z_base.max(-1)
+    mt, top1_tuned = z_tuned.max(-1)
+    lse_b = mb + (z_base - mb[:, None]).exp().sum(-1).log()
+    lse_t = mt + (z_tuned - mt[:, None]).exp().sum(-1).log()
+    diff = z_tuned - z_base
+    kl = ((z_tuned - lse_t[:, None]).exp() * diff).sum(-1) - lse_t + lse_b
+    kl_rev = lse_t - lse_b - ((z_base - lse_b[:, None]).exp() * diff).sum(-1)
+    zb_t = z_base.gather(1, target[:, None])[:, 0]
+    zb_top1 = z_base.gather(1, top1_tuned[:, None])[:, 0]
+    return {
+        "rank_base": (z_base > zb_t[:, None]).sum(-1) + 1,
+        "p_base": (zb_t - lse_b).exp(),
+        "p_tuned": (z_tuned.gather(1, target[:, None])[:, 0] - lse_t).exp(),
+        "kl": kl.clamp_min(0),
+        "kl_base_tuned": kl_rev.clamp_min(0),
+        "top1_base": top1_base,
+        "top1_tuned": top1_tuned,
+        "rank0_top1": (z_base > zb_top1[:, None]).sum(-1),
+        "p_base_top1": (zb_top1 - lse_b).exp(),
+        "finite": torch.isfinite(kl).all() & torch.isfinite(kl_rev).all(),
+        "lse_base": lse_b, "lse_tuned": lse_t,
+    }
+
+
+def compiles_metrics(cfg: ShiftConfig, device_type: str) -> bool:
+    """Whether the metrics are fused by torch.compile (``compile_metrics``; null: on for CUDA)."""
+    if cfg.mode != "exact":
+        return False
+    return device_type == "cuda" if cfg.compile_metrics is None else bool(cfg.compile_metrics)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_core():
+    """:func:`_fused_core` under torch.compile, compiled once per process (any number of positions).
+
+    A compile that fails on its first call (no Triton for this GPU, no C compiler) is reported once and
+    the same function then runs uncompiled; a failure after a call has worked is a real error, raised.
+    """
+    import torch
+
+    compiled = torch.compile(_fused_core, dynamic=True)
+    worked: list[bool] = []
+
+    def run(*args):
+        if worked == [False]:
+            return _fused_core(*args)
+        try:
+            out = compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - torch.compile's backends raise many kinds
+            if worked:
+                raise
+            worked.append(False)
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"torch.compile of the token-shift metrics failed ({type(exc).__name__}: {first}); "
+                          "they are computed uncompiled (set shift.compile_metrics: false to skip the attempt)",
+                          stacklevel=2)
+            return _fused_core(*args)
+        if not worked:
+            worked.append(True)
+        return out
+
+    return run
 
 
 def top_k_ids(z, k: int, *, blockwise: bool | None = None):
@@ -994,6 +1093,7 @@ def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig,
     """
     import torch
 
+    fused = compiles_metrics(cfg, tuned_s.device.type) and not check_finite
     cols: dict[str, list] = {}
     pending: list[tuple[int, dict, Any]] = []  # (responses in the batch, its results, their copy's event)
 
@@ -1031,9 +1131,10 @@ def _score_batches(batches, base_s: _Scorer, tuned_s: _Scorer, cfg: ShiftConfig,
         target = _to_device(torch.tensor([t for e in batch for t in e.response_ids]), h_tuned.device)
         on_device: dict[str, list] = {}
         for c in range(0, len(target), chunk):
-            zt = tuned_s.logits(h_tuned[c: c + chunk].to(tuned_s.device))
-            zb = base_s.logits(h_base[c: c + chunk].to(base_s.device)).to(zt.device)
-            out = exact_metrics(zb, zt, target[c: c + chunk], cfg.view_top_k, check_finite=check_finite)
+            zt = tuned_s.logits(h_tuned[c: c + chunk].to(tuned_s.device), upcast=not fused)
+            zb = base_s.logits(h_base[c: c + chunk].to(base_s.device), upcast=not fused).to(zt.device)
+            out = exact_metrics(zb, zt, target[c: c + chunk], cfg.view_top_k, check_finite=check_finite,
+                                fused=fused)
             if "finite" in out:
                 out["finite"] = out["finite"].reshape(1)
             if cfg.mode == "paper":
