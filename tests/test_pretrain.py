@@ -349,3 +349,21 @@ def test_an_unreadable_or_unrecorded_checkpoint_starts_over(world_dir, tmp_path,
     pretrain(cfg, world_dir, tmp_path / "old", log=msgs.append)
     assert any("does not record the precision and device" in m for m in msgs), msgs
     assert json.loads((tmp_path / "old" / "pretrain_summary.json").read_text())["resumed_from_step"] == 0
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_native_bf16(monkeypatch):
+    """auto picked bf16 on any CUDA GPU, a V100 or T4 too (bf16 emulated there: slower than fp32, or an
+    error); it now asks the GPU's compute capability, as it asks the CPU's flags."""
+    import torch
+
+    from itlens import pretrain as P
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: False)
+    for capability, expected in (((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert P.resolve_precision("auto", "cuda") == expected, capability
+    assert P.resolve_precision("bf16", "cuda") == "bf16" and P.resolve_precision("fp32", "cpu") == "fp32"
+    assert P.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: True)
+    assert P.resolve_precision("auto", "cpu") == "bf16"

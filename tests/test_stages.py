@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,38 @@ def test_a_stage_finished_by_an_older_itlens_without_a_file_list_is_still_reused
     again = StageRunner(out, log=lambda m: None)
     again.run(_stage("a", calls))
     assert calls == ["a"] and again.cached == {"model": True}
+
+
+def test_a_filesystem_without_locks_warns_once_and_runs_unlocked(tmp_path, monkeypatch):
+    """flock failing with ENOLCK/ENOSYS (NFS without a lock daemon, Lustre without flock) was an internal
+    error that stopped every study there; now the stage runs without a lock, with one warning per process.
+    Other OS errors still raise."""
+    import errno
+    import fcntl
+
+    from itlens import stages
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(stages, "_WARNED_UNLOCKED", [])
+    ran = []
+    with pytest.warns(UserWarning, match="has no file locks .No locks available.; running without them"):
+        with stages.hold_lock(tmp_path / "a.lock", "stage a"):
+            ran.append(1)
+    assert ran == [1] and not (tmp_path / "a.lock").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process, not once per stage folder
+        with stages.hold_lock(tmp_path / "sub" / "b.lock", "stage b"):
+            ran.append(2)
+    assert ran == [1, 2]
+
+    def broken(f, how):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", broken)
+    with pytest.raises(OSError, match="Input/output"):
+        with stages.hold_lock(tmp_path / "c.lock", "stage c"):
+            ran.append(3)
+    assert ran == [1, 2]

@@ -56,7 +56,8 @@ class PretrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip (0: off)."})
     precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
         "help": "Training precision: bf16 autocast, fp32, or auto (bf16 where the CPU has native bf16 "
-                "instructions or on a GPU, else fp32). Probes and the saved weights are always fp32."})
+                "instructions or on a GPU that has (Ampere or later), else fp32). Probes and the saved "
+                "weights are always fp32."})
     threads: int = field(default=1, metadata={
         "help": "torch CPU threads. Fixed, since results can differ bitwise across thread counts; on a busy shared "
                 "CPU more threads were slower (oversubscription)."})
@@ -111,6 +112,22 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def gpu_has_bf16() -> bool:
+    """Native bf16 on the current CUDA GPU (compute capability 8.0 or later: Ampere, Hopper, ...). On a
+    V100 or T4, bf16 autocast is emulated and slower than fp32, or fails."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """'bf16' or 'fp32': what ``precision`` (auto, bf16, fp32) means on this device."""
+    if precision != "auto":
+        return precision
+    native = gpu_has_bf16() if device_type == "cuda" else cpu_has_bf16()
+    return "bf16" if native else "fp32"
 
 
 def world_fingerprint(world_dir: Path) -> str:
@@ -262,8 +279,8 @@ def pretrain(cfg: PretrainConfig, world_dir: str | Path, out_dir: str | Path, *,
     torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (device.type == "cuda" or cpu_has_bf16()))
-    precision = "bf16" if use_bf16 else "fp32"
+    precision = resolve_precision(cfg.precision, device.type)
+    use_bf16 = precision == "bf16"
     tokenizer = load_raw_tokenizer(world_dir / "tokenizer")
     docs = world.records("corpus")
     doc_ids = [[tokenizer.bos_token_id] + ids

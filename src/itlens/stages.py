@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -142,6 +143,25 @@ def _file_sizes(folder: Path) -> dict[str, int]:
             if p.is_file() and p != folder / ".stage-hash"}
 
 
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+"""flock's errors on a filesystem that has no locks (NFS without a lock daemon, Lustre mounted without
+``flock``, some FUSE and CIFS mounts)."""
+_WARNED_UNLOCKED: list[bool] = []
+
+
+def _warn_unlocked(folder: Path, exc: OSError) -> None:
+    """Say once per process that folders are used without locks (a warning, not a failure: the work is
+    the same, only two processes in the same folder are no longer refused). A study has dozens of stage
+    folders, usually on one filesystem: one line, not one per stage."""
+    import warnings
+
+    if _WARNED_UNLOCKED:
+        return
+    _WARNED_UNLOCKED.append(True)
+    warnings.warn(f"{folder}: this filesystem has no file locks ({os.strerror(exc.errno)}); running without "
+                  "them, so make sure no other itlens process writes this folder at the same time", stacklevel=3)
+
+
 @contextlib.contextmanager
 def hold_lock(path: Path, what: str):
     """Hold an exclusive lock on the file ``path`` for the block, or fail at once with one line: two
@@ -157,6 +177,16 @@ def hold_lock(path: Path, what: str):
             f.close()
             raise InputError(f"another itlens process is running {what}; wait for it to finish, or use "
                              "another --out", file=path.parent) from None
+        except OSError as exc:
+            f.close()
+            if exc.errno not in _NO_LOCKS:
+                raise
+            _warn_unlocked(path.parent, exc)  # a filesystem without locks: run, as before locks existed
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)
+            return
         try:
             if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                 break
