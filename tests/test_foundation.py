@@ -154,6 +154,26 @@ def test_a_date_is_text_as_in_yaml_1_2_so_it_is_a_name_or_a_one_line_error(tmp_p
         load_config(Outer, p)
 
 
+@dataclasses.dataclass
+class WithFlags:
+    name: str = "x"
+    stopwords: bool = False
+    variants: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def test_only_true_and_false_are_booleans_as_in_yaml_1_2_and_a_flag_still_takes_yes(tmp_path):
+    """YAML 1.1 read no/yes/on/off as booleans: a variant keyed `no` became "False" and a study named
+    `no` was an error. They are text now, and a true/false field still takes them as YAML 1.1 did."""
+    p = tmp_path / "c.yaml"
+    p.write_text("name: no\nstopwords: yes\nvariants: {no: 1, on: 2, off: 3, 'yes': 4}\n")
+    cfg = load_config(WithFlags, p)
+    assert cfg.name == "no" and cfg.stopwords is True and cfg.variants == {"no": 1, "on": 2, "off": 3, "yes": 4}
+    assert load_config(WithFlags, p, ["stopwords=Off", "name=on"]) == WithFlags("on", False, cfg.variants)
+    assert load_config(WithFlags, None, ["stopwords=TRUE"]).stopwords is True
+    with pytest.raises(InputError, match=r"key 'stopwords': expected true or false, got 'maybe'$"):
+        load_config(WithFlags, None, ["stopwords=maybe"])
+
+
 def test_a_merge_key_fills_a_section_and_the_keys_written_beside_it_override_it(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("inner:\n  <<: {r: 3, alpha: 2.0}\n  r: 4\n")  # as `<<: *defaults` shares one section

@@ -80,6 +80,8 @@ def _coerce(value: Any, tp: Any, *, file: str | None, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in YAML11_BOOLS:  # ``stopwords: yes`` as YAML 1.1 read it
+            return YAML11_BOOLS[value.lower()]
         raise InputError(f"expected true or false, got {value!r}", file=file, key=key)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -165,11 +167,18 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
+"""Words YAML 1.1 read as booleans. The loader reads them as text (YAML 1.2), and a true/false field still
+takes them, so ``stopwords: yes`` keeps working while a key or a name ``no`` stays ``"no"``."""
+
+
 class StrictLoader(yaml.SafeLoader):
     """YAML as a config file should read: a repeated key is an error (PyYAML keeps the last silently), and
     numbers are YAML 1.2's, so ``010`` is not octal 8 and ``1:30`` is not sexagesimal 90 (both stay
     strings, which a numeric field then refuses). As in YAML 1.2 a date is a string too: a ``name:
-    2024-05-01`` is that text, not a ``datetime.date`` that no field takes and JSON cannot copy."""
+    2024-05-01`` is that text, not a ``datetime.date`` that no field takes and JSON cannot copy. And only
+    true/false are booleans: ``variants: {no: ...}`` is a variant named ``no`` (YAML 1.1 made it
+    ``False``), and a true/false field takes yes/no/on/off (:data:`YAML11_BOOLS`)."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -190,8 +199,11 @@ class StrictLoader(yaml.SafeLoader):
 
 StrictLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers
-            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")]
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp",
+                           "tag:yaml.org,2002:bool")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
 StrictLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
     r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
 StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
