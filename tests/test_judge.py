@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import threading
@@ -252,8 +253,12 @@ def test_local_backend_counts_garbage_as_parse_failures(tmp_path, tiny_model_dir
     assert all(it["asked"] == 2 and it["scores"] is None and it["raw"] for it in result.items)
     assert result.summary["n_scored"] == 0 and result.summary["failures"]["parse"] == 2
     assert result.summary["models"]["m1"]["aspects"]["depth"]["estimate"] is None
-    again = score_responses(rows, cfg)  # served from the cache, same answers
-    assert all(it["cached"] for it in again.items) and again.summary == result.summary
+    # the tiny model's replies are empty (it ends at a special token at once): not cached, so asked again; greedy
+    # decoding gives the same answers
+    assert all(r.strip() == "" for it in result.items for r in it["raw"])
+    assert not list((tmp_path / "cache").rglob("*.json"))
+    again = score_responses(rows, cfg)
+    assert not any(it["cached"] for it in again.items) and again.summary == result.summary
 
 
 # ------------------------------------------------------------------------------ figures and CLI
@@ -961,3 +966,106 @@ def test_a_local_judge_does_not_replay_answers_cached_under_its_old_stop_rule(ti
     done = client.complete(messages)
     assert (done.content.strip(), done.finish_reason, done.cached) == ("city", "stop", False)
     assert client.complete(messages).cached  # its own answer is cached under the new key
+
+
+# ------------------------------------------------------------------ empty replies, out of credits
+def test_an_empty_reply_is_not_cached_and_is_asked_again_on_the_next_run(tmp_path, api_key):
+    """A reply cut at max_tokens with no content (finish_reason length), withheld by a content filter, or only
+    whitespace fails this run as before, but is not stored: the next run asks again (was: cached, so every rerun
+    replayed the failure without a request). An empty entry that an older version cached is not replayed either."""
+    good = Reply(scores_json(depth=2))
+    scripts = {"cut": [Reply("", finish_reason="length"), Reply("", finish_reason="length"), good],
+               "filtered": [_filtered(), _filtered(""), good],
+               "blank": [Reply(" \n\t "), Reply("\n"), good]}
+    rows = [resp(k, f"x <<{k}>>") for k in scripts] + [resp("fine", "an answer <<score:3>>")]
+    with JudgeServer(ScriptedJudge(scripts)) as srv:
+        cfg = make_cfg(srv, tmp_path)
+        first = {it["id"]: it for it in score_responses(rows, cfg).items}
+        for k in scripts:
+            assert first[k]["status"] == "parse_failure" and first[k]["asked"] == 2, first[k]
+            assert len(srv.requests_with(k)) == 2
+        assert "cut off at max_tokens" in first["cut"]["error"] and "content filter" in first["filtered"]["error"]
+        cached = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("*.json")]
+        assert [e["content"].strip() != "" for e in cached] == [True]  # only the fine item's answer
+        second = {it["id"]: it for it in score_responses(rows, cfg).items}
+        for k in scripts:
+            assert len(srv.requests_with(k)) == 3, k
+            assert second[k]["status"] == "ok" and second[k]["scores"]["depth"] == 2 and not second[k]["cached"]
+        assert second["fine"]["cached"] and len(srv.requests_with("score:3")) == 1
+
+        # an empty answer cached by an older version (same key) is asked again, and replaced by the new answer
+        client = ChatClient(cfg)
+        messages = [{"role": "user", "content": "rewrite me <<old>>"}]
+        key = hashlib.sha256(json.dumps(client._request(messages), sort_keys=True).encode()).hexdigest()
+        entry = tmp_path / "cache" / key[:2] / f"{key}.json"
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_text(json.dumps({"request": client._request(messages), "content": "", "finish_reason": "length"}))
+        done = client.complete(messages)
+        assert (done.cached, len(srv.requests_with("old"))) == (False, 1)
+        assert json.loads(entry.read_text())["content"] == done.content != ""
+        assert client.complete(messages).cached
+
+        # the rewriter: an empty reply raises each time it is asked, and is asked each time
+        srv.responder.scripts["void"] = [Reply("", finish_reason="length")]
+        for n in (1, 2):
+            with pytest.raises(RewriteError, match="empty reply"):
+                Rewriter(cfg).rewrite("Summarise <<void>>", "an answer")
+            assert len(srv.requests_with("void")) == n
+
+
+class _Wallet:
+    """An OpenRouter-like endpoint that answers ``credits`` requests, then HTTP 402 until topped up."""
+
+    def __init__(self, credits: int):
+        self.credits = credits
+        self._lock = threading.Lock()
+
+    def __call__(self, body: dict) -> Reply:
+        with self._lock:
+            if self.credits <= 0:
+                return _error_body(402, "Insufficient credits. Add more using https://openrouter.ai/settings/credits")
+            self.credits -= 1
+        time.sleep(0.02)
+        return Reply(scores_json(depth=4))
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_out_of_credits_stops_the_run_with_one_error_and_a_rerun_resumes(tmp_path, api_key, caplog, concurrency):
+    """HTTP 402 (OpenRouter: out of credits) is the same for every item still to come: one input error naming the
+    endpoint and the server's reason, never the key, and no further request (was: every remaining item sent, each
+    an api failure, exit 0). The answers obtained before it stay cached: a rerun after topping up asks only the
+    rest."""
+    caplog.set_level(logging.DEBUG)
+    rows = [resp(f"q{i}", f"answer {i}") for i in range(20)]
+    wallet = _Wallet(credits=5)
+    with JudgeServer(wallet, api_key=SECRET) as srv:
+        cfg = make_cfg(srv, tmp_path, concurrency=concurrency)
+        with pytest.raises(InputError) as err:
+            score_responses(rows, cfg)
+        msg = str(err.value)
+        assert "\n" not in msg and SECRET not in msg
+        assert srv.base_url in msg and "HTTP 402" in msg and "Insufficient credits" in msg, msg
+        refused = len(srv.requests) - 5
+        assert 1 <= refused <= concurrency  # the one refused, and at most those already in flight beside it
+        assert len(list((tmp_path / "cache").rglob("*.json"))) == 5
+        wallet.credits = 100
+        n = len(srv.requests)
+        again = score_responses(rows, cfg)
+        assert len(srv.requests) - n == 15
+    assert all(it["status"] == "ok" for it in again.items) and sum(it["cached"] for it in again.items) == 5
+    assert_no_secret(tmp_path, caplog.text + msg)
+
+
+def test_out_of_credits_does_not_wait_for_the_retries_of_other_items(tmp_path, api_key):
+    """A request waiting to retry a 429 when another item hits 402 gives up: the run stops at once (was: it waited
+    out every retry, then went on)."""
+    scripts = {"busy": [Reply(status=429, headers={"Retry-After": "1"})]}
+    responder = ScriptedJudge(scripts, default=lambda body: (time.sleep(0.2), _error_body(402, "no credits"))[1])
+    with JudgeServer(responder) as srv:
+        cfg = make_cfg(srv, tmp_path, concurrency=2, max_attempts=5, max_retry_after_s=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(InputError, match="HTTP 402"):
+            score_responses([resp("busy", "x <<busy>>")] + [resp(f"q{i}", "y") for i in range(6)], cfg)
+        elapsed = time.monotonic() - t0
+        assert len(srv.requests_with("busy")) == 1
+    assert elapsed < 1.0, elapsed

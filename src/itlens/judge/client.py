@@ -4,9 +4,12 @@ Why not the openai client's own retries: its attempts and waits are not visible 
 retries are off and every request gets bounded attempts, exponential backoff, Retry-After honoured on
 429 (capped), and a per-request timeout. Answers are cached on disk by a hash of what determines them
 (messages, model, endpoint, decoding parameters), written atomically, so a rerun costs nothing and
-replays exactly the same judge answers. The API key comes from an environment variable and is
-redacted from every error message this module produces. It is sent as ``Authorization: Bearer``, or bare in
-the header named by ``api_key_header`` (Azure OpenAI: ``api-key``) with no Authorization header at all.
+replays exactly the same judge answers. An empty (or whitespace-only) reply is never cached: it fails this
+run and is asked again on the next. An error that ends the whole run (a refused key, no such model, HTTP 402
+out of credits) stops the other requests of a batch too: none not yet sent is sent, and none waits out its
+retries. The API key comes from an environment variable and is redacted from every error message this
+module produces. It is sent as ``Authorization: Bearer``, or bare in the header named by ``api_key_header``
+(Azure OpenAI: ``api-key``) with no Authorization header at all.
 Headers the openai client takes from the environment (``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID``,
 ``OPENAI_CUSTOM_HEADERS``) reach OpenAI's own API only, and never replace the configured key.
 """
@@ -70,7 +73,7 @@ class ChatClient:
         return f"ChatClient(backend={self.cfg.backend!r}, model={self.cfg.model!r}, base_url={self.cfg.base_url!r})"
 
     # ------------------------------------------------------------------------------------ public
-    def complete(self, messages: list[dict]) -> Completion:
+    def complete(self, messages: list[dict], *, _stop: threading.Event | None = None) -> Completion:
         request = self._request(messages)
         key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
         cached = self._cache_get(key)
@@ -79,8 +82,10 @@ class ChatClient:
         if self.cfg.backend == "local":
             done = self._complete_local(messages)
         else:
-            done = self._complete_openai(messages)
-        if done.ok:
+            done = self._complete_openai(messages, _stop)
+        # an empty reply (cut at max_tokens before any text, withheld by a content filter) is a failure of this
+        # request, not the judge's answer: cached, every rerun replayed it instead of asking again
+        if done.ok and done.content.strip():
             self._cache_put(key, request, done)
         return done
 
@@ -100,9 +105,33 @@ class ChatClient:
         if workers == 1:
             done = [self.complete(m) for m in unique]
         else:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="itlens-judge") as pool:
-                done = list(pool.map(self.complete, unique))
+            done = self._complete_concurrently(unique, workers)
         return [done[slot[json.dumps(m, sort_keys=True)]] for m in batches]
+
+    def _complete_concurrently(self, unique: list[list[dict]], workers: int) -> list[Completion]:
+        """``complete`` on a thread pool. An error that ends the run (InputError: a refused key, no such model, out
+        of credits) stops the rest: requests not yet sent are not sent, and those waiting to retry give up (was:
+        every queued item was still sent, each refused the same way, before the error surfaced)."""
+        stop = threading.Event()
+
+        def one(messages: list[dict]) -> Completion | None:
+            if stop.is_set():
+                return None
+            try:
+                return self.complete(messages, _stop=stop)
+            except BaseException:
+                stop.set()
+                raise
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="itlens-judge") as pool:
+            futures = [pool.submit(one, m) for m in unique]
+            try:
+                done = [f.result() for f in futures]
+            except BaseException:
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        return done
 
     def redact(self, text: str) -> str:
         """``text`` with the API key (if any) replaced, for messages that may echo request details."""
@@ -141,6 +170,9 @@ class ChatClient:
             return None
         if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
             log.warning("ignoring unusable cache entry %s", path)
+            return None
+        if not entry["content"].strip():  # an empty reply, cached by an older version: asked again
+            log.info("not replaying the empty reply cached in %s", path)
             return None
         return entry
 
@@ -208,7 +240,7 @@ class ChatClient:
                         self._openai.default_headers, own={DEFAULT_KEY_HEADER, self.cfg.api_key_header})}
             return self._openai
 
-    def _complete_openai(self, messages: list[dict]) -> Completion:
+    def _complete_openai(self, messages: list[dict], stop: threading.Event | None = None) -> Completion:
         import openai
 
         client = self._openai_client()
@@ -223,6 +255,8 @@ class ChatClient:
             params["extra_headers"] = headers
         error = "no attempt made"
         for attempt in range(1, cfg.max_attempts + 1):
+            if stop is not None and stop.is_set():  # another request ended the run: its error is the one raised
+                return Completion(content=None, error="not asked: the run stopped", attempts=attempt - 1)
             wait = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (attempt - 1))
             try:
                 resp = client.chat.completions.create(model=cfg.model, messages=messages, timeout=cfg.timeout_s,
@@ -248,6 +282,8 @@ class ChatClient:
                 if retry_after is not None:
                     wait = min(retry_after, cfg.max_retry_after_s)
             except openai.APIStatusError as e:
+                if e.status_code == 402:  # out of credits (OpenRouter): the same for every item still to come
+                    raise self._payment_required(e) from None
                 if e.status_code == 408:  # request timeout (OpenRouter): like a timeout of ours, worth another try
                     error = self.redact(_describe(e))
                     retry_after = _retry_after_s(e.response)
@@ -267,7 +303,10 @@ class ChatClient:
             if attempt < cfg.max_attempts:
                 log.info("judge request failed (%s); attempt %d/%d, retrying in %.2fs",
                          self.redact(error), attempt, cfg.max_attempts, wait)
-                time.sleep(wait)
+                if stop is not None:
+                    stop.wait(wait)  # cut short when another request ends the run
+                else:
+                    time.sleep(wait)
         return Completion(content=None, error=self.redact(f"{error} (after {cfg.max_attempts} attempts)"),
                           attempts=cfg.max_attempts)
 
@@ -303,6 +342,16 @@ class ChatClient:
         why = f": {_server_message(e)}" if e.status_code == 403 and _server_message(e) else ""
         return InputError(self.redact(f"endpoint refused the API key from ${cfg.api_key_env} (HTTP {e.status_code}, "
                                       f"{sent}){why}"), key="api_key_env")
+
+    def _payment_required(self, e) -> InputError:
+        """HTTP 402 (OpenRouter: out of credits, or a key's credit limit reached) refuses every item still to come:
+        one input error naming the endpoint (no query: it may carry more than a version) and the server's reason,
+        never the key. The answers obtained before it are cached, so a rerun after topping up resumes."""
+        why = _server_message(e)
+        resume = "; answers obtained so far are cached, so a rerun resumes" if self.cfg.cache else ""
+        return InputError(self.redact(f"the endpoint {_endpoint(self.cfg.base_url)} refused the request: payment "
+                                      f"required (HTTP 402){f': {why}' if why else ''}; add credits (or raise the "
+                                      f"key's credit limit) and run again{resume}"))
 
     # ------------------------------------------------------------------------------------- local
     def _complete_local(self, messages: list[dict]) -> Completion:
@@ -446,6 +495,16 @@ def _flagged(e: Exception) -> bool:
     meta = body.get("metadata") if isinstance(body, dict) else None
     return (isinstance(meta, dict) and ("flagged_input" in meta or "reasons" in meta)) or \
         "flagged" in _server_message(e).lower()
+
+
+def _endpoint(base_url: str) -> str:
+    """``scheme://host[:port]/path`` of ``base_url``, for messages: no user info, query or fragment."""
+    try:
+        url = urlsplit(base_url.strip())
+        port = url.port
+    except ValueError:
+        return "(base_url)"
+    return f"{url.scheme}://{url.hostname or ''}{f':{port}' if port else ''}{url.path.rstrip('/')}"
 
 
 def _location(response) -> str:
