@@ -1250,3 +1250,84 @@ def test_compiled_metrics_match_the_eager_ones_and_a_failed_compile_falls_back(m
         ts._compiled_core.cache_clear()
     assert fallback["rank_base"].tolist() == eager["rank_base"].tolist()
     np.testing.assert_allclose(fallback["kl"], eager["kl"], rtol=1e-4, atol=1e-6)
+
+
+def _fused_inputs(n: int = 5, vocab: int = 300):
+    g = torch.Generator().manual_seed(n)
+    return torch.randn(n, vocab, generator=g), torch.randn(n, vocab, generator=g), torch.randint(0, vocab, (n,))
+
+
+def test_a_torch_compile_that_raises_itself_falls_back_with_a_warning(monkeypatch):
+    """torch.compile can raise when called, not only on the compiled function's first call (dynamo
+    unsupported on this Python or platform): that too is a failed compile, warned about, not a crash."""
+    import itlens.analysis.token_shift as ts
+
+    zb, zt, target = _fused_inputs()
+    eager = ts.exact_metrics(zb, zt, target, 3, check_finite=False)
+
+    def unsupported(fn, **_):
+        raise RuntimeError("Dynamo is not supported on Python 3.12+")
+
+    ts._compiled_core.cache_clear()
+    monkeypatch.setattr(torch, "compile", unsupported)
+    try:
+        with pytest.warns(UserWarning, match="torch.compile of the token-shift metrics failed .RuntimeError: Dynamo"):
+            fused = ts.exact_metrics(zb, zt, target, 3, check_finite=False, fused=True)
+        fused_again = ts.exact_metrics(zb, zt, target, 3, check_finite=False, fused=True)  # uncompiled, no retry
+    finally:
+        ts._compiled_core.cache_clear()
+    for out in (fused, fused_again):
+        assert torch.equal(out["rank_base"], eager["rank_base"]) and torch.equal(out["view_base_ids"], eager["view_base_ids"])
+        torch.testing.assert_close(out["kl"], eager["kl"])
+
+
+def test_a_real_error_on_the_first_compiled_call_is_raised_not_taken_for_a_failed_compile(monkeypatch):
+    """An error the uncompiled metrics raise as well (an id beyond the vocabulary, out of memory) is no
+    failed compile: it is raised without the 'compile failed' warning, and compiling stays on."""
+    import itlens.analysis.token_shift as ts
+
+    zb, zt, target = _fused_inputs()
+    calls = []
+
+    def traced(fn, **_):  # a backend that works: the function itself, counted
+        def run(*a):
+            calls.append(1)
+            return fn(*a)
+        return run
+
+    ts._compiled_core.cache_clear()
+    monkeypatch.setattr(torch, "compile", traced)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no 'torch.compile ... failed' warning
+            with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+                ts.exact_metrics(zb, zt, torch.full_like(target, zb.shape[1] + 5), check_finite=False, fused=True)
+        out = ts.exact_metrics(zb, zt, target, check_finite=False, fused=True)
+    finally:
+        ts._compiled_core.cache_clear()
+    assert len(calls) == 2  # the later call still ran compiled
+    assert torch.equal(out["rank_base"], ts.exact_metrics(zb, zt, target)["rank_base"])
+
+
+def test_the_chat_template_memo_sees_the_encoding_start_adding_bos(tiny_tokenizer):
+    """ensure_chat_template's memo: a tokenizer whose encoding starts adding BOS after a check (its
+    post-processor, add_bos_token, changed) gets BOS put in front of its template, as without the memo."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from itlens.templates import adds_bos, ensure_chat_template
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    own = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+           "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.chat_template = own
+    ensure_chat_template(tok)
+    assert not adds_bos(tok) and tok.chat_template == own  # no BOS added by the encoding: left alone
+    bos = tok.bos_token
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.bos_token_id)])
+    assert adds_bos(tok)
+    ensure_chat_template(tok)
+    assert tok.chat_template == "{{ bos_token }}" + own
+    ensure_chat_template(tok)
+    assert tok.chat_template == "{{ bos_token }}" + own  # once

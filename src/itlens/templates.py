@@ -33,11 +33,15 @@ def ensure_chat_template(tokenizer) -> None:
     A tokenizer with its own template that does not render BOS although its encoding adds it (zephyr /
     TinyLlama-Chat style) gets ``{{ bos_token }}`` put in front: TRL tokenizes the rendered chat without
     special tokens, while generation and the token-shift analysis add BOS to the prompt, so without it
-    training and generation would read different ids. Calling this again changes nothing, and costs
-    nothing while the template and BOS are those it last left (rendering a template to check it takes
-    milliseconds, paid once per token-shift run on the GPU's critical path)."""
+    training and generation would read different ids. Calling this again changes nothing, and costs one
+    tokenization of a letter while the template, BOS and whether the encoding adds BOS are those it last
+    left (rendering a template to check it takes milliseconds, paid once per token-shift run on the GPU's
+    critical path)."""
     template = getattr(tokenizer, "chat_template", None)
-    state = (template, getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None))
+    # whether the encoding adds BOS is part of what was checked: a post-processor changed since
+    # (add_bos_token set) must not be answered from the memo
+    state = (template, getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None),
+             adds_bos(tokenizer) if template else None)
     try:
         if template and _CHECKED.get(tokenizer) == state:
             return
@@ -51,7 +55,7 @@ def ensure_chat_template(tokenizer) -> None:
 
 
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""Tokenizer -> (template, BOS token, BOS id) that ensure_chat_template last left it with."""
+"""Tokenizer -> (template, BOS token, BOS id, adds BOS) that ensure_chat_template last left it with."""
 
 
 def _ensure_chat_template(tokenizer, template) -> None:
