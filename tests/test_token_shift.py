@@ -1331,3 +1331,22 @@ def test_the_chat_template_memo_sees_the_encoding_start_adding_bos(tiny_tokenize
     assert tok.chat_template == "{{ bos_token }}" + own
     ensure_chat_template(tok)
     assert tok.chat_template == "{{ bos_token }}" + own  # once
+
+
+def test_the_metrics_compile_under_warnings_as_errors():
+    """torch.compile emits its own DeprecationWarnings (torch.jit.script_method) while it compiles: under
+    `-W error` (pytest's filterwarnings = error) they made every compile 'fail' and fall back."""
+    import itlens.analysis.token_shift as ts
+
+    g = torch.Generator().manual_seed(3)
+    zb, zt = torch.randn(40, 512, generator=g), torch.randn(40, 512, generator=g)
+    target = torch.randint(0, 512, (40,), generator=g)
+    ts._compiled_core.cache_clear()
+    torch._dynamo.reset()  # compile again in this test, not from an earlier test's compiled graph
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = ts.exact_metrics(zb, zt, target, check_finite=False, fused=True)
+    finally:
+        ts._compiled_core.cache_clear()
+    assert torch.equal(out["rank_base"], ts.exact_metrics(zb, zt, target)["rank_base"])

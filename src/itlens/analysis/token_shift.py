@@ -714,9 +714,14 @@ def _compiled_core():
         if worked == [False]:
             return _fused_core(*args)
         try:
-            if not compiled:  # inside the try: torch.compile itself raises where dynamo is unsupported
-                compiled.append(torch.compile(_fused_core, dynamic=True))
-            out = compiled[0](*args)
+            if worked:
+                out = compiled[0](*args)
+            else:  # the compile: torch's own deprecation warnings must not fail it under -W error (pytest's)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    if not compiled:  # inside the try: torch.compile itself raises where dynamo is unsupported
+                        compiled.append(torch.compile(_fused_core, dynamic=True))
+                    out = compiled[0](*args)
         except Exception as exc:  # noqa: BLE001 - torch.compile's backends raise many kinds
             if worked:
                 raise
