@@ -200,6 +200,38 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, it_
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kill_at", ["step 4", "train end"])
+def test_a_resumed_run_reports_the_whole_runs_loss_and_tokens(tiny_model_dir, it_file, tmp_path, kill_at):
+    """train_summary.json and train_log.jsonl of a resumed run count every step, not only those after the
+    checkpoint: transformers' train_loss and TRL's token count restart at each train() call (a run killed
+    after its last checkpoint, while the model was being saved, had mean_train_loss 0.0 and tokens 0)."""
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if kill_at == "step 4" and state.global_step == 4:
+                raise KeyboardInterrupt
+
+        def on_train_end(self, args, state, control, **kw):
+            if kill_at == "train end":
+                raise KeyboardInterrupt
+
+    cfg = _cfg(tiny_model_dir, it_file, method="full", epochs=2)  # 3 steps an epoch, a checkpoint at each end
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        tune(cfg, out, callbacks=[Kill()])
+    tune(cfg, out)
+    straight = tune(cfg, tmp_path / "straight")
+    a, b = (json.loads((d / "train_summary.json").read_text()) for d in (out, straight))
+    assert a["resumed_from_step"] == (3 if kill_at == "step 4" else 6) and b["resumed_from_step"] is None
+    assert a["steps"] == b["steps"] == 6
+    assert a["tokens"] == b["tokens"] > 0
+    assert a["mean_train_loss"] == pytest.approx(b["mean_train_loss"], rel=1e-5)
+    logs = [[json.loads(line)["num_tokens"] for line in (d / "train_log.jsonl").read_text().splitlines()]
+            for d in (out, straight)]
+    assert logs[0] == logs[1]
+
+
 def test_equal_fit_stops_once_the_data_is_fit(tiny_model_dir, it_file, tmp_path):
     reached = tune(_cfg(tiny_model_dir, it_file, method="full", lr_scheduler="constant",
                         equal_fit=EqualFitSettings(True, "loss", 100.0, 3)),
@@ -207,7 +239,7 @@ def test_equal_fit_stops_once_the_data_is_fit(tiny_model_dir, it_file, tmp_path)
     fit = json.loads((reached / "train_summary.json").read_text())
     assert fit["equal_fit"]["reached"] is True and fit["equal_fit"]["epochs"] == 1.0 and fit["steps"] == 3
     capped = tune(_cfg(tiny_model_dir, it_file, method="full", lr_scheduler="constant",
-                       equal_fit=EqualFitSettings(True, "token_accuracy", 1.01, 2)),
+                       equal_fit=EqualFitSettings(True, "token_accuracy", 1.0, 2)),
                   tmp_path / "cap")
     cap = json.loads((capped / "train_summary.json").read_text())
     assert cap["equal_fit"]["reached"] is False and cap["epochs"] == 2.0
@@ -378,6 +410,36 @@ def test_bad_settings_are_input_errors_and_leave_no_work_folder(tiny_model_dir, 
     with pytest.raises(InputError, match="warmup"):
         load_config(TuneConfig, overrides=["warmup=-1"])
     assert not work_dir_for(tmp_path / "o").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["lora.alpha=0"], "lora.alpha"),  # scaling 0: LoRA's B gets no gradient, the run trains nothing
+    (["lora.target_modules=[]"], "lora.target_modules"),
+    (["method=neftune", "neftune_alpha=0"], "neftune_alpha"),  # no noise: method full under another name
+    (["max_steps=0"], "max_steps"),  # transformers would run every epoch
+    (["equal_fit.enabled=true", "equal_fit.target=95"], "equal_fit.target"),  # an accuracy never reached
+    (["equal_fit.enabled=true", "equal_fit.metric=loss", "equal_fit.target=0"], "equal_fit.target"),
+])
+def test_settings_that_would_silently_change_the_run_are_input_errors(overrides, key):
+    with pytest.raises(InputError) as e:
+        load_config(TuneConfig, overrides=overrides)
+    assert e.value.key == key or key in str(e.value)
+
+
+def test_a_save_without_weights_is_not_made_the_tuned_model(tiny_model_dir, it_file, tmp_path, monkeypatch):
+    """DeepSpeed ZeRO-3 without its 16-bit consolidated save has save_model write a config and no weights
+    (transformers removes the dummy model.safetensors): that folder must not become a 'finished' output."""
+    from trl import SFTTrainer
+
+    def save_like_zero3_without_gather(self, output_dir=None, _internal_call=False):
+        self.model.config.save_pretrained(output_dir)  # what is left after remove_dummy_checkpoint
+
+    monkeypatch.setattr(SFTTrainer, "save_model", save_like_zero3_without_gather)
+    out = tmp_path / "o"
+    with pytest.raises(InputError, match="no model weights.*zero3_save_16bit_model"):
+        tune(_cfg(tiny_model_dir, it_file, method="full", max_steps=1), out)
+    assert not out.exists()
+    assert any(work_dir_for(out).glob("checkpoint-*"))  # kept: a rerun with the fixed config resumes
 
 
 def test_bad_input_leaves_no_work_folder(tiny_model_dir, it_file, tmp_path):

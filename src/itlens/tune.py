@@ -131,15 +131,31 @@ class TuneConfig:
                 raise InputError("must be positive", key=name)
         if self.lora.r <= 0:
             raise InputError("must be positive", key="lora.r")
+        if self.lora.alpha <= 0:  # scaling alpha/r of 0: the adapter's B never gets a gradient, nothing trains
+            raise InputError("must be positive", key="lora.alpha")
+        if isinstance(self.lora.target_modules, list) and not self.lora.target_modules:
+            raise InputError("names no module (give 'all-linear' or module names such as [q_proj, v_proj])",
+                             key="lora.target_modules")
+        if self.method == "neftune" and self.neftune_alpha <= 0:  # alpha 0 adds no noise: plain full fine-tuning
+            raise InputError("must be positive for method neftune (no noise would make it method full)",
+                             key="neftune_alpha")
         if not 0 <= self.lora.dropout < 1:
             raise InputError(f"expected 0 <= dropout < 1, got {self.lora.dropout}", key="lora.dropout")
         for name in ("warmup", "weight_decay", "max_grad_norm", "save_steps", "num_threads", "neftune_alpha"):
             if getattr(self, name) < 0:
                 raise InputError("must not be negative", key=name)
-        if self.max_steps < -1:
-            raise InputError("expected -1 (run the epochs) or a number of steps", key="max_steps")
+        if self.max_steps < -1 or self.max_steps == 0:  # transformers runs every epoch for max_steps 0
+            raise InputError(f"expected -1 (run the epochs) or a positive number of steps, got {self.max_steps}",
+                             key="max_steps")
         if self.equal_fit.max_epochs <= 0:
             raise InputError("must be positive", key="equal_fit.max_epochs")
+        fit = self.equal_fit
+        if fit.enabled and fit.metric == "token_accuracy" and not 0 < fit.target <= 1:
+            raise InputError(f"a token accuracy target is in (0, 1], got {fit.target} (one above 1 is never "
+                             "reached: every run would train max_epochs)", key="equal_fit.target")
+        if fit.enabled and fit.metric == "loss" and fit.target <= 0:
+            raise InputError(f"a loss target must be positive, got {fit.target} (the loss never reaches it: every "
+                             "run would train max_epochs)", key="equal_fit.target")
         if self.lr_scheduler in COMMON_SCHEDULERS:
             return
         from transformers import SchedulerType  # ~2-10 s of imports (trainer utilities): only for a rarer name
@@ -548,6 +564,11 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
     stopped_at = _stopped_by_equal_fit(cfg, last)
     if stopped_at is not None:  # killed after equal fit stopped the run: finish there, train no further
         trainer.args.max_steps = stopped_at
+    tokens_before = _tokens_at(last)
+    if tokens_before and hasattr(trainer, "_total_train_tokens"):
+        # TRL counts tokens from 0 in every train() call: carry the checkpoint's count on, so the logged
+        # num_tokens and the summary's tokens are the run's, as in an uninterrupted run
+        trainer._total_train_tokens = tokens_before
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' own v6 renames, not ours to fix
@@ -562,10 +583,21 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
         trainer.save_model(str(final))  # on every process: gathers FSDP / ZeRO-3 shards, writes on the main one
     if not trainer.is_world_process_zero():
         return out
+    if not _has_weights(final):
+        # DeepSpeed ZeRO-3 without a 16-bit consolidated save writes a config and sharded optimizer states
+        # (zero_to_fp32.py) but no loadable weights; such a folder must not become the tuned model
+        raise InputError(f"training finished but {final} holds no model weights (under DeepSpeed ZeRO-3 set "
+                         "zero3_save_16bit_model: true in the accelerate config, or "
+                         "stage3_gather_16bit_weights_on_model_save in the DeepSpeed one; under FSDP "
+                         "fsdp_state_dict_type: FULL_STATE_DICT) and run again: it resumes from the last checkpoint")
 
     history = [h for h in trainer.state.log_history if "loss" in h]
     tokens = trainer._total_train_tokens if hasattr(trainer, "_total_train_tokens") else None
     runtime = result.metrics.get("train_runtime", wall)
+    mean_loss = result.metrics.get("train_loss")
+    if last and history:  # transformers averages over the steps of this train() call only (0.0 if none were left)
+        mean_loss = sum(float(h["loss"]) for h in history) / len(history)
+    run_tokens = tokens - (tokens_before or 0) if tokens is not None else None  # what this call processed
     fit = info["equal_fit"]
     summary = {
         "method": cfg.method, "base": info["base"], "records": info["records"], "examples": info["examples"],
@@ -576,10 +608,10 @@ def tune(cfg: TuneConfig, out_dir: str | Path | None = None, *, callbacks: list 
         "steps": trainer.state.global_step, "epochs": round(float(trainer.state.epoch or 0), 4),
         "resumed_from_step": int(last.rsplit("-", 1)[1]) if last else None,
         "train_runtime_s": round(runtime, 3), "tokens": tokens,
-        "tokens_per_s": round(tokens / runtime, 1) if tokens and runtime else None,
+        "tokens_per_s": round(run_tokens / runtime, 1) if run_tokens and runtime else None,
         "final_loss": history[-1]["loss"] if history else None,
         "final_token_accuracy": history[-1].get("mean_token_accuracy") if history else None,
-        "mean_train_loss": result.metrics.get("train_loss"),
+        "mean_train_loss": mean_loss,
         "merged": bool(cfg.method == "lora" and cfg.merge_adapter),
         "neftune_alpha": cfg.neftune_alpha if cfg.method == "neftune" else None,
         "equal_fit": None if fit is None else {"metric": cfg.equal_fit.metric, "target": cfg.equal_fit.target,
@@ -631,6 +663,24 @@ def _inputs_digest(data: str, base: str) -> dict:
         digest["base"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(base).iterdir()
                                 if f.is_file())
     return digest
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds saved weights (safetensors or torch bins, a full model's or an adapter's)."""
+    return any(f.is_file() and f.stat().st_size > 0 for pattern in ("*.safetensors", "*.bin")
+               for f in folder.glob(pattern) if f.name != "training_args.bin")
+
+
+def _tokens_at(checkpoint: str | None) -> int | None:
+    """The training tokens counted up to ``checkpoint`` (the last ``num_tokens`` of its log), or None."""
+    if checkpoint is None:
+        return None
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    counts = [h["num_tokens"] for h in state.get("log_history", []) if h.get("num_tokens") is not None]
+    return int(counts[-1]) if counts else None
 
 
 def _last_complete_checkpoint(work: Path, *, remove_incomplete: bool) -> str | None:
