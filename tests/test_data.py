@@ -421,3 +421,28 @@ def test_a_hub_that_refuses_a_dataset_id_says_a_token_may_be_needed(refusing_hub
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot load hub dataset 'myorg/private-set'" in lines[0], result.stderr
     assert "needs a token" in lines[0] and "no local file or folder" in lines[0]
+
+
+def test_own_ids_are_all_or_none_and_task_types_not_empty(tmp_path):
+    """A just-eval/Tulu row without its own id got its position as id ('just-eval:1') beside rows with
+    their own ids, so it posed as the dataset's row 1 (or collided with it); and a prompt with an empty
+    task-type list passed, to drop out of the per-task-type scores unseen. Both are errors naming the row."""
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"id": 5, "instruction": "x", "task": "math"}) + "\n"
+                     + json.dumps({"instruction": "y", "task": "math"}) + "\n")
+    with pytest.raises(InputError) as e:
+        load_records("just-eval", mixed)
+    assert (e.value.line, e.value.field) == (2, "id") and "earlier rows have their own id" in str(e.value)
+    mixed.write_text(json.dumps({"instruction": "y", "task": "math"}) + "\n"
+                     + json.dumps({"id": 5, "instruction": "x", "task": "math"}) + "\n")
+    with pytest.raises(InputError, match=r"mixed.jsonl:2: field 'id': this row has its own id"):
+        load_records("just-eval", mixed)
+    none = tmp_path / "none.jsonl"  # no row has an id: positions, as before
+    none.write_text("".join(json.dumps({"instruction": q, "task": "math"}) + "\n" for q in ("a", "b")))
+    assert [r["id"] for r in load_records("just-eval", none)] == ["just-eval:0", "just-eval:1"]
+    for tags in ([], "[]", " , "):
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text(json.dumps({"id": 0, "instruction": "x", "task_types": ["math"]}) + "\n"
+                         + json.dumps({"id": 1, "instruction": "x", "task_types": tags}) + "\n")
+        with pytest.raises(InputError, match=r"empty.jsonl:2: field 'task_types': expected at least one task type"):
+            load_records("just-eval", empty)

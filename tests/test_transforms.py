@@ -234,3 +234,59 @@ def test_a_subset_larger_than_its_file_names_the_file(tmp_path, capsys):
     assert e.value.code == 2 and f"{src}: key 'n': subset size 25" in capsys.readouterr().err
     assert not (tmp_path / "s.jsonl").exists()
     assert len(read_records(subset_file(src, tmp_path / "all.jsonl", 20), "instruction")) == 20  # all: fine
+
+
+def test_simplify_rewrites_every_assistant_turn_of_a_conversation(tmp_path):
+    """LIMA-Simple rewrites every LIMA response, and tuning trains every assistant turn of a messages record:
+    simplify had replaced only the last, so a multi-turn record kept its earlier long answers for SFT to
+    copy. Each earlier turn goes to the rewriter with the user turn before it, the original conversation
+    is kept, and without a rewriter such a record is an error naming its line (not silently half done)."""
+    from itlens.transforms import simplify_file
+
+    seen = []
+
+    def rewriter(instruction, response):
+        seen.append((instruction, response))
+        return f"Short {len(seen)}."
+
+    msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "Long answer one ..."}, {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "Long answer two ..."}]
+    rec = {"id": "lima:9", "messages": msgs}
+    out = simplify([rec], rewriter)[0]
+    assert sorted(seen) == [("Q1", "Long answer one ..."), ("Q2", "Long answer two ...")]
+    reply = {q: f"Short {k}." for k, (q, _) in enumerate(seen, 1)}  # each turn gets its own rewrite
+    assert [m["content"] for m in out["messages"] if m["role"] == "assistant"] == [reply["Q1"], reply["Q2"]]
+    assert [m["content"] for m in out["messages"] if m["role"] != "assistant"] == ["Be kind.", "Q1", "Q2"]
+    assert out["messages_original"] == msgs and out["response_original"] == "Long answer two ..."
+
+    exact = {**rec, "response_simple": "Two."}  # exact for the last turn, the rewriter for the earlier one
+    seen.clear()
+    out = simplify([exact], rewriter)[0]
+    assert seen == [("Q1", "Long answer one ...")]
+    assert [m["content"] for m in out["messages"] if m["role"] == "assistant"] == ["Short 1.", "Two."]
+    with pytest.raises(InputError, match="assistant turn"):
+        simplify([exact])
+    src = atomic_write_jsonl(tmp_path / "lima.jsonl", [{"id": "a:1", "instruction": "q", "response": "r",
+                                                         "response_simple": "s"}, exact])
+    with pytest.raises(InputError) as e:
+        simplify_file(src, tmp_path / "s.jsonl")
+    assert (e.value.line, e.value.field) == (2, "messages")
+    assert not (tmp_path / "s.jsonl").exists()
+    simplify_file(src, tmp_path / "s.jsonl", rewriter, "toy")
+    prov = json.loads(provenance_path(tmp_path / "s.jsonl").read_text())["parameters"]
+    assert (prov["exact"], prov["rewritten"]) == (1, 1)
+
+
+def test_a_record_without_a_score_is_named_by_its_line_in_the_data(tmp_path):
+    """filter named only the scores file, with no line ("scores.jsonl: field 'id': 1 records have no
+    score"): the record that lacks a score is in the data file, on a line the error now gives."""
+    from itlens.transforms import filter_file
+
+    src = atomic_write_jsonl(tmp_path / "it.jsonl", _records(4))
+    scores = atomic_write_jsonl(tmp_path / "scores.jsonl", [{"id": f"r:{i}", "score": 5} for i in (0, 1, 3)])
+    with pytest.raises(InputError) as e:
+        filter_file(src, tmp_path / "f.jsonl", scores, 4.0)
+    assert (e.value.file, e.value.line, e.value.field) == (str(src), 3, "id")
+    assert "'r:2' has no score" in str(e.value) and "scores.jsonl" in str(e.value)
+    assert not (tmp_path / "f.jsonl").exists()

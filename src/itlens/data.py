@@ -178,6 +178,8 @@ def _just_eval(row: dict, at: Where) -> dict:
     task_types = _tags(row, ("task_types", "task"), at)
     if task_types is None:
         raise at.error("missing required field (task types)", "task_types")
+    if not task_types:  # a prompt without a type drops out of the per-task-type scores unseen
+        raise at.error("expected at least one task type, got none", "task_types")
     rec["task_types"] = task_types
     topics = _tags(row, ("topics", "topic"), at)
     if topics is not None:
@@ -421,6 +423,7 @@ def load_records(fmt: str, source: str | Path | None = None, *, split: str | Non
     limit = spec.default_limit if limit is None else (limit or None)
     records: list[dict] = []
     seen: dict[str, Where] = {}
+    own_ids: bool | None = None  # whether this source's rows carry the format's own id (all or none must)
     for index, (at, row) in enumerate(iter_rows(source, split=split or spec.split)):
         if limit is not None and index >= limit:
             break
@@ -429,6 +432,13 @@ def load_records(fmt: str, source: str | Path | None = None, *, split: str | Non
         if spec.own_id and own is not None and (isinstance(own, bool) or not isinstance(own, (str, int))
                                                 or (isinstance(own, str) and not own.strip())):
             raise at.error(f"expected a non-empty string or integer id, got {own!r}", spec.own_id)
+        if spec.own_id:
+            if own_ids is None:
+                own_ids = own is not None
+            elif own_ids != (own is not None):  # a position would pose as another row's own id
+                raise at.error("missing required field (earlier rows have their own id)" if own is None else
+                               "this row has its own id but earlier rows have none (ids would mix the "
+                               "dataset's ids and row positions)", spec.own_id)
         rid = f"{spec.prefix}:{own if own is not None else index}"
         if rid in seen:
             raise at.error(f"duplicate id {rid!r}", spec.own_id or "id")

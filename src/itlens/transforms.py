@@ -69,28 +69,62 @@ def filter_by_score(records: list[dict], scores: dict[str, float], threshold: fl
     return [r for r in records if scores[r["id"]] >= threshold]
 
 
-def simplify(records: list[dict], rewriter: Rewriter | None = None) -> list[dict]:
-    """Concise responses (the paper's LIMA-Simple): ``response_simple`` when a record carries it
-    (exact, as in the synthetic world), else ``rewriter(instruction, response)``, where the instruction
-    is the user turn (:func:`itlens.io.user_text`: instruction plus input, or the last user message).
+def _earlier_assistant_turns(r: dict) -> list[int]:
+    """Indices of a messages record's assistant turns before its last (final) response."""
+    msgs = r.get("messages") or []
+    return [i for i, m in enumerate(msgs[:-1]) if m.get("role") == "assistant"]
 
-    The original response is kept as ``response_original``.
+
+def _needs_rewriter(r: dict) -> bool:
+    """Whether simplifying ``r`` calls the rewriter: its final response has no ``response_simple``, or it is a
+    conversation with earlier assistant turns (``response_simple`` gives only the final one)."""
+    simple = r.get("response_simple")
+    return not (isinstance(simple, str) and simple.strip()) or bool(_earlier_assistant_turns(r))
+
+
+def _rewrite(rewriter: Rewriter, instruction: str, response: str, rid: str) -> str:
+    simple = rewriter(instruction, response)
+    if not isinstance(simple, str) or not simple.strip():
+        raise InputError(f"the rewriter returned an empty response for record {rid!r}")
+    return simple
+
+
+def simplify(records: list[dict], rewriter: Rewriter | None = None) -> list[dict]:
+    """Concise responses (the paper's LIMA-Simple, every response rewritten): ``response_simple`` when a
+    record carries it (exact, as in the synthetic world), else ``rewriter(instruction, response)``, where the
+    instruction is the user turn (:func:`itlens.io.user_text`: instruction plus input, or the last user
+    message).
+
+    A multi-turn ``messages`` record has every assistant turn simplified, not only the last (tuning trains
+    each of them): the earlier ones by ``rewriter(the user turn before it, that turn)``, so such a record
+    needs a rewriter even when it carries ``response_simple`` (which gives the final turn).
+
+    The original response is kept as ``response_original``, and a messages record's whole original
+    conversation as ``messages_original``.
     """
     out = []
     for r in records:
         simple = r.get("response_simple")
+        earlier = _earlier_assistant_turns(r)
+        if rewriter is None and _needs_rewriter(r):
+            what = ("no response_simple" if not (isinstance(simple, str) and simple.strip()) else
+                    f"{len(earlier)} assistant turn(s) before its last, which response_simple does not give,")
+            raise InputError(f"record has {what} and no rewriter was given (pass an LLM rewriter for real "
+                             f"data), record {r['id']!r}", field="response_simple" if not earlier else "messages")
         if not isinstance(simple, str) or not simple.strip():
-            if rewriter is None:
-                raise InputError("record has no response_simple and no rewriter was given (pass an LLM "
-                                 f"rewriter for real data), record {r['id']!r}", field="response_simple")
-            simple = rewriter(user_text(r), response_text(r))  # the user turn, for messages records too
-            if not isinstance(simple, str) or not simple.strip():
-                raise InputError(f"the rewriter returned an empty response for record {r['id']!r}")
+            simple = _rewrite(rewriter, user_text(r), response_text(r), r["id"])  # the user turn, for messages too
         new = {k: v for k, v in r.items() if k != "messages"}
         if "messages" in r:
             msgs = [dict(m) for m in r["messages"]]
+            user = ""
+            for i, m in enumerate(msgs[:-1]):
+                if m["role"] == "user":
+                    user = m["content"]
+                elif i in earlier:
+                    m["content"] = _rewrite(rewriter, user, m["content"], r["id"])
             msgs[-1]["content"] = simple
             new["messages"] = msgs
+            new["messages_original"] = [dict(m) for m in r["messages"]]
         else:
             new["response"] = simple
         new["response_original"] = response_text(r)
@@ -153,7 +187,12 @@ def filter_file(src: str | Path, out: str | Path, scores: str | Path, threshold:
         raise InputError(f"expected a finite number, got {threshold}", key="threshold")
     records = read_records(src, "instruction")
     with _naming(scores):
-        kept = filter_by_score(records, read_scores(scores, field), threshold)
+        score_of = read_scores(scores, field)
+    missing = [(lineno, r["id"]) for lineno, r in with_line_numbers(src, records) if r["id"] not in score_of]
+    if missing:  # the record's own line, in the data file (the scores file has no line for it)
+        raise InputError(f"record {missing[0][1]!r} has no score in {scores} ({len(missing)} of {len(records)} "
+                         "records have none)", file=src, line=missing[0][0], field="id")
+    kept = filter_by_score(records, score_of, threshold)
     return write_variant(kept, out, source=src, transform="filter",
                          params={"scores": str(scores), "scores_sha256": sha256_file(scores), "field": field,
                                  "threshold": threshold, "kept": len(kept), "of": len(records)})
@@ -170,8 +209,12 @@ def simplify_file(src: str | Path, out: str | Path, rewriter: Rewriter | None = 
         if rewriter is None and not (simple or "").strip():
             raise InputError("record has no response_simple and no rewriter was given (pass --rewriter-config "
                              "for an LLM rewriter)", file=src, line=lineno, field="response_simple")
+        if rewriter is None and _earlier_assistant_turns(r):
+            raise InputError(f"a conversation with {len(_earlier_assistant_turns(r))} assistant turn(s) before its "
+                             "last: response_simple gives only the last, and every turn is simplified (pass "
+                             "--rewriter-config for an LLM rewriter)", file=src, line=lineno, field="messages")
     with _naming(src):
         simple = simplify(records, rewriter)
-    exact = sum(isinstance(r.get("response_simple"), str) and bool(r["response_simple"].strip()) for r in records)
+    exact = sum(not _needs_rewriter(r) for r in records)
     return write_variant(simple, out, source=src, transform="simplify",
                          params={"exact": exact, "rewritten": len(records) - exact, "rewriter": rewriter_name})
