@@ -680,3 +680,66 @@ def test_a_hub_revision_with_a_slash_resolves_from_the_cache(hub_model_id):
         resolve_model(f"{hub_model_id}@feature/y")
     with pytest.raises(InputError, match="model directory not found"):
         resolve_model("a/b/c@main")
+
+
+def test_a_models_generation_config_does_not_change_the_greedy_answer(tiny_model_dir, it_records, tmp_path):
+    """transformers fills every setting a generate call leaves unset from the model's generation_config.json:
+    a shipped repetition_penalty (Qwen2.5-Instruct: 1.05), no_repeat_ngram_size or min_new_tokens used to
+    turn the greedy answer into another (not the argmax, not vLLM's). The tied random model repeats one
+    token in the frame and closes its chat turn at once, which each of them would change."""
+    prompts = [{"id": r["id"], "instruction": r["instruction"]} for r in it_records[:2]]
+    frame = tmp_path / "frame.txt"
+    frame.write_text("# Query:\n{instruction}\n\n# Answer:\n")
+    for mode in ("frame", "chat"):
+        plain = generate_responses(load_model(tiny_model_dir), prompts, mode=mode, frame=str(frame), max_new_tokens=8)
+        assert all(r["finish"] == ("length" if mode == "frame" else "stop") for r in plain)
+        for key, value in (("repetition_penalty", 5.0), ("no_repeat_ngram_size", 1), ("min_new_tokens", 8)):
+            lm = load_model(tiny_model_dir)
+            setattr(lm.model.generation_config, key, value)
+            assert generate_responses(lm, prompts, mode=mode, frame=str(frame), max_new_tokens=8) == plain, (mode, key)
+    # sampling draws from the full distribution (temperature only), whatever truncation the file sets
+    sample = dict(mode="frame", frame=str(frame), max_new_tokens=8, temperature=2.0, seed=3)
+    plain = generate_responses(load_model(tiny_model_dir), prompts, **sample)
+    for key, value in (("min_p", 0.5), ("typical_p", 0.2), ("epsilon_cutoff", 0.05)):
+        lm = load_model(tiny_model_dir)
+        setattr(lm.model.generation_config, key, value)
+        assert generate_responses(lm, prompts, **sample) == plain, key
+
+
+def test_a_frame_answer_that_opens_the_next_query_is_empty_on_both_backends(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The frame prompt ends with '\\n', so a base model that writes '\\n# Query' first has given an empty answer.
+    HF's stop-string check reads the prompt's last token too and stopped there, but the record was cut only
+    at a '\\n\\n# Query' inside the answer: it kept '# Query' (7 tokens); vLLM, which watches the answer
+    alone, would decode on to the next '\\n\\n# Query' and keep more."""
+    from itlens.generate import _response_record
+    from itlens.tokenizer import answer_stop_ids
+
+    frame = tmp_path / "frame.txt"
+    frame.write_text("# Query:\n{instruction}\n\n# Answer:\n")
+    text = "# Query:\nwhat is red?\n\n# Answer:\n\n# Query:\nwhat is red?\n\n# Answer:\n\n# Query:\nwhat"
+    lm = load_model(tiny_model_dir)
+    model, tok = lm.model.train(), lm.tokenizer
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    out = generate_responses(lm, [{"id": "p", "instruction": "what is red?"}], mode="frame", frame=str(frame),
+                             max_new_tokens=30)
+    assert (out[0]["response"], out[0]["n_tokens"], out[0]["response_token_ids"], out[0]["finish"]) == ("", 0, [],
+                                                                                                         "stop")
+
+    # the same record from the ids each backend returns: HF's (stopped at once) and vLLM's (decoded on)
+    tok = tiny_tokenizer
+    prompt = frame.read_text().replace("{instruction}", "what is red?")
+    common = dict(tok=tok, stop_ids=answer_stop_ids(tok), stop_strings=[FRAME_STOP], max_new_tokens=30,
+                  mode="frame", model="m", context=prompt)
+    hf = _response_record({"id": "p"}, tok("\n# Query", add_special_tokens=False)["input_ids"], **common)
+    vl = _response_record({"id": "p"}, tok("\n# Query:\nwhat is red?\n\n# Query", add_special_tokens=False)
+                          ["input_ids"], **common)
+    assert hf == vl and hf["response"] == "" and hf["n_tokens"] == 0 and hf["finish"] == "stop"
+    # an answer is still cut where its own text starts the next query, and not before
+    ok = _response_record({"id": "p"}, tok("the city.\n\n# Query", add_special_tokens=False)["input_ids"], **common)
+    assert ok["response"] == "the city." and ok["finish"] == "stop"

@@ -157,3 +157,37 @@ def test_more_shards_than_batches_leave_some_empty_and_still_merge_to_the_one_pr
     assert [len(x) for x in rows] == [2, 1, 0]
     one = generate_responses(lm, prompts, max_new_tokens=3, batch_size=2)
     assert merge_records(rows, [p["id"] for p in prompts]) == one
+
+
+
+def test_every_process_returns_from_a_sharded_generate_only_once_the_merged_file_is_written(
+        untied_model_dir, it_records, tmp_path, monkeypatch):
+    """A process other than the main one used to return the output path at once, while the main process was
+    still merging: whatever it did next with the file (read it, start the next command on it) found it
+    missing, or a stale one from an earlier run. Now every process waits for the main one to write it."""
+    import itlens.sharding as sharding
+    from itlens.generate import GenerateConfig, generate_file, generate_responses
+
+    prompts = [{"id": r["id"], "instruction": r["instruction"]} for r in it_records[:3]]
+    pfile = atomic_write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    out = tmp_path / "r.jsonl"
+    seen = []
+
+    class State:  # accelerate.PartialState's barrier: records whether the output was there when it was reached
+        def wait_for_everyone(self):
+            seen.append(out.exists())
+
+    def gather(shard, rows):  # what gather_object brings the main process: its rows and rank 1's (batch 1)
+        if not shard.is_main:
+            return None
+        return [rows, generate_responses(str(untied_model_dir), prompts, max_new_tokens=3, batch_size=2,
+                                         shard=(1, 2))]
+
+    monkeypatch.setattr(sharding, "gather_to_main", gather)
+    cfg = GenerateConfig(max_new_tokens=3, batch_size=2, device="cpu")
+    for rank in (1, 0):
+        shard = sharding.Shard(rank=rank, world=2, device="cpu", state=State())
+        monkeypatch.setattr(sharding, "current_shard", lambda shard=shard: shard)
+        assert generate_file(str(untied_model_dir), pfile, out, cfg=cfg, progress=False) == out
+    assert seen == [False, True]  # rank 1 waited (rank 0 had not written yet); rank 0 wrote, then waited
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [f"toy:{i}" for i in range(3)]

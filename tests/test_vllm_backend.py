@@ -42,10 +42,19 @@ def vllm_model_dir(tiny_tokenizer, tmp_path_factory):
     (vLLM refuses a prompt longer than the model's positions, transformers does not); an untied head
     (with tied embeddings a random model repeats the prompt's last token, a special one, so every answer
     decodes to '' and the comparison would test nothing). Seed 1: with seed 0 two chat answers begin with a
-    special token, which ends an answer (generate v2), and are empty.
+    special token, which ends an answer (generate v2), and are empty. Its generation_config.json asks for a
+    repetition penalty and no repeated token, as a real model's may (Qwen2.5-Instruct: repetition_penalty
+    1.05): vLLM takes the sampling parameters it is given as they are, and transformers used to apply the
+    file's, which changed 5 of the 6 chat answers and all 6 frame answers here.
     """
-    return make_tiny_llama(tiny_tokenizer, tmp_path_factory.mktemp("tiny-llama-vllm"), seed=1, hidden=64,
-                           max_positions=1024, tie_embeddings=False)
+    from transformers import GenerationConfig
+
+    d = make_tiny_llama(tiny_tokenizer, tmp_path_factory.mktemp("tiny-llama-vllm"), seed=1, hidden=64,
+                        max_positions=1024, tie_embeddings=False)
+    g = GenerationConfig.from_pretrained(d)
+    g.repetition_penalty, g.no_repeat_ngram_size = 1.5, 1
+    g.save_pretrained(d)
+    return d
 
 
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (optional backend: pip install vllm; "

@@ -85,8 +85,18 @@ def decoding_stop_strings(tokenizer, mode: str) -> list[str] | None:
     return [END]
 
 
-def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+def _cut(text: str, stops: list[str], before: str = "") -> tuple[str, bool]:
+    """``text`` up to its first stop string, and whether one was found. A stop string may begin in the
+    prompt (``before``): a frame prompt ends with ``\n``, so an answer that opens with ``\n# Query`` ends
+    at once. HF's stop-string check reads the prompt's last tokens too and stops there; cutting the same
+    way keeps that answer empty (not ``# Query``), whichever backend decoded it."""
+    found = []
+    for s in stops:
+        tail = before[max(0, len(before) - len(s) + 1):]  # too short to hold s by itself
+        i = (tail + text).find(s)
+        if i >= 0:
+            found.append(max(0, i - len(tail)))
+    cut = min(found, default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
@@ -134,8 +144,8 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(idx) for _, idx in batches), desc=f"generate {lm.name}", unit="prompt")
-    decoding = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
-        else {"do_sample": False}
+    decoding = {**_plain_decoding(), **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                                     if temperature > 0 else {"do_sample": False})}
     pad_id = padding_id(tok, stop_ids)
     for b, idx in batches:
         batch = left_padded([encoded[i] for i in idx], pad_id, device)
@@ -147,11 +157,12 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
                 torch.manual_seed(seed * 1_000_003 + b)
             out = net.generate(**batch, **decoding, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                pad_token_id=pad_id, use_cache=True, num_beams=1,
-                               **({"stop_strings": watch, "tokenizer": tok} if watch else {}))
+                               stop_strings=watch, **({"tokenizer": tok} if watch else {}))
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             results[i] = _response_record(prompts[i], new[row].tolist(), tok, stop_ids, stop_strings,
-                                          max_new_tokens=max_new_tokens, mode=mode, model=model_name or lm.name)
+                                          max_new_tokens=max_new_tokens, mode=mode, model=model_name or lm.name,
+                                          context=texts[i])
             if temperature > 0:
                 results[i]["temperature"] = temperature
         if bar is not None:
@@ -159,6 +170,30 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
     if bar is not None:
         bar.close()
     return [r for r in results if r is not None]
+
+
+PLAIN_DECODING = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None, "bad_words_ids": None,
+    "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+    "remove_invalid_values": False, "guidance_scale": None, "watermarking_config": None, "typical_p": 1.0,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None, "top_h": None, "max_time": None,
+    "num_return_sequences": 1, "prompt_lookup_num_tokens": None, "assistant_early_exit": None}
+"""What ``generate`` is told besides the decoding itself: none of the logits processors or stopping rules a
+model's ``generation_config.json`` may set (Qwen2.5-Instruct's ``repetition_penalty`` 1.05, another's
+``no_repeat_ngram_size`` or ``min_new_tokens``). transformers fills every setting a call leaves unset from
+that file, so without these the "greedy" answer is not the argmax (which the token-shift analysis
+assumes), and not vLLM's, which takes the sampling parameters it is given as they are."""
+
+
+def _plain_decoding() -> dict:
+    """:data:`PLAIN_DECODING`, less any setting the installed transformers does not know (which ``generate``
+    would take for a model input and refuse)."""
+    from transformers import GenerationConfig
+
+    known = GenerationConfig()
+    return {k: v for k, v in PLAIN_DECODING.items() if hasattr(known, k)}
 
 
 def padding_id(tok, stop_ids: list[int]) -> int:
@@ -229,7 +264,7 @@ def batch_plan(encoded: list[list[int]], batch_size: int) -> list[list[int]]:
 
 
 def _response_record(prompt: dict, ids: list[int], tok, stop_ids, stop_strings, *, max_new_tokens: int,
-                     mode: str, model: str) -> dict:
+                     mode: str, model: str, context: str = "") -> dict:
     """Generated ids -> a CONTRACT response record (cut at the first stop id, then at a stop string).
 
     Padding ends a row too (a row that stopped on a stop string is padded while its batch-mates go on),
@@ -237,7 +272,8 @@ def _response_record(prompt: dict, ids: list[int], tok, stop_ids, stop_strings, 
     is the same whether its prompt was decoded alone or in a batch. ``response_token_ids`` are those
     tokens, as generated: the token-shift analysis scores them rather than a re-tokenization of the text
     (which can split it differently, ``\n\n`` as two ``\n``). Where a stop string was cut, the last of
-    them can hold its first characters too (``.<`` before ``|end|>``).
+    them can hold its first characters too (``.<`` before ``|end|>``). ``context`` is the prompt's text: a
+    stop string may begin there (:func:`_cut`).
     """
     pad = getattr(tok, "pad_token_id", None)
     ends = set(stop_ids) | ({pad} if pad is not None else set())
@@ -246,7 +282,7 @@ def _response_record(prompt: dict, ids: list[int], tok, stop_ids, stop_strings, 
         if t in ends:
             n = k
             break
-    text, stopped = _cut(tok.decode(ids[:n], skip_special_tokens=True), stop_strings)
+    text, stopped = _cut(tok.decode(ids[:n], skip_special_tokens=True), stop_strings, context)
     finish = "stop" if n < len(ids) or stopped or len(ids) < max_new_tokens else "length"
     if stopped:
         n = _tokens_covering(tok, ids[:n], text.rstrip())
@@ -271,10 +307,11 @@ def generate_file(model: str, prompts_path: str | Path, out_path: str | Path, *,
     """``itlens generate``: read prompts, load the model (and adapter), write responses atomically.
 
     Under ``accelerate launch`` with several processes each process decodes its share of the batches
-    and the main process writes the merged file (the same as a one-process run; see itlens.sharding).
+    and the main process writes the merged file (the same as a one-process run; see itlens.sharding);
+    every process returns once it is written.
     """
     from itlens.models import load_model
-    from itlens.sharding import current_shard, gather_to_main, merge_records, report
+    from itlens.sharding import barrier, current_shard, gather_to_main, merge_records, report
 
     cfg = cfg or GenerateConfig()
     cfg.validate()
@@ -298,13 +335,14 @@ def generate_file(model: str, prompts_path: str | Path, out_path: str | Path, *,
                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                               model_name=model_name, progress=progress and (shard is None or shard.is_main),
                               shard=shard.spec if shard else None)
-    if shard is not None:
-        parts = gather_to_main(shard, rows)
-        if not shard.is_main:
-            return Path(out_path)
+    if shard is None:
+        return atomic_write_jsonl(out_path, rows)
+    parts = gather_to_main(shard, rows)
+    if shard.is_main:
         report("prompts", [len(part) for part in parts])
-        rows = merge_records(parts, [p["id"] for p in prompts])
-    return atomic_write_jsonl(out_path, rows)
+        atomic_write_jsonl(out_path, merge_records(parts, [p["id"] for p in prompts]))
+    barrier(shard)  # every process returns the path once the file is there (not a missing or stale one)
+    return Path(out_path)
 
 
 def generate_responses_vllm(model: str, prompts: list[dict], *, adapter: str | None = None, mode: str = "chat",
@@ -344,4 +382,5 @@ def generate_responses_vllm(model: str, prompts: list[dict], *, adapter: str | N
     outputs = llm.generate(inputs, params, use_tqdm=False)
     name = model_name or model_label(model, path)
     return [_response_record(p, list(o.outputs[0].token_ids), tok, stop_ids, stop_strings,
-                             max_new_tokens=max_new_tokens, mode=mode, model=name) for p, o in zip(prompts, outputs)]
+                             max_new_tokens=max_new_tokens, mode=mode, model=name, context=t)
+            for p, o, t in zip(prompts, outputs, texts)]
