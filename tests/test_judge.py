@@ -958,7 +958,7 @@ def test_a_local_judge_does_not_replay_answers_cached_under_its_old_stop_rule(ti
     path, messages = _chain_judge(tiny_tokenizer, tmp_path / "chain")
     client = ChatClient(JudgeConfig(backend="local", model=path, max_tokens=8, temperature=0.0,
                                     cache_dir=str(tmp_path / "cache")))
-    old = {k: v for k, v in client._request(messages).items() if k != "stops"}  # the request as itlens keyed it
+    old = {k: v for k, v in client._request(messages).items() if k not in ("stops", "decoding")}  # as keyed then
     key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
     entry = tmp_path / "cache" / key[:2] / f"{key}.json"
     entry.parent.mkdir(parents=True)
@@ -966,6 +966,24 @@ def test_a_local_judge_does_not_replay_answers_cached_under_its_old_stop_rule(ti
     done = client.complete(messages)
     assert (done.content.strip(), done.finish_reason, done.cached) == ("city", "stop", False)
     assert client.complete(messages).cached  # its own answer is cached under the new key
+
+
+def test_a_local_judge_decodes_without_its_generation_config_settings(tiny_tokenizer, tmp_path):
+    """A local judge model's generation_config.json (Qwen2.5-Instruct: repetition_penalty, top_k) reached its
+    greedy answers; min_new_tokens there kept it writing past its end of turn. It now decodes as generation
+    does, and its answers' cache key says so (answers cached before are not replayed)."""
+    from transformers import GenerationConfig
+
+    path, messages = _chain_judge(tiny_tokenizer, tmp_path / "chain")
+    cfg = dict(backend="local", model=path, max_tokens=6, temperature=0.0, cache=False)
+    plain = ChatClient(JudgeConfig(**cfg)).complete(messages)
+    assert (plain.content.strip(), plain.finish_reason) == ("city", "stop")
+    gen = GenerationConfig.from_pretrained(path)
+    gen.min_new_tokens, gen.repetition_penalty = 6, 3.0
+    gen.save_pretrained(path)
+    done = ChatClient(JudgeConfig(**cfg)).complete(messages)
+    assert (done.content, done.finish_reason) == (plain.content, plain.finish_reason)
+    assert ChatClient(JudgeConfig(**cfg))._request(messages)["decoding"] == "plain"
 
 
 # ------------------------------------------------------------------ empty replies, out of credits

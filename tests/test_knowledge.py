@@ -687,3 +687,26 @@ def test_hf_answer_fn_answers_with_a_tokenizer_without_pad_or_eos_as_generation_
     assert answers == hf_answer_fn(lm.model, tok, [frame], max_new_tokens=6, batch_size=1)(recs, 0.0, 1)
     assert [a for (a,) in answers] == [g["response"].split("\n\n")[0].strip() for g in generated]
     assert tok.pad_token is None and tok.eos_token is None
+
+
+def test_hf_answer_fn_decodes_without_the_models_generation_config_settings(tiny_model_dir):
+    """A hub model's generation_config.json (Qwen2.5-Instruct: repetition_penalty 1.05) used to reach the SliCK
+    and probe answers: the greedy answer was not the argmax, and sampling was truncated by the file's
+    min_p / typical_p. The probes now decode as generation does (generate.plain_decoding)."""
+    from itlens.models import load_model
+
+    frame = "# Query:\nwhat is the city?\n\n# Answer:\nthe north city.\n\n# Query:\n{instruction}\n\n# Answer:\n"
+    recs = [{"id": "a", "instruction": "where was the doctor born?", "answers": ["north"]},
+            {"id": "b", "instruction": "who is happy?", "answers": ["teacher"]}]
+
+    def answers(**settings):
+        lm = load_model(tiny_model_dir)
+        for key, value in settings.items():
+            setattr(lm.model.generation_config, key, value)
+        fn = hf_answer_fn(lm.model, lm.tokenizer, [frame], max_new_tokens=8, seed=3)
+        return fn(recs, 0.0, 1), fn(recs, 2.0, 2)
+
+    plain = answers()
+    for key, value in (("repetition_penalty", 5.0), ("no_repeat_ngram_size", 1), ("min_p", 0.5),
+                       ("typical_p", 0.2)):
+        assert answers(**{key: value}) == plain, key

@@ -144,7 +144,7 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(idx) for _, idx in batches), desc=f"generate {lm.name}", unit="prompt")
-    decoding = {**_plain_decoding(), **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    decoding = {**plain_decoding(), **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
                                      if temperature > 0 else {"do_sample": False})}
     pad_id = padding_id(tok, stop_ids)
     for b, idx in batches:
@@ -187,8 +187,9 @@ that file, so without these the "greedy" answer is not the argmax (which the tok
 assumes), and not vLLM's, which takes the sampling parameters it is given as they are."""
 
 
-def _plain_decoding() -> dict:
-    """:data:`PLAIN_DECODING`, less any setting the installed transformers does not know (which ``generate``
+def plain_decoding() -> dict:
+    """What every ``generate`` call of itlens passes (generation, knowledge probes, the local judge):
+    :data:`PLAIN_DECODING`, less any setting the installed transformers does not know (which ``generate``
     would take for a model input and refuse)."""
     from transformers import GenerationConfig
 

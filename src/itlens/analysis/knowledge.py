@@ -289,14 +289,15 @@ def hf_answer_fn(model, tokenizer, frames: Sequence[str], *, max_new_tokens: int
     between greedy answers); sampling is seeded, so labels are reproducible, and leaves the caller's
     random state alone. Prompts are encoded as generation encodes them
     (:func:`itlens.templates.encode_prompts`): BOS first when the tokenizer's own encoding adds it (Gemma,
-    Llama), as the model was pretrained; batches are left-padded and masked as generation pads them
+    Llama), as the model was pretrained; it decodes as generation does (:func:`itlens.generate.plain_decoding`:
+    no repetition penalty or other setting of the model's ``generation_config.json``); batches are left-padded and masked as generation pads them
     (:func:`itlens.generate.left_padded`, a tokenizer without a pad token included), so an answer does not
     depend on its batch-mates. An answer ends, as in generation (:func:`itlens.tokenizer.answer_stop_ids`),
     at any special token (Gemma's ``<end_of_turn>`` as well as EOS), or where the next exchange begins.
     """
     import torch
 
-    from itlens.generate import left_padded, padding_id
+    from itlens.generate import left_padded, padding_id, plain_decoding
     from itlens.templates import FRAME_STOP, adds_bos, encode_prompts, frame_prompt
     from itlens.tokenizer import answer_stop_ids
 
@@ -318,8 +319,10 @@ def hf_answer_fn(model, tokenizer, frames: Sequence[str], *, max_new_tokens: int
         out: list[list[str]] = [[] for _ in records]
         model.eval()
         device = next(model.parameters()).device
-        kw = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
-            if temperature > 0 else {"do_sample": False}
+        # as generation decodes: no logits processor of the model's generation_config.json (a hub model's
+        # repetition_penalty) changes the greedy answer or truncates the sampled distribution
+        kw = {**plain_decoding(), **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                                     if temperature > 0 else {"do_sample": False})}
         for j in range(n):
             frame = frames[j % len(frames)]
             ids = encode_prompts(tokenizer, [frame_prompt(frame, r) for r in records], bos=bos)

@@ -40,6 +40,9 @@ CACHE_VERSION = 1
 LOCAL_STOPS = "any special token"
 """What ends a local judge's answer, part of its requests' cache key: answers cached when only EOS and
 ``<|end|>`` ended one (it ran on past ``<|user|>``, and ended as "length") are not replayed as this rule's."""
+LOCAL_DECODING = "plain"
+"""A local judge decodes without its generation_config.json's logits processors (generate.plain_decoding):
+in its answers' cache key, so answers cached before (with a model's repetition_penalty) are not replayed."""
 
 
 @dataclass
@@ -152,6 +155,7 @@ class ChatClient:
             request["base_url"] = cfg.base_url.rstrip("/")
         else:
             request["weights"], request["stops"] = _model_fingerprint(cfg.model), LOCAL_STOPS
+            request["decoding"] = LOCAL_DECODING
         return request
 
     def _cache_path(self, key: str) -> Path:
@@ -412,7 +416,12 @@ class LocalChatModel:
 
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        from itlens.generate import plain_decoding
+
+        # as generation decodes: greedy is the argmax, sampling the full distribution at this temperature,
+        # whatever the judge model's generation_config.json sets (Qwen2.5-Instruct: repetition_penalty, top_k)
+        sampling = {**plain_decoding(), **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                                           if temperature > 0 else {"do_sample": False})}
         with torch.no_grad():
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
                                       pad_token_id=self.pad_id, **sampling)
