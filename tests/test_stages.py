@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -175,3 +176,42 @@ def test_a_filesystem_without_locks_warns_once_and_runs_unlocked(tmp_path, monke
         with stages.hold_lock(tmp_path / "c.lock", "stage c"):
             ran.append(3)
     assert ran == [1, 2]
+
+
+def test_redo_runs_the_named_stages_and_everything_downstream_once(tmp_path):
+    """--redo: a cached stage whose name matches runs again, and so does every stage reading it (their hashes
+    cover their inputs' keys, not contents, so they would keep what they made from the old one); other stages
+    are reused, and a second runner of the same run (a seed worker, same `since`) does not redo them again."""
+    calls = []
+
+    def stage(name, deps=()):
+        return Stage(name, {"k": name}, lambda work: (calls.append(name), (work / "x").write_text(name)),
+                     deps=list(deps))
+
+    plan = [stage("world"), stage("gen-s0"), stage("shift-s0", ["gen-s0"]), stage("gen-s1"),
+            stage("analysis", ["shift-s0", "gen-s1"])]
+
+    def run(**kw):
+        runner = StageRunner(tmp_path, log=lambda m: None, **kw)
+        for st in plan:
+            runner.run(st)
+        return runner
+
+    run()
+    assert calls == ["world", "gen-s0", "shift-s0", "gen-s1", "analysis"]
+    calls.clear()
+    time.sleep(0.01)
+    first = run(redo=["gen-s0*"])
+    assert calls == ["gen-s0", "shift-s0", "analysis"] and first.forced == {"gen-s0", "shift-s0", "analysis"}
+    assert [n for n, c in first.cached.items() if c] == ["world", "gen-s1"]
+    calls.clear()
+    run(redo=["gen-s0*"], since=first.since)  # the same run's worker, or the main pass after it
+    assert calls == []
+    run()  # a later run without --redo: all cached
+    assert calls == []
+    (tmp_path / ".gen-s1.work").mkdir()  # complete work of gen-s1 left by a kill before its rename
+    (tmp_path / ".gen-s1.work" / "x").write_text("old")
+    os.utime(tmp_path / "gen-s1" / "stage.json", (0, 0))
+    time.sleep(0.01)
+    run(redo=["gen-s1"])
+    assert calls == ["gen-s1", "analysis"] and (tmp_path / "gen-s1" / "x").read_text() == "gen-s1"

@@ -621,3 +621,24 @@ def test_the_resolved_config_is_written_for_a_study_with_a_shared_tune_section()
     assert cfg.tune
     d = _resolved(cfg)
     assert {v["tune_resolved"]["max_length"] for v in d["variants"].values()} == {cfg.tune["max_length"]}
+
+
+def test_redo_reruns_the_named_stages_and_what_reads_them(micro_run, tmp_path):
+    """`itlens study --redo PATTERN`: those stages and every stage downstream run again (the dry run says so
+    first), the rest is reused, and the results are the same; a pattern naming no stage is one line, exit 2."""
+    out = tmp_path / "copy"
+    shutil.copytree(micro_run, out)
+    r = run_cli(["study", str(MICRO), "--out", str(out), "--dry-run", "--redo", "shift-s0-lft-*"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    to_run = sorted(line.split()[2] for line in r.stdout.splitlines() if line.startswith("to run"))
+    assert to_run and all(n.startswith("shift-s0-lft-") or n.startswith("analysis-s0") for n in to_run), to_run
+    assert any(n.startswith("analysis-s0") for n in to_run)
+    before = {p.name: (p / "stage.json").stat().st_mtime_ns for p in out.iterdir() if (p / "stage.json").is_file()}
+    r = run_cli(["study", str(MICRO), "--out", str(out), "--redo", "shift-s0-lft-*"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = {n: (out / n / "stage.json").stat().st_mtime_ns for n in before}
+    assert sorted(n for n in before if after[n] != before[n]) == to_run
+    assert (out / "metrics.json").read_bytes() == (micro_run / "metrics.json").read_bytes()
+    r = run_cli(["study", str(MICRO), "--out", str(out), "--redo", "gen-s9-*"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "'gen-s9-*' names no stage of this study" in lines[0], r.stderr

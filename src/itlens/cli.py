@@ -273,6 +273,9 @@ def study_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder (stages, metrics.json, report.html)."),
     set_: Optional[List[str]] = _set_opt("generate.max_new_tokens=64"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the stage plan and what is cached; run nothing."),
+    redo: Optional[List[str]] = typer.Option(None, "--redo", help="Run these stages again although cached, and every "
+                                             "stage downstream of them: a stage name or pattern, e.g. 'gen-*' or "
+                                             "'shift-s0-*' (repeatable; with --dry-run, shows what would run)."),
 ) -> None:
     """Run the whole study from one config: world, base, tuned models, analyses, findings, report."""
     import time
@@ -282,7 +285,7 @@ def study_cmd(
     t0 = time.perf_counter()
     cfg = load_study_config(config, set_)
     check_out(out, folder=True, replaced=False)  # a study folder is its own cache: reused, never replaced
-    report = run_study(cfg, out, dry_run=dry_run)
+    report = run_study(cfg, out, dry_run=dry_run, redo=redo or ())
     if not dry_run:
         print(f"done in {time.perf_counter() - t0:.0f} s")
         print(f"report:  {report}")

@@ -21,13 +21,14 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from itlens.config import config_hash
 from itlens.errors import InputError
@@ -51,12 +52,32 @@ class Stage:
 
 
 class StageRunner:
-    def __init__(self, out: str | Path, log: Callable[[str], None] = print):
+    """Runs stages into ``out``, reusing each one finished under the same inputs.
+
+    ``redo``: stage-name patterns (``fnmatch``, e.g. ``gen-*``) to run again although they are cached, and
+    with them every stage downstream (a stage's hash covers its inputs' keys, not their contents, so the
+    stages reading a redone one would otherwise keep what they made from the old one). A stage counts as
+    redone once its marker is newer than ``since`` (when this run started): worker processes of the same
+    run share ``since``, so a stage one of them redid is not redone again.
+    """
+
+    def __init__(self, out: str | Path, log: Callable[[str], None] = print, *, redo: Sequence[str] = (),
+                 since: float | None = None):
         self.out = Path(out)
         self.log = log
         self.hashes: dict[str, str] = {}
         self.timings: dict[str, float] = {}
         self.cached: dict[str, bool] = {}
+        self.redo = tuple(redo)
+        self.since = time.time() if since is None else since
+        self.forced: set[str] = set()
+
+    def _forced(self, stage: Stage) -> bool:
+        """Whether ``redo`` asks for ``stage``: its name matches, or a stage it reads was asked for."""
+        if stage.name not in self.forced and (any(fnmatch.fnmatchcase(stage.name, p) for p in self.redo)
+                                              or any(d in self.forced for d in stage.deps)):
+            self.forced.add(stage.name)
+        return stage.name in self.forced
 
     def stage_hash(self, stage: Stage) -> str:
         missing = [d for d in stage.deps if d not in self.hashes]
@@ -68,10 +89,13 @@ class StageRunner:
         """Finished under the same inputs, and every file it wrote still there at its size (one deleted or
         cut short by hand is redone, not trusted; a stage.json of an older itlens lists no files)."""
         folder = self.out / stage.name
+        forced = self._forced(stage)  # first: the stages downstream of a redone one must know it
         marker = _read_marker(folder)
         if marker.get("hash") != self.stage_hash(stage):
             return False
         try:
+            if forced and (folder / "stage.json").stat().st_mtime < self.since:  # asked for, not yet redone
+                return False
             return all((folder / name).stat().st_size == size for name, size in marker.get("files", {}).items())
         except (OSError, AttributeError, TypeError):  # a file gone, or a stage.json edited out of shape
             return False
@@ -96,6 +120,8 @@ class StageRunner:
             work = self.out / f".{stage.name}.work"
             key_file = work / ".stage-hash"
             done = _read_marker(work).get("hash") == h  # killed after the work was complete, before the rename
+            if done and self._forced(stage) and (work / "stage.json").stat().st_mtime < self.since:
+                done = False  # complete, but from before this run, which was asked to redo it
             if work.exists() and not done and (not key_file.is_file() or key_file.read_text() != h):
                 shutil.rmtree(work)  # a work folder from other inputs: not resumable
             resumed = work.exists()

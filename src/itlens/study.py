@@ -14,11 +14,12 @@ so two runs with one seed give byte-identical files.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 from itlens.config import KEY_OMITS_DEFAULT, config_hash, from_dict, key_dict, load_config, to_dict, to_yaml
 from itlens.errors import InputError
@@ -609,13 +610,23 @@ def _drop_twin_sources(rows: list[dict], eval_path: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ running
-def run_study(cfg: StudyConfig, out: str | Path, *, dry_run: bool = False, log=print) -> Path:
-    """Run (or, with ``dry_run``, only plan) a study into ``out``; returns the report path."""
+def run_study(cfg: StudyConfig, out: str | Path, *, dry_run: bool = False, redo: Sequence[str] = (),
+              log=print) -> Path:
+    """Run (or, with ``dry_run``, only plan) a study into ``out``; returns the report path.
+
+    ``redo``: stage-name patterns (``gen-*``, ``shift-s0-*``) to run again although cached, with every
+    stage downstream of them (see :class:`itlens.stages.StageRunner`).
+    """
     from itlens.env_info import versions
 
     out = Path(out)
     plan = plan_study(cfg, out)
-    runner = StageRunner(out, log=log)
+    names = [st.name for st in plan.stages]
+    for pattern in redo:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise InputError(f"{pattern!r} names no stage of this study (its stages: {', '.join(names)})",
+                             key="--redo")
+    runner = StageRunner(out, log=log, redo=redo)
     if dry_run:
         for st in plan.stages:
             cached = runner.plan(st)
@@ -636,7 +647,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, dry_run: bool = False, log=p
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         if cfg.workers > 1 and len(cfg.seeds) > 1:
-            _run_seeds_in_parallel(cfg, plan, runner, out, log)
+            _run_seeds_in_parallel(cfg, plan, runner, out, log)  # its workers redo what runner.redo asks
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), transient=False) as progress:
             task = progress.add_task("study", total=len(plan.stages))
@@ -675,7 +686,8 @@ def _run_seeds_in_parallel(cfg: StudyConfig, plan: StudyPlan, runner: StageRunne
             runner.run(st)
     with ProcessPoolExecutor(max_workers=min(cfg.workers, len(cfg.seeds)),
                              mp_context=mp.get_context("spawn")) as pool:
-        futures = {seed: pool.submit(_run_seed_chain, cfg, str(out), seed) for seed in cfg.seeds}
+        futures = {seed: pool.submit(_run_seed_chain, cfg, str(out), seed, runner.redo, runner.since)
+                   for seed in cfg.seeds}
         for seed, fut in futures.items():
             timings, cached = fut.result()
             runner.timings.update(timings)
@@ -683,11 +695,12 @@ def _run_seeds_in_parallel(cfg: StudyConfig, plan: StudyPlan, runner: StageRunne
             log(f"seed {seed}: done")
 
 
-def _run_seed_chain(cfg: StudyConfig, out: str, seed: int) -> tuple[dict[str, float], dict[str, bool]]:
+def _run_seed_chain(cfg: StudyConfig, out: str, seed: int, redo: Sequence[str] = (),
+                    since: float | None = None) -> tuple[dict[str, float], dict[str, bool]]:
     """Worker process: the stages of one seed (shared stages are only planned, they are cached);
-    returns the timings and the cached flags of the stages it ran."""
+    returns the timings and the cached flags of the stages it ran. ``redo``/``since``: the main run's."""
     plan = plan_study(cfg, Path(out))
-    runner = StageRunner(out, log=lambda m: print(f"[seed {seed}] {m}", flush=True))
+    runner = StageRunner(out, log=lambda m: print(f"[seed {seed}] {m}", flush=True), redo=redo, since=since)
     for st in plan.stages:
         s = _stage_seed(st.name)
         if s is None:
