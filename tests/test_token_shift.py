@@ -1350,3 +1350,32 @@ def test_the_metrics_compile_under_warnings_as_errors():
     finally:
         ts._compiled_core.cache_clear()
     assert torch.equal(out["rank_base"], ts.exact_metrics(zb, zt, target)["rank_base"])
+
+
+def test_a_recompile_that_fails_after_a_working_compile_falls_back_too(monkeypatch):
+    """A process whose compile worked and that later recompiles (a model in another dtype, another device)
+    raised when that recompile failed; it now warns and runs uncompiled, as a failed first compile does."""
+    import itlens.analysis.token_shift as ts
+
+    zb, zt, target = _fused_inputs()
+    calls = []
+
+    def fails_on_bf16(fn, **_):  # a backend that compiles float32 inputs and not bfloat16 ones
+        def run(*a):
+            calls.append(a[0].dtype)
+            if a[0].dtype == torch.bfloat16:
+                raise RuntimeError("inductor: no kernel for this dtype")
+            return fn(*a)
+        return run
+
+    ts._compiled_core.cache_clear()
+    monkeypatch.setattr(torch, "compile", fails_on_bf16)
+    try:
+        first = ts.exact_metrics(zb, zt, target, check_finite=False, fused=True)
+        with pytest.warns(UserWarning, match="torch.compile of the token-shift metrics failed .RuntimeError: inductor"):
+            half = ts.exact_metrics(zb.bfloat16(), zt.bfloat16(), target, check_finite=False, fused=True)
+        again = ts.exact_metrics(zb, zt, target, check_finite=False, fused=True)  # uncompiled from now on
+    finally:
+        ts._compiled_core.cache_clear()
+    assert calls == [torch.float32, torch.bfloat16]
+    assert torch.equal(first["rank_base"], again["rank_base"]) and half["rank_base"].shape == first["rank_base"].shape

@@ -699,42 +699,35 @@ def compiles_metrics(cfg: ShiftConfig, device_type: str) -> bool:
 def _compiled_core():
     """:func:`_fused_core` under torch.compile, compiled once per process (any number of positions).
 
-    A compile that fails on its first call (no Triton for this GPU, no C compiler, or ``torch.compile``
-    itself refusing this Python or platform) is reported once and the same function then runs
-    uncompiled; a failure after a call has worked is a real error, raised. So is a first call's error
-    that the uncompiled function raises too (a bad input, out of memory): that is no failed compile, so
-    it is raised as the uncompiled function gives it, with no warning, and the next call compiles again.
+    A compile that fails (no Triton for this GPU, no C compiler, ``torch.compile`` itself refusing this
+    Python or platform, or a recompile for a new dtype or device failing later on) is reported once, and
+    the same function then runs uncompiled. An error that the uncompiled function raises too (a bad
+    input, out of memory) is no failed compile: it is raised as the uncompiled function gives it, with no
+    warning, and the next call compiles again.
     """
     import torch
 
     compiled: list = []
-    worked: list[bool] = []
+    failed: list[bool] = []
 
     def run(*args):
-        if worked == [False]:
+        if failed:
             return _fused_core(*args)
         try:
-            if worked:
-                out = compiled[0](*args)
-            else:  # the compile: torch's own deprecation warnings must not fail it under -W error (pytest's)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    if not compiled:  # inside the try: torch.compile itself raises where dynamo is unsupported
-                        compiled.append(torch.compile(_fused_core, dynamic=True))
-                    out = compiled[0](*args)
+            # torch's own deprecation warnings while compiling must not fail it under -W error (pytest's)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                if not compiled:  # inside the try: torch.compile itself raises where dynamo is unsupported
+                    compiled.append(torch.compile(_fused_core, dynamic=True))
+                return compiled[0](*args)
         except Exception as exc:  # noqa: BLE001 - torch.compile's backends raise many kinds
-            if worked:
-                raise
             out = _fused_core(*args)  # a real error raises here too, and is not taken for a failed compile
-            worked.append(False)
+            failed.append(True)
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             warnings.warn(f"torch.compile of the token-shift metrics failed ({type(exc).__name__}: {first}); "
                           "they are computed uncompiled (set shift.compile_metrics: false to skip the attempt)",
                           stacklevel=2)
             return out
-        if not worked:
-            worked.append(True)
-        return out
 
     return run
 
