@@ -9,6 +9,7 @@ KV cache, and written back in input order with every extra prompt field carried 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -144,8 +145,7 @@ def generate_responses(model, prompts: list[dict], *, mode: str = "chat", frame:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(idx) for _, idx in batches), desc=f"generate {lm.name}", unit="prompt")
-    decoding = {**plain_decoding(), **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-                                     if temperature > 0 else {"do_sample": False})}
+    decoding = plain_decoding(temperature)
     pad_id = padding_id(tok, stop_ids)
     for b, idx in batches:
         batch = left_padded([encoded[i] for i in idx], pad_id, device)
@@ -187,9 +187,17 @@ that file, so without these the "greedy" answer is not the argmax (which the tok
 assumes), and not vLLM's, which takes the sampling parameters it is given as they are."""
 
 
-def plain_decoding() -> dict:
-    """What every ``generate`` call of itlens passes (generation, knowledge probes, the local judge):
-    :data:`PLAIN_DECODING`, less any setting the installed transformers does not know (which ``generate``
+def plain_decoding(temperature: float = 0.0) -> dict:
+    """The decoding every ``generate`` call of itlens passes (generation, knowledge probes, the local judge):
+    greedy at temperature 0, else sampling from the full distribution at that temperature, with none of
+    :data:`PLAIN_DECODING`'s settings taken from the model's ``generation_config.json``."""
+    return {**_known_plain_decoding(), **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                                          if temperature > 0 else {"do_sample": False})}
+
+
+@functools.lru_cache(maxsize=1)
+def _known_plain_decoding() -> dict:
+    """:data:`PLAIN_DECODING`, less any setting the installed transformers does not know (which ``generate``
     would take for a model input and refuse)."""
     from transformers import GenerationConfig
 

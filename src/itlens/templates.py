@@ -41,7 +41,7 @@ def ensure_chat_template(tokenizer) -> None:
     # whether the encoding adds BOS is part of what was checked: a post-processor changed since
     # (add_bos_token set) must not be answered from the memo
     state = (template, getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None),
-             adds_bos(tokenizer) if template else None)
+             adds_bos(tokenizer))
     try:
         if template and _CHECKED.get(tokenizer) == state:
             return

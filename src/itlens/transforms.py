@@ -75,11 +75,18 @@ def _earlier_assistant_turns(r: dict) -> list[int]:
     return [i for i, m in enumerate(msgs[:-1]) if m.get("role") == "assistant"]
 
 
-def _needs_rewriter(r: dict) -> bool:
-    """Whether simplifying ``r`` calls the rewriter: its final response has no ``response_simple``, or it is a
-    conversation with earlier assistant turns (``response_simple`` gives only the final one)."""
+def _why_a_rewriter(r: dict) -> tuple[str, str] | None:
+    """(what, field) when simplifying ``r`` calls the rewriter, else None: its final response has no
+    ``response_simple``, or it is a conversation with earlier assistant turns (``response_simple`` gives only
+    the final one). simplify and simplify_file both refuse a record that needs one when none is given."""
     simple = r.get("response_simple")
-    return not (isinstance(simple, str) and simple.strip()) or bool(_earlier_assistant_turns(r))
+    if not (isinstance(simple, str) and simple.strip()):
+        return "record has no response_simple", "response_simple"
+    earlier = _earlier_assistant_turns(r)
+    if earlier:
+        return (f"a conversation with {len(earlier)} assistant turn(s) before its last: response_simple gives "
+                "only the last, and every turn is simplified", "messages")
+    return None
 
 
 def _rewrite(rewriter: Rewriter, instruction: str, response: str, rid: str) -> str:
@@ -106,11 +113,10 @@ def simplify(records: list[dict], rewriter: Rewriter | None = None) -> list[dict
     for r in records:
         simple = r.get("response_simple")
         earlier = _earlier_assistant_turns(r)
-        if rewriter is None and _needs_rewriter(r):
-            what = ("no response_simple" if not (isinstance(simple, str) and simple.strip()) else
-                    f"{len(earlier)} assistant turn(s) before its last, which response_simple does not give,")
-            raise InputError(f"record has {what} and no rewriter was given (pass an LLM rewriter for real "
-                             f"data), record {r['id']!r}", field="response_simple" if not earlier else "messages")
+        why = _why_a_rewriter(r) if rewriter is None else None
+        if why:
+            raise InputError(f"{why[0]}, and no rewriter was given (pass an LLM rewriter for real data), "
+                             f"record {r['id']!r}", field=why[1])
         if not isinstance(simple, str) or not simple.strip():
             simple = _rewrite(rewriter, user_text(r), response_text(r), r["id"])  # the user turn, for messages too
         new = {k: v for k, v in r.items() if k != "messages"}
@@ -206,15 +212,12 @@ def simplify_file(src: str | Path, out: str | Path, rewriter: Rewriter | None = 
         if simple is not None and not isinstance(simple, str):
             raise InputError(f"expected a string, got {json.dumps(simple)[:40]}", file=src, line=lineno,
                              field="response_simple")
-        if rewriter is None and not (simple or "").strip():
-            raise InputError("record has no response_simple and no rewriter was given (pass --rewriter-config "
-                             "for an LLM rewriter)", file=src, line=lineno, field="response_simple")
-        if rewriter is None and _earlier_assistant_turns(r):
-            raise InputError(f"a conversation with {len(_earlier_assistant_turns(r))} assistant turn(s) before its "
-                             "last: response_simple gives only the last, and every turn is simplified (pass "
-                             "--rewriter-config for an LLM rewriter)", file=src, line=lineno, field="messages")
+        why = _why_a_rewriter(r) if rewriter is None else None
+        if why:
+            raise InputError(f"{why[0]}, and no rewriter was given (pass --rewriter-config for an LLM rewriter)",
+                             file=src, line=lineno, field=why[1])
     with _naming(src):
         simple = simplify(records, rewriter)
-    exact = sum(not _needs_rewriter(r) for r in records)
+    exact = sum(_why_a_rewriter(r) is None for r in records)
     return write_variant(simple, out, source=src, transform="simplify",
                          params={"exact": exact, "rewritten": len(records) - exact, "rewriter": rewriter_name})

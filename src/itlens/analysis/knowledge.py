@@ -321,8 +321,7 @@ def hf_answer_fn(model, tokenizer, frames: Sequence[str], *, max_new_tokens: int
         device = next(model.parameters()).device
         # as generation decodes: no logits processor of the model's generation_config.json (a hub model's
         # repetition_penalty) changes the greedy answer or truncates the sampled distribution
-        kw = {**plain_decoding(), **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-                                     if temperature > 0 else {"do_sample": False})}
+        kw = plain_decoding(temperature)
         for j in range(n):
             frame = frames[j % len(frames)]
             ids = encode_prompts(tokenizer, [frame_prompt(frame, r) for r in records], bos=bos)

@@ -420,8 +420,7 @@ class LocalChatModel:
 
         # as generation decodes: greedy is the argmax, sampling the full distribution at this temperature,
         # whatever the judge model's generation_config.json sets (Qwen2.5-Instruct: repetition_penalty, top_k)
-        sampling = {**plain_decoding(), **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-                                           if temperature > 0 else {"do_sample": False})}
+        sampling = plain_decoding(temperature)
         with torch.no_grad():
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
                                       pad_token_id=self.pad_id, **sampling)
